@@ -1,0 +1,35 @@
+# Every target that needs the environment depends on $(STAMP), so `make demo` and `make test` each work
+# on a fresh machine as the only command. The stamp is rebuilt when the declared dependencies change.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The torch pair that lies on this workplace's disk (see ../shared/DATA.md); override on other machines.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+EXTRAS ?= dev,data
+
+.PHONY: venv demo test lint wheel clean
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/medplib demo --out demo-output
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(VENV)/bin/pytest
+
+wheel: $(STAMP)
+	$(PY) -m build --wheel --outdir dist .
+
+clean:
+	rm -rf build dist *.egg-info demo-output .pytest_cache .ruff_cache

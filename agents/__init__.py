@@ -1,0 +1,1 @@
+"""Serving (Ray) and agent integrations (LangChain)."""

@@ -1,0 +1,1 @@
+"""Schemas, errors, I/O, the composed model and the plugin manager: what every other folder builds on."""

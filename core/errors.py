@@ -1,0 +1,40 @@
+"""The one error hierarchy of medplib.
+
+Every problem a user can cause is a `MedplibError` whose message names what is wrong. The CLI turns
+these into one line and exit code 2, the HTTP API into a 4xx, the LangChain tools into a
+`ToolException`; anything else escaping is a bug.
+"""
+
+from __future__ import annotations
+
+
+class MedplibError(Exception):
+    """Base class of every error medplib raises on purpose."""
+
+
+class InvalidInputError(MedplibError, ValueError):
+    """The caller handed us something malformed: a bad prompt, a broken file, a wrong size."""
+
+
+class UnsupportedFormatError(InvalidInputError):
+    """The input is well-formed but in a format or encoding medplib cannot decode."""
+
+
+class ImageTooLargeError(InvalidInputError):
+    """The input exceeds a size limit (bytes, pixels, or a decompression bomb)."""
+
+
+class RegionError(InvalidInputError):
+    """A region prompt (point, box, shape, mask) does not fit the image it refers to."""
+
+
+class CheckpointError(MedplibError):
+    """A checkpoint is missing, unreadable, or does not match the model it is loaded into."""
+
+
+class PluginError(MedplibError):
+    """A plugin failed to import, registered an invalid spec, or clashed with another plugin."""
+
+
+class CapacityError(MedplibError):
+    """A request is larger than the server or model is configured to handle."""

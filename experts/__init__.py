@@ -1,0 +1,1 @@
+"""The built-in experts, each an ordinary plugin."""

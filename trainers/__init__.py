@@ -1,0 +1,1 @@
+"""Datasets, the staged training recipe and the training loop."""
