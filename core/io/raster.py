@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from medplib.core.errors import ImageTooLargeError, InvalidInputError, UnsupportedFormatError
 from medplib.core.image import ImageLimits
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -57,10 +61,20 @@ def decode_raster(data: bytes, *, source: str, limits: ImageLimits) -> np.ndarra
             image.load()
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise ImageTooLargeError(f"{source}: {exc}") from None
+    except InvalidInputError:  # check_pixels' verdict: a ValueError too, so it must pass first
+        raise
     except (OSError, SyntaxError, ValueError) as exc:  # PIL's ways of saying "truncated or corrupt"
         raise InvalidInputError(f"{source}: truncated or corrupt {kind.upper()} file ({exc})") from None
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    return pil_to_array(image)
+
+
+def pil_to_array(image: PILImage) -> np.ndarray:
+    """The stored array of a decoded PIL image: palettes expanded, exotic colour modes made RGB.
+
+    Shared by file decoding and by `load_image` when a caller hands us a PIL image directly.
+    """
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
     elif image.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
         image = image.convert("L" if image.mode == "1" else "RGB")
     return np.asarray(image)

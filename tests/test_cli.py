@@ -1,0 +1,124 @@
+"""The `medplib` command line: help, inspect on real files, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from medplib.cli import app
+from medplib.trainers.registry_data import dicom_file, mni152_file
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_help_lists_every_command() -> None:
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("inspect", "demo"):
+        assert command in result.output
+
+
+@pytest.mark.parametrize("command", ["inspect", "demo"])
+def test_every_command_has_help(command: str) -> None:
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    assert "Usage" in result.output
+
+
+def test_console_script_is_installed_and_inspect_skips_torch() -> None:
+    script = shutil.which("medplib", path=str(Path(sys.executable).parent))
+    assert script is not None
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "inspect" in result.stdout
+    code = (
+        "import sys; from medplib.cli import app\n"
+        f"try:\n    app(['inspect', {str(dicom_file('ct_head'))!r}])\n"
+        "except SystemExit as exit:\n    assert exit.code in (0, None), exit.code\n"
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("False")
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "modality"),
+    [
+        ("cr_chest", "1841 x 1955", "CR / CHEST"),
+        ("ct_head", "128 x 128", "CT"),
+        ("mr_abdomen_lesion", "484 x 484", "MR / ABDOMEN"),
+    ],
+)
+def test_inspect_real_dicom(name: str, size: str, modality: str) -> None:
+    result = invoke("inspect", str(dicom_file(name)))
+    assert result.exit_code == 0, result.output
+    assert re.search(rf"^size +{size} \(width x height\)$", result.output, re.M)
+    assert re.search(rf"^modality +{modality}$", result.output, re.M)
+
+
+@pytest.mark.parametrize(
+    ("axis", "width", "height"), [("axial", 197, 233), ("coronal", 197, 189), ("sagittal", 233, 189)]
+)
+def test_inspect_mni152_slice_json(axis: str, width: int, height: int) -> None:
+    result = invoke("inspect", str(mni152_file("t1")), "--axis", axis, "--slice", "60", "--json")
+    assert result.exit_code == 0, result.output
+    meta = json.loads(result.output)
+    assert (meta["width"], meta["height"]) == (width, height)
+    assert meta["format"] == "nifti" and meta["axis"] == axis and meta["slice_index"] == 60
+    assert meta["spacing"] == [1.0, 1.0]
+
+
+def test_inspect_window_preset_and_frame() -> None:
+    ct = invoke("inspect", str(dicom_file("ct_head")), "--window", "bone", "--json")
+    assert ct.exit_code == 0, ct.output
+    assert json.loads(ct.output)["window"] == [-500.0, 1300.0]
+    frames = invoke("inspect", str(dicom_file("mr_multiframe")), "--frame", "3", "--json")
+    meta = json.loads(frames.output)
+    assert (meta["frame"], meta["num_frames"]) == (3, 10)
+
+
+def truncated_png(tmp_path: Path) -> Path:
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)  # incompressible
+    Image.fromarray(noise).save(buffer, "PNG")
+    path = tmp_path / "truncated.png"
+    path.write_bytes(buffer.getvalue()[:200])
+    return path
+
+
+BAD_INPUTS = {
+    "missing file": (lambda tmp: [str(tmp / "nope.dcm")], "no such file"),
+    "directory": (lambda tmp: [str(tmp)], "directory"),
+    "not an image": (lambda tmp: [str(Path(__file__))], "not"),
+    "truncated png": (lambda tmp: [str(truncated_png(tmp))], "truncated"),
+    "frame out of range": (lambda tmp: [str(dicom_file("mr_multiframe")), "--frame", "10"], "frame"),
+    "slice out of range": (lambda tmp: [str(mni152_file("t1")), "--slice", "500"], "slice"),
+    "unknown window": (lambda tmp: [str(dicom_file("ct_head")), "--window", "spleen"], "spleen"),
+    "bad window text": (lambda tmp: [str(dicom_file("ct_head")), "--window", "1,2,3"], "window"),
+    "unknown protocol": (lambda tmp: ["nosuchproto://x.png"], "nosuchproto"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line(case: str, tmp_path: Path) -> None:
+    make_args, fragment = BAD_INPUTS[case]
+    result = runner.invoke(app, ["inspect", *make_args(tmp_path)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert fragment in lines[0].lower()
+    assert "Traceback" not in result.output
