@@ -10,11 +10,14 @@ EXTRAS ?= dev,data
 
 .PHONY: venv demo test lint wheel clean
 
+# stardist ships a fluorescence image with its nuclei masks; its own imports need TensorFlow, which
+# medplib never imports, so it is installed without dependencies (../shared/DATA.md).
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	$(PY) -m pip install -q --no-deps 'stardist>=0.9'
 	touch $(STAMP)
 
 venv: $(STAMP)
