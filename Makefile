@@ -12,7 +12,7 @@ EXTRAS ?= dev,data
 
 # stardist ships a fluorescence image with its nuclei masks; its own imports need TensorFlow, which
 # medplib never imports, so it is installed without dependencies (../shared/DATA.md).
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)

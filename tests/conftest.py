@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import struct
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -46,3 +48,24 @@ def memory_uri() -> Iterator[Callable[[bytes, str], str]]:
     yield write
     for path in written:
         fs.rm(path)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims a size its (empty) data never delivers: a decompression bomb's shape."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture(scope="session")
+def png_claiming() -> Callable[[int, int], bytes]:
+    """Makes a PNG whose header claims (width, height) but holds no pixels."""
+    return _png_claiming

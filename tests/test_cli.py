@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -100,6 +102,25 @@ def truncated_png(tmp_path: Path) -> Path:
     return path
 
 
+def written(tmp_path: Path, name: str, data: bytes) -> list[str]:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return [str(path)]
+
+
+def dicom_without_pixels(tmp_path: Path) -> list[str]:
+    dataset = pydicom.dcmread(dicom_file("ct_head"))
+    del dataset.PixelData
+    path = tmp_path / "no_pixels.dcm"
+    dataset.save_as(path)
+    return [str(path)]
+
+
+def four_d_nifti(tmp_path: Path) -> list[str]:
+    series = nib.Nifti1Image(np.zeros((4, 5, 6, 3), np.int16), np.eye(4))
+    return written(tmp_path, "series.nii", series.to_bytes())
+
+
 BAD_INPUTS = {
     "missing file": (lambda tmp: [str(tmp / "nope.dcm")], "no such file"),
     "directory": (lambda tmp: [str(tmp)], "directory"),
@@ -110,11 +131,19 @@ BAD_INPUTS = {
     "unknown window": (lambda tmp: [str(dicom_file("ct_head")), "--window", "spleen"], "spleen"),
     "bad window text": (lambda tmp: [str(dicom_file("ct_head")), "--window", "1,2,3"], "window"),
     "unknown protocol": (lambda tmp: ["nosuchproto://x.png"], "nosuchproto"),
+    "truncated dicom": (
+        lambda tmp: written(tmp, "half.dcm", dicom_file("ct_head").read_bytes()[:20000]),
+        "pixel data",
+    ),
+    "dicom without pixel data": (dicom_without_pixels, "no pixel data"),
+    "4-d nifti without volume": (four_d_nifti, "volume index"),
+    "decompression bomb": (lambda tmp: [str(tmp / "bomb.png")], "limit"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_exits_2_with_one_line(case: str, tmp_path: Path) -> None:
+def test_bad_input_exits_2_with_one_line(case: str, tmp_path: Path, png_claiming) -> None:
+    (tmp_path / "bomb.png").write_bytes(png_claiming(20_000, 20_000))  # a header claiming 400 Mpx
     make_args, fragment = BAD_INPUTS[case]
     result = runner.invoke(app, ["inspect", *make_args(tmp_path)])
     assert result.exit_code == 2, result.output
