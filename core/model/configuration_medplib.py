@@ -1,0 +1,132 @@
+"""The configuration of the composed MedPLIB model: the only way configuration reaches the model.
+
+`MedPLIBConfig` nests a `CLIPVisionConfig` (vision tower), a `LlamaConfig` (the LLM) and a
+`MedPLIBSamConfig` (SAM image encoder, prompt encoder and mask decoder), plus what joins them: the
+projector, the region encoder, the `<SEG>` head and the ids of the control tokens. It saves as one
+`config.json` and round-trips through `AutoConfig`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from transformers import CLIPVisionConfig, LlamaConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# OpenAI CLIP's normalisation; its mean is also the colour an image is padded with to make it square.
+CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+# SAM normalises 0..255 pixels with these.
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class MedPLIBSamConfig(PreTrainedConfig):
+    """SAM's three parts as segment-anything builds them (`_build_sam`), every size explicit.
+
+    Defaults are ViT-B at 1024 px, the geometry of the public SAM checkpoints.
+    """
+
+    model_type = "medplib_sam"
+    base_config_key = "sam_config"
+
+    image_size: int = 1024
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    global_attn_indexes: list[int] | tuple[int, ...] = (2, 5, 8, 11)
+    window_size: int = 14
+    use_rel_pos: bool = True
+    prompt_embed_dim: int = 256
+    mask_in_chans: int = 16
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+    pixel_mean: list[float] | tuple[float, ...] = SAM_PIXEL_MEAN
+    pixel_std: list[float] | tuple[float, ...] = SAM_PIXEL_STD
+    mask_threshold: float = 0.0
+
+    def __post_init__(self, **kwargs) -> None:
+        super().__post_init__(**kwargs)
+        # JSON has no tuples: keep one spelling so a reloaded config compares equal to the saved one.
+        self.global_attn_indexes = list(self.global_attn_indexes)
+        self.pixel_mean = list(self.pixel_mean)
+        self.pixel_std = list(self.pixel_std)
+        if self.image_size % self.patch_size:
+            raise ValueError(f"SAM image_size {self.image_size} is not a multiple of {self.patch_size}")
+
+    @property
+    def embedding_size(self) -> int:
+        """Side of SAM's image-embedding grid; masks come out at four times this."""
+        return self.image_size // self.patch_size
+
+
+class MedPLIBConfig(PreTrainedConfig):
+    """Configuration of `MedPLIBForCausalLM`.
+
+    The token-id fields name the control tokens the model acts on. `region_token_id` is the
+    placeholder between `<region>` and `</region>` whose embedding is replaced by the region token.
+    """
+
+    model_type = "medplib"
+    sub_configs_defaults: ClassVar[dict[str, SubConfigSpec]] = {
+        "vision_config": SubConfigSpec(config_class=CLIPVisionConfig),
+        "text_config": SubConfigSpec(config_class=LlamaConfig),
+        "sam_config": SubConfigSpec(config_class=MedPLIBSamConfig),
+    }
+
+    vision_config: dict | CLIPVisionConfig | None = None
+    text_config: dict | LlamaConfig | None = None
+    sam_config: dict | MedPLIBSamConfig | None = None
+    projector_type: str = "mlp2x_gelu"
+    vision_feature_layer: int = -2
+    image_mean: list[float] | tuple[float, ...] = CLIP_IMAGE_MEAN
+    image_std: list[float] | tuple[float, ...] = CLIP_IMAGE_STD
+    region_max_cells: int = 512
+    image_token_id: int = -1
+    im_start_token_id: int = -1
+    im_end_token_id: int = -1
+    region_start_token_id: int = -1
+    region_token_id: int = -1
+    region_end_token_id: int = -1
+    seg_token_id: int = -1
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs) -> None:
+        super().__post_init__(**kwargs)
+        self.image_mean = list(self.image_mean)
+        self.image_std = list(self.image_std)
+        if self.projector_type != "mlp2x_gelu":
+            raise ValueError(f"unknown projector_type {self.projector_type!r}; only 'mlp2x_gelu' exists")
+        if self.region_max_cells < 1:
+            raise ValueError(f"region_max_cells must be at least 1, got {self.region_max_cells}")
+
+    @property
+    def num_image_tokens(self) -> int:
+        """How many `<image>` placeholders one image takes: the CLIP patch grid, CLS dropped."""
+        return self.patch_grid_size**2
+
+    @property
+    def patch_grid_size(self) -> int:
+        return self.vision_config.image_size // self.vision_config.patch_size
+
+    @property
+    def control_token_ids(self) -> dict[str, int]:
+        """Every token id the model gives a meaning beyond its embedding, by config field name."""
+        return {
+            name: getattr(self, name)
+            for name in (
+                "image_token_id",
+                "im_start_token_id",
+                "im_end_token_id",
+                "region_start_token_id",
+                "region_token_id",
+                "region_end_token_id",
+                "seg_token_id",
+            )
+        }

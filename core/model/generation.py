@@ -1,0 +1,111 @@
+"""Decoding: greedy or sampled, with the LLM's KV cache, over a left-padded batch.
+
+A small explicit loop instead of `GenerationMixin.generate`: the prompt's embeddings carry spliced
+image and region tokens, and the hidden state that predicts each generated `<SEG>` has to be kept
+for grounding. The prompt runs once (prefill); each step then feeds one token per row against the
+cache. Placeholder and structural tokens are never generated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import DynamicCache
+
+from medplib.core.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from medplib.core.model.modeling_medplib import MedPLIBForCausalLM
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    sequences: torch.Tensor  # (B, L) generated ids; after a row's </s>, pad
+    seg_hidden_states: list[torch.Tensor]  # per row (n_seg, hidden): what predicted each <SEG>
+
+
+def _pick(
+    logits: torch.Tensor, *, do_sample: bool, temperature: float, top_k: int, top_p: float, generator
+) -> torch.Tensor:
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token once the mass before it already reaches top_p; the first token always stays.
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def decode(
+    model: MedPLIBForCausalLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    region_masks: list[torch.Tensor] | None = None,
+    *,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> GenerationOutput:
+    """Generate up to `max_new_tokens` per row; rows must be left-padded (last column all real)."""
+    if max_new_tokens < 1:
+        raise InvalidInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if do_sample and temperature <= 0:
+        raise InvalidInputError(f"temperature must be positive when sampling, got {temperature}")
+    if not attention_mask[:, -1].all():
+        raise InvalidInputError("generation needs left-padded inputs: the last column must be real tokens")
+    config, text_config = model.config, model.config.text_config
+    eos_id = text_config.eos_token_id
+    pad_id = text_config.pad_token_id if text_config.pad_token_id is not None else eos_id
+    # Placeholders and structure are the template's to place: only <SEG> and </s> may be generated.
+    never = [i for name, i in config.control_token_ids.items() if name != "seg_token_id"]
+    never += [i for i in (text_config.pad_token_id, text_config.bos_token_id) if i not in (None, eos_id)]
+
+    embeds = model.embed_inputs(input_ids, pixel_values, region_masks)
+    cache = DynamicCache(config=text_config)
+    hidden, cache = model.run_language_model(embeds, attention_mask, cache=cache)
+    last = hidden[:, -1]
+    positions = attention_mask.long().sum(dim=1, keepdim=True)  # next position per row
+    finished = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+    seg_hidden: list[list[torch.Tensor]] = [[] for _ in range(len(input_ids))]
+    generated = []
+    for step in range(max_new_tokens):
+        logits = model.language_model.lm_head(last).float()
+        logits[:, never] = float("-inf")
+        token = _pick(
+            logits,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+        )
+        token = token.masked_fill(finished, pad_id)
+        for row in torch.nonzero((token == config.seg_token_id) & ~finished).flatten().tolist():
+            seg_hidden[row].append(last[row])
+        generated.append(token)
+        finished |= token == eos_id
+        if finished.all() or step == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        step_embeds = model.get_input_embeddings()(token[:, None])
+        hidden, cache = model.run_language_model(step_embeds, attention_mask, positions, cache)
+        last = hidden[:, -1]
+        positions = positions + 1
+    empty = last.new_zeros(0, last.shape[-1])
+    return GenerationOutput(
+        sequences=torch.stack(generated, dim=1),
+        seg_hidden_states=[torch.stack(states) if states else empty for states in seg_hidden],
+    )

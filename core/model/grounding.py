@@ -1,0 +1,138 @@
+"""Grounding: the `<SEG>` head and SAM (image encoder, prompt encoder, mask decoder).
+
+The hidden state that predicts a `<SEG>` goes through `GroundingHead` (a 2-layer MLP, as LISA's
+`text_hidden_fcs`) to SAM's prompt width and becomes the one sparse prompt of SAM's mask decoder;
+the dense prompt is SAM's no-mask embedding. The SAM modules are segment-anything's own, built as
+its `_build_sam` builds them but with every size taken from `MedPLIBSamConfig`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+from torch import nn
+
+from medplib.core.errors import InvalidInputError
+from medplib.core.model.configuration_medplib import MedPLIBSamConfig
+
+
+class GroundingHead(nn.Module):
+    """LLM hidden state -> SAM sparse prompt embedding."""
+
+    def __init__(self, hidden_size: int, prompt_embed_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, hidden_size)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(hidden_size, prompt_embed_dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+class SamGrounding(nn.Module):
+    """SAM's three parts, injected as `segment_anything.modeling.Sam` takes them.
+
+    Attribute names match SAM checkpoints (`image_encoder.`, `prompt_encoder.`, `mask_decoder.`), so
+    a SAM state dict loads under the `sam.` prefix without renaming.
+    """
+
+    def __init__(
+        self, image_encoder: ImageEncoderViT, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+
+    def decode(self, image_embedding: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """One image's embedding (1, C, g, g) and n prompts (n, C) -> low-res mask logits (n, 4g, 4g)."""
+        sparse = prompts[:, None, :]
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        dense = dense.expand(len(prompts), -1, *self.prompt_encoder.image_embedding_size)
+        dtype = dense.dtype
+        # segment-anything builds its positional encoding in float32; autocast bridges a half-precision SAM.
+        with torch.autocast(image_embedding.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            low_res, _ = self.mask_decoder(
+                image_embeddings=image_embedding,
+                image_pe=self.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+        return low_res[:, 0]
+
+    def postprocess(
+        self, low_res: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """(n, h, w) logits -> (n, H, W) at the original image size (`Sam.postprocess_masks`)."""
+        side = self.image_encoder.img_size
+        masks = F.interpolate(low_res[:, None], (side, side), mode="bilinear", align_corners=False)
+        masks = masks[..., : input_size[0], : input_size[1]]
+        return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def build_sam(config: MedPLIBSamConfig) -> SamGrounding:
+    grid = config.embedding_size
+    return SamGrounding(
+        image_encoder=ImageEncoderViT(
+            img_size=config.image_size,
+            patch_size=config.patch_size,
+            embed_dim=config.embed_dim,
+            depth=config.depth,
+            num_heads=config.num_heads,
+            mlp_ratio=config.mlp_ratio,
+            out_chans=config.prompt_embed_dim,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            qkv_bias=True,
+            use_rel_pos=config.use_rel_pos,
+            window_size=config.window_size,
+            global_attn_indexes=tuple(config.global_attn_indexes),
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=config.prompt_embed_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(config.image_size, config.image_size),
+            mask_in_chans=config.mask_in_chans,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=config.num_multimask_outputs,
+            transformer=TwoWayTransformer(
+                depth=config.decoder_depth,
+                embedding_dim=config.prompt_embed_dim,
+                mlp_dim=config.decoder_mlp_dim,
+                num_heads=config.decoder_num_heads,
+            ),
+            transformer_dim=config.prompt_embed_dim,
+            iou_head_depth=config.iou_head_depth,
+            iou_head_hidden_dim=config.iou_head_hidden_dim,
+        ),
+    )
+
+
+def preprocess_sam_image(
+    pixels: np.ndarray, config: MedPLIBSamConfig
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """RGB uint8 (H, W, 3) -> SAM input (3, S, S) and the (h, w) the image covers before padding.
+
+    As `SamPredictor` does: resize the longest side to S (`ResizeLongestSide`), normalise with SAM's
+    pixel mean and std, pad bottom and right with zeros.
+    """
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise InvalidInputError(f"expected RGB uint8 pixels (H, W, 3), got {pixels.dtype} {pixels.shape}")
+    height, width = pixels.shape[:2]
+    scale = config.image_size / max(height, width)
+    new_h, new_w = int(height * scale + 0.5), int(width * scale + 0.5)
+    resized = np.asarray(
+        Image.fromarray(pixels).resize((new_w, new_h), Image.Resampling.BILINEAR), np.float32
+    )
+    tensor = torch.from_numpy(resized).permute(2, 0, 1)
+    tensor = (tensor - torch.tensor(config.pixel_mean).view(3, 1, 1)) / torch.tensor(config.pixel_std).view(
+        3, 1, 1
+    )
+    padded = F.pad(tensor, (0, config.image_size - new_w, 0, config.image_size - new_h))
+    return padded, (new_h, new_w)

@@ -1,0 +1,330 @@
+"""The composed MedPLIB model: CLIP tower, projector, LLaMA, region encoder, `<SEG>` head and SAM.
+
+Reading order: `embed_inputs` splices the projected image tokens over the `<image>` placeholders and
+one region token over each `<region_feat>`; `forward` runs the LLM on those embeddings (logits, CE
+loss on `labels`, the hidden states that predict each `<SEG>`) and, given SAM inputs, turns every
+`<SEG>` into a mask with `predict_masks`; `generate` decodes with the KV cache (`generation.py`).
+
+The LLM stays a plain `LlamaForCausalLM` at `language_model`, so its decoder layers are reachable as
+`language_model.model.layers[i].mlp` for the router to replace.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaForCausalLM, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.utils import ModelOutput
+
+from medplib.core.errors import CheckpointError, InvalidInputError
+from medplib.core.model.configuration_medplib import MedPLIBConfig
+from medplib.core.model.conversation import IGNORE_INDEX
+from medplib.core.model.generation import GenerationOutput, decode
+from medplib.core.model.grounding import GroundingHead, build_sam
+from medplib.core.model.region_encoder import RegionEncoder
+from medplib.core.model.storage import local_folder, writable_folder
+from medplib.core.model.tokenizer import control_token_ids, load_tokenizer
+from medplib.core.model.vision import MultiModalProjector, build_vision_tower, select_image_features
+
+# Component name -> attribute path, for parameter counts and for loading reports.
+COMPONENTS = {
+    "vision_tower": "vision_tower",
+    "projector": "projector",
+    "language_model": "language_model",
+    "region_encoder": "region_encoder",
+    "seg_head": "seg_head",
+    "sam_image_encoder": "sam.image_encoder",
+    "sam_prompt_encoder": "sam.prompt_encoder",
+    "sam_mask_decoder": "sam.mask_decoder",
+}
+
+
+@dataclass(frozen=True)
+class MaskPrediction:
+    """The masks of one image's `<SEG>` tokens, at the image's original size."""
+
+    logits: torch.Tensor  # (n, H, W), float
+    masks: torch.Tensor  # (n, H, W), bool: logits above the threshold
+
+
+@dataclass
+class MedPLIBOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    seg_hidden_states: list[torch.Tensor] | None = None  # per sample (n_seg, hidden)
+    pred_masks: list[MaskPrediction] | None = None  # per sample, given SAM inputs
+
+
+class MedPLIBPreTrainedModel(PreTrainedModel):
+    config_class = MedPLIBConfig
+    base_model_prefix = "medplib"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+
+class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
+    def __init__(self, config: MedPLIBConfig) -> None:
+        super().__init__(config)
+        vision_width, text_width = config.vision_config.hidden_size, config.text_config.hidden_size
+        self.vision_tower = build_vision_tower(config.vision_config)
+        self.projector = MultiModalProjector(vision_width, text_width)
+        self.language_model = LlamaForCausalLM(config.text_config)
+        self.region_encoder = RegionEncoder(vision_width, text_width, config.region_max_cells)
+        self.seg_head = GroundingHead(text_width, config.sam_config.prompt_embed_dim)
+        self.sam = build_sam(config.sam_config)
+        self.tokenizer = None  # set by the builders and by from_pretrained; saved with the weights
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per component and in total (works on the meta device)."""
+        counts = {
+            name: sum(p.numel() for p in self.get_submodule(path).parameters())
+            for name, path in COMPONENTS.items()
+        }
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        return counts
+
+    # ---- inputs -------------------------------------------------------------------------------------
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """CLIP patch features (B, grid*grid, C_vision) of the configured layer."""
+        pixel_values = pixel_values.to(self.vision_tower.dtype)
+        return select_image_features(self.vision_tower, pixel_values, self.config.vision_feature_layer)
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        region_masks: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with image tokens and region tokens spliced over their placeholders.
+
+        `region_masks[i]` is (R_i, S, S) on sample i's CLIP input frame (`preprocess_region_mask`), one
+        per `<region_feat>` of row i in order.
+        """
+        embeds = self.get_input_embeddings()(input_ids)
+        image_slots = input_ids == self.config.image_token_id
+        region_slots = input_ids == self.config.region_token_id
+        regions_per_row = region_slots.sum(dim=1).tolist()
+        given = [0] * len(input_ids) if region_masks is None else [len(m) for m in region_masks]
+        if regions_per_row != given:
+            raise InvalidInputError(f"rows have {regions_per_row} region slots but {given} region masks")
+        if pixel_values is None:
+            if image_slots.any() or region_slots.any():
+                raise InvalidInputError("the input has <image> or <region_feat> slots but no pixel_values")
+            return embeds
+        per_row = image_slots.sum(dim=1)
+        if (per_row != self.config.num_image_tokens).any():
+            raise InvalidInputError(
+                f"each row needs {self.config.num_image_tokens} <image> slots, got {per_row.tolist()}"
+            )
+        features = self.image_features(pixel_values)
+        image_tokens = self.projector(features).to(embeds.dtype)
+        embeds = embeds.masked_scatter(image_slots[..., None], image_tokens)
+        if not any(given):
+            return embeds
+        region_tokens = torch.cat(
+            [self.region_encoder(features[i], masks) for i, masks in enumerate(region_masks) if len(masks)]
+        )
+        return embeds.masked_scatter(region_slots[..., None], region_tokens.to(embeds.dtype))
+
+    # ---- forward ------------------------------------------------------------------------------------
+
+    def run_language_model(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> tuple[torch.Tensor, Cache | None]:
+        """The LLM trunk on embeddings: last hidden states (B, T, hidden) and the cache."""
+        if position_ids is None and attention_mask is not None:
+            # Left padding must not shift positions: count only real tokens.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        outputs = self.language_model.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=cache is not None,
+        )
+        return outputs.last_hidden_state, outputs.cache
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        region_masks: list[torch.Tensor] | None = None,
+        sam_pixel_values: torch.Tensor | None = None,
+        sam_input_sizes: list[tuple[int, int]] | None = None,
+        original_sizes: list[tuple[int, int]] | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> MedPLIBOutput:
+        """Teacher-forced pass; with SAM inputs and sizes, every `<SEG>` in `input_ids` gets a mask."""
+        embeds = self.embed_inputs(input_ids, pixel_values, region_masks)
+        hidden, _ = self.run_language_model(embeds, attention_mask)
+        logits = self.language_model.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+            )
+        seg_hidden = self.seg_hidden_states(input_ids, hidden, attention_mask)
+        pred_masks = None
+        if sam_pixel_values is not None:
+            if sam_input_sizes is None or original_sizes is None:
+                raise InvalidInputError("sam_pixel_values need sam_input_sizes and original_sizes")
+            pred_masks = self.predict_masks(seg_hidden, sam_pixel_values, sam_input_sizes, original_sizes)
+        return MedPLIBOutput(
+            loss=loss,
+            logits=logits,
+            last_hidden_state=hidden,
+            seg_hidden_states=seg_hidden,
+            pred_masks=pred_masks,
+        )
+
+    def seg_hidden_states(
+        self, input_ids: torch.Tensor, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Per row, the hidden states at the positions that predict a `<SEG>` (the one before each)."""
+        is_seg = input_ids[:, 1:] == self.config.seg_token_id
+        if attention_mask is not None:
+            is_seg &= attention_mask[:, 1:].bool()
+        return [row_hidden[:-1][row_is_seg] for row_hidden, row_is_seg in zip(hidden, is_seg, strict=True)]
+
+    # ---- grounding ----------------------------------------------------------------------------------
+
+    def predict_masks(
+        self,
+        seg_hidden_states: list[torch.Tensor],
+        sam_pixel_values: torch.Tensor,
+        sam_input_sizes: list[tuple[int, int]],
+        original_sizes: list[tuple[int, int]],
+    ) -> list[MaskPrediction]:
+        """One mask per `<SEG>` hidden state, at each image's original size (SAM runs only where needed)."""
+        sam_dtype = self.sam.mask_decoder.iou_token.weight.dtype
+        rows = [i for i, states in enumerate(seg_hidden_states) if len(states)]
+        embeddings = {}
+        if rows:
+            encoded = self.sam.image_encoder(sam_pixel_values[rows].to(sam_dtype))
+            embeddings = dict(zip(rows, encoded, strict=True))
+        predictions = []
+        for i, states in enumerate(seg_hidden_states):
+            height, width = original_sizes[i]
+            if i not in embeddings:
+                empty = torch.zeros(0, height, width, device=sam_pixel_values.device)
+                predictions.append(MaskPrediction(logits=empty, masks=empty.bool()))
+                continue
+            prompts = self.seg_head(states).to(sam_dtype)
+            low_res = self.sam.decode(embeddings[i][None], prompts)
+            logits = self.sam.postprocess(low_res, tuple(sam_input_sizes[i]), (height, width))
+            masks = logits > self.config.sam_config.mask_threshold
+            predictions.append(MaskPrediction(logits=logits, masks=masks))
+        return predictions
+
+    # ---- generation ---------------------------------------------------------------------------------
+
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any
+    ) -> GenerationOutput:
+        """Greedy or sampled decoding with the KV cache; see `generation.decode` for the arguments."""
+        return decode(self, input_ids, attention_mask, **kwargs)
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
+        """Weights (safetensors), config and tokenizer to a folder or an fsspec URI."""
+        if self.tokenizer is None:
+            raise CheckpointError("this model has no tokenizer; a checkpoint without one cannot be used")
+        with writable_folder(save_directory) as folder:
+            super().save_pretrained(folder, **kwargs)
+            self.tokenizer.save_pretrained(folder)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike[str], *args: Any, **kwargs: Any
+    ):
+        """Load a checkpoint folder (path or fsspec URI); every weight must match, or CheckpointError."""
+        kwargs.pop("output_loading_info", None)
+        with local_folder(pretrained_model_name_or_path) as folder:
+            kwargs["local_files_only"] = True  # nothing is ever downloaded
+            model = cls._load_checked(pretrained_model_name_or_path, folder, *args, **kwargs)
+            model.tokenizer = load_tokenizer(folder)
+        # Loaded tensors alias the file's bytes at arbitrary offsets, and BLAS takes other kernels for
+        # unaligned data: outputs would differ from the saved model's in the last bits. Own copies fix it.
+        for tensor in (*model.parameters(), *model.buffers()):
+            tensor.data = tensor.data.clone()
+        ids = control_token_ids(model.tokenizer)
+        if ids != model.config.control_token_ids:
+            raise CheckpointError(
+                f"{pretrained_model_name_or_path}: tokenizer ids {ids} differ from the config's"
+            )
+        return model
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        config: MedPLIBConfig,
+        state_dict: dict[str, torch.Tensor],
+        *,
+        fresh: tuple[str, ...] = (),
+        **kwargs: Any,
+    ) -> MedPLIBForCausalLM:
+        """Build from weights in memory, as `from_pretrained` does (meta device, nothing initialised twice).
+
+        Weights of the components named in `fresh` (keys of `COMPONENTS`) may be absent and are
+        initialised; any other missing, unexpected or mis-shaped key raises CheckpointError.
+        """
+        prefixes = tuple(f"{COMPONENTS[name]}." for name in fresh)
+        return cls._load_checked(
+            "state dict", None, config=config, state_dict=state_dict, fresh=prefixes, **kwargs
+        )
+
+    @classmethod
+    def _load_checked(
+        cls, source: object, folder: object, *args: Any, fresh: tuple[str, ...] = (), **kwargs: Any
+    ):
+        from safetensors import SafetensorError
+
+        try:
+            # Mis-shaped weights are reported in `info` (and refused below) instead of an unnamed error.
+            model, info = super().from_pretrained(
+                folder, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            )
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+            raise CheckpointError(f"cannot load {source}: {exc}") from None
+        info["missing_keys"] = [key for key in info["missing_keys"] if not key.startswith(fresh)]
+        problems = {
+            k: sorted(info[k]) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[k]
+        }
+        if problems:
+            raise CheckpointError(describe_key_problems(source, problems))
+        return model
+
+
+def describe_key_problems(source: object, problems: dict[str, list], limit: int = 50) -> str:
+    """An error message that lists missing / unexpected / mismatched keys (the first `limit` of each)."""
+    lines = [f"{source}: the checkpoint does not match the model"]
+    for kind, keys in problems.items():
+        shown = ", ".join(str(k) for k in keys[:limit])
+        more = f" … and {len(keys) - limit} more" if len(keys) > limit else ""
+        lines.append(f"{kind.replace('_', ' ')} ({len(keys)}): {shown}{more}")
+    return "\n".join(lines)
+
+
+AutoConfig.register(MedPLIBConfig.model_type, MedPLIBConfig, exist_ok=True)
+AutoModel.register(MedPLIBConfig, MedPLIBForCausalLM, exist_ok=True)
+AutoModelForCausalLM.register(MedPLIBConfig, MedPLIBForCausalLM, exist_ok=True)

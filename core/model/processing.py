@@ -1,0 +1,115 @@
+"""From requests (an image, a conversation, region masks) to the model's batch tensors, and back.
+
+`MedPLIBProcessor` lays each conversation out with the template, pads the batch (left for
+generation, right for training), and prepares the image for CLIP and for SAM and every region mask
+for the region encoder. Regions are bool masks on the image grid; turning points, boxes and shapes
+into masks is the region prompts' job (`prompt.to_mask(h, w)`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from medplib.core.errors import InvalidInputError, RegionError
+from medplib.core.model.configuration_medplib import MedPLIBConfig
+from medplib.core.model.conversation import (
+    IGNORE_INDEX,
+    EncodedConversation,
+    Turn,
+    decode_answer,
+    encode_conversation,
+)
+from medplib.core.model.grounding import preprocess_sam_image
+from medplib.core.model.vision import preprocess_clip_image, preprocess_region_mask
+
+
+@dataclass(frozen=True)
+class Request:
+    """One image, the conversation about it, and the masks of the regions its questions mark, in order."""
+
+    pixels: np.ndarray  # RGB uint8 (H, W, 3)
+    turns: Sequence[Turn]
+    regions: Sequence[np.ndarray] = field(default_factory=tuple)  # bool (H, W) each
+
+
+class MedPLIBProcessor:
+    def __init__(self, config: MedPLIBConfig, tokenizer: PreTrainedTokenizerFast) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+
+    def __call__(
+        self, requests: Sequence[Request], *, padding_side: Literal["left", "right"] = "left"
+    ) -> dict[str, Any]:
+        """Keyword arguments for `model.forward` / `model.generate` (labels included)."""
+        if not requests:
+            raise InvalidInputError("no requests to process")
+        vision = self.config.vision_config
+        encoded, pixel_values, region_masks, sam_images, sam_sizes, original_sizes = [], [], [], [], [], []
+        for request in requests:
+            conversation = encode_conversation(
+                self.tokenizer, request.turns, num_image_tokens=self.config.num_image_tokens
+            )
+            if conversation.num_regions != len(request.regions):
+                raise RegionError(
+                    f"{conversation.num_regions} regions in the questions, {len(request.regions)} masks given"
+                )
+            height, width = request.pixels.shape[:2]
+            masks = []
+            for mask in request.regions:
+                if mask.shape != (height, width):
+                    raise RegionError(
+                        f"a region mask of shape {mask.shape} does not fit a {width}x{height} image"
+                    )
+                masks.append(preprocess_region_mask(mask.astype(bool), image_size=vision.image_size))
+            encoded.append(conversation)
+            pixel_values.append(
+                preprocess_clip_image(
+                    request.pixels,
+                    image_size=vision.image_size,
+                    mean=self.config.image_mean,
+                    std=self.config.image_std,
+                )
+            )
+            region_masks.append(
+                torch.stack(masks) if masks else torch.zeros(0, vision.image_size, vision.image_size)
+            )
+            sam_image, sam_size = preprocess_sam_image(request.pixels, self.config.sam_config)
+            sam_images.append(sam_image)
+            sam_sizes.append(sam_size)
+            original_sizes.append((height, width))
+        input_ids, attention_mask, labels = self._pad(encoded, padding_side)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "pixel_values": torch.stack(pixel_values),
+            "region_masks": region_masks,
+            "sam_pixel_values": torch.stack(sam_images),
+            "sam_input_sizes": sam_sizes,
+            "original_sizes": original_sizes,
+        }
+
+    def _pad(
+        self, encoded: list[EncodedConversation], side: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        length = max(len(c.input_ids) for c in encoded)
+        input_ids = torch.full((len(encoded), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(encoded), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
+        for row, conversation in enumerate(encoded):
+            n = len(conversation.input_ids)
+            span = slice(length - n, length) if side == "left" else slice(0, n)
+            input_ids[row, span] = torch.tensor(conversation.input_ids)
+            labels[row, span] = torch.tensor(conversation.labels)
+            attention_mask[row, span] = 1
+        return input_ids, attention_mask, labels
+
+    def decode(self, sequences: torch.Tensor) -> list[str]:
+        """Generated ids (B, L) -> answer text per row, `<SEG>` kept where a mask was made."""
+        return [decode_answer(self.tokenizer, row.tolist()) for row in sequences]

@@ -1,0 +1,82 @@
+"""The vision side of the model: CLIP preprocessing, the vision tower's features and the projector.
+
+An image is centre-padded to a square with the CLIP mean colour (LLaVA-1.5's `expand2square`),
+resized to the tower's input size and normalised. Region masks go through the same padding and
+resize, so a mask and the image it marks stay aligned on the tower's grid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from medplib.core.errors import InvalidInputError, RegionError
+
+
+def _square_padding(height: int, width: int) -> tuple[int, int, int]:
+    """(side, top, left): the square an image is centred in, and where the image starts in it."""
+    side = max(height, width)
+    return side, (side - height) // 2, (side - width) // 2
+
+
+def preprocess_clip_image(
+    pixels: np.ndarray, *, image_size: int, mean: list[float], std: list[float]
+) -> torch.Tensor:
+    """RGB uint8 (H, W, 3) -> normalised float (3, image_size, image_size) for the CLIP tower."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise InvalidInputError(f"expected RGB uint8 pixels (H, W, 3), got {pixels.dtype} {pixels.shape}")
+    height, width = pixels.shape[:2]
+    side, top, left = _square_padding(height, width)
+    fill = tuple(int(255 * m) for m in mean)  # truncated, as LLaVA-1.5 computes it
+    square = Image.new("RGB", (side, side), fill)
+    square.paste(Image.fromarray(pixels), (left, top))
+    resized = np.asarray(square.resize((image_size, image_size), Image.Resampling.BICUBIC), dtype=np.float32)
+    tensor = torch.from_numpy(resized / 255.0).permute(2, 0, 1)
+    return (tensor - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def preprocess_region_mask(mask: np.ndarray, *, image_size: int) -> torch.Tensor:
+    """Bool (H, W) mask -> float (image_size, image_size) coverage on the CLIP input frame.
+
+    Area resampling keeps a region smaller than one output pixel as a fractional coverage instead
+    of dropping it.
+    """
+    if mask.ndim != 2:
+        raise RegionError(f"a region mask must be 2-D (H, W), got shape {mask.shape}")
+    if not mask.any():
+        raise RegionError("a region mask is empty: it marks no pixel of the image")
+    height, width = mask.shape
+    side, top, left = _square_padding(height, width)
+    square = torch.zeros(1, 1, side, side)
+    square[0, 0, top : top + height, left : left + width] = torch.from_numpy(mask.astype(np.float32))
+    return F.interpolate(square, size=(image_size, image_size), mode="area")[0, 0]
+
+
+def build_vision_tower(config: CLIPVisionConfig) -> CLIPVisionModel:
+    return CLIPVisionModel(config)
+
+
+def select_image_features(tower: CLIPVisionModel, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
+    """Patch features (B, grid*grid, C) from hidden layer `layer` (LLaVA: -2), the CLS token dropped."""
+    outputs = tower(pixel_values, output_hidden_states=True)
+    return outputs.hidden_states[layer][:, 1:]
+
+
+class MultiModalProjector(nn.Module):
+    """LLaVA-1.5's `mlp2x_gelu`: Linear, GELU, Linear from the tower width to the LLM width.
+
+    Named like transformers' `LlavaMultiModalProjector`, so LLaVA checkpoints load without renaming.
+    """
+
+    def __init__(self, vision_hidden_size: int, text_hidden_size: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_hidden_size, text_hidden_size)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(text_hidden_size, text_hidden_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(features)))
