@@ -7,6 +7,11 @@ these into one line and exit code 2, the HTTP API into a 4xx, the LangChain tool
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class MedplibError(Exception):
     """Base class of every error medplib raises on purpose."""
@@ -38,3 +43,13 @@ class PluginError(MedplibError):
 
 class CapacityError(MedplibError):
     """A request is larger than the server or model is configured to handle."""
+
+
+def validation_message(exc: ValidationError) -> str:
+    """pydantic's report squeezed onto one line: 'box.box: box needs x0 < x1, ...; ...'."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)

@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from medplib.core.errors import InvalidInputError, RegionError
+from medplib.core.errors import InvalidInputError, RegionError, validation_message
 from medplib.core.masks import as_binary, encode_png, read_mask
 
 XY = tuple[float, float]
@@ -247,16 +247,6 @@ RegionPrompt = Annotated[
 _REGION_ADAPTER: TypeAdapter[RegionPrompt] = TypeAdapter(RegionPrompt)
 
 
-def _one_line(exc: ValidationError) -> str:
-    """pydantic's report squeezed onto one line: 'box.box: box needs x0 < x1, ...; ...'."""
-    parts = []
-    for error in exc.errors(include_url=False):
-        where = ".".join(str(part) for part in error["loc"])
-        message = error["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {message}" if where else message)
-    return "; ".join(parts)
-
-
 def parse_region(data: dict | str | bytes) -> RegionPrompt:
     """A region prompt from a dict or JSON text; any problem is one RegionError line naming it."""
     try:
@@ -264,7 +254,7 @@ def parse_region(data: dict | str | bytes) -> RegionPrompt:
             return _REGION_ADAPTER.validate_json(data)
         return _REGION_ADAPTER.validate_python(data)
     except ValidationError as exc:
-        raise RegionError(f"invalid region prompt: {_one_line(exc)}") from None
+        raise RegionError(f"invalid region prompt: {validation_message(exc)}") from None
 
 
 def regions_to_masks(prompts: Iterable[RegionPrompt], height: int, width: int) -> list[np.ndarray]:
@@ -297,4 +287,4 @@ def parse_box(text: str) -> BoxPrompt:
     try:
         return BoxPrompt(box=(x0, y0, x1, y1))
     except ValidationError as exc:
-        raise RegionError(f"bad box {text!r}: {_one_line(exc)}") from None
+        raise RegionError(f"bad box {text!r}: {validation_message(exc)}") from None

@@ -48,7 +48,7 @@ def test_console_script_is_installed_and_inspect_skips_torch() -> None:
     assert result.returncode == 0 and "inspect" in result.stdout
     code = (
         "import sys; from medplib.cli import app\n"
-        f"try:\n    app(['inspect', {str(dicom_file('ct_head'))!r}])\n"
+        f"try:\n    app(['inspect', {str(dicom_file('ct_chest'))!r}])\n"
         "except SystemExit as exit:\n    assert exit.code in (0, None), exit.code\n"
         "print('torch' in sys.modules)"
     )
@@ -61,7 +61,7 @@ def test_console_script_is_installed_and_inspect_skips_torch() -> None:
     ("name", "size", "modality"),
     [
         ("cr_chest", "1841 x 1955", "CR / CHEST"),
-        ("ct_head", "128 x 128", "CT"),
+        ("ct_chest", "128 x 128", "CT"),
         ("mr_abdomen_lesion", "484 x 484", "MR / ABDOMEN"),
     ],
 )
@@ -85,7 +85,7 @@ def test_inspect_mni152_slice_json(axis: str, width: int, height: int) -> None:
 
 
 def test_inspect_window_preset_and_frame() -> None:
-    ct = invoke("inspect", str(dicom_file("ct_head")), "--window", "bone", "--json")
+    ct = invoke("inspect", str(dicom_file("ct_chest")), "--window", "bone", "--json")
     assert ct.exit_code == 0, ct.output
     assert json.loads(ct.output)["window"] == [-500.0, 1300.0]
     frames = invoke("inspect", str(dicom_file("mr_multiframe")), "--frame", "3", "--json")
@@ -109,7 +109,7 @@ def written(tmp_path: Path, name: str, data: bytes) -> list[str]:
 
 
 def dicom_without_pixels(tmp_path: Path) -> list[str]:
-    dataset = pydicom.dcmread(dicom_file("ct_head"))
+    dataset = pydicom.dcmread(dicom_file("ct_chest"))
     del dataset.PixelData
     path = tmp_path / "no_pixels.dcm"
     dataset.save_as(path)
@@ -128,11 +128,11 @@ BAD_INPUTS = {
     "truncated png": (lambda tmp: [str(truncated_png(tmp))], "truncated"),
     "frame out of range": (lambda tmp: [str(dicom_file("mr_multiframe")), "--frame", "10"], "frame"),
     "slice out of range": (lambda tmp: [str(mni152_file("t1")), "--slice", "500"], "slice"),
-    "unknown window": (lambda tmp: [str(dicom_file("ct_head")), "--window", "spleen"], "spleen"),
-    "bad window text": (lambda tmp: [str(dicom_file("ct_head")), "--window", "1,2,3"], "window"),
+    "unknown window": (lambda tmp: [str(dicom_file("ct_chest")), "--window", "spleen"], "spleen"),
+    "bad window text": (lambda tmp: [str(dicom_file("ct_chest")), "--window", "1,2,3"], "window"),
     "unknown protocol": (lambda tmp: ["nosuchproto://x.png"], "nosuchproto"),
     "truncated dicom": (
-        lambda tmp: written(tmp, "half.dcm", dicom_file("ct_head").read_bytes()[:20000]),
+        lambda tmp: written(tmp, "half.dcm", dicom_file("ct_chest").read_bytes()[:20000]),
         "pixel data",
     ),
     "dicom without pixel data": (dicom_without_pixels, "no pixel data"),

@@ -15,7 +15,7 @@ from medplib.demo import run_demo
 def test_demo_writes_overlays_and_rle_results(tmp_path: Path, capsys) -> None:
     results = run_demo(tmp_path)
     printed = capsys.readouterr().out
-    for name in ("ct_head", "cr_chest", "mni152_t1_sagittal", "overlay_0x6000"):
+    for name in ("ct_chest", "cr_chest", "mni152_t1_sagittal", "overlay_0x6000"):
         assert name in printed
     written = json.loads((tmp_path / "results.json").read_text())
     assert written == results

@@ -13,7 +13,7 @@ from medplib.core.errors import InvalidInputError
 
 # Real DICOM files from pydicom (MIT) and pydicom-data (MIT), by what they show.
 DICOM_FILES: dict[str, str] = {
-    "ct_head": "CT_small.dcm",
+    "ct_chest": "CT_small.dcm",
     "mr_head": "MR_small.dcm",
     "mr_abdomen_lesion": "MR-SIEMENS-DICOM-WithOverlays.dcm",
     "cr_chest": "RG1_UNCI.dcm",
@@ -23,6 +23,14 @@ DICOM_FILES: dict[str, str] = {
     "mr_multiframe": "emri_small.dcm",
 }
 
+# stardist (BSD-3) ships a fluorescence microscopy image and its nuclei; it is installed without its
+# dependencies (TensorFlow), so its files are found, never imported.
+STARDIST_FILES: dict[str, str] = {"nuclei_image": "img2d.tif", "nuclei_labels": "mask2d.tif"}
+
+# scikit-image (BSD-3) images that ship in its wheel (the others are downloads): a fundus photograph
+# (CC0, Häggström 2014) and an immunohistochemistry stain of colonic glands.
+SKIMAGE_FILES: dict[str, str] = {"retina": "retina.jpg", "ihc": "ihc.png"}
+
 MNI152_FILES: dict[str, str] = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
     "grey_matter": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
@@ -31,6 +39,7 @@ MNI152_FILES: dict[str, str] = {
 
 
 def _package_dir(package: str, extra_hint: str) -> Path:
+    # find_spec locates a package without importing it (stardist's import would need TensorFlow).
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise InvalidInputError(f"package {package!r} is not installed; install {extra_hint}")
@@ -53,9 +62,24 @@ def dicom_file(name: str) -> Path:
 
 def mni152_file(name: str) -> Path:
     """Path of a MNI152 2009a volume shipped with nilearn: 't1', 'grey_matter' or 'white_matter'."""
-    if name not in MNI152_FILES:
-        raise InvalidInputError(f"unknown MNI152 volume {name!r}; choose from {sorted(MNI152_FILES)}")
-    path = _package_dir("nilearn", "medplib[data]") / "datasets" / "data" / MNI152_FILES[name]
+    return _shipped_file("nilearn", "datasets/data", MNI152_FILES, name, "medplib[data]")
+
+
+def _shipped_file(package: str, folder: str, files: dict[str, str], name: str, extra_hint: str) -> Path:
+    if name not in files:
+        raise InvalidInputError(f"unknown {package} file {name!r}; choose from {sorted(files)}")
+    path = _package_dir(package, extra_hint) / folder / files[name]
     if not path.is_file():
-        raise InvalidInputError(f"{path} is missing from the installed nilearn")
+        raise InvalidInputError(f"{path} is missing from the installed {package}")
     return path
+
+
+def stardist_file(name: str) -> Path:
+    """Path of stardist's 2-D nuclei image ('nuclei_image', 512x512 uint16) or its instance labels
+    ('nuclei_labels', 125 nuclei)."""
+    return _shipped_file("stardist", "data/images", STARDIST_FILES, name, "stardist (pip install --no-deps)")
+
+
+def skimage_file(name: str) -> Path:
+    """Path of a scikit-image sample image that ships in its wheel: 'retina' or 'ihc'."""
+    return _shipped_file("skimage", "data", SKIMAGE_FILES, name, "medplib[data] (scikit-image)")

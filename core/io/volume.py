@@ -91,7 +91,9 @@ def volume_plane(volume: MedicalVolume, *, axis: str | int = "axial", index: int
     is exactly that of `slice_volume` on the image volume.
     """
     number, index = _plane_position(volume, axis, index)
-    return np.rot90(np.take(volume.data, index, axis=number))
+    # Basic indexing, then one copy of the plane: np.take would first copy the whole volume to C
+    # order (nibabel's arrays are Fortran-ordered), about 200 times slower.
+    return np.ascontiguousarray(np.rot90(volume.data[(slice(None),) * number + (index,)]))
 
 
 def slice_volume(

@@ -1,0 +1,1 @@
+"""The real images and masks the embedded dataset is built from, one module per source."""
