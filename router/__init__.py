@@ -1,1 +1,33 @@
-"""The learned per-token router and the MoE layer that composes expert adapters."""
+"""The learned per-token router and the MoE layer that composes expert adapters.
+
+`compose(model, ["vision_language", "pixel_grounding"], adapters)` routes the MLPs of a model's LLM
+over registered experts and returns a `MixtureOfExperts`. Names load on first use, so importing
+`medplib.router` does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "RouterConfig": "medplib.router.config",
+    "Routing": "medplib.router.routed_mlp",
+    "RoutedMLP": "medplib.router.routed_mlp",
+    "ExpertLoRA": "medplib.router.routed_mlp",
+    "route": "medplib.router.routed_mlp",
+    "compose": "medplib.router.moe",
+    "MixtureOfExperts": "medplib.router.moe",
+    "RoutingStatistics": "medplib.router.statistics",
+    "attach_expert_adapter": "medplib.router.adapters",
+    "lora_config": "medplib.router.adapters",
+    "merge_expert": "medplib.router.adapters",
+    "new_expert_adapter": "medplib.router.adapters",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'medplib.router' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real medical files that ship inside installed packages, and fsspec memory URIs."""
+"""Shared fixtures: real medical files that ship inside installed packages, fsspec memory URIs, plugins."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
+from medplib.core import plugins
 from medplib.trainers import registry_data
 
 
@@ -69,3 +70,33 @@ def _png_claiming(width: int, height: int) -> bytes:
 def png_claiming() -> Callable[[int, int], bytes]:
     """Makes a PNG whose header claims (width, height) but holds no pixels."""
     return _png_claiming
+
+
+@pytest.fixture
+def register_plugin(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[object, str], bool]]:
+    """Register throw-away plugins with medplib's plugin manager (as llm's tests do); gone after the test."""
+    plugins.load_plugins()
+    monkeypatch.setattr(plugins, "_load_problems", list(plugins._load_problems))
+    monkeypatch.setattr(plugins, "_sources", dict(plugins._sources))
+    registered: list[tuple[object, str]] = []
+
+    def register(plugin: object, name: str) -> bool:
+        registered.append((plugin, name))
+        return plugins.register_plugin(plugin, name)
+
+    yield register
+    for plugin, name in registered:
+        if plugins.pm.get_plugin(name) is plugin:
+            plugins.pm.unregister(plugin)
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread for the test: on tiny tensors a second OpenMP thread only adds
+    synchronisation, which costs ten times the work on a busy 2-CPU machine."""
+    import torch  # deferred: most tests never need torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
