@@ -19,14 +19,47 @@ from medplib.core.errors import (
     UnsupportedFormatError,
 )
 
+# Public names whose modules import torch: resolved on first use (PEP 562), so `import medplib` stays cheap.
+_LAZY = {
+    "load": "medplib.core.assistant",
+    "MedPLIB": "medplib.core.assistant",
+    "Query": "medplib.core.queries",
+    "ChatMessage": "medplib.core.queries",
+    "AnswerResult": "medplib.core.results",
+    "GroundingResult": "medplib.core.results",
+    "ChatResult": "medplib.core.results",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'medplib' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
 __all__ = [
+    "AnswerResult",
     "CapacityError",
+    "ChatMessage",
+    "ChatResult",
     "CheckpointError",
+    "GroundingResult",
     "ImageTooLargeError",
     "InvalidInputError",
+    "MedPLIB",
     "MedplibError",
     "PluginError",
+    "Query",
     "RegionError",
     "UnsupportedFormatError",
     "__version__",
+    "load",
 ]

@@ -129,6 +129,390 @@ def demo(
     run_demo(out)
 
 
+data_app = typer.Typer(
+    help="Build, check and summarise datasets in the MeCoVQA format.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("build")
+@user_errors
+def data_build(
+    out: Path = typer.Argument(..., help="folder to write the dataset to (new or empty)"),
+    seed: int = typer.Option(0, "--seed", help="seed of every random choice (wordings, regions)"),
+    mni_step: int = typer.Option(4, "--mni-step", help="use every N-th MNI152 slice of each plane"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a dataset this command wrote before"),
+) -> None:
+    """Write the embedded MeCoVQA dataset from real images and masks in registry packages."""
+    import time
+
+    from medplib.trainers.data.builder import build_dataset
+    from medplib.trainers.data.stats import format_stats
+
+    start = time.perf_counter()
+    stats = build_dataset(out, seed=seed, mni_step=mni_step, overwrite=overwrite)
+    typer.echo(format_stats(stats))
+    typer.echo(f"\nwrote {out} in {time.perf_counter() - start:.1f} s")
+
+
+@data_app.command("stats")
+@user_errors
+def data_stats(
+    dataset: Path = typer.Argument(..., help="dataset folder, or one MeCoVQA JSON file"),
+    top: int = typer.Option(20, "--top", help="how many of the most common closed answers to list"),
+    as_json: bool = typer.Option(False, "--json", help="print the counts as JSON"),
+) -> None:
+    """Count samples per part, modality, question kind and answer, per split."""
+    import json
+
+    from medplib.trainers.data.stats import dataset_stats, format_stats
+
+    stats = dataset_stats(dataset, top_answers=top)
+    typer.echo(json.dumps(stats, indent=2) if as_json else format_stats(stats))
+
+
+@data_app.command("check")
+@user_errors
+def data_check(
+    dataset: Path = typer.Argument(..., help="dataset folder, or one MeCoVQA JSON file"),
+    image_root: Path | None = typer.Option(
+        None, "--image-root", help="folder the image and mask paths are relative to (default: the dataset's)"
+    ),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Validate a MeCoVQA dataset; one line per problem, exit code 1 if there is any."""
+    from medplib.trainers.data.check import check_dataset
+
+    report = check_dataset(dataset, image_root)
+    if as_json:
+        typer.echo(report.model_dump_json(indent=2))
+    else:
+        for issue in report.issues:
+            typer.echo(issue.line())
+        verdict = f"{report.bad_samples} bad" if report.issues else "all good"
+        typer.echo(f"checked {report.samples} samples in {', '.join(report.files) or 'no files'}: {verdict}")
+    if report.issues:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+@user_errors
+def experts(
+    as_json: bool = typer.Option(False, "--json", help="print the experts and plugin problems as JSON"),
+) -> None:
+    """List the registered experts (built-in and from installed plugins); report plugins that failed."""
+    import json
+
+    from medplib.core.plugins import get_experts, plugin_problems
+
+    specs, problems = list(get_experts().values()), plugin_problems()
+    if as_json:
+        payload = {
+            "experts": [spec.model_dump(mode="json") for spec in specs],
+            "problems": [{"plugin": p.plugin, "source": p.source, "reason": p.reason} for p in problems],
+        }
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    rows = [("name", "version", "capabilities", "source")]
+    rows += [(s.name, s.version, ", ".join(s.capabilities), s.source) for s in specs]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        padded = (cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+        typer.echo("  ".join([*padded, row[3]]))
+    for problem in problems:
+        typer.echo(f"warning: {problem}", err=True)
+
+
+@app.command()
+@user_errors
+def train(
+    stage: str = typer.Option(..., "--stage", help="1, 2, 3, 4, or joint (the joint-training baseline)"),
+    model: str = typer.Option(..., "--model", help="a preset (tiny, ...) or the previous stage's folder"),
+    data: Path = typer.Option(..., "--data", help="dataset folder in the MeCoVQA format (its train split)"),
+    out: Path = typer.Option(..., "--out", help="folder for the stage: model, adapters, checkpoints, log"),
+    workers: int = typer.Option(1, "--workers", help="Ray Train workers (1: train in this process)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in --out"),
+    schedule: str = typer.Option("tiny", "--schedule", help="tiny (CPU, random init) or paper"),
+    expert: str | None = typer.Option(None, "--expert", help="stages 2/3: train this registered expert"),
+    steps: int | None = typer.Option(None, "--steps", help="optimizer steps (default: by the schedule)"),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="micro-batch per worker"),
+    grad_accum: int | None = typer.Option(None, "--grad-accum", help="micro-batches per optimizer step"),
+    checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="checkpoint every N steps"),
+    seed: int = typer.Option(0, "--seed", help="seed of initialisation, data order and dropout"),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)"),
+    evaluate: bool = typer.Option(False, "--evaluate", help="score the trained model on the test split"),
+) -> None:
+    """Train one stage of the MedPLIB recipe (I align, II and III experts, IV mixture of experts)."""
+    from medplib.trainers.distributed import launch
+    from medplib.trainers.pipeline import evaluate_stage, set_threads
+    from medplib.trainers.train import StageRun, check_out
+
+    set_threads(threads)
+    check_out(out, resume)
+    run = StageRun(
+        stage=stage,
+        model=model,
+        data=str(data),
+        out=str(out),
+        schedule=schedule,
+        expert=expert,
+        seed=seed,
+        steps=steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+    )
+    run.spec()  # an unknown stage, schedule or expert fails here, before any data is read
+    record = launch(run, workers)
+    typer.echo(f"stage {record['stage']} ({record['title']}): {record['steps']} steps, {record['seconds']} s")
+    if evaluate:
+        import json
+
+        metrics = evaluate_stage(out, data)
+        typer.echo(json.dumps({k: v for k, v in metrics.items() if k != "predictions"}, indent=1))
+
+
+ModelOption = typer.Option(
+    "tiny", "--model", help="preset (tiny, small) or checkpoint folder / fsspec URI saved by save_pretrained"
+)
+PointOption = typer.Option(
+    None, "--point", help="X,Y or X,Y,LABEL (1 positive, 0 negative); all points together mark one region"
+)
+BoxOption = typer.Option(None, "--box", help="X0,Y0,X1,Y1 in pixels; each box is one region")
+RegionOption = typer.Option(
+    None, "--region", help="binary mask image of the image's size; each is one region"
+)
+OverlayOption = typer.Option(None, "--overlay", help="write the image with the masks and regions to this PNG")
+AnswerJsonOption = typer.Option(False, "--json", help="print the result model as JSON")
+MaxNewTokensOption = typer.Option(64, "--max-new-tokens", help="answer length cap, in tokens")
+TemperatureOption = typer.Option(0.0, "--temperature", help="0 decodes greedily; above 0 samples")
+SeedOption = typer.Option(None, "--seed", help="seed of the sampler")
+DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda")
+DtypeOption = typer.Option("float32", "--dtype", help="float32 or bfloat16")
+
+
+@app.command()
+@user_errors
+def ask(
+    image: str = typer.Argument(..., help="path or fsspec URI of an image (PNG, JPEG, TIFF, DICOM, NIfTI)"),
+    question: str = typer.Argument(..., help="the question; '{region}' marks where each region goes"),
+    model: str = ModelOption,
+    point: list[str] | None = PointOption,
+    box: list[str] | None = BoxOption,
+    region: list[str] | None = RegionOption,
+    slice_index: int | None = SliceOption,
+    frame: int | None = FrameOption,
+    axis: str = AxisOption,
+    window: str | None = WindowOption,
+    volume: int | None = VolumeOption,
+    overlay_path: str | None = OverlayOption,
+    as_json: bool = AnswerJsonOption,
+    max_new_tokens: int = MaxNewTokensOption,
+    temperature: float = TemperatureOption,
+    seed: int | None = SeedOption,
+    device: str = DeviceOption,
+    dtype: str = DtypeOption,
+) -> None:
+    """Ask a question about an image, or about regions marked on it."""
+    run_assistant("answer", **locals())
+
+
+@app.command()
+@user_errors
+def ground(
+    image: str = typer.Argument(..., help="path or fsspec URI of an image (PNG, JPEG, TIFF, DICOM, NIfTI)"),
+    text: str = typer.Argument(..., help="what to segment, e.g. 'the liver lesion'"),
+    model: str = ModelOption,
+    point: list[str] | None = PointOption,
+    box: list[str] | None = BoxOption,
+    region: list[str] | None = RegionOption,
+    slice_index: int | None = SliceOption,
+    frame: int | None = FrameOption,
+    axis: str = AxisOption,
+    window: str | None = WindowOption,
+    volume: int | None = VolumeOption,
+    overlay_path: str | None = OverlayOption,
+    as_json: bool = AnswerJsonOption,
+    max_new_tokens: int = MaxNewTokensOption,
+    temperature: float = TemperatureOption,
+    seed: int | None = SeedOption,
+    device: str = DeviceOption,
+    dtype: str = DtypeOption,
+) -> None:
+    """Segment what TEXT names; always returns at least one mask."""
+    run_assistant("ground", question=text, **{k: v for k, v in locals().items() if k != "text"})
+
+
+def run_assistant(task: str, *, image: str, question: str, **options: Any) -> None:
+    """`ask` and `ground`: region prompts from the options (points first, then boxes, then masks)."""
+    from medplib.core.regions import MaskPrompt, PointPrompt, parse_box, parse_point
+
+    regions: list[Any] = []
+    if options["point"]:
+        clicks = [parse_point(text) for text in options["point"]]
+        points, labels = [(x, y) for x, y, _ in clicks], [label for *_, label in clicks]
+        regions.append(PointPrompt(points=points, labels=labels))
+    regions += [parse_box(text) for text in options["box"] or ()]
+    regions += [MaskPrompt(source=path) for path in options["region"] or ()]
+    image_options = {
+        "frame": options["frame"],
+        "slice_index": options["slice_index"],
+        "axis": options["axis"],
+        "volume_index": options["volume"],
+        "window": parse_window(options["window"]),
+    }
+    decoding = {
+        "max_new_tokens": options["max_new_tokens"],
+        "temperature": options["temperature"],
+        "seed": options["seed"],
+    }
+    import medplib
+
+    assistant = medplib.load(options["model"], device=options["device"], dtype=options["dtype"])
+    method = assistant.ground if task == "ground" else assistant.answer
+    result = method(image, question, regions, image_options=image_options, **decoding)
+    if options["overlay_path"]:
+        write_overlay(options["overlay_path"], image, image_options, regions, result)
+    if options["as_json"]:
+        typer.echo(result.model_dump_json(indent=2))
+        return
+    typer.echo(format_result(result, untrained=assistant.untrained, overlay=options["overlay_path"]))
+
+
+def write_overlay(
+    path: str, image: str, image_options: dict[str, Any], regions: list[Any], result: Any
+) -> None:
+    """The image with each region prompt outlined in white and each mask blended in its colour."""
+    from medplib.core.io import load_image
+    from medplib.core.masks import overlay, save_png
+
+    pixels = load_image(image, **image_options).pixels
+    height, width = pixels.shape[:2]
+    marked = [prompt.to_mask(height, width) for prompt in regions]
+    outlined = overlay(pixels, marked, [(255, 255, 255)], alpha=0.0)
+    save_png(overlay(outlined, [segment.mask for segment in result.masks]), path)
+
+
+def format_result(result: Any, *, untrained: bool, overlay: str | None) -> str:
+    """The text `ask` and `ground` print: the answer, one line per mask, cache use and timings."""
+    model = result.model
+    if untrained:
+        model += " (random weights: answers are meaningless until trained)"
+    asked = result.query if result.task == "ground" else result.question
+    rows = [("model", model), ("asked", asked), ("answer", result.text or "(empty)")]
+    for index, segment in enumerate(result.masks, start=1):
+        notes = [f"score {segment.score:.3f}"] if segment.score is not None else []
+        notes += ["forced"] if result.seg_forced else []
+        rows.append((f"mask {index}", f"{segment.summary} ({', '.join(notes)})"))
+    rows.append(("cache", ", ".join(f"{kind} {use}" for kind, use in result.cache.model_dump().items())))
+    rows.append(("timings", ", ".join(f"{stage} {ms:.1f} ms" for stage, ms in result.timings_ms.items())))
+    if overlay:
+        rows.append(("overlay", overlay))
+    return "\n".join(f"{key:<8} {value}" for key, value in rows)
+
+
+@app.command()
+@user_errors
+def info(
+    model: str = typer.Argument(..., help="preset (tiny, small, medplib-7b), checkpoint or fsspec URI"),
+    as_json: bool = typer.Option(False, "--json", help="print the model's description as JSON"),
+) -> None:
+    """Describe a model without loading its weights: components, parameters, special tokens, experts."""
+    from medplib.core.model_info import format_info, model_info
+
+    described = model_info(model)
+    typer.echo(described.model_dump_json(indent=2) if as_json else format_info(described))
+
+
+@app.command()
+@user_errors
+def pipeline(
+    data: Path = typer.Option(..., "--data", help="dataset folder in the MeCoVQA format"),
+    out: Path = typer.Option(..., "--out", help="folder for every stage, report.json and report.md"),
+    preset: str = typer.Option("tiny", "--preset", help="model preset the pipeline starts from"),
+    schedule: str | None = typer.Option(None, "--schedule", help="tiny or paper (default: tiny for tiny)"),
+    seed: int = typer.Option(0, "--seed", help="seed of initialisation, data order and dropout"),
+    threads: int = typer.Option(1, "--threads", help="torch CPU threads per process"),
+    sequential: bool = typer.Option(False, "--sequential", help="train the joint baseline after, not beside"),
+) -> None:
+    """Run stages I -> IV and the joint baseline, score each on the test split, write the report."""
+    from medplib.trainers.pipeline import run_pipeline
+    from medplib.trainers.report import format_table
+
+    schedule = schedule or ("tiny" if preset == "tiny" else "paper")
+    report = run_pipeline(
+        data, out, preset=preset, schedule=schedule, seed=seed, threads=threads, parallel=not sequential
+    )
+    typer.echo(format_table(report))
+    typer.echo(f"\nwrote {out / 'report.json'}")
+
+
+@app.command()
+@user_errors
+def plot(
+    log: Path = typer.Argument(..., help="a stage's metrics.jsonl"),
+    out: Path | None = typer.Option(None, "--out", help="PNG to write (default: beside the log)"),
+) -> None:
+    """Plot a training metrics log (loss parts, learning rate, throughput, routing shares) to PNG."""
+    from medplib.trainers.plot import plot_log
+
+    typer.echo(f"wrote {plot_log(log, out or log.with_suffix('.png'))}")
+
+
+@app.command()
+@user_errors
+def serve(
+    model: str | None = typer.Option(None, "--model", help="preset or checkpoint (default: the config's)"),
+    config: Path | None = typer.Option(
+        None, "--config", help="serve YAML, e.g. examples/serve/cpu.yaml or examples/serve/gpu-cluster.yaml"
+    ),
+    host: str | None = typer.Option(None, "--host", help="address to bind (default 127.0.0.1)"),
+    port: int | None = typer.Option(None, "--port", help="HTTP port (default 8000)"),
+    address: str | None = typer.Option(
+        None, "--address", help="join this Ray cluster (auto, HOST:6379, ray://...); default: start one here"
+    ),
+    detach: bool = typer.Option(False, "--detach", help="with --address: deploy, then return"),
+) -> None:
+    """Serve VQA, region VQA and grounding over HTTP with Ray Serve, until Ctrl-C."""
+    from medplib.agents.serve_config import ServeConfig
+
+    if detach and address is None:
+        from medplib.core.errors import InvalidInputError
+
+        raise InvalidInputError("--detach needs --address: a Ray cluster started here ends with this command")
+    settings = ServeConfig.from_yaml(config) if config is not None else ServeConfig()
+    http = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
+    settings = settings.with_overrides(**({"model": model} if model else {}), http=http)
+    import signal
+    import threading
+
+    import ray
+    from ray import serve as ray_serve
+
+    from medplib.agents.app import deploy
+
+    url = deploy(settings, address=address, ray_init={"include_dashboard": False} if address is None else {})
+    key = "yes" if settings.resolved_api_key() else "none"
+    typer.echo(f"medplib serving {settings.model} at {url} (API key: {key}; docs at {url}/docs)")
+    if detach:
+        return
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):  # a timed wait, so Ctrl-C is seen at once
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        typer.echo("shutting down", err=True)
+        if address is None:  # the cluster is ours: take Serve down with it
+            ray_serve.shutdown()
+        else:
+            ray_serve.delete(settings.app_name)
+        ray.shutdown()
+
+
 def main() -> None:
     app()
 

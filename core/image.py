@@ -60,6 +60,11 @@ class MedicalImage:
             raise InvalidInputError(f"canonical pixels must be uint8 (H, W, 3), got {p.dtype} {p.shape}")
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of the pixels, what a cache of decoded images is bounded by."""
+        return self.pixels.nbytes
+
+    @property
     def size(self) -> tuple[int, int]:
         """(height, width), the grid every region prompt and mask lives on."""
         return self.pixels.shape[0], self.pixels.shape[1]

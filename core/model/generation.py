@@ -4,15 +4,22 @@ A small explicit loop instead of `GenerationMixin.generate`: the prompt's embedd
 image and region tokens, and the hidden state that predicts each generated `<SEG>` has to be kept
 for grounding. The prompt runs once (prefill); each step then feeds one token per row against the
 cache. Placeholder and structural tokens are never generated.
+
+Two entry points serve callers that cache per image: `image_features` replace the CLIP tower, and
+`past_key_values` hold the KV of a prefix of every row (the template up to the image, identical for
+every question about that image), so only the rest of the prompt is prefilled. `require_seg` makes
+rows that must yield a mask (grounding) emit `<SEG>` where they would otherwise end.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache
 
 from medplib.core.errors import InvalidInputError
 
@@ -24,6 +31,15 @@ if TYPE_CHECKING:
 class GenerationOutput:
     sequences: torch.Tensor  # (B, L) generated ids; after a row's </s>, pad
     seg_hidden_states: list[torch.Tensor]  # per row (n_seg, hidden): what predicted each <SEG>
+    seg_forced: torch.Tensor  # (B,) bool: the row's <SEG> was forced by `require_seg`
+    seconds: dict[str, float]  # wall time of "prefill" (embedding included) and "decode"
+
+
+def elapsed(start: float, device: torch.device) -> float:
+    """Seconds since `start`, after the device finished its queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def _pick(
@@ -52,6 +68,9 @@ def decode(
     pixel_values: torch.Tensor | None = None,
     region_masks: list[torch.Tensor] | None = None,
     *,
+    image_features: torch.Tensor | None = None,
+    past_key_values: Cache | None = None,
+    require_seg: bool | torch.Tensor = False,
     max_new_tokens: int = 64,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -59,7 +78,14 @@ def decode(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> GenerationOutput:
-    """Generate up to `max_new_tokens` per row; rows must be left-padded (last column all real)."""
+    """Generate up to `max_new_tokens` per row; the last column of `attention_mask` must be all real.
+
+    Rows are left-padded, or padded between a cached prefix and the rest. `past_key_values` covers
+    the first `get_seq_length()` columns of `input_ids` (and is extended in place); only the columns
+    after it are embedded and run. `require_seg` (bool, or per row): a row that has produced no
+    `<SEG>` gets one instead of its `</s>`, or as its last token, and then ends; `seg_forced` says
+    which rows needed that.
+    """
     if max_new_tokens < 1:
         raise InvalidInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if do_sample and temperature <= 0:
@@ -67,19 +93,30 @@ def decode(
     if not attention_mask[:, -1].all():
         raise InvalidInputError("generation needs left-padded inputs: the last column must be real tokens")
     config, text_config = model.config, model.config.text_config
-    eos_id = text_config.eos_token_id
+    eos_id, seg_id = text_config.eos_token_id, config.seg_token_id
     pad_id = text_config.pad_token_id if text_config.pad_token_id is not None else eos_id
     # Placeholders and structure are the template's to place: only <SEG> and </s> may be generated.
     never = [i for name, i in config.control_token_ids.items() if name != "seg_token_id"]
     never += [i for i in (text_config.pad_token_id, text_config.bos_token_id) if i not in (None, eos_id)]
 
-    embeds = model.embed_inputs(input_ids, pixel_values, region_masks)
-    cache = DynamicCache(config=text_config)
-    hidden, cache = model.run_language_model(embeds, attention_mask, cache=cache)
+    device = input_ids.device
+    start = time.perf_counter()
+    past = 0 if past_key_values is None else past_key_values.get_seq_length()
+    embeds = model.embed_inputs(input_ids[:, past:], pixel_values, region_masks, image_features)
+    cache = past_key_values if past_key_values is not None else DynamicCache(config=text_config)
+    # Positions count real tokens only, so padding (left or after the prefix) shifts nothing.
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden, cache = model.run_language_model(embeds, attention_mask, positions[:, past:], cache)
+    seconds = {"prefill": elapsed(start, device)}
+    start = time.perf_counter()
     last = hidden[:, -1]
     positions = attention_mask.long().sum(dim=1, keepdim=True)  # next position per row
-    finished = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
-    seg_hidden: list[list[torch.Tensor]] = [[] for _ in range(len(input_ids))]
+    rows = len(input_ids)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    require = torch.as_tensor(require_seg, dtype=torch.bool, device=device).expand(rows)
+    has_seg = torch.zeros_like(finished)
+    forced = torch.zeros_like(finished)
+    seg_hidden: list[list[torch.Tensor]] = [[] for _ in range(rows)]
     generated = []
     for step in range(max_new_tokens):
         logits = model.language_model.lm_head(last).float()
@@ -93,10 +130,15 @@ def decode(
             generator=generator,
         )
         token = token.masked_fill(finished, pad_id)
-        for row in torch.nonzero((token == config.seg_token_id) & ~finished).flatten().tolist():
+        ending = (token == eos_id) | (step == max_new_tokens - 1)
+        force = require & ~has_seg & ~finished & (token != seg_id) & ending
+        token = token.masked_fill(force, seg_id)
+        forced |= force
+        for row in torch.nonzero((token == seg_id) & ~finished).flatten().tolist():
             seg_hidden[row].append(last[row])
         generated.append(token)
-        finished |= token == eos_id
+        has_seg |= token == seg_id
+        finished |= (token == eos_id) | force  # a forced <SEG> stands where the answer ended
         if finished.all() or step == max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
@@ -104,8 +146,11 @@ def decode(
         hidden, cache = model.run_language_model(step_embeds, attention_mask, positions, cache)
         last = hidden[:, -1]
         positions = positions + 1
+    seconds["decode"] = elapsed(start, device)
     empty = last.new_zeros(0, last.shape[-1])
     return GenerationOutput(
         sequences=torch.stack(generated, dim=1),
         seg_hidden_states=[torch.stack(states) if states else empty for states in seg_hidden],
+        seg_forced=forced,
+        seconds=seconds,
     )

@@ -49,22 +49,25 @@ class SamGrounding(nn.Module):
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
 
-    def decode(self, image_embedding: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        """One image's embedding (1, C, g, g) and n prompts (n, C) -> low-res mask logits (n, 4g, 4g)."""
+    def decode(
+        self, image_embedding: torch.Tensor, prompts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image's embedding (1, C, g, g) and n prompts (n, C) -> low-res mask logits (n, 4g, 4g) and
+        SAM's predicted IoU of each mask (n,)."""
         sparse = prompts[:, None, :]
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         dense = dense.expand(len(prompts), -1, *self.prompt_encoder.image_embedding_size)
         dtype = dense.dtype
         # segment-anything builds its positional encoding in float32; autocast bridges a half-precision SAM.
         with torch.autocast(image_embedding.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            low_res, _ = self.mask_decoder(
+            low_res, iou = self.mask_decoder(
                 image_embeddings=image_embedding,
                 image_pe=self.prompt_encoder.get_dense_pe(),
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
                 multimask_output=False,
             )
-        return low_res[:, 0]
+        return low_res[:, 0], iou[:, 0]
 
     def postprocess(
         self, low_res: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
@@ -114,6 +117,12 @@ def build_sam(config: MedPLIBSamConfig) -> SamGrounding:
     )
 
 
+def sam_input_size(height: int, width: int, image_size: int) -> tuple[int, int]:
+    """(h, w) of an image resized so its longest side is `image_size` (`ResizeLongestSide`)."""
+    scale = image_size / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
 def preprocess_sam_image(
     pixels: np.ndarray, config: MedPLIBSamConfig
 ) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -124,9 +133,7 @@ def preprocess_sam_image(
     """
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
         raise InvalidInputError(f"expected RGB uint8 pixels (H, W, 3), got {pixels.dtype} {pixels.shape}")
-    height, width = pixels.shape[:2]
-    scale = config.image_size / max(height, width)
-    new_h, new_w = int(height * scale + 0.5), int(width * scale + 0.5)
+    new_h, new_w = sam_input_size(*pixels.shape[:2], config.image_size)
     resized = np.asarray(
         Image.fromarray(pixels).resize((new_w, new_h), Image.Resampling.BILINEAR), np.float32
     )

@@ -51,6 +51,7 @@ class MaskPrediction:
 
     logits: torch.Tensor  # (n, H, W), float
     masks: torch.Tensor  # (n, H, W), bool: logits above the threshold
+    scores: torch.Tensor  # (n,), SAM's predicted IoU of each mask
 
 
 @dataclass
@@ -108,11 +109,15 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         region_masks: list[torch.Tensor] | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with image tokens and region tokens spliced over their placeholders.
 
         `region_masks[i]` is (R_i, S, S) on sample i's CLIP input frame (`preprocess_region_mask`), one
-        per `<region_feat>` of row i in order.
+        per `<region_feat>` of row i in order. `image_features` (B, grid*grid, C_vision), e.g. from a
+        cache, stand in for running the tower on `pixel_values`; with them, the input may also be a
+        continuation without `<image>` slots (its prefix, image included, is in the KV cache), whose
+        region slots the features still fill. Otherwise every row holds all its `<image>` slots.
         """
         embeds = self.get_input_embeddings()(input_ids)
         image_slots = input_ids == self.config.image_token_id
@@ -121,18 +126,20 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
         given = [0] * len(input_ids) if region_masks is None else [len(m) for m in region_masks]
         if regions_per_row != given:
             raise InvalidInputError(f"rows have {regions_per_row} region slots but {given} region masks")
-        if pixel_values is None:
+        if pixel_values is None and image_features is None:
             if image_slots.any() or region_slots.any():
                 raise InvalidInputError("the input has <image> or <region_feat> slots but no pixel_values")
             return embeds
         per_row = image_slots.sum(dim=1)
-        if (per_row != self.config.num_image_tokens).any():
+        continuation = image_features is not None and not image_slots.any()
+        if not continuation and (per_row != self.config.num_image_tokens).any():
             raise InvalidInputError(
                 f"each row needs {self.config.num_image_tokens} <image> slots, got {per_row.tolist()}"
             )
-        features = self.image_features(pixel_values)
-        image_tokens = self.projector(features).to(embeds.dtype)
-        embeds = embeds.masked_scatter(image_slots[..., None], image_tokens)
+        features = image_features if image_features is not None else self.image_features(pixel_values)
+        if not continuation:
+            image_tokens = self.projector(features).to(embeds.dtype)
+            embeds = embeds.masked_scatter(image_slots[..., None], image_tokens)
         if not any(given):
             return embeds
         region_tokens = torch.cat(
@@ -207,32 +214,48 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
 
     # ---- grounding ----------------------------------------------------------------------------------
 
+    def sam_image_embeddings(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
+        """SAM's image embeddings (B, C, g, g) of preprocessed images (`preprocess_sam_image`)."""
+        return self.sam.image_encoder(sam_pixel_values.to(self.sam.mask_decoder.iou_token.weight.dtype))
+
     def predict_masks(
         self,
         seg_hidden_states: list[torch.Tensor],
-        sam_pixel_values: torch.Tensor,
+        sam_pixel_values: torch.Tensor | None,
         sam_input_sizes: list[tuple[int, int]],
         original_sizes: list[tuple[int, int]],
+        *,
+        image_embeddings: torch.Tensor | None = None,
     ) -> list[MaskPrediction]:
-        """One mask per `<SEG>` hidden state, at each image's original size (SAM runs only where needed)."""
+        """One mask per `<SEG>` hidden state, at each image's original size.
+
+        SAM's image encoder runs only on the rows that have a `<SEG>`, and not at all when
+        `image_embeddings` (B, C, g, g; e.g. from a cache) are given instead of `sam_pixel_values`.
+        """
         sam_dtype = self.sam.mask_decoder.iou_token.weight.dtype
         rows = [i for i, states in enumerate(seg_hidden_states) if len(states)]
         embeddings = {}
         if rows:
-            encoded = self.sam.image_encoder(sam_pixel_values[rows].to(sam_dtype))
+            if image_embeddings is None:
+                if sam_pixel_values is None:
+                    raise InvalidInputError("predicting masks needs sam_pixel_values or image_embeddings")
+                encoded = self.sam_image_embeddings(sam_pixel_values[rows])
+            else:
+                encoded = image_embeddings[rows].to(sam_dtype)
             embeddings = dict(zip(rows, encoded, strict=True))
         predictions = []
         for i, states in enumerate(seg_hidden_states):
             height, width = original_sizes[i]
             if i not in embeddings:
-                empty = torch.zeros(0, height, width, device=sam_pixel_values.device)
-                predictions.append(MaskPrediction(logits=empty, masks=empty.bool()))
+                empty = torch.zeros(0, height, width, device=states.device)
+                none = MaskPrediction(logits=empty, masks=empty.bool(), scores=empty.new_zeros(0))
+                predictions.append(none)
                 continue
             prompts = self.seg_head(states).to(sam_dtype)
-            low_res = self.sam.decode(embeddings[i][None], prompts)
+            low_res, scores = self.sam.decode(embeddings[i][None], prompts)
             logits = self.sam.postprocess(low_res, tuple(sam_input_sizes[i]), (height, width))
             masks = logits > self.config.sam_config.mask_threshold
-            predictions.append(MaskPrediction(logits=logits, masks=masks))
+            predictions.append(MaskPrediction(logits=logits, masks=masks, scores=scores))
         return predictions
 
     # ---- generation ---------------------------------------------------------------------------------

@@ -49,41 +49,17 @@ class MedPLIBProcessor:
         """Keyword arguments for `model.forward` / `model.generate` (labels included)."""
         if not requests:
             raise InvalidInputError("no requests to process")
-        vision = self.config.vision_config
         encoded, pixel_values, region_masks, sam_images, sam_sizes, original_sizes = [], [], [], [], [], []
         for request in requests:
-            conversation = encode_conversation(
-                self.tokenizer, request.turns, num_image_tokens=self.config.num_image_tokens
-            )
-            if conversation.num_regions != len(request.regions):
-                raise RegionError(
-                    f"{conversation.num_regions} regions in the questions, {len(request.regions)} masks given"
-                )
-            height, width = request.pixels.shape[:2]
-            masks = []
-            for mask in request.regions:
-                if mask.shape != (height, width):
-                    raise RegionError(
-                        f"a region mask of shape {mask.shape} does not fit a {width}x{height} image"
-                    )
-                masks.append(preprocess_region_mask(mask.astype(bool), image_size=vision.image_size))
+            conversation, masks = self.encode_request(request)
             encoded.append(conversation)
-            pixel_values.append(
-                preprocess_clip_image(
-                    request.pixels,
-                    image_size=vision.image_size,
-                    mean=self.config.image_mean,
-                    std=self.config.image_std,
-                )
-            )
-            region_masks.append(
-                torch.stack(masks) if masks else torch.zeros(0, vision.image_size, vision.image_size)
-            )
-            sam_image, sam_size = preprocess_sam_image(request.pixels, self.config.sam_config)
+            region_masks.append(masks)
+            pixel_values.append(self.clip_pixels(request.pixels))
+            sam_image, sam_size = self.sam_pixels(request.pixels)
             sam_images.append(sam_image)
             sam_sizes.append(sam_size)
-            original_sizes.append((height, width))
-        input_ids, attention_mask, labels = self._pad(encoded, padding_side)
+            original_sizes.append(request.pixels.shape[:2])
+        input_ids, attention_mask, labels = self.pad(encoded, padding_side)
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -95,19 +71,65 @@ class MedPLIBProcessor:
             "original_sizes": original_sizes,
         }
 
-    def _pad(
-        self, encoded: list[EncodedConversation], side: str
+    def encode_request(self, request: Request) -> tuple[EncodedConversation, torch.Tensor]:
+        """The conversation's ids and labels, and its region masks (R, S, S) on the CLIP input frame."""
+        conversation = encode_conversation(
+            self.tokenizer, request.turns, num_image_tokens=self.config.num_image_tokens
+        )
+        if conversation.num_regions != len(request.regions):
+            raise RegionError(
+                f"{conversation.num_regions} regions in the questions, {len(request.regions)} masks given"
+            )
+        height, width = request.pixels.shape[:2]
+        size = self.config.vision_config.image_size
+        masks = []
+        for mask in request.regions:
+            if mask.shape != (height, width):
+                raise RegionError(
+                    f"a region mask of shape {mask.shape} does not fit a {width}x{height} image"
+                )
+            masks.append(preprocess_region_mask(mask.astype(bool), image_size=size))
+        return conversation, torch.stack(masks) if masks else torch.zeros(0, size, size)
+
+    def clip_pixels(self, pixels: np.ndarray) -> torch.Tensor:
+        """The CLIP tower's input (3, S, S) of an RGB uint8 image."""
+        return preprocess_clip_image(
+            pixels,
+            image_size=self.config.vision_config.image_size,
+            mean=self.config.image_mean,
+            std=self.config.image_std,
+        )
+
+    def sam_pixels(self, pixels: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """SAM's input (3, S, S) of an RGB uint8 image and the (h, w) it covers before padding."""
+        return preprocess_sam_image(pixels, self.config.sam_config)
+
+    def pad(
+        self, encoded: Sequence[EncodedConversation], side: str, *, prefix: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Ids, attention mask and labels of conversations padded to one length.
+
+        `prefix` > 0 keeps each row's first `prefix` tokens (a prefix every row shares in length, such
+        as the template up to the image) in place and puts left padding after them, so a KV cache of
+        those prefixes lines up with the batch.
+        """
         length = max(len(c.input_ids) for c in encoded)
         input_ids = torch.full((len(encoded), length), self.tokenizer.pad_token_id, dtype=torch.long)
         labels = torch.full((len(encoded), length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
         for row, conversation in enumerate(encoded):
             n = len(conversation.input_ids)
-            span = slice(length - n, length) if side == "left" else slice(0, n)
-            input_ids[row, span] = torch.tensor(conversation.input_ids)
-            labels[row, span] = torch.tensor(conversation.labels)
-            attention_mask[row, span] = 1
+            if prefix:
+                pieces = [
+                    (slice(0, prefix), slice(0, prefix)),
+                    (slice(prefix, n), slice(length - n + prefix, length)),
+                ]
+            else:
+                pieces = [(slice(0, n), slice(length - n, length) if side == "left" else slice(0, n))]
+            for source, target in pieces:
+                input_ids[row, target] = torch.tensor(conversation.input_ids[source])
+                labels[row, target] = torch.tensor(conversation.labels[source])
+                attention_mask[row, target] = 1
         return input_ids, attention_mask, labels
 
     def decode(self, sequences: torch.Tensor) -> list[str]:

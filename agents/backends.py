@@ -1,0 +1,104 @@
+"""Where the tools' answers come from: the seam between the LangChain tools and a model.
+
+A backend answers questions and grounds text about one image, sync and async, and raises a
+`MedplibError` (message naming what is wrong) for anything the caller got wrong. `InProcessBackend`
+wraps a loaded `MedPLIB`; a client of the Ray Serve application implements the same protocol, and the
+tools cannot tell the two apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+
+from medplib.agents.image_store import StoredImage
+from medplib.core.regions import RegionPrompt
+from medplib.core.results import AnswerResult, GroundingResult
+
+if TYPE_CHECKING:
+    from medplib.core.assistant import MedPLIB
+
+T = TypeVar("T")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the tools need from a model. `decoding` takes `medplib.core.queries.Decoding`'s fields."""
+
+    def answer(
+        self, image: StoredImage, question: str, regions: Sequence[RegionPrompt] = (), **decoding: Any
+    ) -> AnswerResult: ...
+
+    def ground(self, image: StoredImage, text: str, **decoding: Any) -> GroundingResult: ...
+
+    async def aanswer(
+        self, image: StoredImage, question: str, regions: Sequence[RegionPrompt] = (), **decoding: Any
+    ) -> AnswerResult: ...
+
+    async def aground(self, image: StoredImage, text: str, **decoding: Any) -> GroundingResult: ...
+
+
+@dataclass(frozen=True)
+class _ModelGuard:
+    lock: threading.Lock
+    executor: ThreadPoolExecutor
+
+
+# One guard per model, not per backend: each agent run may build its own toolkit (and so its own
+# backend, for its own image store) around the one model a process loads.
+_guards: weakref.WeakKeyDictionary[Any, _ModelGuard] = weakref.WeakKeyDictionary()
+_guards_lock = threading.Lock()
+
+
+def _guard(model: Any) -> _ModelGuard:
+    with _guards_lock:
+        guard = _guards.get(model)
+        if guard is None:
+            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medplib-backend")
+            guard = _guards[model] = _ModelGuard(threading.Lock(), executor)
+        return guard
+
+
+class InProcessBackend:
+    """A `MedPLIB` in this process; async calls run on a worker thread so the event loop stays free.
+
+    `MedPLIB` promises no thread safety (generation shares the model, its KV prefix cache and the
+    embedding cache), so one call per model runs at a time: a lock serialises the sync callers
+    (LangGraph runs parallel tool calls on threads), and a one-thread executor queues the async ones
+    without tying up threads of the event loop's default pool while they wait.
+    """
+
+    def __init__(self, model: MedPLIB) -> None:
+        self.model = model
+        self._guard = _guard(model)
+
+    def answer(
+        self, image: StoredImage, question: str, regions: Sequence[RegionPrompt] = (), **decoding: Any
+    ) -> AnswerResult:
+        with self._guard.lock:
+            return self.model.answer(image.data, question, regions, image_options=image.options, **decoding)
+
+    def ground(self, image: StoredImage, text: str, **decoding: Any) -> GroundingResult:
+        with self._guard.lock:
+            return self.model.ground(image.data, text, image_options=image.options, **decoding)
+
+    async def aanswer(
+        self, image: StoredImage, question: str, regions: Sequence[RegionPrompt] = (), **decoding: Any
+    ) -> AnswerResult:
+        return await self._in_worker(self.answer, image, question, regions, **decoding)
+
+    async def aground(self, image: StoredImage, text: str, **decoding: Any) -> GroundingResult:
+        return await self._in_worker(self.ground, image, text, **decoding)
+
+    async def _in_worker(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._guard.executor, functools.partial(call, *args, **kwargs))
+
+    def __repr__(self) -> str:
+        return f"InProcessBackend({self.model.name!r})"

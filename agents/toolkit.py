@@ -1,0 +1,81 @@
+"""`MedPLIBToolkit`: the medplib tools of one agent run, bound to one backend and one image store.
+
+    toolkit = MedPLIBToolkit.from_model(medplib.load("tiny"), decoding={"max_new_tokens": 64})
+    scan = toolkit.images.put("chest.dcm")          # 'img-1', what the agent is told
+    agent = create_agent(chat_model, toolkit.get_tools())
+
+Build one toolkit per agent run (one image store per run) around the model a process loads once:
+backends serialise their calls per model, however many toolkits share it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+from langchain_core.tools import BaseTool, BaseToolkit
+from pydantic import ConfigDict, Field, field_validator
+
+from medplib.agents.backends import Backend, InProcessBackend
+from medplib.agents.image_store import ImageStore
+from medplib.agents.tools import BUILTIN_TOOLS, describe_invalid_arguments
+from medplib.core import plugins
+from medplib.core.queries import Decoding
+
+if TYPE_CHECKING:
+    from medplib.core.assistant import MedPLIB
+
+
+class MedPLIBToolkit(BaseToolkit):
+    """`medical_vqa`, `medical_region_vqa`, `medical_grounding`, and the tools plugins register."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    backend: Backend = Field(description="where answers come from: the in-process model or a server")
+    images: ImageStore = Field(
+        default_factory=ImageStore, description="the images the tools' `image` ids refer to"
+    )
+    decoding: dict[str, Any] = Field(
+        default_factory=dict, description="decoding options of every call: max_new_tokens, temperature, ..."
+    )
+    handle_tool_error: bool = Field(
+        default=True,
+        description="give errors back to the agent as error ToolMessages (False: raise ToolException, "
+        "or pydantic's ValidationError for arguments that do not fit the schema)",
+    )
+    include_plugin_tools: bool = Field(
+        default=True, description="add the tools plugins register through `medplib_register_tools`"
+    )
+
+    @field_validator("decoding")
+    @classmethod
+    def _check_decoding(cls, decoding: dict[str, Any]) -> dict[str, Any]:
+        Decoding.from_options(**decoding)  # fail when the toolkit is made, not on the agent's first call
+        return decoding
+
+    @classmethod
+    def from_model(cls, model: MedPLIB, **fields: Any) -> MedPLIBToolkit:
+        """Tools answered by `model` in this process; `fields` are the toolkit's other fields."""
+        return cls(backend=InProcessBackend(model), **fields)
+
+    def get_tools(self) -> list[BaseTool]:
+        tools: list[BaseTool] = [
+            tool(
+                backend=self.backend,
+                images=self.images,
+                decoding=self.decoding,
+                handle_tool_error=self.handle_tool_error,
+                handle_validation_error=describe_invalid_arguments if self.handle_tool_error else False,
+            )
+            for tool in BUILTIN_TOOLS
+        ]
+        if self.include_plugin_tools:
+            names = {tool.name for tool in tools}
+            for name, tool in plugins.get_tools().items():
+                if name in names:  # a plugin cannot replace a built-in tool an agent relies on
+                    warnings.warn(
+                        f"plugin tool {name!r} skipped: medplib has a tool of that name", stacklevel=2
+                    )
+                    continue
+                tools.append(tool)
+        return tools

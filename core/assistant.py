@@ -1,0 +1,431 @@
+"""The assistant: `medplib.load(...)` gives a `MedPLIB` that answers, grounds and chats about images.
+
+    import medplib
+    model = medplib.load("tiny")                     # a preset, a save_pretrained folder or fsspec URI
+    model.answer("scan.dcm", "What modality is this?")
+    model.answer(image, "What is in {region}?", regions=[BoxPrompt(box=(40, 60, 120, 140))])
+    model.ground(image, "the liver lesion")           # always returns at least one mask
+    model.chat(image, [{"role": "user", "content": "Which organ is this?"}])
+    model.answer_batch([Query(image=a, text="..."), Query(image=b, text="the liver", task="ground")])
+
+The `tiny` and `small` presets have random weights (seeded, so runs repeat): their answers are
+meaningless until trained; they exist to run and measure the pipeline. `medplib-7b` has the paper's
+dimensions but no weights ship with medplib: load a checkpoint for it.
+
+Regions: a question marks the k-th region with the k-th `{region}`; a question without any gets them
+appended ("… in region 1 <region>, in region 2 <region>"). Every `<SEG>` in an answer gives a mask.
+Grounding asks for a mask, so one is always produced: if the model would end its answer without
+`<SEG>` (an untrained model will), a `<SEG>` is put where it ended and the result says `seg_forced`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from medplib.core.embedding_cache import DEFAULT_MAX_BYTES, CacheStats, EmbeddingCache
+from medplib.core.errors import CapacityError, CheckpointError, InvalidInputError, RegionError
+from medplib.core.image import MedicalImage
+from medplib.core.inference import BatchGeneration, CachedGenerator, Conversation, Generated
+from medplib.core.io import load_image
+from medplib.core.io.sources import is_uri
+from medplib.core.masks import Mask, SegmentationResult
+from medplib.core.model import (
+    MODEL_PRESETS,
+    ControlToken,
+    MaskPrediction,
+    MedPLIBForCausalLM,
+    Turn,
+    build_medplib,
+    load_llava_and_sam,
+)
+from medplib.core.queries import (
+    DEFAULT_INFERENCE_LIMITS,
+    REGION_PLACEHOLDER,
+    ChatMessage,
+    Decoding,
+    InferenceLimits,
+    Query,
+    parse_model,
+)
+from medplib.core.regions import RegionPrompt
+from medplib.core.results import AnswerResult, CacheHits, ChatResult, GroundingResult, InferenceResult
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# The grounding wording of the MeCoVQA question templates (trainers/data/templates.py), which the
+# presets are trained on.
+GROUNDING_QUESTION = "Please segment {text} in this image."
+SEG_TEXT = ControlToken.SEG.value
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' (CUDA when there is one), 'cpu', 'cuda' or 'cuda:N'."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidInputError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError(f"device {device!r} asked for, but this machine has no usable CUDA device")
+    if resolved.type not in ("cpu", "cuda"):
+        raise InvalidInputError(f"unsupported device {device!r}; use 'auto', 'cpu' or 'cuda'")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype not in DTYPES:
+        raise InvalidInputError(f"unsupported dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load(
+    preset_or_path: str | os.PathLike[str] = "tiny",
+    *,
+    sam: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "float32",
+    cache_bytes: int = DEFAULT_MAX_BYTES,
+    seed: int = 0,
+    limits: InferenceLimits = DEFAULT_INFERENCE_LIMITS,
+) -> MedPLIB:
+    """A ready assistant from a preset (`tiny`, `small`), a `save_pretrained` folder or fsspec URI, or,
+    with `sam=`, a LLaVA-1.5 folder plus a SAM checkpoint. `seed` seeds a preset's random weights."""
+    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    source = os.fspath(preset_or_path)
+    untrained = False
+    if sam is not None:
+        model = load_llava_and_sam(source, sam, dtype=torch_dtype)
+    elif source in MODEL_PRESETS:
+        if MODEL_PRESETS[source]["tokenizer"] != "trained":
+            raise CheckpointError(
+                f"the {source} preset has no weights in medplib (it builds on the meta device to count "
+                "parameters): pass a checkpoint folder saved by save_pretrained (a path or fsspec URI), "
+                "or a LLaVA-1.5 folder with sam=SAM_CHECKPOINT"
+            )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_medplib(source)
+        untrained = True
+    else:
+        if not is_uri(source) and not os.path.isdir(os.path.expanduser(source)):
+            raise CheckpointError(
+                f"{source} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a checkpoint folder"
+            )
+        model = MedPLIBForCausalLM.from_pretrained(source)
+    model = model.to(device=torch_device, dtype=torch_dtype).eval()
+    return MedPLIB(model, name=source, untrained=untrained, cache=EmbeddingCache(cache_bytes), limits=limits)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    conversation: Conversation
+    image: MedicalImage
+    load_ms: float
+    num_regions: int
+
+
+class MedPLIB:
+    """A loaded model with its image cache; `answer`, `ground`, `chat` and `answer_batch`."""
+
+    load = staticmethod(load)
+
+    def __init__(
+        self,
+        model: MedPLIBForCausalLM,
+        *,
+        name: str,
+        untrained: bool = False,
+        cache: EmbeddingCache | None = None,
+        limits: InferenceLimits = DEFAULT_INFERENCE_LIMITS,
+    ) -> None:
+        if model.tokenizer is None:
+            raise CheckpointError(f"{name}: the model has no tokenizer")
+        self.model = model.eval()
+        self.name = name
+        self.untrained = untrained
+        self.limits = limits
+        self.cache = cache if cache is not None else EmbeddingCache()
+        config = model.config
+        # This instance and its preprocessing: entries of other models in a shared cache never match.
+        fingerprint = (
+            f"{name}#{uuid.uuid4().hex[:12]}|{model.dtype}|{model.device}"
+            f"|clip{config.vision_config.image_size}@{config.vision_feature_layer}"
+            f"|sam{config.sam_config.image_size}"
+        )
+        self._generator = CachedGenerator(model, self.cache, fingerprint)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def clear_cache(self) -> None:
+        """Forget every cached image (needed after changing the model's weights in place)."""
+        self.cache.clear()
+
+    def cache_stats(self) -> CacheStats:
+        return self.cache.stats()
+
+    # ---- public API -----------------------------------------------------------------------------------
+
+    def answer(
+        self,
+        image: Any,
+        question: str,
+        regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
+        *,
+        image_options: Mapping[str, Any] | None = None,
+        **decoding: Any,
+    ) -> AnswerResult:
+        """Answer `question` about `image`; `decoding` takes `Decoding`'s fields (max_new_tokens, ...)."""
+        return self._single("answer", image, question, regions, image_options, decoding)
+
+    def ground(
+        self,
+        image: Any,
+        text: str,
+        regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
+        *,
+        image_options: Mapping[str, Any] | None = None,
+        **decoding: Any,
+    ) -> GroundingResult:
+        """Segment what `text` names ("the liver lesion"); at least one mask, see `seg_forced`."""
+        return self._single("ground", image, text, regions, image_options, decoding)
+
+    def _single(
+        self,
+        task: str,
+        image: Any,
+        text: str,
+        regions: Sequence[Any],
+        image_options: Mapping[str, Any] | None,
+        decoding: Mapping[str, Any],
+    ) -> Any:
+        query = {"image": image, "text": text, "task": task, "regions": list(regions)}
+        return self.answer_batch([{**query, "image_options": dict(image_options or {})}], **decoding)[0]
+
+    def answer_batch(
+        self, queries: Sequence[Query | Mapping[str, Any]], **decoding: Any
+    ) -> list[AnswerResult | GroundingResult]:
+        """Several questions and grounding requests as one batch; greedy results equal single calls."""
+        return [result for result, _ in self._batch(queries, decoding, predict_masks=True)]
+
+    def generate_batch(
+        self, queries: Sequence[Query | Mapping[str, Any]], **decoding: Any
+    ) -> list[tuple[AnswerResult | GroundingResult, torch.Tensor]]:
+        """`answer_batch` without SAM, for a grounding decoder deployed apart (`medplib.agents`): each
+        result has no masks yet and comes with its `<SEG>` hidden states (n, hidden), which
+        `CachedGenerator.decode_masks` and `segmentations` turn into its masks."""
+        return self._batch(queries, decoding, predict_masks=False)
+
+    def _batch(
+        self,
+        queries: Sequence[Query | Mapping[str, Any]],
+        decoding: Mapping[str, Any],
+        *,
+        predict_masks: bool,
+    ) -> list[tuple[AnswerResult | GroundingResult, torch.Tensor]]:
+        start = time.perf_counter()
+        settings = self._decoding(decoding)
+        parsed = [parse_model(Query, query, "query") for query in queries]
+        self._check_batch(len(parsed))
+        prepared = []
+        for query in parsed:
+            text = self._text(query.text, "question" if query.task == "answer" else "grounding text")
+            question = GROUNDING_QUESTION.format(text=text) if query.task == "ground" else text
+            prepared.append(
+                self._prepare(
+                    query.image,
+                    query.image_options,
+                    [(question, query.regions)],
+                    [],
+                    require_seg=query.task == "ground",
+                )
+            )
+        batch = self._generator.run([p.conversation for p in prepared], settings, predict_masks=predict_masks)
+        results: list[tuple[AnswerResult | GroundingResult, torch.Tensor]] = []
+        for query, item, row in zip(parsed, prepared, batch.rows, strict=True):
+            if query.task == "ground":
+                result = self._result(
+                    GroundingResult, item, row, batch, start, label=query.text, query=query.text
+                )
+            else:
+                result = self._result(AnswerResult, item, row, batch, start, question=query.text)
+            results.append((result, row.seg_hidden_states))
+        return results
+
+    def chat(
+        self,
+        image: Any,
+        messages: str | Sequence[ChatMessage | Mapping[str, Any]],
+        *,
+        image_options: Mapping[str, Any] | None = None,
+        **decoding: Any,
+    ) -> ChatResult:
+        """Answer the last user message of a conversation about `image`, earlier turns in the prompt.
+
+        Follow-ups pass `result.messages` plus the new user message; the image's cached features and
+        prompt prefix make them cost only the conversation's own words.
+        """
+        start = time.perf_counter()
+        settings = self._decoding(decoding)
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        parsed = [parse_model(ChatMessage, message, "chat message") for message in messages]
+        users, answers = parsed[0::2], parsed[1::2]
+        if not parsed or any(m.role != "user" for m in users) or any(m.role != "assistant" for m in answers):
+            raise InvalidInputError(
+                "chat messages must alternate user, assistant, …, ending with a user message"
+            )
+        if len(answers) == len(users):
+            raise InvalidInputError("the conversation ends with an assistant message: add a user message")
+        if len(users) > self.limits.max_turns:
+            raise CapacityError(f"{len(users)} user turns, over the limit of {self.limits.max_turns}")
+        if any(m.regions for m in answers):
+            raise InvalidInputError("only user messages can mark regions")
+        turns = [(self._text(m.content, "message"), m.regions) for m in users]
+        item = self._prepare(
+            image, image_options or {}, turns, [m.content for m in answers], require_seg=False
+        )
+        batch = self._generator.run([item.conversation], settings)
+        row = batch.rows[0]
+        reply = ChatMessage(role="assistant", content=row.text)
+        return self._result(ChatResult, item, row, batch, start, messages=[*parsed, reply])
+
+    # ---- requests -------------------------------------------------------------------------------------
+
+    def _decoding(self, options: Mapping[str, Any]) -> Decoding:
+        settings = Decoding.from_options(**options)
+        if settings.max_new_tokens > self.limits.max_new_tokens:
+            raise CapacityError(
+                f"max_new_tokens {settings.max_new_tokens} is over the limit of {self.limits.max_new_tokens}"
+            )
+        return settings
+
+    def _check_batch(self, size: int) -> None:
+        if size == 0:
+            raise InvalidInputError("no queries to answer")
+        if size > self.limits.max_batch:
+            raise CapacityError(f"{size} queries in one batch, over the limit of {self.limits.max_batch}")
+
+    def _text(self, text: str, what: str) -> str:
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidInputError(f"the {what} is empty")
+        if len(text) > self.limits.max_text_chars:
+            raise CapacityError(
+                f"the {what} has {len(text)} characters, over the limit of {self.limits.max_text_chars}"
+            )
+        return text.strip()
+
+    def _prepare(
+        self,
+        image: Any,
+        image_options: Mapping[str, Any],
+        questions: Sequence[tuple[str, Sequence[RegionPrompt]]],
+        answers: Sequence[str],
+        *,
+        require_seg: bool,
+    ) -> _Prepared:
+        """Load the image, turn every region prompt into a mask on its grid and lay out the turns."""
+        num_regions = sum(len(regions) for _, regions in questions)
+        if num_regions > self.limits.max_regions:
+            raise CapacityError(
+                f"{num_regions} regions in one request, over the limit of {self.limits.max_regions}"
+            )
+        start = time.perf_counter()
+        try:
+            loaded = load_image(image, **image_options)
+        except TypeError as exc:  # an unknown option name
+            raise InvalidInputError(f"invalid image options {sorted(image_options)}: {exc}") from None
+        load_ms = 1000 * (time.perf_counter() - start)
+        height, width = loaded.size
+        masks: list[np.ndarray] = []
+        turns = []
+        for index, (question, regions) in enumerate(questions):
+            masks += [prompt.to_mask(height, width) for prompt in regions]
+            answer = answer_parts(answers[index]) if index < len(answers) else None
+            turns.append(Turn(question_parts(question, len(regions)), answer))
+        conversation = Conversation(loaded.pixels, turns, masks, require_seg=require_seg)
+        return _Prepared(conversation, loaded, load_ms, num_regions)
+
+    # ---- results --------------------------------------------------------------------------------------
+
+    def _result(
+        self,
+        cls: type[InferenceResult],
+        item: _Prepared,
+        row: Generated,
+        batch: BatchGeneration,
+        start: float,
+        *,
+        label: str | None = None,
+        **fields: Any,
+    ) -> Any:
+        masks = segmentations(row.masks, label)
+        timings = {"load": item.load_ms, **batch.milliseconds, "total": 1000 * (time.perf_counter() - start)}
+        return cls(
+            model=self.name,
+            text=row.text,
+            masks=masks,
+            seg_forced=row.seg_forced,
+            image_size=item.image.size,
+            image_source=item.image.meta.source,
+            num_regions=item.num_regions,
+            prompt_tokens=row.prompt_tokens,
+            new_tokens=row.new_tokens,
+            cache=CacheHits(**row.cache),
+            timings_ms={stage: round(ms, 2) for stage, ms in timings.items()},
+            **fields,
+        )
+
+
+def segmentations(prediction: MaskPrediction, label: str | None) -> list[SegmentationResult]:
+    """Predicted masks as results: COCO RLE, each scored by SAM's predicted IoU."""
+    return [
+        SegmentationResult(mask=Mask.from_array(mask), label=label, score=round(float(score), 4))
+        for mask, score in zip(prediction.masks.cpu().numpy(), prediction.scores.float().cpu(), strict=True)
+    ]
+
+
+def question_parts(text: str, num_regions: int) -> list[str | ControlToken]:
+    """A question's parts: a region where each `{region}` stands, or appended when none is marked."""
+    pieces = text.split(REGION_PLACEHOLDER)
+    marked = len(pieces) - 1
+    if marked == 0 and num_regions:
+        appended: list[str | ControlToken] = [text]
+        for k in range(num_regions):
+            appended += [f"{',' if k else ''} in region {k + 1}", ControlToken.REGION]
+        return appended
+    if marked != num_regions:
+        raise RegionError(
+            f"the question marks {marked} region(s) with {REGION_PLACEHOLDER} but {num_regions} region "
+            "prompt(s) were given"
+        )
+    parts: list[str | ControlToken] = [pieces[0]]
+    for piece in pieces[1:]:
+        parts += [ControlToken.REGION, piece]
+    return [part for part in parts if part != ""]
+
+
+def answer_parts(text: str) -> list[str | ControlToken]:
+    """An earlier answer's parts: `<SEG>` where the assistant made a mask, text elsewhere."""
+    parts: list[str | ControlToken] = []
+    for index, piece in enumerate(text.split(SEG_TEXT)):
+        if index:
+            parts.append(ControlToken.SEG)
+        if piece:
+            parts.append(piece)
+    return parts

@@ -1,0 +1,152 @@
+"""What a model is made of, without loading its weights: components and their parameter counts,
+special tokens and their ids, a summary of the config, and the registered experts (`medplib info`).
+
+A preset builds on the meta device (no memory, no time: `medplib-7b` counts its 7 billion parameters
+in a second); a checkpoint folder or URI is read for its config and tokenizer only.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from medplib.core.errors import CheckpointError
+
+Weights = Literal["random (seeded)", "none (meta device)", "checkpoint"]
+
+
+class ExpertSummary(BaseModel):
+    name: str
+    capabilities: list[str]
+    special_tokens: list[str]
+    adapter: str = Field(description="LoRA rank, alpha and target projections")
+    source: str
+
+
+class ModelInfo(BaseModel):
+    model: str
+    weights: Weights
+    parameters: dict[str, int] = Field(description="per component, and 'total'")
+    special_tokens: dict[str, int] = Field(description="token text -> id")
+    config: dict[str, dict[str, Any]]
+    experts: list[ExpertSummary]
+
+
+def model_info(preset_or_path: str | os.PathLike[str]) -> ModelInfo:
+    import torch
+
+    from medplib.core.io.sources import is_uri
+    from medplib.core.model import MODEL_PRESETS, MedPLIBConfig, MedPLIBForCausalLM, build_medplib
+    from medplib.core.model.storage import local_folder
+    from medplib.core.model.tokenizer import load_tokenizer
+
+    source = os.fspath(preset_or_path)
+    if source in MODEL_PRESETS:
+        model = build_medplib(source, device="meta")
+        weights: Weights = "random (seeded)" if model.tokenizer is not None else "none (meta device)"
+        tokenizer = model.tokenizer
+    else:
+        if not is_uri(source) and not os.path.isdir(os.path.expanduser(source)):
+            raise CheckpointError(
+                f"{source} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a checkpoint folder"
+            )
+        with local_folder(source) as folder:
+            try:
+                config = MedPLIBConfig.from_pretrained(folder)
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"{source}: not a medplib checkpoint ({exc})") from None
+            tokenizer = load_tokenizer(folder)
+        with torch.device("meta"):
+            model = MedPLIBForCausalLM(config)
+        weights = "checkpoint"
+    return ModelInfo(
+        model=source,
+        weights=weights,
+        parameters=model.parameter_counts(),
+        special_tokens=special_tokens(model.config, tokenizer),
+        config=config_summary(model.config),
+        experts=registered_experts(),
+    )
+
+
+def special_tokens(config: Any, tokenizer: Any | None) -> dict[str, int]:
+    """BOS, EOS, PAD and the control tokens by their text, from the config's ids."""
+    from medplib.core.model import ControlToken
+
+    text = config.text_config
+    names = {text.bos_token_id: "<s>", text.eos_token_id: "</s>", text.pad_token_id: "<pad>"}
+    if tokenizer is not None:
+        names = {i: tokenizer.convert_ids_to_tokens(i) for i in names if i is not None}
+    tokens = {name: i for i, name in names.items() if i is not None}
+    return tokens | {token.value: getattr(config, token.config_field) for token in ControlToken}
+
+
+def config_summary(config: Any) -> dict[str, dict[str, Any]]:
+    vision, text, sam = config.vision_config, config.text_config, config.sam_config
+    return {
+        "vision": {
+            "image_size": vision.image_size,
+            "patch_size": vision.patch_size,
+            "hidden_size": vision.hidden_size,
+            "layers": vision.num_hidden_layers,
+            "image_tokens": config.num_image_tokens,
+            "feature_layer": config.vision_feature_layer,
+        },
+        "language": {
+            "hidden_size": text.hidden_size,
+            "intermediate_size": text.intermediate_size,
+            "layers": text.num_hidden_layers,
+            "heads": text.num_attention_heads,
+            "vocab_size": text.vocab_size,
+            "max_positions": text.max_position_embeddings,
+        },
+        "sam": {
+            "image_size": sam.image_size,
+            "patch_size": sam.patch_size,
+            "embed_dim": sam.embed_dim,
+            "depth": sam.depth,
+            "prompt_embed_dim": sam.prompt_embed_dim,
+        },
+        "joins": {"projector": config.projector_type, "region_max_cells": config.region_max_cells},
+    }
+
+
+def registered_experts() -> list[ExpertSummary]:
+    from medplib.core.plugins import get_experts
+
+    return [
+        ExpertSummary(
+            name=spec.name,
+            capabilities=list(spec.capabilities),
+            special_tokens=list(spec.special_tokens),
+            adapter=f"LoRA r{spec.adapter.r}/alpha {spec.adapter.alpha:g} on "
+            + ", ".join(spec.adapter.target_modules),
+            source=spec.source,
+        )
+        for spec in get_experts().values()
+    ]
+
+
+def format_info(info: ModelInfo) -> str:
+    """The text `medplib info` prints: one block per section, aligned columns."""
+    total = info.parameters["total"]
+    lines = [
+        f"model     {info.model}",
+        f"weights   {info.weights}",
+        "",
+        f"{'component':<20} {'parameters':>14} {'share':>7}",
+    ]
+    for name, count in info.parameters.items():
+        if name != "total":
+            lines.append(f"{name:<20} {count:>14,} {100 * count / total:6.2f}%")
+    lines += [f"{'total':<20} {total:>14,}", "", "special token   id"]
+    lines += [f"{token:<15} {token_id:>6}" for token, token_id in info.special_tokens.items()]
+    lines.append("")
+    for section, values in info.config.items():
+        lines.append(f"{section:<9} " + ", ".join(f"{key} {value}" for key, value in values.items()))
+    lines += ["", "expert             capabilities               adapter"]
+    for expert in info.experts:
+        lines.append(f"{expert.name:<18} {', '.join(expert.capabilities):<26} {expert.adapter}")
+    return "\n".join(lines)

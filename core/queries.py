@@ -1,0 +1,93 @@
+"""What a caller asks the assistant: queries, chat messages, decoding settings and the size limits.
+
+Plain pydantic, no torch: the HTTP layer and the LangChain tools validate requests with these before
+any model is near. A question marks where each region goes with `{region}` (as the MeCoVQA question
+templates do); the k-th `{region}` is the k-th region prompt. Text is only ever text: a `<SEG>` or
+`<region>` typed by a user is those characters, never a control token.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from medplib.core.errors import InvalidInputError, validation_message
+from medplib.core.regions import RegionPrompt
+
+REGION_PLACEHOLDER = "{region}"
+
+
+class InferenceLimits(BaseModel):
+    """The largest request the assistant takes; anything larger is a `CapacityError`, never a slow crawl."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_new_tokens: int = Field(default=512, ge=1)
+    max_regions: int = Field(default=8, ge=0, description="region prompts per request")
+    max_batch: int = Field(default=32, ge=1, description="requests per batched call")
+    max_text_chars: int = Field(default=4000, ge=1, description="characters per question or message")
+    max_turns: int = Field(default=16, ge=1, description="user turns per conversation")
+
+
+DEFAULT_INFERENCE_LIMITS = InferenceLimits()
+
+
+class Decoding(BaseModel):
+    """How answers are decoded: greedy at temperature 0 (the default), sampled above it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_new_tokens: int = Field(default=64, ge=1, description="answer length cap, in tokens")
+    temperature: float = Field(default=0.0, ge=0.0, description="0 is greedy; above 0 samples")
+    top_k: int = Field(default=0, ge=0, description="sample among the k likeliest tokens; 0 is all")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    seed: int | None = Field(default=None, description="seed of the sampler, for repeatable samples")
+
+    @classmethod
+    def from_options(cls, **options: Any) -> Decoding:
+        """Validate keyword options (as `answer(..., max_new_tokens=32)` passes them), one error line."""
+        try:
+            return cls(**options)
+        except ValidationError as exc:
+            raise InvalidInputError(f"invalid decoding options: {validation_message(exc)}") from None
+
+
+class Query(BaseModel):
+    """One request of a batch (`MedPLIB.answer_batch`): a question (`answer`) or a phrase to segment
+    (`ground`) about an image, with the regions it marks."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True, extra="forbid")
+
+    image: Any = Field(description="MedicalImage, path, fsspec URI, bytes, RGB numpy array or PIL image")
+    text: str = Field(description="the question (answer), or what to segment (ground)")
+    task: Literal["answer", "ground"] = "answer"
+    regions: list[RegionPrompt] = Field(default_factory=list)
+    image_options: dict[str, Any] = Field(
+        default_factory=dict, description="load_image options: frame, slice_index, axis, window, ..."
+    )
+
+
+class ChatMessage(BaseModel):
+    """One message of a conversation about one image.
+
+    A user message may mark regions (`{region}` in its content, or appended). In an assistant message,
+    `<SEG>` stands where that answer made a mask, as the assistant writes its answers, so a previous
+    `ChatResult.messages` goes back in unchanged.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    role: Literal["user", "assistant"]
+    content: str
+    regions: list[RegionPrompt] = Field(default_factory=list)
+
+
+def parse_model(cls: type[BaseModel], value: Any, what: str) -> Any:
+    """`value` as a `cls` (an instance passes through); a validation problem is one InvalidInputError."""
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls.model_validate(value)
+    except ValidationError as exc:
+        raise InvalidInputError(f"invalid {what}: {validation_message(exc)}") from None
