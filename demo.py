@@ -1,15 +1,19 @@
-"""`make demo`: the end-to-end run on real medical images that ship in registry packages.
+"""`make demo`: the main job, end to end on real medical images that ship in registry packages.
 
-Today it exercises the input and output path the model stands on: real DICOM and NIfTI files of
-several modalities are read into the canonical form, real masks (the abdomen MR's lesion overlay,
-MNI152 grey matter) and region prompts of each kind become masks, masks travel as RLE JSON, and the
-overlays are written as PNG files.
+1. The input and output path (`inspect_real_data`): real DICOM and NIfTI files of several modalities
+   are read into the canonical form, real masks (the abdomen MR's lesion overlay, MNI152 grey
+   matter) and region prompts of each kind become masks, masks travel as RLE JSON, overlays as PNG.
+2. The model: the embedded MeCoVQA dataset is built (if missing), the tiny pipeline I -> IV trains
+   on it (unless a finished run is there to reuse), its test-split metrics are printed, and the
+   trained MoE answers a VQA question, a region question and a grounding request about test images
+   it never saw, with overlays of its masks written as PNG.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +22,9 @@ from medplib.core.io import load_image, load_volume, slice_volume, volume_plane
 from medplib.core.masks import Mask, overlay, save_png
 from medplib.core.regions import BoxPrompt, PointPrompt, PolygonPrompt, RegionPrompt, ScribblePrompt
 from medplib.trainers.registry_data import DICOM_FILES, dicom_file, mni152_file
+
+if TYPE_CHECKING:
+    from medplib.trainers.collate import Example
 
 
 def inspect_table(images: dict[str, MedicalImage]) -> str:
@@ -58,7 +65,8 @@ def chest_prompts(height: int, width: int) -> list[RegionPrompt]:
     ]
 
 
-def run_demo(out: Path) -> dict:
+def inspect_real_data(out: Path) -> dict:
+    """Read real files, make masks from overlays and prompts, write overlays and `results.json`."""
     out.mkdir(parents=True, exist_ok=True)
     images = {key: load_image(dicom_file(key)) for key in DICOM_FILES}
     t1 = load_volume(mni152_file("t1"))
@@ -99,3 +107,102 @@ def run_demo(out: Path) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nwrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}/")
     return results
+
+
+def ensure_dataset(folder: Path) -> Path:
+    """The embedded dataset in `folder`, built first when it is not there."""
+    from medplib.trainers.data.builder import build_dataset
+
+    if not (folder / "train.json").is_file():
+        print(f"\nbuilding the embedded MeCoVQA dataset in {folder} ...")
+        build_dataset(folder, overwrite=True)
+    return folder
+
+
+def ensure_trained(data: Path, folder: Path) -> dict:
+    """The tiny pipeline's report: reused from `folder` when a finished run is there, else trained."""
+    from medplib.trainers.pipeline import run_pipeline
+
+    report = folder / "report.json"
+    if report.is_file() and (folder / "stage4" / "stage.json").is_file():
+        print(f"\nreusing the trained pipeline in {folder} (delete it to train again)")
+        return json.loads(report.read_text())
+    print(f"\ntraining the tiny pipeline I -> IV into {folder} (about 15 minutes on 2 CPU cores) ...")
+    return run_pipeline(data, folder)
+
+
+# (question kind, structure, label): a VQA question, a region question and a grounding request, each
+# about the first axial test slice that has one.
+QUESTIONS = (
+    ("modality", None, "VQA"),
+    ("region_name", "white matter", "region"),
+    ("segment", "grey matter", "grounding"),
+)
+
+
+def _question(example: Example) -> str:
+    """The sample's own question text, its region written as the assistant's `{region}`."""
+    parts = example.question_only().turns[-1].user
+    return "".join(part if isinstance(part, str) else "{region}" for part in parts)
+
+
+def ask_questions(stage_folder: Path, data: Path, out: Path) -> list[dict]:
+    """Ask the model in `stage_folder` about test images it never saw, through the assistant API;
+    the region and the predicted mask (beside the reference) are drawn into PNGs in `out`."""
+    from medplib.core.assistant import MedPLIB
+    from medplib.core.metrics import mask_scores
+    from medplib.core.regions import MaskPrompt
+    from medplib.trainers.collate import ExampleStore
+    from medplib.trainers.stage_folder import load_stage_model
+
+    # A composed (stage IV) checkpoint loads with its router; `medplib.load` reads plain checkpoints.
+    assistant = MedPLIB(load_stage_model(stage_folder).model, name=str(stage_folder))
+    store = ExampleStore.open(data, split="test")
+    first: dict[tuple, Example] = {}
+    for example in store.examples():
+        if "axial" in example.image:
+            first.setdefault((example.kind, example.structure), example)
+    asked = []
+    for kind, structure, label in QUESTIONS:
+        example = first[(kind, structure)]
+        image = str(store.loaded.path(example.image))
+        if example.targets:
+            result = assistant.ground(image, f"the {structure}")
+            made = result.masks[0].mask.to_array() if result.masks else np.zeros_like(example.targets[0])
+            entry = {"dice": mask_scores(made, example.targets[0]).dice, "seg_forced": result.seg_forced}
+            drawn = [example.targets[0], made]  # reference first, the prediction drawn over it
+        else:
+            regions = list(example.request.regions)
+            result = assistant.answer(
+                image, _question(example), regions=[MaskPrompt.from_array(m) for m in regions]
+            )
+            entry, drawn = {"reference": example.reference}, regions
+        question = _question(example) if not example.targets else f"segment the {structure}"
+        asked.append(
+            {"kind": label, "image": example.image, "question": question, "answer": result.text} | entry
+        )
+        if drawn:
+            asked[-1]["overlay"] = f"{label}_{Path(image).stem}.png"
+            save_png(overlay(example.request.pixels, drawn), out / asked[-1]["overlay"])
+    return asked
+
+
+def _describe(item: dict) -> str:
+    check = f"reference: {item['reference']}" if "reference" in item else f"Dice {item['dice']:.3f}"
+    return f"[{item['kind']}] {item['image']}: {item['question']}\n  -> {item['answer']}   ({check})"
+
+
+def run_demo(out: Path) -> dict:
+    """The whole main job; a second run reuses the dataset and the trained pipeline under `out`."""
+    from medplib.trainers.report import format_table
+
+    inputs = inspect_real_data(out / "inputs")
+    data = ensure_dataset(out / "dataset")
+    report = ensure_trained(data, out / "pipeline")
+    print("\n" + format_table(report))
+    asked = ask_questions(out / "pipeline" / "stage4", data, out)
+    print("\nthe trained MoE, on test images:")
+    for item in asked:
+        print(_describe(item))
+    (out / "demo.json").write_text(json.dumps({"asked": asked, "report": report}, indent=1))
+    return {"inputs": inputs, "report": report, "asked": asked}

@@ -1,4 +1,4 @@
-"""`make demo` end to end: real images in, masks and overlays out."""
+"""`make demo`'s first part: real images in, masks and overlays out (the model part: tests/trainers)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import numpy as np
 from PIL import Image
 
 from medplib.core.masks import Mask
-from medplib.demo import run_demo
+from medplib.demo import inspect_real_data
 
 
 def test_demo_writes_overlays_and_rle_results(tmp_path: Path, capsys) -> None:
-    results = run_demo(tmp_path)
+    results = inspect_real_data(tmp_path)
     printed = capsys.readouterr().out
     for name in ("ct_chest", "cr_chest", "mni152_t1_sagittal", "overlay_0x6000"):
         assert name in printed

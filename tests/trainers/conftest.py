@@ -18,3 +18,9 @@ def built_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert result.exit_code == 0, result.output
     assert "G grounding" in result.output and f"wrote {out}" in result.output
     return out
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "ray: starts a local Ray cluster (select with -m ray, skip with -m 'not ray')"
+    )

@@ -1,0 +1,65 @@
+"""Stage folders chain I -> IV, load back as the model they trained, and serve the demo's questions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from medplib.demo import ask_questions
+from medplib.router import MixtureOfExperts
+from medplib.trainers.stage_folder import load_source, load_stage_model, read_record
+from medplib.trainers.train import StageRun, run_stage
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def chain(built_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Stages II, III and IV, one step each, from the tiny preset: the folders a pipeline leaves."""
+    root = tmp_path_factory.mktemp("chain")
+    source = "tiny"
+    for stage in ("2", "3", "4"):
+        run = StageRun(stage=stage, model=source, data=str(built_dataset), out=str(root / stage), steps=1)
+        run_stage(StageRun(**{**run.__dict__, "batch_size": 2, "progress": False}))
+        source = str(root / stage)
+    return root
+
+
+def test_each_stage_carries_the_experts_forward(chain: Path) -> None:
+    assert read_record(chain / "2")["adapters"] == {"vision_language": "adapters/vision_language"}
+    assert set(read_record(chain / "3")["adapters"]) == {"vision_language", "pixel_grounding"}
+    record = read_record(chain / "4")
+    assert record["active"] == "moe" and (chain / "4" / "model" / "moe.safetensors").is_file()
+    assert read_record(chain / "3")["active"] == "pixel_grounding"
+    # Stage III's trunk is stage II's LLM: the experts are deltas on one shared trunk.
+    two, three = load_source(str(chain / "2")).model, load_source(str(chain / "3")).model
+    assert torch.equal(two.language_model.lm_head.weight, three.language_model.lm_head.weight)
+
+
+def test_a_stage_folder_loads_as_the_model_it_trained(chain: Path) -> None:
+    moe = load_stage_model(chain / "4").moe
+    assert isinstance(moe, MixtureOfExperts) and moe.expert_names == ("vision_language", "pixel_grounding")
+    expert = load_stage_model(chain / "2")
+    assert expert.peft is not None and any(".lora_" in name for name, _ in expert.model.named_parameters())
+
+
+def test_the_demo_asks_the_trained_model_three_questions(
+    chain: Path, built_dataset: Path, tmp_path: Path
+) -> None:
+    asked = ask_questions(chain / "4", built_dataset, tmp_path)
+    assert [item["kind"] for item in asked] == ["VQA", "region", "grounding"]
+    assert "{region}" in asked[1]["question"] and 0.0 <= asked[2]["dice"] <= 1.0
+    assert "overlay" not in asked[0]  # a plain question has nothing to draw
+    for item in asked[1:]:
+        assert Image.open(tmp_path / item["overlay"]).mode == "RGB"
+    json.dumps(asked)

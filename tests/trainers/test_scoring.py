@@ -1,0 +1,105 @@
+"""Scoring on a split, the trivial baselines, the pipeline's report and the metrics plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medplib.core.errors import InvalidInputError
+from medplib.core.model import MedPLIBProcessor, build_medplib
+from medplib.trainers.collate import Collator, ExampleStore
+from medplib.trainers.plot import plot_log
+from medplib.trainers.report import GOALS, build_report, format_table
+from medplib.trainers.scoring import evaluate, trivial_baselines
+
+
+@pytest.fixture(scope="module")
+def splits(built_dataset: Path):
+    return (
+        ExampleStore.open(built_dataset, split="train").examples(),
+        ExampleStore.open(built_dataset, split="test").examples(),
+    )
+
+
+def test_evaluate_generates_and_scores_every_part(splits) -> None:
+    _, test = splits
+    chosen = [
+        e for task in ("vqa", "region_vqa", "grounding") for e in [x for x in test if x.task == task][:2]
+    ]
+    torch.manual_seed(0)
+    model = build_medplib("tiny")
+    metrics = evaluate(
+        model, chosen, Collator(MedPLIBProcessor(model.config, model.tokenizer)), max_new_tokens=4
+    )
+    assert metrics["counts"]["grounding"] == 2 and metrics["counts"]["region"] == 2
+    assert len(metrics["predictions"]) == 6
+    assert all(0.0 <= metrics[k] <= 1.0 for k in ("mdice", "region_recall") if metrics[k] is not None)
+    assert set(metrics["mdice_per_structure"]) <= {e.structure for e in chosen}
+    assert model.training  # left as it was found
+
+
+def test_trivial_baselines_answer_without_looking(splits) -> None:
+    train, test = splits
+    baseline = trivial_baselines(train, test)
+    assert 0.0 < baseline["closed_accuracy"] < 0.85  # the most common answer is often right, not mostly
+    # The mean training mask of a hemisphere overlaps it; nuclei sit anywhere, so their prior does not.
+    assert baseline["mdice_per_structure"]["left hemisphere"] > 0.5
+    assert baseline["mdice_per_structure"]["cell nuclei"] < 0.5
+
+
+def _metrics(accuracy: float, recall: float, dice: float) -> dict:
+    per = {"grey matter": dice, "white matter": dice, "cell nuclei": dice}
+    return {"closed_accuracy": accuracy, "region_recall": recall, "mdice": dice, "mdice_per_structure": per}
+
+
+def test_report_checks_goals_and_the_paper_claim() -> None:
+    records = {
+        "1": {"title": "I", "metrics": _metrics(0.1, 0.1, 0.0)},
+        "2": {"title": "II", "metrics": _metrics(0.90, 0.80, 0.0)},
+        "3": {"title": "III", "metrics": _metrics(0.20, 0.20, 0.85)},
+        "4": {"title": "IV", "metrics": _metrics(0.89, 0.70, 0.86)},
+        "joint": {"title": "joint", "metrics": _metrics(0.87, 0.75, 0.84)},
+    }
+    report = build_report(records, _metrics(0.5, 0.3, 0.2), wall_minutes=12.3, schedule="tiny")
+    assert report["mdice"] == 0.86 and report["wall_minutes"] == 12.3
+    assert report["goals"]["closed_accuracy"]["met"] and not report["goals"]["region_recall"]["met"]
+    assert set(report["goals"]) == set(GOALS)
+    assert [row["stage"] for row in report["comparison"]] == ["2", "3", "joint", "4"]
+    keeps = report["moe_keeps_expert_skill"]
+    assert keeps["closed_accuracy"]["kept"] and keeps["mdice"]["kept"] and not keeps["region_recall"]["kept"]
+    assert report["moe_beats_joint_on"] == ["closed_accuracy", "mdice"]
+    assert report["deviations_from_paper"]
+    table = format_table(report)
+    assert "stage IV MoE" in table and "| 0.890 |" in table and "**no**" in table
+    json.dumps(report)  # JSON-ready as it is
+
+
+def test_plot_draws_a_log_with_routing(tmp_path: Path) -> None:
+    routing = {
+        "experts": ["a", "b"],
+        "layers": {"0": {"all": [0.6, 0.4], "text": [0.7, 0.3], "image": [0.5, 0.5]}},
+    }
+    lines = [
+        {
+            "stage": "4",
+            "step": s,
+            "loss": 2.0 / s,
+            "ce": 1.0 / s,
+            "lr": 1e-3,
+            "samples_per_s": 9.0,
+            "routing": routing,
+        }
+        for s in range(1, 6)
+    ]
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    png = plot_log(log, tmp_path / "plot.png")
+    assert np.asarray(Image.open(png)).shape[2] in (3, 4)
+    log.write_text("")
+    with pytest.raises(InvalidInputError):
+        plot_log(log, tmp_path / "empty.png")

@@ -1,0 +1,143 @@
+"""`medplib pipeline`: stages I -> II -> III -> IV and the joint baseline, each scored on the test split.
+
+Stage I runs first; then the expert chain (II, III, IV) runs in this process while the joint
+baseline, which needs only stage I, trains in a second process beside it. On two cores that halves
+the wall time, and one thread per process is also what these small matrices run fastest with (a
+second OpenMP thread mostly waits on the other). The joint baseline gets the same budget as the
+MoE after alignment: as many optimizer steps as stages II, III and IV together.
+
+Every stage writes its folder under OUT (`stage1/`, `stage2/`, `stage3/`, `stage4/`, `joint/`) with
+its model, adapters, metrics log, `eval.json` and `metrics.png`; OUT gets `report.json` and
+`report.md`. A finished stage folder is reused and an unfinished one resumed from its last
+checkpoint, so a killed pipeline continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from medplib.core.model import MedPLIBProcessor
+from medplib.trainers.collate import Collator, Example, ExampleStore
+from medplib.trainers.loop import schedule_lengths
+from medplib.trainers.report import build_report, format_table
+from medplib.trainers.scoring import evaluate, trivial_baselines
+from medplib.trainers.stage_folder import STAGE_FILE, Prepared, load_stage_model, read_record
+from medplib.trainers.stages import stage_spec
+from medplib.trainers.train import StageRun, run_stage, stage_examples
+
+EVAL_FILE = "eval.json"
+CHAIN = ("1", "2", "3", "4")
+FOLDERS = {"1": "stage1", "2": "stage2", "3": "stage3", "4": "stage4", "joint": "joint"}
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def score(prepared: Prepared, test: list[Example]) -> dict:
+    model = prepared.model
+    return evaluate(model, test, Collator(MedPLIBProcessor(model.config, model.tokenizer)))
+
+
+def evaluate_stage(folder: Path, data: Path) -> dict:
+    """Score a finished stage folder on the test split; writes `eval.json` beside its model."""
+    metrics = score(load_stage_model(folder), ExampleStore.open(data, split="test").examples())
+    (folder / EVAL_FILE).write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def planned_steps(stage: str, schedule: str, train: list[Example]) -> int:
+    """The optimizer steps a stage takes by its schedule on this training split (one worker)."""
+    spec = stage_spec(stage, schedule)
+    _, per_epoch, _ = schedule_lengths(spec, len(stage_examples(spec, train)), world=1)
+    return max(1, round(spec.optim.epochs * per_epoch))
+
+
+def run_and_score(run: StageRun, test_data: str, threads: int | None) -> dict:
+    """Train one stage (or reuse its finished folder), score it, and return its record with metrics."""
+    set_threads(threads)
+    folder = Path(run.out)
+    if (folder / STAGE_FILE).is_file():
+        if (folder / EVAL_FILE).is_file():
+            return read_record(folder) | {"metrics": json.loads((folder / EVAL_FILE).read_text())}
+        return read_record(folder) | {"metrics": evaluate_stage(folder, Path(test_data))}
+    outcome = run_stage(replace(run, resume=True))
+    metrics = score(outcome.prepared, ExampleStore.open(Path(test_data), split="test").examples())
+    (folder / EVAL_FILE).write_text(json.dumps(metrics, indent=1))
+    _plot(folder)
+    return read_record(folder) | {"metrics": metrics}
+
+
+def _plot(folder: Path) -> None:
+    from medplib.trainers.plot import plot_log
+
+    plot_log(folder / "metrics.jsonl", folder / "metrics.png")
+
+
+def run_pipeline(
+    data: Path,
+    out: Path,
+    *,
+    preset: str = "tiny",
+    schedule: str = "tiny",
+    seed: int = 0,
+    threads: int | None = 1,
+    parallel: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Run I -> IV and the joint baseline into `out`; returns the report (also written to disk)."""
+    began = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    train = ExampleStore.open(data, split="train").examples()
+    test = ExampleStore.open(data, split="test").examples()
+
+    def stage_run(stage: str, source: str) -> StageRun:
+        return StageRun(
+            stage=stage,
+            model=source,
+            data=str(data),
+            out=str(out / FOLDERS[stage]),
+            schedule=schedule,
+            seed=seed,
+            checkpoint_every=50,
+            progress=progress,
+        )
+
+    records = {"1": run_and_score(stage_run("1", preset), str(data), threads)}
+    joint_steps = sum(planned_steps(stage, schedule, train) for stage in ("2", "3", "4"))
+    joint = replace(stage_run("joint", str(out / FOLDERS["1"])), steps=joint_steps, progress=False)
+    pool = None
+    if parallel:
+        # spawn, not fork: the parent's torch thread pool and Ray/tokenizer state must not be copied.
+        pool = multiprocessing.get_context("spawn").Pool(1)
+        pending = pool.apply_async(run_and_score, (joint, str(data), threads))
+    for previous, stage in itertools.pairwise(CHAIN):
+        records[stage] = run_and_score(stage_run(stage, str(out / FOLDERS[previous])), str(data), threads)
+    if pool is not None:
+        records["joint"] = pending.get()
+        pool.close()
+        pool.join()
+    else:
+        records["joint"] = run_and_score(joint, str(data), threads)
+    report = build_report(
+        records,
+        trivial_baselines(train, test),
+        wall_minutes=(time.perf_counter() - began) / 60,
+        preset=preset,
+        schedule=schedule,
+        threads=threads,
+        parallel=parallel,
+        cpus=os.cpu_count(),
+    )
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(format_table(report) + "\n")
+    return report

@@ -1,0 +1,192 @@
+"""Stage folders: where a stage starts from, how its model is set up, and what it leaves behind.
+
+A stage's output folder holds
+
+- `model/`: the shared trunk (`save_pretrained`: config, safetensors, tokenizer); after stage IV the
+  composed model (`MixtureOfExperts.save_pretrained`: the trunk plus `moe.safetensors`);
+- `adapters/<expert>/`: every expert adapter trained so far (peft's `adapter_config.json` and
+  `adapter_model.safetensors`), carried forward from the source so that stage IV finds II's and
+  III's (and any plugin expert's) side by side;
+- `stage.json`: which stage and schedule made it, from which source, the adapters, the adapter the
+  folder's model answers with (`active`), and the steps and time it took.
+
+A stage's source (`--model`) is a preset name (a random trunk), a stage folder, or a checkpoint
+folder of the model. Adapters are saved apart from the trunk and the trunk without them, so the
+experts stay exactly what they were trained to be: the stage II expert is the trunk plus its LoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from medplib.core.errors import CheckpointError, InvalidInputError
+from medplib.core.expert_spec import ExpertSpec
+from medplib.core.model import MODEL_PRESETS, MedPLIBForCausalLM, build_medplib
+from medplib.core.plugins import get_experts, require_experts
+from medplib.router import MixtureOfExperts, attach_expert_adapter, compose
+from medplib.router.moe import MOE_FILE
+from medplib.trainers.stages import DEFAULT_EXPERTS, StageSpec
+
+STAGE_FILE = "stage.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass
+class Source:
+    """A stage's starting point: the trunk, and the adapters trained before (name -> folder)."""
+
+    location: str
+    model: MedPLIBForCausalLM
+    adapters: dict[str, Path] = field(default_factory=dict)
+    specs: dict[str, ExpertSpec] = field(default_factory=dict)  # recorded specs of those adapters
+
+
+@dataclass
+class Prepared:
+    """The model as a stage trains it, and the handles its setup made."""
+
+    model: MedPLIBForCausalLM
+    peft: PeftModel | None = None
+    moe: MixtureOfExperts | None = None
+
+    def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+
+
+def read_record(folder: Path) -> dict:
+    try:
+        return json.loads((folder / STAGE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder} is not a stage folder: {exc}") from None
+
+
+def load_source(location: str, seed: int = 0) -> Source:
+    """The trunk and adapters a stage starts from: a preset (seeded random init) or a folder."""
+    if location in MODEL_PRESETS:
+        torch.manual_seed(seed)
+        return Source(location, build_medplib(location))
+    folder = Path(location)
+    if (folder / STAGE_FILE).is_file():
+        record = read_record(folder)
+        if (folder / "model" / MOE_FILE).is_file():
+            raise InvalidInputError(f"{location} holds a composed model (stage IV); no stage starts from one")
+        specs = {name: ExpertSpec.model_validate(spec) for name, spec in record.get("specs", {}).items()}
+        adapters = {name: folder / path for name, path in record.get("adapters", {}).items()}
+        return Source(location, MedPLIBForCausalLM.from_pretrained(folder / "model"), adapters, specs)
+    if (folder / "config.json").is_file():
+        return Source(location, MedPLIBForCausalLM.from_pretrained(folder))
+    raise InvalidInputError(
+        f"--model {location!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a stage or "
+        "checkpoint folder"
+    )
+
+
+def prepare(spec: StageSpec, source: Source, seed: int = 0) -> Prepared:
+    """Set the source's model up as `spec` trains it and mark exactly the stage's parameters trainable."""
+    model = source.model
+    torch.manual_seed(seed)  # fresh LoRA factors and router weights start the same on every worker
+    prepared = Prepared(model)
+    if spec.setup == "adapter":
+        prepared.peft = _attach(model, spec.expert)
+    elif spec.setup == "compose":
+        specs = _composed_experts(source)
+        adapters = [source.adapters.get(s.name) for s in specs]
+        prepared.moe = compose(model, specs, [str(a) if a is not None else None for a in adapters])
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(spec.trainable(name))
+    if not prepared.trainable_parameters():
+        raise InvalidInputError(f"stage {spec.key} trains nothing on this model: {spec.trains}")
+    return prepared
+
+
+def _attach(model: MedPLIBForCausalLM, expert: ExpertSpec) -> PeftModel:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft calls a transformers 5 deprecated alias
+        return attach_expert_adapter(model, expert)
+
+
+def _composed_experts(source: Source) -> list[ExpertSpec]:
+    """The experts stage IV composes: every adapter the source carries, in training order.
+
+    A source with fewer than two (a preset, for a smoke run) composes the built-in experts, each from
+    its trained adapter where the source has one and fresh otherwise (starting equal to the trunk).
+    """
+    if len(source.adapters) >= 2:
+        registered = get_experts()
+        return [registered.get(name) or source.specs[name] for name in source.adapters]
+    return require_experts(list(DEFAULT_EXPERTS.values()))
+
+
+def save_adapter(peft: PeftModel, folder: Path) -> None:
+    """peft's own adapter folder (`adapter_config.json`, `adapter_model.safetensors`), as `compose` reads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    peft.save_pretrained(str(folder))
+
+
+def attach_adapter(model: MedPLIBForCausalLM, expert: ExpertSpec, folder: Path) -> PeftModel:
+    """Attach `expert`'s LoRA to the model and load its trained weights from `folder`."""
+    LoraConfig.from_pretrained(str(folder))  # refuses a folder that is not an adapter
+    peft = _attach(model, expert)
+    result = set_peft_model_state_dict(peft, load_file(str(folder / ADAPTER_WEIGHTS)))
+    if result.unexpected_keys:
+        raise CheckpointError(f"adapter {folder} does not fit the model: {result.unexpected_keys[:5]}")
+    return peft
+
+
+def trunk_state_dict(model: MedPLIBForCausalLM) -> dict[str, torch.Tensor]:
+    """The model's weights without any attached peft LoRA, under the plain model's names."""
+    return {
+        key.replace(".base_layer.", "."): value
+        for key, value in model.state_dict().items()
+        if ".lora_" not in key
+    }
+
+
+def save_stage(out: Path, spec: StageSpec, prepared: Prepared, source: Source, record: dict) -> None:
+    """Write the stage's model, adapters and `stage.json` into `out`."""
+    adapters = {name: f"adapters/{name}" for name in source.adapters}
+    specs = {name: s.model_dump(mode="json") for name, s in source.specs.items()}
+    for name, folder in source.adapters.items():
+        target = out / adapters[name]
+        if folder.resolve() != target.resolve():
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(folder, target)
+    active = None
+    if prepared.moe is not None:
+        prepared.moe.save_pretrained(out / "model")
+        active = "moe"
+    else:
+        prepared.model.save_pretrained(out / "model", state_dict=trunk_state_dict(prepared.model))
+    if prepared.peft is not None:
+        expert = spec.expert
+        save_adapter(prepared.peft, out / "adapters" / expert.name)
+        adapters[expert.name] = f"adapters/{expert.name}"
+        specs[expert.name] = expert.model_dump(mode="json")
+        active = expert.name
+    # The joint baseline's adapter is no expert: it is evaluated, never composed.
+    carried = {name: path for name, path in adapters.items() if name != "joint" or active == "joint"}
+    full = {"stage": spec.key, "title": spec.title, "source": source.location, "adapters": carried}
+    full |= {"specs": {name: specs[name] for name in carried}, "active": active, **record}
+    (out / STAGE_FILE).write_text(json.dumps(full, indent=1))
+
+
+def load_stage_model(folder: Path) -> Prepared:
+    """The model a stage folder answers with: the trunk with its active adapter, or the composed MoE."""
+    record = read_record(folder)
+    active = record.get("active")
+    if active == "moe":
+        moe = MixtureOfExperts.from_pretrained(folder / "model", model_class=MedPLIBForCausalLM)
+        return Prepared(moe.model, moe=moe)
+    model = MedPLIBForCausalLM.from_pretrained(folder / "model")
+    if active is None:
+        return Prepared(model)
+    expert = ExpertSpec.model_validate(record["specs"][active])
+    return Prepared(model, peft=attach_adapter(model, expert, folder / record["adapters"][active]))

@@ -1,0 +1,130 @@
+"""One stage, end to end: read the data, set the model up, train, save the stage folder.
+
+`run_stage` is what `medplib train` runs in-process and what every Ray Train worker runs
+(`distributed.py`), with its rank and the world size; only rank 0 writes the stage folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from medplib.core.errors import InvalidInputError
+from medplib.core.model import MedPLIBProcessor
+from medplib.trainers.collate import Collator, Example, ExampleStore, caption_examples
+from medplib.trainers.loop import LoopOptions, train
+from medplib.trainers.stage_folder import STAGE_FILE, Prepared, load_source, prepare, save_stage
+from medplib.trainers.stages import StageSpec, stage_spec
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """Everything `medplib train` is told; plain values, so Ray can ship it to workers."""
+
+    stage: str
+    model: str  # a preset name or a folder (see `stage_folder.load_source`)
+    data: str
+    out: str
+    schedule: str = "tiny"
+    expert: str | None = None
+    seed: int = 0
+    steps: int | None = None
+    batch_size: int | None = None
+    grad_accum: int | None = None
+    checkpoint_every: int | None = None
+    resume: bool = False
+    progress: bool = True
+
+    def spec(self) -> StageSpec:
+        spec = stage_spec(self.stage, self.schedule, self.expert)
+        overrides = {"batch_size": self.batch_size, "grad_accum": self.grad_accum}
+        overrides = {key: value for key, value in overrides.items() if value is not None}
+        return (
+            spec.model_copy(update={"optim": spec.optim.model_copy(update=overrides)}) if overrides else spec
+        )
+
+
+def stage_examples(spec: StageSpec, examples: list[Example]) -> list[Example]:
+    """The examples a stage trains on: captions for stage I, else what its sample filter accepts."""
+    if spec.tasks.accepts("caption"):
+        return caption_examples(examples)
+    return [e for e in examples if spec.tasks.accepts(e.task, e.answer_type, e.modality)]
+
+
+def check_out(out: Path, resume: bool) -> None:
+    """Refuse to train into a folder holding another run, unless resuming it."""
+    if resume or not out.exists() or not any(out.iterdir()):
+        return
+    if (out / STAGE_FILE).is_file():
+        raise InvalidInputError(f"{out} already holds a finished stage; choose a new --out")
+    raise InvalidInputError(
+        f"{out} is not empty; pass --resume to continue the run in it, or choose a new --out"
+    )
+
+
+def device_for(rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+@dataclass
+class StageOutcome:
+    record: dict  # as written into `stage.json`
+    prepared: Prepared  # the trained model, still set up as the stage trained it
+    losses: list[float]
+
+
+def run_stage(
+    run: StageRun, *, rank: int = 0, world: int = 1, device: torch.device | None = None
+) -> StageOutcome:
+    """Train one stage and (rank 0) write its stage folder."""
+    out = Path(run.out)
+    spec = run.spec()
+    store = ExampleStore.open(Path(run.data), split="train")
+    examples = stage_examples(spec, store.examples())
+    if not examples:
+        raise InvalidInputError(
+            f"{run.data} has no training samples for stage {spec.key} ({spec.tasks.tasks})"
+        )
+    source = load_source(run.model, seed=run.seed)
+    source.model.to(device or device_for(rank))
+    prepared = prepare(spec, source, seed=run.seed)
+    processor = MedPLIBProcessor(prepared.model.config, prepared.model.tokenizer)
+    options = LoopOptions(
+        out=out,
+        seed=run.seed,
+        steps=run.steps,
+        checkpoint_every=run.checkpoint_every,
+        resume=run.resume,
+        progress=run.progress,
+        rank=rank,
+        world=world,
+    )
+    began = time.perf_counter()
+    result = train(prepared, examples, spec, Collator(processor), options)
+    record = {
+        "run": asdict(run),
+        "schedule": run.schedule,
+        "workers": world,
+        "examples": len(examples),
+        "steps": result.steps,
+        "seconds": round(time.perf_counter() - began, 1),
+        "final_loss": result.losses[-1] if result.losses else None,
+        "spec": spec.model_dump(mode="json"),
+    }
+    if rank == 0:
+        save_stage(out, spec, prepared, source, record)
+    if world > 1:
+        # Each worker leaves a digest of its weights: synchronised workers hold identical bytes.
+        digest = hashlib.blake2b(digest_size=16)
+        for _, parameter in prepared.trainable_parameters():
+            digest.update(parameter.detach().cpu().numpy().tobytes())
+        summary = {"rank": rank, "weights": digest.hexdigest(), "losses": result.losses}
+        (out / f"worker-{rank}.json").write_text(json.dumps(summary))
+    return StageOutcome(record, prepared, result.losses)
