@@ -1,6 +1,7 @@
 """`MedPLIBToolkit`: the medplib tools of one agent run, bound to one backend and one image store.
 
     toolkit = MedPLIBToolkit.from_model(medplib.load("tiny"), decoding={"max_new_tokens": 64})
+    toolkit = MedPLIBToolkit.from_url("http://127.0.0.1:8000")   # or a `medplib serve` server
     scan = toolkit.images.put("chest.dcm")          # 'img-1', what the agent is told
     agent = create_agent(chat_model, toolkit.get_tools())
 
@@ -57,6 +58,23 @@ class MedPLIBToolkit(BaseToolkit):
     def from_model(cls, model: MedPLIB, **fields: Any) -> MedPLIBToolkit:
         """Tools answered by `model` in this process; `fields` are the toolkit's other fields."""
         return cls(backend=InProcessBackend(model), **fields)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        upload: bool = True,
+        **fields: Any,
+    ) -> MedPLIBToolkit:
+        """Tools answered by a `medplib serve` server at `url`. With `upload`, images and masks the agent
+        names by path or URI are read here and sent inline; without, the server reads them."""
+        from medplib.agents.client import HTTPBackend, MedPLIBClient
+
+        client = MedPLIBClient(url, api_key=api_key, timeout=timeout)
+        return cls(backend=HTTPBackend(client, upload=upload), **fields)
 
     def get_tools(self) -> list[BaseTool]:
         tools: list[BaseTool] = [

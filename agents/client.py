@@ -1,0 +1,345 @@
+"""A Python client of the medplib HTTP API (`medplib serve`), sync and async, on httpx.
+
+    from medplib.agents.client import MedPLIBClient
+    client = MedPLIBClient("http://127.0.0.1:8000", api_key=None, timeout=120)
+    client.vqa(Path("scan.dcm"), "What modality is this?", max_new_tokens=32)   # a local file: uploaded
+    client.vqa("s3://bucket/scan.dcm", "What is in {region}?", [BoxPrompt(box=(10, 10, 60, 60))])
+    client.ground(png_bytes, "the liver lesion")                                # GroundingResult, RLE masks
+    await client.avqa(...); await client.aground(...)
+
+An image is `bytes` or a `pathlib.Path` (read here and sent as base64), a `str` (a path or URI the
+*server* reads, if its config allows), or an `ImageInput`. Results are the core models
+(`AnswerResult`, `GroundingResult`); an error response raises the `MedplibError` subclass the server
+raised (`RegionError`, `CapacityError`, ...) or a `ServeError` (401, 503, 504). Connection failures
+and 503s are retried, `retries` attempts in all, with exponential backoff.
+
+`HTTPBackend` is the same client behind the LangChain tools' `Backend` protocol
+(`MedPLIBToolkit.from_url`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import os
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from medplib.agents.schemas import (
+    ExpertsResponse,
+    HealthResponse,
+    ImageInput,
+    ServeError,
+    error_from_response,
+)
+from medplib.core.errors import InvalidInputError, validation_message
+from medplib.core.image import DEFAULT_LIMITS
+from medplib.core.io.sources import read_source
+from medplib.core.regions import MaskPrompt, RegionPrompt
+from medplib.core.results import AnswerResult, GroundingResult
+
+if TYPE_CHECKING:
+    from medplib.agents.image_store import StoredImage
+
+M = TypeVar("M", bound=BaseModel)
+RETRY_STATUSES = (502, 503)
+RETRY_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
+
+
+def image_input(image: ImageInput | bytes | str | os.PathLike[str], **options: Any) -> ImageInput:
+    """What a request carries for `image`; `options` are `load_image`'s (frame, window, ...)."""
+    if isinstance(image, ImageInput):
+        return image.model_copy(update=options) if options else image
+    if isinstance(image, os.PathLike):
+        image = read_source(image, max_bytes=DEFAULT_LIMITS.max_bytes)
+    if isinstance(image, bytes | bytearray | memoryview):
+        fields: dict[str, Any] = {"base64": base64.b64encode(bytes(image)).decode("ascii")}
+    elif isinstance(image, str):
+        fields = {"uri": image}
+    else:
+        raise InvalidInputError(
+            f"an image is bytes, a Path, a path/URI string or an ImageInput, not {image!r}"
+        )
+    try:
+        return ImageInput(**fields, **options)
+    except ValidationError as exc:
+        raise InvalidInputError(f"invalid image: {validation_message(exc)}") from None
+
+
+class MedPLIBClient:
+    def __init__(
+        self,
+        url: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        transport: httpx.MockTransport | None = None,
+    ) -> None:
+        """`transport` stands in for the network (tests: `httpx.MockTransport` serves sync and async)."""
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.retries = max(1, retries)
+        self.backoff_s = backoff_s
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._transport = transport
+        self._sync = httpx.Client(
+            base_url=self.url, headers=self._headers, timeout=timeout, transport=transport
+        )
+        # httpx's async pools belong to the event loop that opened them: one client per loop.
+        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    # ---- sync ------------------------------------------------------------------------------------------
+
+    def vqa(
+        self,
+        image: ImageInput | bytes | str | os.PathLike[str],
+        question: str,
+        regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
+        *,
+        image_options: Mapping[str, Any] | None = None,
+        **decoding: Any,
+    ) -> AnswerResult:
+        """Answer `question` about `image` (region VQA when `regions` are given)."""
+        body = _body(image, image_options, regions, decoding, question=question)
+        return self._send("POST", "/v1/vqa", AnswerResult, body)
+
+    def ground(
+        self,
+        image: ImageInput | bytes | str | os.PathLike[str],
+        text: str,
+        regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
+        *,
+        image_options: Mapping[str, Any] | None = None,
+        **decoding: Any,
+    ) -> GroundingResult:
+        """Segment what `text` names; at least one mask."""
+        body = _body(image, image_options, regions, decoding, text=text)
+        return self._send("POST", "/v1/ground", GroundingResult, body)
+
+    def experts(self) -> ExpertsResponse:
+        return self._send("GET", "/v1/experts", ExpertsResponse)
+
+    def health(self) -> HealthResponse:
+        """The server's health; a server with a deployment down answers `status="unavailable"`."""
+        return self._send("GET", "/v1/health", HealthResponse, retry=False, accept=(503,))
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        model: type[M],
+        body: Any = None,
+        *,
+        retry: bool = True,
+        accept: tuple[int, ...] = (),
+    ) -> M:
+        deadline = time.monotonic() + self.timeout
+        for attempt in itertools.count():
+            try:
+                outcome: httpx.Response | Exception = self._sync.request(
+                    method, path, json=body, timeout=_left(deadline)
+                )
+            except (*RETRY_ERRORS, httpx.TimeoutException) as exc:
+                outcome = exc
+            pause = self._retry_pause(outcome, attempt, retry, deadline)
+            if pause is None:
+                return self._result(outcome, model, accept)
+            time.sleep(pause)
+        raise AssertionError("unreachable")
+
+    # ---- async -----------------------------------------------------------------------------------------
+
+    async def avqa(
+        self,
+        image: ImageInput | bytes | str | os.PathLike[str],
+        question: str,
+        regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
+        *,
+        image_options: Mapping[str, Any] | None = None,
+        **decoding: Any,
+    ) -> AnswerResult:
+        body = _body(image, image_options, regions, decoding, question=question)
+        return await self._asend("POST", "/v1/vqa", AnswerResult, body)
+
+    async def aground(
+        self,
+        image: ImageInput | bytes | str | os.PathLike[str],
+        text: str,
+        regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
+        *,
+        image_options: Mapping[str, Any] | None = None,
+        **decoding: Any,
+    ) -> GroundingResult:
+        body = _body(image, image_options, regions, decoding, text=text)
+        return await self._asend("POST", "/v1/ground", GroundingResult, body)
+
+    async def aexperts(self) -> ExpertsResponse:
+        return await self._asend("GET", "/v1/experts", ExpertsResponse)
+
+    async def ahealth(self) -> HealthResponse:
+        return await self._asend("GET", "/v1/health", HealthResponse, retry=False, accept=(503,))
+
+    async def _asend(
+        self,
+        method: str,
+        path: str,
+        model: type[M],
+        body: Any = None,
+        *,
+        retry: bool = True,
+        accept: tuple[int, ...] = (),
+    ) -> M:
+        client = self._async_client()
+        deadline = time.monotonic() + self.timeout
+        for attempt in itertools.count():
+            try:
+                outcome: httpx.Response | Exception = await client.request(
+                    method, path, json=body, timeout=_left(deadline)
+                )
+            except (*RETRY_ERRORS, httpx.TimeoutException) as exc:
+                outcome = exc
+            pause = self._retry_pause(outcome, attempt, retry, deadline)
+            if pause is None:
+                return self._result(outcome, model, accept)
+            await asyncio.sleep(pause)
+        raise AssertionError("unreachable")
+
+    def _async_client(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        client = self._async.get(loop)
+        if client is None:
+            client = self._async[loop] = httpx.AsyncClient(
+                base_url=self.url, headers=self._headers, timeout=self.timeout, transport=self._transport
+            )
+        return client
+
+    # ---- shared ----------------------------------------------------------------------------------------
+
+    def _retry_pause(
+        self, outcome: httpx.Response | Exception, attempt: int, retry: bool, deadline: float
+    ) -> float | None:
+        """How long to wait before sending again, or None when `outcome` is final. Connection failures
+        and 502/503 are retried (exponential backoff, or a shorter Retry-After) within the timeout."""
+        if isinstance(outcome, httpx.Response):
+            if outcome.status_code not in RETRY_STATUSES:
+                return None
+        elif not isinstance(outcome, RETRY_ERRORS):  # our own timeout: the time is spent
+            return None
+        pause = self.backoff_s * 2**attempt
+        if isinstance(outcome, httpx.Response) and outcome.headers.get("retry-after", "").isdigit():
+            pause = min(pause, float(outcome.headers["retry-after"]))
+        if not retry or attempt + 1 >= self.retries or time.monotonic() + pause >= deadline:
+            return None
+        return pause
+
+    def _result(self, outcome: httpx.Response | Exception, model: type[M], accept: tuple[int, ...]) -> M:
+        if isinstance(outcome, httpx.TimeoutException) and not isinstance(outcome, RETRY_ERRORS):
+            raise ServeError(
+                f"no response within the client's timeout of {self.timeout:g} s", kind="timeout", status=504
+            )
+        if isinstance(outcome, Exception):
+            raise ServeError(
+                f"cannot reach the medplib server at {self.url}: {outcome}", kind="unavailable", status=503
+            )
+        if outcome.is_success or outcome.status_code in accept:
+            return model.model_validate_json(outcome.content)
+        try:
+            body: Any = outcome.json()
+        except ValueError:
+            body = outcome.text
+        raise error_from_response(outcome.status_code, body)
+
+    def close(self) -> None:
+        self._sync.close()
+
+    async def aclose(self) -> None:
+        for client in list(self._async.values()):
+            await client.aclose()
+        self._async.clear()
+
+    def __enter__(self) -> MedPLIBClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"MedPLIBClient({self.url!r})"
+
+
+def _body(
+    image: Any,
+    image_options: Mapping[str, Any] | None,
+    regions: Sequence[Any],
+    decoding: Mapping[str, Any],
+    **text: str,
+) -> dict[str, Any]:
+    """The JSON body; the server validates everything else, so a client and server never disagree."""
+    return {
+        "image": image_input(image, **(image_options or {})).model_dump(mode="json", exclude_none=True),
+        "regions": [r.model_dump(mode="json") if isinstance(r, BaseModel) else dict(r) for r in regions],
+        "decoding": dict(decoding),
+        **text,
+    }
+
+
+def _left(deadline: float) -> float:
+    return max(0.001, deadline - time.monotonic())
+
+
+class HTTPBackend:
+    """The LangChain tools' `Backend` over the HTTP API.
+
+    With `upload=True` (the default) an image or mask the agent names by path or URI is read here and
+    sent as base64, as the in-process backend would read it; `upload=False` sends the reference for
+    the server to read (shared storage, and only under the server's `allowed_uri_prefixes`).
+    """
+
+    def __init__(self, client: MedPLIBClient, *, upload: bool = True) -> None:
+        self.client = client
+        self.upload = upload
+
+    def answer(
+        self, image: StoredImage, question: str, regions: Sequence[RegionPrompt] = (), **decoding: Any
+    ) -> AnswerResult:
+        return self.client.vqa(self._image(image), question, self._regions(regions), **decoding)
+
+    def ground(self, image: StoredImage, text: str, **decoding: Any) -> GroundingResult:
+        return self.client.ground(self._image(image), text, **decoding)
+
+    async def aanswer(
+        self, image: StoredImage, question: str, regions: Sequence[RegionPrompt] = (), **decoding: Any
+    ) -> AnswerResult:
+        stored, prompts = await asyncio.to_thread(lambda: (self._image(image), self._regions(regions)))
+        return await self.client.avqa(stored, question, prompts, **decoding)
+
+    async def aground(self, image: StoredImage, text: str, **decoding: Any) -> GroundingResult:
+        return await self.client.aground(await asyncio.to_thread(self._image, image), text, **decoding)
+
+    def _image(self, image: StoredImage) -> ImageInput:
+        data = image.data
+        if isinstance(data, str) and self.upload:
+            data = read_source(data, max_bytes=DEFAULT_LIMITS.max_bytes)
+        return image_input(data, **image.options)
+
+    def _regions(self, regions: Sequence[RegionPrompt]) -> list[RegionPrompt]:
+        return [self._inline(region) for region in regions]
+
+    def _inline(self, region: RegionPrompt) -> RegionPrompt:
+        if not self.upload or not isinstance(region, MaskPrompt) or region.source is None:
+            return region
+        data = read_source(region.source, max_bytes=DEFAULT_LIMITS.max_bytes)
+        return MaskPrompt(data_base64=base64.b64encode(data).decode("ascii"))
+
+    def __repr__(self) -> str:
+        return f"HTTPBackend({self.client.url!r})"

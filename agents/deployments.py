@@ -1,0 +1,262 @@
+"""The model's deployments: the trunk, the grounding decoder and plugin experts, each its own replicas.
+
+- `Trunk`: CLIP, the projector, the LLM with its routed experts and the region encoder. It answers a
+  batch of queries through `MedPLIB.generate_batch`, the assistant's own code path stopped before
+  SAM, and returns each result without masks plus the hidden states of its `<SEG>`s (a few KB).
+- `GroundingDecoder`: the `<SEG>` head and SAM (image encoder, mask decoder). It turns those hidden
+  states into masks with `CachedGenerator.decode_masks`, SAM's image embeddings in its own cache.
+- `ExpertHead`: a plugin expert's head, built by its spec's factory, on the resources its spec asks.
+
+Every replica loads its own copy of the model from the checkpoint (a preset, a folder, a URI), so
+replicas are independent and Serve can replace one that dies. Each keeps an image-embedding cache
+keyed by the content hash of the pixels: the tensors stay where they are computed and used (a
+7B prefix's keys and values are hundreds of MB; only pixels and `<SEG>` states travel).
+
+torch is imported in the replicas only: the ingress imports this module for its message types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from ray import serve
+
+from medplib.agents.serve_config import ServeConfig
+from medplib.core.errors import MedplibError
+from medplib.core.expert_spec import ExpertSpec
+from medplib.core.masks import SegmentationResult
+from medplib.core.queries import Query
+from medplib.core.results import AnswerResult, GroundingResult
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+# The parts of the composed model the grounding decoder runs; a replica drops the rest after loading.
+GROUNDING_MODULES = ("seg_head", "sam")
+
+
+@dataclass(frozen=True)
+class TrunkOutput:
+    result: AnswerResult | GroundingResult  # no masks yet; "sam" cache use and SAM timings unset
+    seg_hidden_states: np.ndarray  # (n_seg, hidden) float32: one row per <SEG> in result.text
+
+
+@dataclass(frozen=True)
+class GroundingItem:
+    pixels: np.ndarray  # the canonical RGB image the masks lie on
+    seg_hidden_states: np.ndarray  # (n_seg, hidden), n_seg >= 1
+    label: str | None  # each mask's label: the grounding text, None for an answer's masks
+
+
+@dataclass(frozen=True)
+class GroundingOutput:
+    masks: list[SegmentationResult]
+    sam_cache: str  # "hit" or "miss"
+    milliseconds: dict[str, float]  # "encode_sam" and "masks", for the whole batch
+
+
+def replica_info(deployment: str, device: str) -> dict[str, Any]:
+    """Where this replica runs and what Ray gave it: what the placement tests and operators check."""
+    import ray
+
+    runtime = ray.get_runtime_context()
+    return {
+        "deployment": deployment,
+        "replica": serve.get_replica_context().replica_id.unique_id,
+        "node_id": runtime.get_node_id(),
+        "pid": os.getpid(),
+        "resources": runtime.get_assigned_resources(),
+        "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
+        "device": device,
+    }
+
+
+@dataclass(frozen=True, eq=False)  # compared by identity: items hold images
+class _Waiting:
+    key: Hashable
+    items: list[Any]
+    future: asyncio.Future[list[Any]]
+
+
+class ReplicaBatcher:
+    """Runs `work(key, items)` on a worker thread, one run at a time; the calls that arrive while a
+    run is going are merged into the next run (those of the same key, up to `max_rows` items).
+
+    The ingress gathers requests with `serve.batch`, but `serve.batch` closes a batch when its short
+    wait ends even while every batch it may run is still busy, so under load it sends many small
+    batches (measured at concurrency 16: 1.8 requests per trunk call). Merging here, in front of the
+    model, makes batches grow for exactly as long as the model is busy; `max_rows` 1 turns it off.
+    One run at a time also keeps the model and its caches, which are not thread-safe, to one thread.
+    """
+
+    def __init__(self, work: Callable[[Hashable, list[Any]], list[Any]], max_rows: int) -> None:
+        self.work = work
+        self.max_rows = max_rows
+        self._waiting: list[_Waiting] = []
+        self._runner: asyncio.Task[None] | None = None
+
+    async def submit(self, key: Hashable, items: Sequence[Any]) -> list[Any]:
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Waiting(key, list(items), future))
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            key, chosen, rows = self._waiting[0].key, [], 0
+            for waiting in self._waiting:
+                if waiting.key == key and (not chosen or rows + len(waiting.items) <= self.max_rows):
+                    chosen.append(waiting)
+                    rows += len(waiting.items)
+            self._waiting = [waiting for waiting in self._waiting if waiting not in chosen]
+            try:
+                results = await asyncio.to_thread(self.work, key, [i for w in chosen for i in w.items])
+            except Exception as exc:  # a bug, not a bad request (the work reports those per item)
+                for waiting in chosen:
+                    if not waiting.future.done():
+                        waiting.future.set_exception(exc)
+                continue
+            start = 0
+            for waiting in chosen:
+                if not waiting.future.done():  # its caller may have given up (timeout)
+                    waiting.future.set_result(results[start : start + len(waiting.items)])
+                start += len(waiting.items)
+
+
+def set_torch_threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+@serve.deployment
+class Trunk:
+    def __init__(self, config: ServeConfig) -> None:
+        set_torch_threads(config.deployments.trunk.torch_threads)
+        import medplib
+
+        max_batch = config.deployments.trunk.batching.max_batch_size
+        self.assistant = medplib.load(
+            config.model, **config.load.model_dump(), limits=config.limits.inference(max_batch)
+        )
+        self.batcher = ReplicaBatcher(lambda key, queries: self._generate(queries, dict(key)), max_batch)
+
+    async def generate(
+        self, queries: Sequence[Query], decoding: dict[str, Any]
+    ) -> list[TrunkOutput | MedplibError]:
+        """Queries with the same decoding, run with the other calls waiting for this replica; a query
+        the model refuses gets its error and the others their outputs (a batch that fails is rerun
+        query by query, so one bad query fails only itself)."""
+        return await self.batcher.submit(tuple(sorted(decoding.items())), queries)
+
+    def _generate(self, queries: list[Query], decoding: dict[str, Any]) -> list[TrunkOutput | MedplibError]:
+        try:
+            pairs = self.assistant.generate_batch(queries, **decoding)
+        except MedplibError as exc:
+            if len(queries) == 1:
+                return [exc]
+            return [output for query in queries for output in self._generate([query], decoding)]
+        return [TrunkOutput(result, states.float().cpu().numpy()) for result, states in pairs]
+
+    def describe(self) -> dict[str, Any]:
+        return replica_info("Trunk", str(self.assistant.device))
+
+
+@serve.deployment
+class GroundingDecoder:
+    def __init__(self, config: ServeConfig) -> None:
+        set_torch_threads(config.deployments.grounding.torch_threads)
+        import medplib
+        from medplib.core.assistant import resolve_device
+        from medplib.core.embedding_cache import EmbeddingCache
+        from medplib.core.inference import CachedGenerator
+
+        options = config.load.model_dump(exclude={"device", "cache_bytes"})
+        # Loaded on the CPU and cut down to SAM and the <SEG> head before anything reaches the
+        # replica's device: its GPU share then holds only what grounding runs.
+        model = medplib.load(config.model, device="cpu", cache_bytes=0, **options).model
+        keep_only(model, GROUNDING_MODULES)
+        model.to(resolve_device(config.load.device))
+        fingerprint = f"{config.model}|{model.dtype}|{model.device}|sam{model.config.sam_config.image_size}"
+        self.generator = CachedGenerator(model, EmbeddingCache(config.load.cache_bytes), fingerprint)
+        max_rows = config.deployments.grounding.batching.max_batch_size
+        self.batcher = ReplicaBatcher(lambda _, items: self._decode(items), max_rows)
+
+    async def decode(self, items: Sequence[GroundingItem]) -> list[GroundingOutput]:
+        return await self.batcher.submit(None, items)
+
+    def _decode(self, items: list[GroundingItem]) -> list[GroundingOutput]:
+        import torch
+
+        from medplib.core.assistant import segmentations
+
+        states = [torch.tensor(item.seg_hidden_states) for item in items]  # own copies: Ray's are read-only
+        predictions, uses, ms = self.generator.decode_masks(states, [item.pixels for item in items])
+        return [
+            GroundingOutput(segmentations(prediction, item.label), use, ms)
+            for item, prediction, use in zip(items, predictions, uses, strict=True)
+        ]
+
+    def describe(self) -> dict[str, Any]:
+        return replica_info("GroundingDecoder", str(self.generator.model.device))
+
+
+@serve.deployment
+class ExpertHead:
+    """A plugin expert's head (`ExpertSpec.head`), rebuilt in the replica from its import path.
+
+    It is sized from the model's config; trained head weights have no checkpoint format in medplib
+    yet, so it starts from its factory's initialisation.
+    """
+
+    def __init__(self, spec: ExpertSpec, config: ServeConfig) -> None:
+        from medplib.core.assistant import resolve_device
+
+        self.name = spec.name
+        self.device = resolve_device(config.load.device)
+        self.head = spec.build_head(model_config(config.model)).to(self.device).eval()
+        self.batcher = ReplicaBatcher(lambda _, batch: [self._forward(x) for x in batch], max_rows=1)
+
+    async def run(self, hidden_states: np.ndarray) -> np.ndarray:
+        """The head on hidden states (n, hidden) of its special token: its outputs (n, ...)."""
+        (outputs,) = await self.batcher.submit(None, [hidden_states])
+        return outputs
+
+    def _forward(self, hidden_states: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            inputs = torch.tensor(np.asarray(hidden_states, np.float32), device=self.device)
+            return self.head(inputs).float().cpu().numpy()
+
+    def describe(self) -> dict[str, Any]:
+        return replica_info(f"Expert-{self.name}", str(self.device))
+
+
+def keep_only(model: nn.Module, names: Sequence[str]) -> None:
+    """Drop every top-level submodule of `model` not in `names`, freeing its weights."""
+    for name, _ in list(model.named_children()):
+        if name not in names:
+            delattr(model, name)
+
+
+def model_config(source: str) -> Any:
+    """The composed model's config, without its weights: from a preset, or a checkpoint's config.json."""
+    from medplib.core.model import MODEL_PRESETS, build_config
+
+    if source in MODEL_PRESETS:
+        return build_config(source)
+    from transformers import AutoConfig
+
+    from medplib.core.model.storage import local_folder
+
+    with local_folder(source) as folder:
+        return AutoConfig.from_pretrained(folder, local_files_only=True)

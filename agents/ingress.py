@@ -1,0 +1,292 @@
+"""The HTTP ingress deployment: validates, caches decoded images, batches, routes, retries, times out.
+
+A request's way through the application:
+
+1. `http_api` checks the API key and the body size, and parses the body into a `VQARequest` or
+   `GroundRequest` (core schemas inside).
+2. The image is read (base64, or a path/URI the config allows) and decoded once: decoded images are
+   cached by the content hash of the encoded bytes and the read options, so an image sent again
+   skips its DICOM or NIfTI decoding. Region prompts are checked against the image here, and mask
+   files read here, so that the model deployments never touch the filesystem and a bad request
+   never reaches (or fails) a batch.
+3. Concurrent requests are gathered (`serve.batch`) into one call of the trunk, grouped by decoding
+   options (the trunk merges the calls that wait while it runs: `ReplicaBatcher`); answers that hold
+   `<SEG>` go on, batched the same way, to the grounding decoder with the image and the `<SEG>`
+   hidden states. Each deployment keeps its own embedding cache (see `deployments.py`).
+4. A call whose replica died is retried (`retries.attempts` in all, with backoff) while Serve
+   replaces the replica; the whole request has `limits.request_timeout_s` to finish, else 504.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from medplib.agents.deployments import GroundingItem, GroundingOutput, TrunkOutput, replica_info
+from medplib.agents.http_api import create_api
+from medplib.agents.schemas import (
+    ExpertsResponse,
+    GroundRequest,
+    HealthResponse,
+    ImageInput,
+    ServeError,
+    VQARequest,
+)
+from medplib.agents.serve_config import Batching, ServeConfig
+from medplib.core.embedding_cache import CacheKey, EmbeddingCache
+from medplib.core.errors import CapacityError, InvalidInputError, MedplibError
+from medplib.core.image import MedicalImage
+from medplib.core.io import load_image
+from medplib.core.io.sources import is_uri, read_source
+from medplib.core.queries import Decoding, Query
+from medplib.core.regions import MaskPrompt, RegionPrompt
+from medplib.core.results import AnswerResult, GroundingResult
+
+logger = logging.getLogger("medplib.serve")
+T = TypeVar("T")
+R = TypeVar("R")
+
+# What a dead or vanished replica looks like to a caller; the call is safe to send again.
+REPLICA_GONE = (RayActorError, ReplicaUnavailableError)
+
+
+@dataclass(frozen=True)
+class TrunkItem:
+    query: Query
+    decoding: Decoding
+
+
+def batched(
+    handler: Callable[[list[T]], Awaitable[list[R]]], settings: Batching
+) -> Callable[[T], Awaitable[R]]:
+    """`handler` over a list, called per item: concurrent items are gathered into one call."""
+    return serve.batch(
+        max_batch_size=settings.max_batch_size,
+        batch_wait_timeout_s=settings.batch_wait_timeout_s,
+        max_concurrent_batches=settings.max_concurrent_batches,
+    )(handler)
+
+
+class IngressService:
+    """What the ingress does, apart from Serve: the deployment below adds the HTTP app around it."""
+
+    def __init__(
+        self,
+        trunk: DeploymentHandle,
+        grounding: DeploymentHandle,
+        experts: dict[str, DeploymentHandle],
+        config: ServeConfig,
+        catalog: ExpertsResponse,
+    ) -> None:
+        self.trunk = trunk
+        self.grounding = grounding
+        # Plugin experts' heads: bound here so Serve deploys them with the app; no route calls them
+        # yet (generation knows only <SEG>), `GET /v1/experts` lists them.
+        self.expert_heads = experts
+        self.config = config
+        self.catalog = catalog
+        self.limits = config.limits
+        self.images = EmbeddingCache(config.limits.decoded_cache_bytes)
+        self._generate = batched(self._generate_many, config.deployments.trunk.batching)
+        self._decode = batched(self._decode_many, config.deployments.grounding.batching)
+
+    # ---- the API ---------------------------------------------------------------------------------------
+
+    async def answer(self, request: VQARequest | GroundRequest) -> AnswerResult | GroundingResult:
+        timeout = self.limits.request_timeout_s
+        try:
+            return await asyncio.wait_for(self._answer(request), timeout)
+        except TimeoutError:
+            raise ServeError(
+                f"no answer within the request timeout of {timeout:g} s: the server is overloaded or a "
+                "deployment is being replaced; retry later",
+                kind="timeout",
+                status=504,
+            ) from None
+
+    async def health(self) -> HealthResponse:
+        try:
+            app_name = serve.get_replica_context().app_name
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), 10)
+            deployments = status.applications[app_name].deployments
+        except (TimeoutError, KeyError) as exc:
+            logger.warning("health: Serve's status is unavailable (%r)", exc)
+            return HealthResponse(status="unavailable", model=self.config.model, deployments={})
+        states = {name: d.status.value for name, d in deployments.items()}
+        running = all(d.replica_states.get("RUNNING", 0) > 0 for d in deployments.values())
+        return HealthResponse(
+            status="ok" if running else "unavailable", model=self.config.model, deployments=states
+        )
+
+    def experts(self) -> ExpertsResponse:
+        return self.catalog
+
+    # ---- one request -----------------------------------------------------------------------------------
+
+    async def _answer(self, request: VQARequest | GroundRequest) -> AnswerResult | GroundingResult:
+        start = time.perf_counter()
+        grounding = isinstance(request, GroundRequest)
+        text = request.text if isinstance(request, GroundRequest) else request.question
+        self._check_sizes(text, request)
+        image, load_ms = await self._load(request.image)
+        regions = await asyncio.to_thread(self._checked_regions, request.regions, image)
+        query = Query(image=image, text=text, task="ground" if grounding else "answer", regions=regions)
+        output = await self._generate(TrunkItem(query, request.decoding))
+        if isinstance(output, BaseException):  # the trunk refused this query alone
+            raise output
+        result = output.result
+        timings = {**result.timings_ms, "load": load_ms}
+        if len(output.seg_hidden_states):
+            item = GroundingItem(image.pixels, output.seg_hidden_states, text if grounding else None)
+            grounded = await self._decode(item)
+            timings.update(grounded.milliseconds)
+            cache = result.cache.model_copy(update={"sam": grounded.sam_cache})
+            result = result.model_copy(update={"masks": grounded.masks, "cache": cache})
+        timings["total"] = 1000 * (time.perf_counter() - start)
+        return result.model_copy(update={"timings_ms": {k: round(v, 2) for k, v in timings.items()}})
+
+    def _check_sizes(self, text: str, request: VQARequest | GroundRequest) -> None:
+        """The limits that need no image, checked before anything is read."""
+        limits = self.limits
+        if len(text) > limits.max_text_chars:
+            raise CapacityError(
+                f"the text has {len(text)} characters, over the limit of {limits.max_text_chars}"
+            )
+        if len(request.regions) > limits.max_regions:
+            raise CapacityError(f"{len(request.regions)} regions, over the limit of {limits.max_regions}")
+        if request.decoding.max_new_tokens > limits.max_new_tokens:
+            raise CapacityError(
+                f"decoding.max_new_tokens {request.decoding.max_new_tokens} is over the limit of "
+                f"{limits.max_new_tokens}"
+            )
+
+    async def _load(self, spec: ImageInput) -> tuple[MedicalImage, float]:
+        """The decoded image and the milliseconds it took (about 0 when the cache had it)."""
+        start = time.perf_counter()
+        if spec.base64 is not None:
+            data, name = await asyncio.to_thread(decode_base64, spec.base64, "image.base64"), "<base64>"
+        else:
+            name = self._allowed(spec.uri or "", "image.uri")
+            data = await asyncio.to_thread(read_source, name, max_bytes=self.limits.max_image_bytes)
+        options = spec.load_options()
+        key = CacheKey("decoded", hashlib.blake2b(data, digest_size=16).hexdigest(), json.dumps(options))
+        image = self.images.get(key)
+        if image is None:
+            try:
+                image = await asyncio.to_thread(load_image, data, **options, limits=self.limits.image())
+            except MedplibError as exc:
+                raise type(exc)(f"image: {exc}") from None
+            self.images.put(key, image)
+        image = dataclasses.replace(image, meta=image.meta.model_copy(update={"source": name}))
+        return image, 1000 * (time.perf_counter() - start)
+
+    def _checked_regions(self, regions: Sequence[RegionPrompt], image: MedicalImage) -> list[RegionPrompt]:
+        """Each region rasterised once on the image (off the image or empty: an error naming it);
+        a mask named by path or URI is read here and sent on inline."""
+        height, width = image.size
+        checked: list[RegionPrompt] = []
+        for index, prompt in enumerate(regions, start=1):
+            try:
+                if isinstance(prompt, MaskPrompt) and prompt.source is not None:
+                    self._allowed(prompt.source, f"regions[{index}].source")
+                    prompt = MaskPrompt.from_array(prompt.to_mask(height, width))
+                else:
+                    prompt.to_mask(height, width)
+            except MedplibError as exc:
+                raise type(exc)(f"region {index}: {exc}") from None
+            checked.append(prompt)
+        return checked
+
+    def _allowed(self, reference: str, what: str) -> str:
+        """`reference` if the config lets requests name it; '..' and symlinks cannot leave a prefix."""
+        prefixes = self.limits.allowed_uri_prefixes
+        if prefixes is None:
+            return reference
+        resolved = reference if is_uri(reference) else os.path.realpath(os.path.expanduser(reference))
+        if resolved.startswith(prefixes) and ".." not in resolved.split("/"):
+            return resolved
+        allowed = ", ".join(prefixes) or "none: send the file as base64"
+        raise InvalidInputError(f"{what}: {reference!r} is not under a path this server reads ({allowed})")
+
+    # ---- batches, routed to the model deployments ------------------------------------------------------
+
+    async def _generate_many(self, items: list[TrunkItem]) -> list[TrunkOutput | MedplibError]:
+        """One trunk call per decoding setting among the gathered requests (decoding is per batch)."""
+        groups: dict[Decoding, list[int]] = {}
+        for index, item in enumerate(items):
+            groups.setdefault(item.decoding, []).append(index)
+        outputs: list[Any] = [None] * len(items)
+
+        async def run(decoding: Decoding, indices: list[int]) -> None:
+            queries = [items[i].query for i in indices]
+            answers = await self._call("trunk", self.trunk.generate, queries, decoding.model_dump())
+            for index, answer in zip(indices, answers, strict=True):
+                outputs[index] = answer
+
+        await asyncio.gather(*(run(decoding, indices) for decoding, indices in groups.items()))
+        return outputs
+
+    async def _decode_many(self, items: list[GroundingItem]) -> list[GroundingOutput]:
+        return await self._call("grounding decoder", self.grounding.decode, items)
+
+    async def _call(self, name: str, method: DeploymentHandle, *args: Any) -> Any:
+        """`method.remote(*args)`, sent again while its replica dies under it, `attempts` times in all."""
+        retries = self.config.retries
+        for attempt in range(retries.attempts):
+            try:
+                return await method.remote(*args)
+            except REPLICA_GONE as exc:
+                failure = exc
+                logger.warning(
+                    "%s replica gone (attempt %d of %d): %s", name, attempt + 1, retries.attempts, exc
+                )
+                await asyncio.sleep(retries.backoff_s * 2**attempt)
+            except BackPressureError:
+                raise ServeError(
+                    f"the {name} is at capacity; retry later", kind="unavailable", status=503
+                ) from None
+        raise ServeError(
+            f"the {name} failed {retries.attempts} times as its replicas went away "
+            f"({type(failure).__name__}); retry later",
+            kind="unavailable",
+            status=503,
+        )
+
+
+@serve.deployment
+@serve.ingress()
+class Ingress(IngressService):
+    def __serve_build_asgi_app__(self) -> Any:
+        """The FastAPI app, built in the replica: its limits and key come from this replica's config."""
+        return create_api(
+            self, max_body_bytes=self.limits.max_body_bytes, api_key=self.config.resolved_api_key()
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """Where this replica runs (a handle method, not a route)."""
+        return replica_info("Ingress", "cpu")
+
+
+def decode_base64(text: str, what: str) -> bytes:
+    """Standard base64, whitespace and a `data:...;base64,` prefix allowed."""
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidInputError(f"{what} is not valid base64 ({exc})") from None

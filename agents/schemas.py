@@ -1,0 +1,168 @@
+"""The HTTP API's request and response bodies, and how errors travel over it.
+
+Requests reuse the core schemas: regions are `RegionPrompt`s, decoding is `Decoding`; the image is
+named by `uri` (a path or fsspec URI the server reads) or carried as `base64`, with `load_image`'s
+options beside it. Responses are the core result models (`AnswerResult`, `GroundingResult`; masks as
+COCO RLE). An error is `{"error": kind, "message": ...}`; `ERROR_KINDS` ties each kind to its status
+and to the `MedplibError` class the client raises again, so a caller of the API sees the same
+exception as a caller of `medplib.load(...)`.
+
+Neither Ray nor FastAPI is imported here: the client needs only pydantic and httpx.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from medplib.core.errors import (
+    CapacityError,
+    CheckpointError,
+    ImageTooLargeError,
+    InvalidInputError,
+    MedplibError,
+    PluginError,
+    RegionError,
+    UnsupportedFormatError,
+)
+from medplib.core.expert_spec import ExpertSpec, Resources
+from medplib.core.queries import REGION_PLACEHOLDER, Decoding
+from medplib.core.regions import RegionPrompt
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ImageInput(_Body):
+    """The image: exactly one of `uri` and `base64`, and how to read it (`load_image`'s options)."""
+
+    uri: str | None = Field(
+        None, min_length=1, description="path or fsspec URI the server reads (if its config allows it)"
+    )
+    base64: str | None = Field(
+        None, min_length=1, description="the file itself (PNG, JPEG, TIFF, DICOM, NIfTI), base64-encoded"
+    )
+    frame: int | None = Field(None, description="frame of a multi-frame DICOM")
+    slice_index: int | None = Field(None, description="slice of a volume (default: the middle one)")
+    axis: Literal["axial", "coronal", "sagittal"] = Field("axial", description="plane of a volume slice")
+    volume_index: int | None = Field(None, description="volume of a 4-D NIfTI")
+    window: str | tuple[float, float] | None = Field(
+        None, description="a preset (lung, brain, bone, ...), [center, width], or none: the file's own"
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> ImageInput:
+        if (self.uri is None) == (self.base64 is None):
+            raise ValueError("give the image as exactly one of 'uri' and 'base64'")
+        return self
+
+    def load_options(self) -> dict[str, Any]:
+        """Keyword arguments of `load_image`."""
+        return self.model_dump(exclude={"uri", "base64"})
+
+
+class InferenceRequest(_Body):
+    image: ImageInput
+    regions: list[RegionPrompt] = Field(
+        default_factory=list, description="points, boxes, polygons, scribbles or masks, in image pixels"
+    )
+    decoding: Decoding = Field(default_factory=Decoding, description="max_new_tokens, temperature, ...")
+
+
+class VQARequest(InferenceRequest):
+    """A question about an image, or about regions marked on it."""
+
+    question: str = Field(
+        min_length=1,
+        description=f"the question; the k-th {REGION_PLACEHOLDER} marks where the k-th region goes "
+        "(without any, the regions are appended)",
+    )
+
+
+class GroundRequest(InferenceRequest):
+    """What to segment; the answer always holds at least one mask."""
+
+    text: str = Field(min_length=1, description="what to segment, e.g. 'the liver lesion'")
+
+
+class ErrorResponse(_Body):
+    error: str = Field(description="what kind of problem: invalid_input, region, capacity, timeout, ...")
+    message: str = Field(description="what is wrong, and what to change")
+
+
+class DeploymentInfo(_Body):
+    replicas: int | None = Field(description="fixed replica count; None when autoscaling")
+    autoscaling_config: dict[str, Any] | None
+    resources: Resources = Field(description="per replica")
+    max_ongoing_requests: int
+
+
+class HostedExpert(_Body):
+    spec: ExpertSpec
+    deployments: list[str] = Field(description="the deployments that run this expert")
+
+
+class ExpertsResponse(_Body):
+    experts: list[HostedExpert]
+    deployments: dict[str, DeploymentInfo]
+
+
+class HealthResponse(_Body):
+    status: Literal["ok", "unavailable"]
+    model: str
+    deployments: dict[str, str] = Field(description="Ray Serve's status of each deployment")
+
+
+class ServeError(MedplibError):
+    """A request the server could not serve for its own reasons: unauthorised, overloaded, timed out."""
+
+    def __init__(self, message: str, *, kind: str = "internal", status: int = 500) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+
+
+# kind -> (HTTP status, the error class a client raises). Most specific classes first: the first
+# entry whose class an exception is an instance of names its kind.
+ERROR_KINDS: dict[str, tuple[int, type[MedplibError]]] = {
+    "image_too_large": (413, ImageTooLargeError),
+    "unsupported_format": (400, UnsupportedFormatError),
+    "region": (400, RegionError),
+    "invalid_input": (400, InvalidInputError),
+    "capacity": (413, CapacityError),
+    "checkpoint": (500, CheckpointError),
+    "plugin": (500, PluginError),
+    # Raised by the HTTP layer itself.
+    "malformed_json": (400, InvalidInputError),
+    "invalid_request": (422, InvalidInputError),
+    "payload_too_large": (413, CapacityError),
+    "unauthorized": (401, ServeError),
+    "not_found": (404, ServeError),
+    "unavailable": (503, ServeError),
+    "timeout": (504, ServeError),
+    "internal": (500, ServeError),
+}
+
+
+def error_kind(exc: MedplibError) -> tuple[str, int]:
+    """The kind and HTTP status of an error raised while serving a request."""
+    if isinstance(exc, ServeError):
+        return exc.kind, exc.status
+    for kind, (status, cls) in ERROR_KINDS.items():
+        if isinstance(exc, cls) and cls is not ServeError:
+            return kind, status
+    return "internal", 500
+
+
+def error_from_response(status: int, body: Any) -> MedplibError:
+    """The exception an error response stands for (a body that is no `ErrorResponse` included)."""
+    if isinstance(body, dict) and isinstance(body.get("error"), str) and isinstance(body.get("message"), str):
+        kind, message = body["error"], body["message"]
+    else:
+        kind, message = "internal", f"HTTP {status}: {str(body)[:500]}"
+    cls = ERROR_KINDS.get(kind, (status, ServeError))[1]
+    if cls is ServeError:
+        return ServeError(message, kind=kind, status=status)
+    return cls(message)

@@ -1,0 +1,124 @@
+"""The serve config and the application plan, without a cluster: YAML, overrides, resources, experts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from medplib.agents.app import build_app, check_model_source, check_resources, deployment_plan, expert_catalog
+from medplib.agents.serve_config import API_KEY_ENV, ServeConfig
+from medplib.core.errors import CapacityError, CheckpointError, InvalidInputError, PluginError
+from medplib.core.expert_spec import ExpertSpec, Resources
+from medplib.core.hookspecs import hookimpl
+
+EXAMPLES = Path(__file__).parents[3] / "examples" / "serve"
+SCRATCH = ExpertSpec(
+    name="scratch",
+    capabilities=("scratch",),
+    head="medplib.experts.pixel_grounding.head:build_grounding_head",
+    resources=Resources(num_gpus=0.25, num_cpus=0.5),
+)
+
+
+class ScratchPlugin:
+    @hookimpl
+    def medplib_register_experts(self, register: Callable[[ExpertSpec], None]) -> None:
+        register(SCRATCH)
+
+
+def test_both_examples_load_and_differ_where_the_hardware_does() -> None:
+    cpu = ServeConfig.from_yaml(EXAMPLES / "cpu.yaml")
+    gpu = ServeConfig.from_yaml(EXAMPLES / "gpu-cluster.yaml")
+    assert cpu.http.host == "127.0.0.1" and cpu.deployments.trunk.resources.num_gpus == 0
+    assert (
+        gpu.deployments.trunk.resources.num_gpus == 1 and gpu.deployments.grounding.resources.num_gpus == 0.25
+    )
+    assert gpu.deployments.trunk.autoscaling_config["max_replicas"] == 4
+    options = gpu.deployments.trunk.serve_options("Trunk", deployment_plan(gpu)["Trunk"][1])
+    assert "num_replicas" not in options and options["ray_actor_options"]["memory"] == 48 * 2**30
+
+
+def test_defaults_are_one_machine_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = ServeConfig()
+    assert (config.http.host, config.http.port, config.model) == ("127.0.0.1", 8000, "tiny")
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert config.resolved_api_key() is None
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    assert config.resolved_api_key() == "from-env"
+    assert config.with_overrides(api_key="given").resolved_api_key() == "given"
+    assert "given" not in repr(config.with_overrides(api_key="given"))
+
+
+def test_overrides_merge_at_any_depth() -> None:
+    base = ServeConfig.from_yaml(EXAMPLES / "cpu.yaml")
+    changed = base.with_overrides(model="small", deployments={"trunk": {"batching": {"max_batch_size": 2}}})
+    assert changed.model == "small" and changed.deployments.trunk.batching.max_batch_size == 2
+    assert changed.deployments.trunk.torch_threads == base.deployments.trunk.torch_threads
+    assert changed.deployments.grounding == base.deployments.grounding
+
+
+@pytest.mark.parametrize(
+    ("data", "names"),
+    [
+        ({"deployments": {"trunk": {"num_replicas": 0}}}, "deployments.trunk.num_replicas"),
+        ({"deployments": {"trunk": {"num_replicas": 2, "autoscaling_config": {}}}}, "not both"),
+        (
+            {"deployments": {"trunk": {"autoscaling_config": {"min_replicas": 3, "max_replicas": 1}}}},
+            "max_replicas",
+        ),
+        ({"deployments": {"grounding": {"resources": {"num_gpus": -1}}}}, "num_gpus"),
+        ({"limits": {"max_body_bytes": 10}}, "max_body_bytes"),
+        ({"http": {"host": "0.0.0.0", "prot": 1}}, "http.prot"),
+        ([1, 2], "mapping"),
+    ],
+)
+def test_a_bad_config_names_the_field(data: object, names: str) -> None:
+    with pytest.raises(InvalidInputError, match=names):
+        ServeConfig.parse(data)
+
+
+def test_unreadable_yaml_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("deployments: [unclosed")
+    with pytest.raises(InvalidInputError, match="not valid YAML"):
+        ServeConfig.from_yaml(tmp_path / "bad.yaml")
+    with pytest.raises(InvalidInputError, match="cannot read"):
+        ServeConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_a_replica_no_node_could_hold_is_refused_before_deploying() -> None:
+    gpu = ServeConfig.from_yaml(EXAMPLES / "gpu-cluster.yaml")
+    with pytest.raises(CapacityError, match="Trunk asks for 1 GPU per replica but the Ray cluster has 0"):
+        check_resources(gpu, {"CPU": 16.0})
+    check_resources(gpu, {"CPU": 16.0, "GPU": 4.0})
+    check_resources(ServeConfig(), {"CPU": 2.0})
+
+
+def test_a_missing_checkpoint_fails_before_deploying(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="neither a preset"):
+        check_model_source(ServeConfig(model=str(tmp_path / "nope")))
+    check_model_source(ServeConfig(model=str(tmp_path)))
+
+
+def test_plugin_experts_become_deployments_on_their_specs_resources(
+    register_plugin: Callable[[object, str], bool],
+) -> None:
+    register_plugin(ScratchPlugin(), "scratch-plugin")
+    config = ServeConfig(plugin_experts={"scratch": {}})
+    plan = deployment_plan(config)
+    assert set(plan) == {"Ingress", "Trunk", "GroundingDecoder", "Expert-scratch"}
+    catalog = expert_catalog(config, plan, {"scratch": SCRATCH})
+    assert catalog.deployments["Expert-scratch"].resources == SCRATCH.resources
+    assert {e.spec.name: e.deployments for e in catalog.experts} == {
+        "vision_language": ["Trunk"],
+        "pixel_grounding": ["Trunk", "GroundingDecoder"],
+        "scratch": ["Expert-scratch"],
+    }
+    overridden = ServeConfig(plugin_experts={"scratch": {"resources": {"num_gpus": 0}}})
+    assert deployment_plan(overridden)["Expert-scratch"][0].resources.num_gpus == 0
+    assert build_app(config) is not None  # the graph binds without a cluster
+    with pytest.raises(PluginError, match="not installed"):
+        deployment_plan(ServeConfig(plugin_experts={"nope": {}}))
+    with pytest.raises(PluginError, match="built in"):
+        deployment_plan(ServeConfig(plugin_experts={"pixel_grounding": {}}))

@@ -1,0 +1,197 @@
+"""The ingress's logic without a cluster: the model deployments are the real classes behind fake handles.
+
+Covers what the Ray tests cannot provoke on demand: a replica that dies twice under a batch (retried),
+one that keeps dying (503 after `retries.attempts`), one that hangs (504 at the request timeout, not
+later), the decoded-image cache, and concurrent requests gathered into one batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from ray import serve
+from ray.exceptions import ActorDiedError
+
+from medplib.agents.deployments import GroundingDecoder, Trunk
+from medplib.agents.ingress import IngressService
+from medplib.agents.schemas import ExpertsResponse, GroundRequest, ServeError, VQARequest
+from medplib.agents.serve_config import ServeConfig
+from medplib.core.errors import InvalidInputError, RegionError
+from medplib.trainers.registry_data import dicom_file
+
+CONFIG = ServeConfig().with_overrides(load={"device": "cpu"}, retries={"backoff_s": 0.01})
+CT = base64.b64encode(dicom_file("CT_small.dcm").read_bytes()).decode()
+DECODING = {"max_new_tokens": 3}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def replica_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve.batch` reads its replica's `max_ongoing_requests`: this process plays the ingress replica."""
+    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=512), app_name="test")
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+
+
+@pytest.fixture(scope="module")
+def replicas() -> tuple[Any, Any]:
+    return Trunk.func_or_class(CONFIG), GroundingDecoder.func_or_class(CONFIG)
+
+
+class Method:
+    """A handle's method: `.remote(...)` awaits `call`, after the failures queued in `fail`."""
+
+    def __init__(self, call: Callable[..., Any]) -> None:
+        self.call, self.fail, self.calls = call, [], []
+
+    async def _run(self, *args: Any) -> Any:
+        self.calls.append(args)
+        if self.fail:
+            raise self.fail.pop(0)
+        return await self.call(*args)
+
+    def remote(self, *args: Any) -> Any:
+        return self._run(*args)
+
+
+class Handle:
+    def __init__(self, **methods: Method) -> None:
+        self.__dict__.update(methods)
+
+
+def service(replicas: tuple[Any, Any], config: ServeConfig = CONFIG) -> tuple[IngressService, Method, Method]:
+    trunk, grounding = replicas
+    generate, decode = Method(trunk.generate), Method(grounding.decode)
+    ingress = IngressService(
+        Handle(generate=generate),
+        Handle(decode=decode),
+        {},
+        config,
+        ExpertsResponse(experts=[], deployments={}),
+    )
+    return ingress, generate, decode
+
+
+def vqa(question: str = "What is this?", **fields: Any) -> VQARequest:
+    return VQARequest(image={"base64": CT}, question=question, decoding=DECODING, **fields)
+
+
+async def test_a_grounding_request_goes_through_both_deployments(replicas: tuple[Any, Any]) -> None:
+    ingress, generate, decode = service(replicas)
+    result = await ingress.answer(GroundRequest(image={"base64": CT}, text="the lungs", decoding=DECODING))
+    assert (
+        len(result.masks) == 1 and result.masks[0].label == "the lungs" and result.image_source == "<base64>"
+    )
+    assert result.cache.sam in ("hit", "miss") and set(result.timings_ms) >= {"load", "encode_sam", "total"}
+    assert len(generate.calls) == len(decode.calls) == 1
+    again = await ingress.answer(vqa())
+    assert again.timings_ms["load"] < result.timings_ms["load"]  # decoded once, then from the cache
+    assert ingress.images.stats().hits == 1
+
+
+async def test_concurrent_requests_share_trunk_runs(
+    replicas: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ingress, _, _ = service(replicas)
+    assistant, runs = replicas[0].assistant, []
+    original = assistant.generate_batch
+    monkeypatch.setattr(
+        assistant, "generate_batch", lambda queries, **d: runs.append(len(queries)) or original(queries, **d)
+    )
+    results = await asyncio.gather(*(ingress.answer(vqa(f"Question {i}?")) for i in range(6)))
+    assert [r.question for r in results] == [f"Question {i}?" for i in range(6)]
+    assert sum(runs) == 6 and len(runs) < 6  # gathered by serve.batch, merged by the replica
+
+
+async def test_a_replica_that_dies_under_a_batch_is_retried(replicas: tuple[Any, Any]) -> None:
+    ingress, generate, _ = service(replicas)
+    generate.fail = [ActorDiedError(), ActorDiedError()]
+    assert (await ingress.answer(vqa())).question == "What is this?"
+    assert len(generate.calls) == 3
+
+
+async def test_replicas_that_keep_dying_give_503_after_the_attempts(replicas: tuple[Any, Any]) -> None:
+    ingress, generate, _ = service(replicas)
+    generate.fail = [ActorDiedError()] * 5
+    with pytest.raises(ServeError) as raised:
+        await ingress.answer(vqa())
+    assert raised.value.status == 503 and "3 times" in str(raised.value) and len(generate.calls) == 3
+
+
+async def test_a_hanging_deployment_gives_504_at_the_timeout(replicas: tuple[Any, Any]) -> None:
+    config = CONFIG.with_overrides(limits={"request_timeout_s": 0.5})
+    ingress, generate, _ = service(replicas, config)
+
+    async def hang(*_: Any) -> None:
+        await asyncio.sleep(60)
+
+    generate.call = hang
+    start = time.perf_counter()
+    with pytest.raises(ServeError) as raised:
+        await ingress.answer(vqa())
+    assert raised.value.status == 504 and time.perf_counter() - start < 2
+
+
+async def test_bad_input_is_refused_before_any_batch(replicas: tuple[Any, Any]) -> None:
+    ingress, generate, _ = service(replicas)
+    with pytest.raises(RegionError, match="region 1"):
+        await ingress.answer(vqa(regions=[{"kind": "box", "box": [0, 0, 500, 10]}]))
+    with pytest.raises(InvalidInputError, match="base64"):
+        await ingress.answer(VQARequest(image={"base64": "not base64!"}, question="q"))
+    with pytest.raises(RegionError, match="marks 1 region"):  # refused by the trunk, for this query alone
+        await ingress.answer(vqa("Where is {region}?"))
+    assert len(generate.calls) == 1
+
+
+async def test_allowed_prefixes_limit_what_a_request_may_read(
+    replicas: tuple[Any, Any], tmp_path: Any
+) -> None:
+    ingress, _, _ = service(replicas, CONFIG.with_overrides(limits={"allowed_uri_prefixes": [str(tmp_path)]}))
+    with pytest.raises(InvalidInputError, match="not under a path this server reads"):
+        await ingress.answer(VQARequest(image={"uri": str(dicom_file("CT_small.dcm"))}, question="q"))
+    escape = f"{tmp_path}/../{tmp_path.name}/../../etc/passwd"
+    with pytest.raises(InvalidInputError, match="not under a path"):
+        await ingress.answer(VQARequest(image={"uri": escape}, question="q"))
+
+
+async def test_the_replica_batcher_merges_what_waits_while_it_runs() -> None:
+    from medplib.agents.deployments import ReplicaBatcher
+
+    runs: list[tuple[object, list[int]]] = []
+
+    def work(key: object, items: list[int]) -> list[int]:
+        time.sleep(0.05)  # the model is busy: the calls below arrive meanwhile
+        runs.append((key, items))
+        if -1 in items:
+            raise RuntimeError("a bug")
+        return [item * 10 for item in items]
+
+    batcher = ReplicaBatcher(work, max_rows=3)
+    first = asyncio.create_task(batcher.submit("a", [1]))
+    await asyncio.sleep(0.01)
+    calls = [
+        batcher.submit("a", [2, 3]),
+        batcher.submit("b", [4]),
+        batcher.submit("a", [5]),
+        batcher.submit("a", [6]),
+    ]
+    results = await asyncio.gather(first, *calls)
+    assert results == [[10], [20, 30], [40], [50], [60]]
+    # [1] alone (it found the model idle); then the waiting "a" calls up to 3 rows; then "b"; then the rest
+    assert runs == [("a", [1]), ("a", [2, 3, 5]), ("b", [4]), ("a", [6])]
+    with pytest.raises(RuntimeError, match="a bug"):
+        await batcher.submit("a", [-1])
+    assert await batcher.submit("a", [7]) == [70]  # and it goes on

@@ -1,0 +1,160 @@
+"""The serving seam without Ray: the trunk and the grounding decoder, run apart, equal the assistant.
+
+`Trunk` runs `MedPLIB.generate_batch` (the assistant stopped before SAM) and `GroundingDecoder` runs
+`CachedGenerator.decode_masks` on a model cut down to SAM and the `<SEG>` head; their outputs merged
+as the ingress merges them must be the in-process `answer_batch` results, masks to the bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import medplib
+from medplib.agents.deployments import GROUNDING_MODULES, GroundingDecoder, GroundingItem, Trunk
+from medplib.agents.serve_config import ServeConfig
+from medplib.core.assistant import MedPLIB
+from medplib.core.errors import RegionError
+from medplib.core.io import load_image
+from medplib.core.queries import Query
+from medplib.core.regions import BoxPrompt, PointPrompt
+from medplib.trainers.registry_data import dicom_file
+
+TOKENS = 4
+CONFIG = ServeConfig().with_overrides(load={"device": "cpu"})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference() -> MedPLIB:
+    return medplib.load("tiny", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def trunk() -> Any:
+    return Trunk.func_or_class(CONFIG)
+
+
+@pytest.fixture(scope="module")
+def grounding() -> Any:
+    return GroundingDecoder.func_or_class(CONFIG)
+
+
+@pytest.fixture(scope="module")
+def ct() -> np.ndarray:
+    return load_image(dicom_file("CT_small.dcm")).pixels
+
+
+class ScriptedHead(torch.nn.Module):
+    """An LM head that emits `tokens` in turn for every row, so answers hold <SEG>s whatever the weights."""
+
+    def __init__(self, tokens: list[int], vocab_size: int) -> None:
+        super().__init__()
+        self.tokens, self.vocab_size, self.step = tokens, vocab_size, 0
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(*hidden.shape[:-1], self.vocab_size)
+        logits[..., self.tokens[min(self.step, len(self.tokens) - 1)]] = 1.0
+        self.step += 1
+        return logits
+
+
+@contextlib.contextmanager
+def scripted(assistant: MedPLIB, tokens: list[int]) -> Iterator[None]:
+    language_model = assistant.model.language_model
+    original = language_model.lm_head
+    language_model.lm_head = ScriptedHead(tokens, assistant.model.config.text_config.vocab_size)
+    try:
+        yield
+    finally:
+        language_model.lm_head = original
+
+
+def merged(trunk: Any, grounding: Any, queries: list[Query]) -> list[Any]:
+    """The ingress's merge: the trunk's results, masks from the grounding decoder where `<SEG>`s are."""
+    results = []
+    for query, output in zip(queries, trunk._generate(queries, {"max_new_tokens": TOKENS}), strict=True):
+        result = output.result
+        if len(output.seg_hidden_states):
+            label = query.text if query.task == "ground" else None
+            (grounded,) = grounding._decode([GroundingItem(query.image, output.seg_hidden_states, label)])
+            cache = result.cache.model_copy(update={"sam": grounded.sam_cache})
+            result = result.model_copy(update={"masks": grounded.masks, "cache": cache})
+        results.append(result)
+    return results
+
+
+def comparable(result: Any) -> dict[str, Any]:
+    return result.model_dump(exclude={"timings_ms", "cache", "image_source"})
+
+
+def test_the_split_equals_the_assistant(
+    reference: MedPLIB, trunk: Any, grounding: Any, ct: np.ndarray
+) -> None:
+    other = np.ascontiguousarray(ct[::-1])
+    queries = [
+        Query(image=ct, text="What modality is this?"),
+        Query(image=other, text="the lungs", task="ground"),
+        Query(
+            image=ct,
+            text="Compare {region} with {region}.",
+            regions=[BoxPrompt(box=(10, 10, 60, 60)), PointPrompt(points=[(100, 100)])],
+        ),
+    ]
+    expected = reference.answer_batch(queries, max_new_tokens=TOKENS)
+    outputs = merged(trunk, grounding, queries)
+    assert [comparable(r) for r in outputs] == [comparable(r) for r in expected]
+    assert len(outputs[1].masks) == 1 and outputs[1].cache.sam == "miss"
+
+    config = reference.model.config
+    seg, eos = config.seg_token_id, config.text_config.eos_token_id
+    with scripted(reference, [seg, 300, seg, eos]):
+        expected = reference.answer_batch(queries[:1], max_new_tokens=TOKENS)
+    with scripted(trunk.assistant, [seg, 300, seg, eos]):
+        (output,) = merged(trunk, grounding, queries[:1])
+    assert len(output.masks) == 2 and comparable(output) == comparable(expected[0])
+    assert output.cache.sam == "miss"  # the grounding decoder's own cache: first sight of the CT
+    states = np.stack([np.zeros(reference.model.config.text_config.hidden_size, np.float32)])
+    (again,) = grounding._decode([GroundingItem(ct, states, "x")])
+    assert again.sam_cache == "hit" and len(again.masks) == 1 and again.masks[0].label == "x"
+
+
+def test_the_grounding_replica_keeps_only_sam_and_the_seg_head(grounding: Any) -> None:
+    assert {name for name, _ in grounding.generator.model.named_children()} == set(GROUNDING_MODULES)
+
+
+def test_a_query_the_trunk_refuses_fails_alone(trunk: Any, ct: np.ndarray) -> None:
+    queries = [
+        Query(image=ct, text="Where is {region}?"),  # marks a region it does not give
+        Query(image=ct, text="What is this?"),
+    ]
+    refused, answered = trunk._generate(queries, {"max_new_tokens": TOKENS})
+    assert isinstance(refused, RegionError) and "{region}" in str(refused)
+    assert answered.result.question == "What is this?"
+
+
+async def test_a_plugin_experts_head_runs_in_its_deployment_class(reference: MedPLIB) -> None:
+    from medplib.agents.deployments import ExpertHead
+    from medplib.core.expert_spec import ExpertSpec
+
+    spec = ExpertSpec(
+        name="scratch",
+        capabilities=("scratch",),
+        head="medplib.experts.pixel_grounding.head:build_grounding_head",
+    )
+    head = ExpertHead.func_or_class(spec, CONFIG)
+    config = reference.model.config  # the head is sized from the preset's config
+    outputs = await head.run(np.zeros((2, config.text_config.hidden_size), np.float32))
+    assert outputs.shape == (2, config.sam_config.prompt_embed_dim)
