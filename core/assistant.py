@@ -98,8 +98,9 @@ def load(
     seed: int = 0,
     limits: InferenceLimits = DEFAULT_INFERENCE_LIMITS,
 ) -> MedPLIB:
-    """A ready assistant from a preset (`tiny`, `small`), a `save_pretrained` folder or fsspec URI, or,
-    with `sam=`, a LLaVA-1.5 folder plus a SAM checkpoint. `seed` seeds a preset's random weights."""
+    """A ready assistant from a preset (`tiny`, `small`), a `save_pretrained` folder or fsspec URI (a
+    stage IV one loads with its mixture of experts), or, with `sam=`, a LLaVA-1.5 folder plus a SAM
+    checkpoint. `seed` seeds a preset's random weights."""
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     source = os.fspath(preset_or_path)
     untrained = False
@@ -121,9 +122,29 @@ def load(
             raise CheckpointError(
                 f"{source} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a checkpoint folder"
             )
-        model = MedPLIBForCausalLM.from_pretrained(source)
+        model = _from_checkpoint(source)
     model = model.to(device=torch_device, dtype=torch_dtype).eval()
     return MedPLIB(model, name=source, untrained=untrained, cache=EmbeddingCache(cache_bytes), limits=limits)
+
+
+def _from_checkpoint(source: str) -> MedPLIBForCausalLM:
+    """The model of a checkpoint folder; a stage IV folder (`moe.safetensors`) with its experts composed."""
+    # router builds on core, so core reaches it only here, when a checkpoint needs it.
+    from medplib.router.moe import MOE_FILE, MixtureOfExperts
+
+    if _has_file(source, MOE_FILE):
+        return MixtureOfExperts.from_pretrained(source, model_class=MedPLIBForCausalLM).model
+    return MedPLIBForCausalLM.from_pretrained(source)
+
+
+def _has_file(folder: str, name: str) -> bool:
+    import fsspec  # deferred: fsspec pulls in a lot at import time
+
+    try:
+        fs, root = fsspec.core.url_to_fs(folder if is_uri(folder) else os.path.expanduser(folder))
+    except (ValueError, ImportError):  # unknown protocol: from_pretrained names the problem
+        return False
+    return fs.isfile(f"{root.rstrip('/')}/{name}")
 
 
 @dataclass(frozen=True)

@@ -100,3 +100,23 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stage IV checkpoint of the tiny preset: the built-in experts composed, router and expert
+    weights random (fresh experts equal the trunk, so a load that skipped them would go unnoticed)."""
+    import torch  # deferred: most tests never need torch
+
+    from medplib.core.model import build_medplib
+    from medplib.router import compose
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        moe = compose(build_medplib("tiny"), ["vision_language", "pixel_grounding"])
+        with torch.no_grad():
+            for weight in moe.routed_state_dict().values():
+                weight.normal_(std=0.5)
+    folder = tmp_path_factory.mktemp("moe") / "checkpoint"
+    moe.save_pretrained(folder)
+    return folder

@@ -34,10 +34,15 @@ SKILLS = {"closed_accuracy": ("2", 0.02), "region_recall": ("2", 0.02), "mdice":
 
 def metric(metrics: dict, name: str) -> float | None:
     """A metric by dotted name ('mdice_per_structure.grey matter')."""
-    value: object = metrics
-    for part in name.split(".", 1):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value if isinstance(value, float | int) else None
+    return value(metrics, tuple(name.split(".", 1)))
+
+
+def value(metrics: dict | None, keys: tuple[str, ...]) -> float | int | None:
+    """The number under `keys` in nested dicts, or None where a key is absent."""
+    found: object = metrics
+    for key in keys:
+        found = found.get(key) if isinstance(found, dict) else None
+    return found if isinstance(found, float | int) else None
 
 
 def _headline(metrics: dict) -> dict:
@@ -96,7 +101,8 @@ def build_report(records: dict[str, dict], baselines: dict, *, wall_minutes: flo
     }
 
 
-def _cell(value: float | None) -> str:
+def cell(value: float | None) -> str:
+    """A metric as a table cell: three decimals, or "-" where there is none."""
     return "-" if value is None else f"{value:.3f}"
 
 
@@ -108,13 +114,13 @@ def format_table(report: dict) -> str:
     baseline = {"row": "trivial baseline (no image)", **report["trivial_baselines"]}
     for row in [*report["comparison"], baseline]:
         per = row.get("mdice_per_structure") or {}
-        cells = [row["row"], _cell(row["closed_accuracy"]), _cell(row["region_recall"]), _cell(row["mdice"])]
-        lines.append("| " + " | ".join(cells + [_cell(per.get(s)) for s in structures]) + " |")
+        cells = [row["row"], cell(row["closed_accuracy"]), cell(row["region_recall"]), cell(row["mdice"])]
+        lines.append("| " + " | ".join(cells + [cell(per.get(s)) for s in structures]) + " |")
     lines += ["", "| goal (stage IV MoE, test split) | minimum | measured | met |", "|---|---|---|---|"]
     for name, goal in report["goals"].items():
         mark = "yes" if goal["met"] else "**no**"
         label = name.replace("mdice_per_structure.", "Dice ")
-        lines.append(f"| {label} | {goal['goal']:.2f} | {_cell(goal['value'])} | {mark} |")
+        lines.append(f"| {label} | {goal['goal']:.2f} | {cell(goal['value'])} | {mark} |")
     lines.append(
         f"\nwall time {report['wall_minutes']:.1f} min; MoE beats joint training on: "
         f"{', '.join(report['moe_beats_joint_on']) or 'nothing'}"

@@ -12,8 +12,13 @@ The headline numbers (`closed_accuracy`, `region_recall`, `mdice`, `mdice_per_st
   (which hemisphere);
 - `mdice`: mean per-image Dice over all grounding (G) samples, also per structure and modality.
 
+`parts` holds every metric of each part (closed accuracy; open recall, precision, F1, BLEU-1..4;
+mIoU and mDice overall, per modality and per structure) and `by_kind` the answer metrics per
+question kind.
+
 `trivial_baselines` gives what a model that ignores the image gets: the training split's most
-common answer per question kind, and per structure the mean training mask.
+common answer per question kind, and per structure the mean training mask; `constant_mask_baselines`
+what the empty mask and the whole-image mask get.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medplib.core.masks import Mask
 from medplib.core.metrics import (
     ScoredMask,
     exact_match,
@@ -51,6 +57,9 @@ def _headline(answers: dict[str, list[Answered]], masks: list[ScoredMask]) -> di
         if row.answer_type == "closed":
             by_kind[row.kind].append(exact_match(row.prediction, row.reference))
             by_wording["held_out" if row.held_out else "seen"].append(by_kind[row.kind][-1])
+    by_question_kind: dict[str, list[Answered]] = defaultdict(list)
+    for row in (*answers["vqa"], *region):
+        by_question_kind[row.kind].append(row)
     region_by_wording: dict[str, list[float]] = defaultdict(list)
     for row in region:
         region_by_wording["held_out" if row.held_out else "seen"].append(
@@ -76,6 +85,8 @@ def _headline(answers: dict[str, list[Answered]], masks: list[ScoredMask]) -> di
             "region": len(region),
             "grounding": grounding["count"],
         },
+        "parts": {"vqa": complex_vqa, "region_vqa": summarize_answers(region), "grounding": grounding},
+        "by_kind": {kind: summarize_answers(rows) for kind, rows in sorted(by_question_kind.items())},
     }
 
 
@@ -108,14 +119,29 @@ def evaluate(
     *,
     batch_size: int = 32,
     max_new_tokens: int = MAX_NEW_TOKENS,
+    keep_masks: bool = False,
+    progress: bool | None = False,
 ) -> dict:
-    """Generate an answer to every example and score them; also returns each prediction."""
+    """Generate an answer to every example and score them; also returns each prediction.
+
+    `keep_masks` adds each predicted grounding mask to its prediction (COCO RLE, as `Mask` dumps it).
+    `progress` shows a bar on stderr (None: only on a terminal, as tqdm decides).
+    """
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     answers: dict[str, list] = {"vqa": [], "region_vqa": []}
     masks: list[ScoredMask] = []
     predictions = []
+    bar = tqdm(
+        total=len(examples),
+        disable=None if progress is None else not progress,
+        desc="evaluate",
+        unit="sample",
+        dynamic_ncols=True,
+    )
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         batch = collator(chunk, train=False)
@@ -149,9 +175,13 @@ def evaluate(
                 score = mask_scores(mask, target)
                 masks.append(ScoredMask(score, example.modality, example.structure))
                 entry["dice"] = score.dice
+                if keep_masks:
+                    entry["mask"] = Mask.from_array(mask).model_dump()
             elif example.task in answers:
                 answers[example.task].append(_scored(example, text))
             predictions.append(entry)
+        bar.update(len(chunk))
+    bar.close()
     model.train(was_training)
     return _headline(answers, masks) | {"predictions": predictions}
 
@@ -185,6 +215,23 @@ def trivial_baselines(train: Sequence[Example], test: Sequence[Example]) -> dict
             guess = common[example.kind].most_common(1)[0][0] if common[example.kind] else ""
             answers[example.task].append(_scored(example, guess))
     return _headline(answers, masks)
+
+
+def constant_mask_baselines(test: Sequence[Example]) -> dict[str, dict]:
+    """Grounding scores of two answers that need no model: the empty mask and the whole-image mask."""
+
+    def scored(fill: bool) -> list[ScoredMask]:
+        return [
+            ScoredMask(mask_scores(np.full(e.targets[0].shape, fill), e.targets[0]), e.modality, e.structure)
+            for e in test
+            if e.targets
+        ]
+
+    no_answers: dict[str, list] = {"vqa": [], "region_vqa": []}
+    return {
+        "empty_mask": _headline(no_answers, scored(False)),
+        "whole_image_mask": _headline(no_answers, scored(True)),
+    }
 
 
 def _resized(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

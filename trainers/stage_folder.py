@@ -25,11 +25,13 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from medplib.core.errors import CheckpointError, InvalidInputError
 from medplib.core.expert_spec import ExpertSpec
 from medplib.core.model import MODEL_PRESETS, MedPLIBForCausalLM, build_medplib
+from medplib.core.model.modeling_medplib import describe_key_problems
 from medplib.core.plugins import get_experts, require_experts
 from medplib.router import MixtureOfExperts, attach_expert_adapter, compose
 from medplib.router.moe import MOE_FILE
@@ -135,9 +137,17 @@ def attach_adapter(model: MedPLIBForCausalLM, expert: ExpertSpec, folder: Path) 
     """Attach `expert`'s LoRA to the model and load its trained weights from `folder`."""
     LoraConfig.from_pretrained(str(folder))  # refuses a folder that is not an adapter
     peft = _attach(model, expert)
-    result = set_peft_model_state_dict(peft, load_file(str(folder / ADAPTER_WEIGHTS)))
-    if result.unexpected_keys:
-        raise CheckpointError(f"adapter {folder} does not fit the model: {result.unexpected_keys[:5]}")
+    try:
+        state = load_file(str(folder / ADAPTER_WEIGHTS))
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(f"adapter {folder}: unreadable {ADAPTER_WEIGHTS} ({exc})") from None
+    result = set_peft_model_state_dict(peft, state)
+    # The trunk's own weights are "missing" from any adapter file; its LoRA factors must all be there.
+    missing = sorted(key for key in result.missing_keys if ".lora_" in key)
+    found = (("missing_keys", missing), ("unexpected_keys", sorted(result.unexpected_keys)))
+    problems = {kind: keys for kind, keys in found if keys}
+    if problems:
+        raise CheckpointError(describe_key_problems(f"adapter {folder}", problems, limit=5))
     return peft
 
 

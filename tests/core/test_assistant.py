@@ -18,10 +18,11 @@ from medplib.core.assistant import MedPLIB, answer_parts, load, question_parts
 from medplib.core.embedding_cache import EmbeddingCache
 from medplib.core.errors import CapacityError, CheckpointError, InvalidInputError, RegionError
 from medplib.core.io import load_image
-from medplib.core.model import ControlToken, MedPLIBProcessor, Request, Turn
+from medplib.core.model import ControlToken, MedPLIBForCausalLM, MedPLIBProcessor, Request, Turn
 from medplib.core.queries import InferenceLimits
 from medplib.core.regions import BoxPrompt, MaskPrompt, PointPrompt
 from medplib.core.results import STAGES, AnswerResult, ChatResult, GroundingResult
+from medplib.router import MixtureOfExperts
 from medplib.trainers.registry_data import dicom_file
 
 TOKENS = 5  # new tokens per answer: enough to compare paths, cheap on two cores
@@ -365,3 +366,17 @@ def test_bad_options_and_sizes_raise_clear_errors(assistant: MedPLIB, ct: np.nda
         load("medplib-7b")
     with pytest.raises(CheckpointError, match="neither a preset"):
         load("/no/such/checkpoint")
+
+
+def test_a_stage_four_checkpoint_loads_with_its_experts(tiny_moe_checkpoint, ct: np.ndarray) -> None:
+    moe = MixtureOfExperts.from_pretrained(tiny_moe_checkpoint, model_class=MedPLIBForCausalLM)
+    direct = MedPLIB(moe.model.eval(), name="moe")
+    loaded = load(tiny_moe_checkpoint, device="cpu")
+    state, expected = loaded.model.state_dict(), moe.model.state_dict()
+    assert moe.routed_state_dict().keys() <= state.keys() and state.keys() == expected.keys()
+    assert all(torch.equal(state[key], expected[key]) for key in expected)
+    question = "What modality is this?"
+    assert (
+        loaded.answer(ct, question, max_new_tokens=TOKENS).text
+        == direct.answer(ct, question, max_new_tokens=TOKENS).text
+    )
