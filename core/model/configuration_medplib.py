@@ -88,6 +88,11 @@ class MedPLIBConfig(PreTrainedConfig):
     image_mean: list[float] | tuple[float, ...] = CLIP_IMAGE_MEAN
     image_std: list[float] | tuple[float, ...] = CLIP_IMAGE_STD
     region_max_cells: int = 512
+    # A LayerNorm on the image and region tokens. A pretrained LLaVA's projector learned to match its
+    # frozen LLM's embedding scale; a tower and LLM trained together from scratch do not: the tiny
+    # preset's image tokens grew to 100-700 times the norm of its word embeddings, and its attention
+    # stayed diffuse (plane and which-half questions near chance). Off for LLaVA checkpoints.
+    visual_token_norm: bool = False
     image_token_id: int = -1
     im_start_token_id: int = -1
     im_end_token_id: int = -1

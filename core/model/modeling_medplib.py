@@ -77,9 +77,11 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
         super().__init__(config)
         vision_width, text_width = config.vision_config.hidden_size, config.text_config.hidden_size
         self.vision_tower = build_vision_tower(config.vision_config)
-        self.projector = MultiModalProjector(vision_width, text_width)
+        self.projector = MultiModalProjector(vision_width, text_width, norm=config.visual_token_norm)
         self.language_model = LlamaForCausalLM(config.text_config)
-        self.region_encoder = RegionEncoder(vision_width, text_width, config.region_max_cells)
+        self.region_encoder = RegionEncoder(
+            vision_width, text_width, config.region_max_cells, norm=config.visual_token_norm
+        )
         self.seg_head = GroundingHead(text_width, config.sam_config.prompt_embed_dim)
         self.sam = build_sam(config.sam_config)
         self.tokenizer = None  # set by the builders and by from_pretrained; saved with the weights

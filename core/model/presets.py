@@ -28,6 +28,7 @@ LLAVA_VOCAB_SIZE = 32000
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "tokenizer": "trained",
+        "config": {"visual_token_norm": True},  # trained from scratch: see MedPLIBConfig
         "vision_config": {
             "image_size": 112,
             "patch_size": 14,
@@ -60,6 +61,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     },
     "small": {
         "tokenizer": "trained",
+        "config": {"visual_token_norm": True},
         "vision_config": {
             "image_size": 224,
             "patch_size": 16,
@@ -152,6 +154,7 @@ def build_config(preset: str, tokenizer: PreTrainedTokenizerFast | None = None) 
         vision_config=dict(spec["vision_config"]),
         text_config=text_config,
         sam_config=dict(spec["sam_config"]),
+        **spec.get("config", {}),
         **ids,
     )
 

@@ -5,6 +5,11 @@ at most `max_cells` of them are kept (evenly spaced, so the result is determinis
 cell the CLIP features are sampled bilinearly at the centroid of the mask's pixels inside that cell
 (a region that clips a cell's corner samples near that corner, not at the cell's centre), the
 samples are averaged and a linear adapter maps the mean to the LLM width.
+
+Averaged features say what is in a region but little of where it is: on a left-right symmetric image
+(a brain slice) a region and its mirror image pool to almost the same vector. So the token also gets
+the region's place in the image, its bounding box and centroid in the CLIP frame, through a second
+linear map (`location`), and "which hemisphere holds this region" becomes answerable.
 """
 
 from __future__ import annotations
@@ -15,12 +20,18 @@ from torch import nn
 
 from medplib.core.errors import RegionError
 
+LOCATION_FEATURES = 6  # x0, y0, x1, y1 of the bounding box and the centroid's x, y, in [-1, 1]
+
 
 class RegionEncoder(nn.Module):
-    def __init__(self, vision_hidden_size: int, text_hidden_size: int, max_cells: int) -> None:
+    def __init__(
+        self, vision_hidden_size: int, text_hidden_size: int, max_cells: int, norm: bool = False
+    ) -> None:
         super().__init__()
         self.max_cells = max_cells
         self.adapter = nn.Linear(vision_hidden_size, text_hidden_size)
+        self.location = nn.Linear(LOCATION_FEATURES, text_hidden_size)
+        self.norm = nn.LayerNorm(text_hidden_size) if norm else None  # `MedPLIBConfig.visual_token_norm`
 
     def sample_points(self, masks: torch.Tensor, grid_size: int) -> list[torch.Tensor]:
         """Per mask, the sampling points (n, 2) as (x, y) in [-1, 1] (`grid_sample`'s convention).
@@ -54,9 +65,28 @@ class RegionEncoder(nn.Module):
         grid_size = round(num_patches**0.5)
         feature_map = patch_features.T.reshape(1, channels, grid_size, grid_size)
         pooled = []
-        for points in self.sample_points(masks.to(feature_map.dtype), grid_size):
+        masks = masks.to(feature_map.dtype)
+        for points in self.sample_points(masks, grid_size):
             samples = F.grid_sample(
                 feature_map, points.view(1, 1, -1, 2), mode="bilinear", align_corners=False
             )
             pooled.append(samples[0, :, 0].mean(dim=-1))
-        return self.adapter(torch.stack(pooled))
+        tokens = self.adapter(torch.stack(pooled)) + self.location(region_location(masks))
+        return tokens if self.norm is None else self.norm(tokens)
+
+
+def region_location(masks: torch.Tensor) -> torch.Tensor:
+    """(R, S, S) coverage -> (R, 6): bounding box (x0, y0, x1, y1) and centroid (x, y) in [-1, 1]."""
+    size = masks.shape[-1]
+    axis = (torch.arange(size, device=masks.device, dtype=masks.dtype) * 2 + 1) / size - 1
+    total = masks.sum(dim=(1, 2)).clamp(min=1e-6)
+    columns, rows = masks.sum(dim=1) > 0, masks.sum(dim=2) > 0  # (R, S): which x / y the mask touches
+    features = []
+    for touched in (columns, rows):
+        inside = axis.expand_as(touched)
+        features.append(torch.where(touched, inside, torch.inf).amin(dim=1))
+        features.append(torch.where(touched, inside, -torch.inf).amax(dim=1))
+    x0, x1, y0, y1 = features
+    centroid_x = (masks.sum(dim=1) * axis).sum(dim=1) / total
+    centroid_y = (masks.sum(dim=2) * axis).sum(dim=1) / total
+    return torch.stack([x0, y0, x1, y1, centroid_x, centroid_y], dim=-1)

@@ -72,11 +72,14 @@ class MultiModalProjector(nn.Module):
     Named like transformers' `LlavaMultiModalProjector`, so LLaVA checkpoints load without renaming.
     """
 
-    def __init__(self, vision_hidden_size: int, text_hidden_size: int) -> None:
+    def __init__(self, vision_hidden_size: int, text_hidden_size: int, norm: bool = False) -> None:
         super().__init__()
         self.linear_1 = nn.Linear(vision_hidden_size, text_hidden_size)
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(text_hidden_size, text_hidden_size)
+        # See `MedPLIBConfig.visual_token_norm`; LLaVA has none, so its checkpoints load unchanged.
+        self.norm = nn.LayerNorm(text_hidden_size) if norm else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(features)))
+        tokens = self.linear_2(self.act(self.linear_1(features)))
+        return tokens if self.norm is None else self.norm(tokens)

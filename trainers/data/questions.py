@@ -1,8 +1,8 @@
 """From what a source knows about an image to MeCoVQA samples of the three parts.
 
 - C, complex VQA: modality, plane and body region (closed), whether a structure is present
-  (closed, yes/no), a source's own facts (closed), and a description and the list of structures
-  (open, with reference answers).
+  (closed, yes/no), which half of the image holds more of a structure (closed), and a description
+  and the list of structures (open, with reference answers).
 - R, region VQA: a question about a marked point, box or free-form shape, answered by what is there.
 - G, grounding: a request to segment a structure, answered with `<SEG>` and its mask.
 """
@@ -109,8 +109,6 @@ def _complex(writer: _Writer) -> None:
             )
     for key in image.compared:
         _compare_halves(writer, key)
-    for fact in image.facts:
-        writer.ask(fact.kind, fact.answer, fields=fact.fields)
     shown = [STRUCTURES[key].asked for key in image.listed if areas[key] >= PRESENT]
     listing = " and ".join(shown)
     writer.ask(

@@ -16,6 +16,7 @@ from medplib.core.errors import InvalidInputError
 from medplib.trainers.data.mecovqa import Part
 
 AnswerType = Literal["closed", "open"]
+HELD_OUT_SHARE = 1 / 3  # of test questions, asked in a wording no other split uses
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,17 @@ class QuestionKind:
     def choose(self, split: str, rng: np.random.Generator, count: int = 1) -> list[int]:
         """`count` distinct template numbers for a sample of `split`.
 
-        Test samples draw from all templates, held-out and seen alike; other splits from `train` only.
+        Other splits draw from `train` only. Test samples draw a held-out wording with probability
+        `HELD_OUT_SHARE` whatever the number of seen ones, so a third of the test measures new wordings.
         """
         pool = len(self.templates) if split == "test" else len(self.train)
         if count > pool:
             raise InvalidInputError(f"{self.name}: {count} wordings asked for, {pool} available")
-        return sorted(int(i) for i in rng.choice(pool, size=count, replace=False))
+        weights = None
+        if split == "test":
+            seen, held = len(self.train), len(self.test_only)
+            weights = [(1 - HELD_OUT_SHARE) / seen] * seen + [HELD_OUT_SHARE / held] * held
+        return sorted(int(i) for i in rng.choice(pool, size=count, replace=False, p=weights))
 
 
 def _kind(name: str, part: Part, answer_type: AnswerType | None, *templates: str) -> QuestionKind:
@@ -55,6 +61,12 @@ KINDS: dict[str, QuestionKind] = {
             "Which modality is shown here?",
             "What kind of image is this?",
             "Name the imaging technique of this image.",
+            "Which imaging modality is this?",
+            "What modality is this scan?",
+            "Tell me the modality of this image.",
+            "What type of imaging produced this image?",
+            "How was this image acquired?",
+            "What is the modality?",
             "By which imaging method was this picture acquired?",
             "Identify the imaging modality of this picture.",
         ),
@@ -64,6 +76,12 @@ KINDS: dict[str, QuestionKind] = {
             "What is the imaging plane?",
             "Is this an axial, coronal or sagittal image?",
             "Which anatomical plane does this image show?",
+            "Which plane is this image in?",
+            "What plane is shown?",
+            "Tell me the plane of this slice.",
+            "In what plane was this image taken?",
+            "What is the orientation of this slice?",
+            "Which view is this: axial, coronal or sagittal?",
             "Along which plane was this section cut?",
             "Name the plane of this view.",
         ),
@@ -73,6 +91,12 @@ KINDS: dict[str, QuestionKind] = {
             "What body region does this image show?",
             "Which organ or region is imaged here?",
             "What anatomy is in this image?",
+            "What body part is this?",
+            "Which body part is imaged?",
+            "Tell me the body region of this image.",
+            "What part of the body does this image show?",
+            "Which region is shown in this scan?",
+            "What is the body region?",
             "Which region of the body was imaged?",
             "Where in the body was this image taken?",
         ),
@@ -82,6 +106,12 @@ KINDS: dict[str, QuestionKind] = {
             "Can {structure} be seen in this image?",
             "Do you see {structure} in this image?",
             "Does the image contain {structure}?",
+            "Is {structure} visible in this image?",
+            "Is there {structure} in this image?",
+            "Is {structure} present here?",
+            "Does this scan include {structure}?",
+            "Are there signs of {structure} in this picture?",
+            "Can you find {structure} here?",
             "Would you say this image contains {structure}?",
             "Can {structure} be identified in this picture?",
         ),
@@ -91,17 +121,14 @@ KINDS: dict[str, QuestionKind] = {
             "Is the area of {structure} {larger} in the {a} or in the {b} of the image?",
             "Where does {structure} cover a {larger} area: in the {a} or the {b}?",
             "Does the {a} or the {b} of the image show a {larger} area of {structure}?",
+            "Which has a {larger} area of {structure}: the {a} or the {b}?",
+            "Is there a {larger} area of {structure} in the {a} or the {b}?",
+            "Tell me whether the {a} or the {b} holds a {larger} area of {structure}.",
+            "Of the {a} and the {b}, which shows a {larger} area of {structure}?",
+            "Where is the area of {structure} {larger}, the {a} or the {b} of the image?",
+            "Which contains a {larger} area of {structure}, the {a} or the {b}?",
             "Comparing the {a} and the {b} of the image, which has a {larger} area of {structure}?",
             "In which half, the {a} or the {b}, is the area of {structure} {larger}?",
-        ),
-        _kind(
-            "hemisphere", "C", "closed",
-            "Which hemisphere does this sagittal slice cut through?",
-            "Is this slice in the left or the right hemisphere?",
-            "Which side of the brain is shown?",
-            "Left or right hemisphere: which one is this slice from?",
-            "Which cerebral hemisphere is this section taken from?",
-            "On which side of the brain does this slice lie?",
         ),
         _kind(
             "describe", "C", "open",
@@ -109,6 +136,12 @@ KINDS: dict[str, QuestionKind] = {
             "What does this image show?",
             "Give a short description of the image.",
             "What can you see in this picture?",
+            "Please describe the image.",
+            "Describe what is shown.",
+            "What is in this image?",
+            "Tell me about this image.",
+            "Can you describe this picture?",
+            "Summarise this image.",
             "Briefly summarise the content of this image.",
             "Provide a one-sentence description of this image.",
         ),
@@ -118,6 +151,12 @@ KINDS: dict[str, QuestionKind] = {
             "What structures are shown here?",
             "Name the structures visible in this image.",
             "Which structures appear in this image?",
+            "List the structures in this image.",
+            "What structures are visible?",
+            "Which structures does this image show?",
+            "Tell me the structures you can see.",
+            "What anatomical structures are present?",
+            "Which structures are in this picture?",
             "Can you list the structures present in this picture?",
             "What structures would you point out in this image?",
         ),
@@ -127,6 +166,12 @@ KINDS: dict[str, QuestionKind] = {
             "What does {region} show?",
             "Which structure is marked by {region}?",
             "Name what lies in {region}.",
+            "What structure is in {region}?",
+            "What is shown in {region}?",
+            "Tell me what {region} contains.",
+            "What do you see in {region}?",
+            "Which structure lies in {region}?",
+            "What is located in {region}?",
             "Identify the structure inside {region}.",
             "What can be found within {region}?",
         ),
@@ -136,6 +181,12 @@ KINDS: dict[str, QuestionKind] = {
             "Is {region} in the left or the right hemisphere?",
             "On which side of the brain is {region}?",
             "Does {region} lie in the left or right hemisphere?",
+            "Which side of the brain is {region} on?",
+            "Is {region} on the left or the right side of the brain?",
+            "In which hemisphere is {region}?",
+            "Tell me which hemisphere holds {region}.",
+            "Which cerebral hemisphere contains {region}?",
+            "Is {region} left or right?",
             "Which half of the brain does {region} belong to?",
             "Tell me the hemisphere of {region}.",
         ),
@@ -145,6 +196,12 @@ KINDS: dict[str, QuestionKind] = {
             "Can you segment {structure} in this image?",
             "Show me {structure} with a segmentation mask.",
             "Outline {structure} in this image.",
+            "Segment {structure}.",
+            "Please mark {structure} in this image.",
+            "Can you outline {structure}?",
+            "Draw a mask of {structure}.",
+            "Where is {structure}? Please segment it.",
+            "Give me a mask of {structure} in this image.",
             "Could you provide a segmentation mask for {structure}?",
             "Highlight {structure} in this image.",
         ),

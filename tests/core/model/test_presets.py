@@ -48,7 +48,8 @@ def test_7b_components_match_their_public_sizes(counts_7b: dict[str, int]) -> No
     # LLaVA-1.5's vocabulary: 32000 + <pad> + 7 control tokens (its <image> included), input and output rows.
     assert counts_7b["language_model"] == LLAMA_7B + 8 * TEXT * 2
     assert counts_7b["projector"] == _linear(VISION, TEXT) + _linear(TEXT, TEXT)
-    assert counts_7b["region_encoder"] == _linear(VISION, TEXT)
+    # The pooled features' adapter, and the map of the region's box and centroid (6 numbers).
+    assert counts_7b["region_encoder"] == _linear(VISION, TEXT) + _linear(6, TEXT)
     assert counts_7b["seg_head"] == _linear(TEXT, TEXT) + _linear(TEXT, PROMPT)
     # At 256 px, the 64x64 absolute position embedding becomes 16x16 and the four global-attention
     # blocks' relative tables shrink from 127 to 31 rows (x 64 head dims, h and w).

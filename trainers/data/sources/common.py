@@ -39,15 +39,6 @@ class RegionFamily:
 
 
 @dataclass(frozen=True)
-class Fact:
-    """A closed question a source can answer beyond modality, plane and body region."""
-
-    kind: str  # a question kind in templates.KINDS, e.g. 'larger' or 'hemisphere'
-    answer: str
-    fields: dict[str, str] = field(default_factory=dict)  # the template's placeholders
-
-
-@dataclass(frozen=True)
 class SourceImage:
     key: str  # unique, file-name safe: the image is written as images/<key>.png
     pixels: np.ndarray  # (H, W, 3) uint8, the canonical rendering at its stored size
@@ -63,7 +54,6 @@ class SourceImage:
     grounded: tuple[str, ...] = ()  # structures a grounding request asks for (when present)
     listed: tuple[str, ...] = ()  # structures the 'structures' question names (when present)
     compared: tuple[str, ...] = ()  # structures whose amount in the image's halves is compared
-    facts: tuple[Fact, ...] = ()
     regions: tuple[RegionFamily, ...] = ()
     wordings: int = 1  # how many wordings of each question: single images get more
 

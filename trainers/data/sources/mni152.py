@@ -7,6 +7,11 @@
 - left and right hemisphere: brain voxels with world x < 0 and x > 0 (RAS: left is negative x; the
   midline plane x = 0 belongs to neither).
 
+The template is symmetric: a sagittal slice and its mirror image across the midline are the same
+image, so nothing on a sagittal slice tells which hemisphere it lies in. Sagittal slices are asked
+no question whose answer is a side (which hemisphere, is a hemisphere present, which hemisphere a
+marked region is in); axial and coronal slices show both halves and are asked about sides.
+
 Splits: positions along each plane's axis are cut into 12 mm blocks, 4 of every 6 training, 1
 validation, 1 test, with 2 mm dropped either side of a change of split. Sagittal slices are placed
 by their distance from the midline: the template is symmetric, so a slice and its mirror image
@@ -21,7 +26,7 @@ import numpy as np
 
 from medplib.core.io import MedicalVolume, load_volume, slice_volume, volume_plane
 from medplib.core.io.volume import AXES
-from medplib.trainers.data.sources.common import Fact, RegionFamily, RegionLabel, SourceImage
+from medplib.trainers.data.sources.common import RegionFamily, RegionLabel, SourceImage
 from medplib.trainers.data.splits import PositionSplit
 from medplib.trainers.data.templates import STRUCTURES
 from medplib.trainers.registry_data import mni152_file
@@ -65,13 +70,10 @@ def _slice_image(
     sagittal = axis == "sagittal"
     sides = ("left_hemisphere", "right_hemisphere")
     tissue = ("grey_matter", "white_matter")
-    facts = (
-        (Fact("hemisphere", "left" if areas["left_hemisphere"] else "right"),)
-        if sagittal and position
-        else ()
-    )
     region_labels = [RegionLabel(STRUCTURES[name].name, masks[name]) for name in tissue if areas[name]]
-    side_labels = [RegionLabel(name.split("_")[0], masks[name]) for name in sides if areas[name]]
+    side_labels = [
+        RegionLabel(name.split("_")[0], masks[name]) for name in sides if areas[name] and not sagittal
+    ]
     return SourceImage(
         key=f"mni152_{axis}_{index:03d}",
         pixels=pixels,
@@ -83,12 +85,11 @@ def _slice_image(
         plane=axis,
         body_region="brain",
         structures=masks,
-        presence=(*tissue, *(sides if sagittal else ())),
+        presence=tissue,
         # A sagittal slice lies in one hemisphere: segmenting it would be segmenting the whole brain.
         grounded=(*tissue, *(() if sagittal else sides)),
         listed=tissue,
         compared=tissue,
-        facts=facts,
         regions=(
             RegionFamily("region_name", tuple(region_labels)),
             RegionFamily("region_side", tuple(side_labels)),
