@@ -104,6 +104,12 @@ def prepare(spec: StageSpec, source: Source, seed: int = 0) -> Prepared:
         prepared.moe = compose(model, specs, [str(a) if a is not None else None for a in adapters])
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(spec.trainable(name))
+        rows = spec.trained_rows(name)
+        if rows:
+            keep = torch.zeros(len(parameter), 1, dtype=parameter.dtype, device=parameter.device)
+            keep[[getattr(model.config, field) for field in rows]] = 1
+            # No gradient elsewhere: AdamW without weight decay (both schedules) leaves other rows as is.
+            parameter.register_hook(lambda grad, keep=keep: grad * keep)
     if not prepared.trainable_parameters():
         raise InvalidInputError(f"stage {spec.key} trains nothing on this model: {spec.trains}")
     return prepared

@@ -43,10 +43,16 @@ PARAMETER_GROUPS: dict[str, str] = {
     "router": r"\.mlp\.router\.",
     "experts": r"\.mlp\.experts\.",
     "seg_head": r"^seg_head\.",
+    # The `<SEG>` token's own rows of the input embeddings and the LM head (`ROW_GROUPS`).
+    "seg_token": r"^language_model\.(model\.embed_tokens|lm_head)\.weight$",
     "sam_image_encoder": r"^sam\.image_encoder\.",
     "mask_decoder": r"^sam\.mask_decoder\.",
 }
 LLM = ("embeddings", "lm_head", "norms", "attention", "mlp")
+# Groups that train only some rows of their matrices. `<SEG>` is new to the vocabulary: the grounding
+# stage must learn to say it (LISA trains its [SEG] embedding) without moving the rows every other
+# token, and so the stage II expert, reads. A stage that also trains the whole matrix trains every row.
+ROW_GROUPS: dict[str, str] = {"seg_token": "seg_token_id"}
 
 StageKey = Literal["1", "2", "3", "4", "joint"]
 STAGE_KEYS: tuple[str, ...] = ("1", "2", "3", "4", "joint")
@@ -86,6 +92,17 @@ class StageSpec(BaseModel):
     def trainable(self, parameter_name: str) -> bool:
         return any(re.search(PARAMETER_GROUPS[group], parameter_name) for group in self.trains)
 
+    def trained_rows(self, parameter_name: str) -> list[str]:
+        """Config fields of the token ids whose rows alone `parameter_name` trains; [] for all rows."""
+        whole = [g for g in self.trains if g not in ROW_GROUPS]
+        if any(re.search(PARAMETER_GROUPS[group], parameter_name) for group in whole):
+            return []
+        return [
+            ROW_GROUPS[g]
+            for g in self.trains
+            if g in ROW_GROUPS and re.search(PARAMETER_GROUPS[g], parameter_name)
+        ]
+
     @property
     def caches_clip(self) -> bool:
         """The CLIP tower is frozen: its features are computed once per image and reused."""
@@ -116,7 +133,7 @@ PAPER_OPTIM = {
 PAPER_TRAINS = {
     "1": ("projector",),
     "2": ("lora", "embeddings", "lm_head", "norms", "projector", "region_adapter"),
-    "3": ("lora", "seg_head", "mask_decoder"),
+    "3": ("lora", "seg_token", "seg_head", "mask_decoder"),
     "4": ("router", "experts", "lm_head", "embeddings", "seg_head", "mask_decoder", "region_adapter"),
 }
 
@@ -144,10 +161,13 @@ TINY_NOTES = (
     "frozen but for the expert's LoRA, so the stage II expert is unchanged.",
     "Learning rates are 2e-3 / 1e-3 / 1e-3 / 5e-4 (paper 1e-3 / 1e-4 / 3e-4 / 3e-4): weights trained "
     "from scratch for minutes need larger steps.",
-    "Epochs are 6 / 3 / 4 / 2 over the embedded dataset's 108 captions, 1201 VQA and region samples, "
-    "254 grounding samples and all 1455 samples (the paper: one epoch of far larger sets); warm-up is a "
+    "Epochs are 6 / 3 / 4 / 2 over the embedded dataset's 108 captions, 1119 VQA and region samples, "
+    "254 grounding samples and all 1373 samples (the paper: one epoch of far larger sets); warm-up is a "
     "tenth to a half of an epoch (paper 1%), since 1% of an epoch of this dataset is under one step. "
     "Stage III stops at 4 epochs: with 8, its Dice loss stopped falling after about one epoch.",
+    "The tiny and small presets put a LayerNorm on the image and region tokens (`visual_token_norm`; "
+    "LLaVA's projector has none): trained from scratch together with the LLM, the image tokens grew to "
+    "100-700 times the norm of the word embeddings and the LLM's attention stayed diffuse.",
     "Stage IV adds a routing loss (weight 1, not in the paper): cross-entropy of each routed layer's "
     "gate, on the question and answer tokens, against the expert whose `trains_on` accepts the sample. "
     "Top-1 gating scales the chosen expert by its gate probability, about 0.5 for a fresh router, so the "

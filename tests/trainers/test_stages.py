@@ -13,7 +13,7 @@ from medplib.core.model import build_medplib
 from medplib.experts.pixel_grounding import SPEC as GROUNDING
 from medplib.experts.vision_language import SPEC as VISION_LANGUAGE
 from medplib.trainers.stage_folder import Source, prepare
-from medplib.trainers.stages import PARAMETER_GROUPS, stage_spec
+from medplib.trainers.stages import PARAMETER_GROUPS, ROW_GROUPS, stage_spec
 
 
 def trainable(stage: str, schedule: str, expert: str | None = None) -> set[str]:
@@ -26,7 +26,8 @@ def groups_of(names: set[str]) -> set[str]:
     """Which groups the trainable names fall in; LoRA and experts by their own key."""
     import re
 
-    return {group for group, pattern in PARAMETER_GROUPS.items() for n in names if re.search(pattern, n)}
+    whole = {group: pattern for group, pattern in PARAMETER_GROUPS.items() if group not in ROW_GROUPS}
+    return {group for group, pattern in whole.items() for n in names if re.search(pattern, n)}
 
 
 def test_paper_stage_one_trains_the_projector_only() -> None:
@@ -47,10 +48,30 @@ def test_paper_stage_two_trains_its_lora_and_the_shared_text_parts() -> None:
 
 def test_stage_three_trains_lora_seg_head_and_mask_decoder_but_no_shared_llm_weight() -> None:
     paper = trainable("3", "paper")
-    assert groups_of(paper) == {"lora", "seg_head", "mask_decoder"}
+    # and the `<SEG>` rows alone of the embeddings and the LM head (see the next test)
+    seg_rows = {"language_model.model.embed_tokens.weight", "language_model.lm_head.weight"}
+    assert seg_rows <= paper and groups_of(paper - seg_rows) == {"lora", "seg_head", "mask_decoder"}
     # The tiny schedule adds SAM's encoder (no pretrained one here), never a weight the II expert uses.
     tiny = trainable("3", "tiny")
     assert tiny - paper and all(n.startswith("sam.image_encoder.") for n in tiny - paper)
+
+
+def test_stage_three_moves_only_the_seg_rows_of_the_embeddings_and_lm_head() -> None:
+    torch.manual_seed(0)
+    prepared = prepare(stage_spec("3"), Source("tiny", build_medplib("tiny")))
+    model = prepared.model
+    matrices = [model.get_input_embeddings().weight, model.language_model.lm_head.weight]
+    before = [m.detach().clone() for m in matrices]
+    optimizer = torch.optim.AdamW(matrices, lr=0.1, weight_decay=0.0)
+    sum(m.sum() for m in matrices).backward()
+    optimizer.step()
+    seg = model.config.seg_token_id
+    for old, new in zip(before, matrices, strict=True):
+        changed = (old != new).any(dim=1).nonzero().flatten().tolist()
+        assert changed == [seg]
+    # Stage II trains the whole matrices, and the joint baseline (II's groups and III's) does too.
+    assert stage_spec("joint").trained_rows("language_model.lm_head.weight") == []
+    assert stage_spec("3").trained_rows("language_model.lm_head.weight") == ["seg_token_id"]
 
 
 def test_stage_four_trains_router_experts_and_heads_not_the_shared_mlp() -> None:

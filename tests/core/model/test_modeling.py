@@ -16,7 +16,7 @@ from medplib.core.model import (
     Turn,
     build_config,
 )
-from medplib.core.model.region_encoder import RegionEncoder
+from medplib.core.model.region_encoder import RegionEncoder, region_location
 from medplib.core.model.vision import preprocess_region_mask
 
 SEG_ANSWER = ["Sure, it is", ControlToken.SEG, "."]
@@ -212,6 +212,46 @@ def test_region_encoder_samples_at_most_max_cells_at_mask_centroids() -> None:
     assert torch.allclose(points, torch.tensor([[-0.875, -0.875]]))
     with pytest.raises(RegionError):
         encoder.sample_points(torch.zeros(1, 16, 16), grid_size=4)
+
+
+def test_visual_token_norm_puts_image_and_region_tokens_at_unit_scale(
+    tiny_model: MedPLIBForCausalLM, processor, image, box_mask
+) -> None:
+    batch = processor([Request(image, [Turn(["What is", ControlToken.REGION, "?"])], [box_mask])])
+    with torch.no_grad():
+        embeds = tiny_model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["region_masks"])
+    ids, config = batch["input_ids"][0], tiny_model.config
+    visual = (ids == config.image_token_id) | (ids == config.region_token_id)
+    rms = embeds[0].pow(2).mean(-1).sqrt()
+    assert config.visual_token_norm and torch.allclose(rms[visual], torch.ones(int(visual.sum())), atol=0.01)
+    # LLaVA's projector has no norm: a config without the flag builds none, so its checkpoints load as is.
+    plain = MedPLIBForCausalLM(MedPLIBConfig.from_dict({**config.to_dict(), "visual_token_norm": False}))
+    assert plain.projector.norm is None and plain.region_encoder.norm is None
+
+
+def test_region_location_is_the_box_and_centroid_in_the_clip_frame() -> None:
+    masks = torch.zeros(2, 8, 8)
+    masks[0, 2:4, 5:7] = 1  # rows 2-3, columns 5-6
+    masks[1, 0, 0] = 1
+    # Pixel centres (2i + 1) / 8 - 1: columns 5 and 6 -> 0.375 and 0.625, rows 2 and 3 -> -0.375, -0.125.
+    expected = torch.tensor(
+        [[0.375, -0.375, 0.625, -0.125, 0.5, -0.25], [-0.875, -0.875, -0.875, -0.875, -0.875, -0.875]]
+    )
+    assert torch.allclose(region_location(masks), expected)
+
+
+def test_mirror_regions_of_a_symmetric_image_get_different_tokens() -> None:
+    # Same features everywhere: pooling alone cannot tell a region from its mirror image; its place can.
+    encoder = RegionEncoder(vision_hidden_size=4, text_hidden_size=3, max_cells=16)
+    features = torch.ones(16, 4)
+    left, right = torch.zeros(2, 1, 16, 16)
+    left[0, 4:8, 2:6], right[0, 4:8, 10:14] = 1, 1
+    tokens = encoder(features, torch.cat([left, right]))
+    assert not torch.allclose(tokens[0], tokens[1])
+    encoder.location.weight.data.zero_()
+    encoder.location.bias.data.zero_()
+    tokens = encoder(features, torch.cat([left, right]))
+    assert torch.allclose(tokens[0], tokens[1])
 
 
 def test_half_precision_forward(tiny_model: MedPLIBForCausalLM, processor, image, box_mask) -> None:
