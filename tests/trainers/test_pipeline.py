@@ -41,9 +41,18 @@ def test_each_stage_carries_the_experts_forward(chain: Path) -> None:
     record = read_record(chain / "4")
     assert record["active"] == "moe" and (chain / "4" / "model" / "moe.safetensors").is_file()
     assert read_record(chain / "3")["active"] == "pixel_grounding"
-    # Stage III's trunk is stage II's LLM: the experts are deltas on one shared trunk.
+    # Stage III's trunk is stage II's LLM: the experts are deltas on one shared trunk. Stage III trains
+    # only the new `<SEG>` token's rows of the embeddings and the LM head.
     two, three = load_source(str(chain / "2")).model, load_source(str(chain / "3")).model
-    assert torch.equal(two.language_model.lm_head.weight, three.language_model.lm_head.weight)
+    other_rows = torch.arange(two.config.text_config.vocab_size) != two.config.seg_token_id
+    for matrix in ("model.embed_tokens.weight", "lm_head.weight"):
+        before, after = two.language_model.get_parameter(matrix), three.language_model.get_parameter(matrix)
+        assert torch.equal(before[other_rows], after[other_rows]) and not torch.equal(before, after)
+    assert all(
+        torch.equal(p, three.language_model.get_parameter(name))
+        for name, p in two.language_model.named_parameters()
+        if not name.endswith(("embed_tokens.weight", "lm_head.weight"))
+    )
 
 
 def test_a_stage_folder_loads_as_the_model_it_trained(chain: Path) -> None:
