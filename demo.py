@@ -155,7 +155,7 @@ def ask_questions(stage_folder: Path, data: Path, out: Path) -> list[dict]:
     from medplib.trainers.collate import ExampleStore
     from medplib.trainers.stage_folder import load_stage_model
 
-    # A composed (stage IV) checkpoint loads with its router; `medplib.load` reads plain checkpoints.
+    # A stage folder (not a bare checkpoint): `load_stage_model` reads its record and its active model.
     assistant = MedPLIB(load_stage_model(stage_folder).model, name=str(stage_folder))
     store = ExampleStore.open(data, split="test")
     first: dict[tuple, Example] = {}
