@@ -145,7 +145,7 @@ TINY_TRAINS = {
     "4": PAPER_TRAINS["4"],
 }
 TINY_OPTIM = {
-    "1": Optimization(lr=2e-3, epochs=6, warmup_fraction=0.5),
+    "1": Optimization(lr=2e-3, epochs=12, warmup_fraction=0.5),
     "2": Optimization(lr=1e-3, epochs=3, warmup_fraction=0.25),
     "3": Optimization(lr=1e-3, epochs=4, warmup_fraction=0.25),
     "4": Optimization(lr=5e-4, epochs=2, warmup_fraction=0.1),
@@ -161,10 +161,12 @@ TINY_NOTES = (
     "frozen but for the expert's LoRA, so the stage II expert is unchanged.",
     "Learning rates are 2e-3 / 1e-3 / 1e-3 / 5e-4 (paper 1e-3 / 1e-4 / 3e-4 / 3e-4): weights trained "
     "from scratch for minutes need larger steps.",
-    "Epochs are 6 / 3 / 4 / 2 over the embedded dataset's 108 captions, 1119 VQA and region samples, "
+    "Epochs are 12 / 3 / 4 / 2 over the embedded dataset's 108 captions, 1119 VQA and region samples, "
     "254 grounding samples and all 1373 samples (the paper: one epoch of far larger sets); warm-up is a "
     "tenth to a half of an epoch (paper 1%), since 1% of an epoch of this dataset is under one step. "
-    "Stage III stops at 4 epochs: with 8, its Dice loss stopped falling after about one epoch.",
+    "Stage III stops at 4 epochs: with 8, its Dice loss stopped falling after about one epoch. Stage I "
+    "runs 12 epochs, not 6: on the validation split the stage II expert after it answered 0.89 of the "
+    "closed questions against 0.87 (24 epochs: 0.82).",
     "The tiny and small presets put a LayerNorm on the image and region tokens (`visual_token_norm`; "
     "LLaVA's projector has none): trained from scratch together with the LLM, the image tokens grew to "
     "100-700 times the norm of the word embeddings and the LLM's attention stayed diffuse.",
