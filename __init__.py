@@ -18,6 +18,7 @@ from medplib.core.errors import (
     RegionError,
     UnsupportedFormatError,
 )
+from medplib.core.lazy import lazy_exports
 
 # Public names whose modules import torch: resolved on first use (PEP 562), so `import medplib` stays cheap.
 _LAZY = {
@@ -30,20 +31,7 @@ _LAZY = {
     "ChatResult": "medplib.core.results",
 }
 
-
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'medplib' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
-
+__getattr__, __dir__ = lazy_exports("medplib", _LAZY, globals())
 
 __all__ = [
     "AnswerResult",

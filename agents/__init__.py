@@ -9,6 +9,8 @@ with a model.
 
 from __future__ import annotations
 
+from medplib.core.lazy import lazy_exports
+
 # Public name -> module, resolved on first use (PEP 562).
 _LAZY = {
     "MedPLIBToolkit": "medplib.agents.toolkit",
@@ -25,19 +27,6 @@ _LAZY = {
     "GroundingArtifact": "medplib.agents.tools",
 }
 
-
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'medplib.agents' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
-
+__getattr__, __dir__ = lazy_exports("medplib.agents", _LAZY, globals())
 
 __all__ = sorted(_LAZY)

@@ -7,8 +7,7 @@ over registered experts and returns a `MixtureOfExperts`. Names load on first us
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from medplib.core.lazy import lazy_exports
 
 _EXPORTS = {
     "RouterConfig": "medplib.router.config",
@@ -26,8 +25,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'medplib.router' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__, __dir__ = lazy_exports("medplib.router", _EXPORTS, globals())
