@@ -57,6 +57,7 @@ from medplib.core.queries import (
 )
 from medplib.core.regions import RegionPrompt
 from medplib.core.results import AnswerResult, CacheHits, ChatResult, GroundingResult, InferenceResult
+from medplib.core.volume_results import VolumeAnswerResult, VolumeGroundingResult
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # The grounding wording of the MeCoVQA question templates (trainers/data/templates.py), which the
@@ -287,6 +288,20 @@ class MedPLIB:
                 result = self._result(AnswerResult, item, row, batch, start, question=query.text)
             results.append((result, row.seg_hidden_states))
         return results
+
+    def ground_volume(self, volume: Any, text: str, **options: Any) -> VolumeGroundingResult:
+        """Segment what `text` names through a volume (NIfTI, DICOM series folder or multi-frame
+        DICOM, or a `MedicalVolume`), slice by slice in batches: a 3-D mask on the input's own grid
+        with its volume in mL. Options and decoding: `core.volume_grounding.ground_volume`."""
+        from medplib.core.volume_grounding import ground_volume
+
+        return ground_volume(self, volume, text, **options)
+
+    def answer_volume(self, volume: Any, question: str, **options: Any) -> VolumeAnswerResult:
+        """Ask `question` about every slice of a slab (`slices=`), answers grouped by what they say."""
+        from medplib.core.volume_grounding import answer_volume
+
+        return answer_volume(self, volume, question, **options)
 
     def chat(
         self,

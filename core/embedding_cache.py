@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -102,6 +103,14 @@ class EmbeddingCache:
                 _, (_, evicted) = self._entries.popitem(last=False)
                 self._bytes -= evicted
                 self._evictions += 1
+
+    def discard_images(self, digests: Iterable[str]) -> None:
+        """Drop every entry (any kind, any encoder) of these images: a caller that streams many new
+        images through once (the slices of a volume) keeps them from evicting everyone else's."""
+        wanted = set(digests)
+        with self._lock:
+            for key in [key for key in self._entries if key.image in wanted]:
+                self._bytes -= self._entries.pop(key)[1]
 
     def clear(self) -> None:
         """Drop every entry (e.g. after the model's weights changed); the counters stay."""

@@ -87,11 +87,14 @@ def load_dicom_volume(data: bytes, *, source: str, limits: ImageLimits, force: b
     row_mm, column_mm = spacing or (1.0, 1.0)
     step = _float(ds.get("SpacingBetweenSlices")) or thickness or 1.0
     zooms = (column_mm, row_mm, step)
+    affine = np.diag([*zooms, 1.0])
     return MedicalVolume(
         # (frames, rows, cols) -> (cols, rows reversed, frames): the inverse of volume_plane's rot90.
         data=np.rot90(frames.transpose(1, 2, 0), k=-1),
-        affine=np.diag([*zooms, 1.0]),
+        affine=affine,
         zooms=zooms,
+        # The file's order is (cols, rows, frames): rows run the other way.
+        file_affine=affine @ _flip_rows(rows=frames.shape[1]),
         meta=VolumeMeta(
             source=source,
             format="dicom",
@@ -101,6 +104,13 @@ def load_dicom_volume(data: bytes, *, source: str, limits: ImageLimits, force: b
             **_descriptions(ds),
         ),
     )
+
+
+def _flip_rows(*, rows: int) -> np.ndarray:
+    """The voxel map (i, j, k) -> (i, rows - 1 - j, k)."""
+    flip = np.diag([1.0, -1.0, 1.0, 1.0])
+    flip[1, 3] = rows - 1
+    return flip
 
 
 def _open(data: bytes, *, source: str, force: bool, limits: ImageLimits) -> tuple[Any, int]:

@@ -15,6 +15,7 @@ import numpy as np
 from medplib.core.errors import InvalidInputError, UnsupportedFormatError
 from medplib.core.image import DEFAULT_LIMITS, ImageLimits, ImageMeta, MedicalImage
 from medplib.core.io.dicom import is_dicom, load_dicom_image, load_dicom_volume
+from medplib.core.io.dicom_series import is_folder, load_dicom_series
 from medplib.core.io.intensity import Window, render
 from medplib.core.io.nifti import load_nifti_volume, read_nifti_header
 from medplib.core.io.raster import check_pixels, decode_raster, pil_to_array, sniff_raster
@@ -68,10 +69,23 @@ def load_image(
 
 
 def load_volume(
-    source: Any, *, volume_index: int | None = None, limits: ImageLimits = DEFAULT_LIMITS
+    source: Any,
+    *,
+    volume_index: int | None = None,
+    series_uid: str | None = None,
+    limits: ImageLimits = DEFAULT_LIMITS,
 ) -> MedicalVolume:
-    """Load a 3-D volume: a NIfTI file (volume `volume_index` of a 4-D one) or a DICOM's frames."""
+    """Load a 3-D volume: a NIfTI file (volume `volume_index` of a 4-D one), a DICOM's frames, or a
+    folder holding a DICOM series (the series `series_uid` of it, if it holds several).
+    A MedicalVolume is returned unchanged."""
+    if isinstance(source, MedicalVolume):
+        return source
+    if is_folder(source):
+        _reject_unused("a DICOM series", volume_index=volume_index)
+        return load_dicom_series(source, limits=limits, series_uid=series_uid)
     name = _source_name(source)
+    if series_uid is not None:
+        raise InvalidInputError(f"series_uid applies to a folder of DICOM files, not to the file {name}")
     data = read_source(source, max_bytes=limits.max_bytes)
     kind = sniff_format(data, name=name)
     if kind == "nifti":

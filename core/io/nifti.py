@@ -90,7 +90,8 @@ def load_nifti_volume(
             f"{source}: truncated NIfTI file: the header declares {size} bytes, the file holds {len(raw)}"
         )
     try:
-        canonical = _canonical(image_class.from_bytes(raw), spatial, index, len(shape))
+        image = image_class.from_bytes(raw)
+        canonical = _canonical(image, spatial, index, len(shape))
     except MedplibError:
         raise
     except Exception as exc:  # nibabel raises a zoo of types for inconsistent files
@@ -106,6 +107,7 @@ def load_nifti_volume(
         data=array,
         affine=np.asarray(canonical.affine, dtype=np.float64),
         zooms=(zoom_x, zoom_y, zoom_z),
+        file_affine=np.asarray(image.affine, dtype=np.float64),
         meta=VolumeMeta(
             source=source,
             format="nifti",

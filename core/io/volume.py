@@ -37,20 +37,26 @@ class VolumeMeta(BaseModel):
     description: str | None = None
     volume_index: int | None = None  # which volume of a 4-D series this is
     num_volumes: int = 1
+    series_uid: str | None = None  # DICOM SeriesInstanceUID of a series read from a folder
+    slice_files: tuple[str, ...] = ()  # a DICOM series' files, in slice order (the file grid's k)
 
 
 @dataclass(frozen=True)
 class MedicalVolume:
     """A 3-D array, its voxel→world affine (mm), voxel sizes and metadata.
 
-    NIfTI volumes are in RAS+ voxel order; a DICOM frame stack is laid out so its axial planes are
-    the frames as displayed (see `load_dicom_volume`), without patient coordinates.
+    NIfTI volumes and DICOM series are in RAS+ voxel order; a DICOM frame stack is laid out so its
+    axial planes are the frames as displayed (see `load_dicom_volume`), without patient coordinates.
+    `file_affine` is the voxel->world affine of the file's own voxel order, which differs from
+    `affine` by axis flips and permutations only (`to_file_grid` maps an array back); None when the
+    volume was made in memory and its grid is its own.
     """
 
     data: np.ndarray
     affine: np.ndarray
     zooms: tuple[float, float, float]
     meta: VolumeMeta
+    file_affine: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.data.ndim != 3 or self.affine.shape != (4, 4):
@@ -128,6 +134,35 @@ def slice_volume(
             volume_shape=volume.shape,
         ),
     )
+
+
+def place_plane(target: np.ndarray, plane: np.ndarray, *, axis: str | int, index: int) -> None:
+    """Write a plane shaped as `volume_plane` returns it (e.g. a mask predicted on `slice_volume`'s
+    image) into slice `index` of the 3-D array `target`: the exact inverse of `volume_plane`."""
+    number = axis_number(axis)
+    target[(slice(None),) * number + (index,)] = np.rot90(plane, k=-1)
+
+
+def to_file_grid(volume: MedicalVolume, array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`array`, laid out on `volume`'s grid, in the voxel order of the file the volume was read
+    from, with that file's affine: exact (flips and axis permutations, never a resampling)."""
+    if array.shape != volume.shape:
+        raise InvalidInputError(f"an array of shape {array.shape} is not on a volume of shape {volume.shape}")
+    if volume.file_affine is None:
+        return array, volume.affine
+    from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
+
+    canonical = np.array([[0, 1], [1, 1], [2, 1]])
+    back = ornt_transform(canonical, io_orientation(volume.file_affine))
+    return apply_orientation(array, back), volume.file_affine
+
+
+def canonical_grid(data: np.ndarray, file_affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(data, affine) in closest canonical RAS+ voxel order, as nibabel's `as_closest_canonical`."""
+    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
+
+    orientation = io_orientation(file_affine)
+    return apply_orientation(data, orientation), file_affine @ inv_ornt_aff(orientation, data.shape)
 
 
 def _plane_position(volume: MedicalVolume, axis: str | int, index: int | None) -> tuple[int, int]:
