@@ -14,6 +14,18 @@ from typing import Any, TypeVar
 
 import typer
 
+from medplib.cli_volume import (
+    BatchSizeOption,
+    LargestOption,
+    MinScoreOption,
+    OutOption,
+    ProgressOption,
+    SeriesOption,
+    SkipForcedOption,
+    SlicesOption,
+    run_volume,
+    wants_volume,
+)
 from medplib.core.errors import MedplibError
 
 app = typer.Typer(
@@ -315,8 +327,14 @@ def ask(
     seed: int | None = SeedOption,
     device: str = DeviceOption,
     dtype: str = DtypeOption,
+    slices: str | None = SlicesOption,
+    batch_size: int = BatchSizeOption,
+    series: str | None = SeriesOption,
+    progress: bool | None = ProgressOption,
 ) -> None:
-    """Ask a question about an image, or about regions marked on it."""
+    """Ask a question about an image, or about regions marked on it; with --slices, about each slice."""
+    if wants_volume(image, locals()):
+        return run_volume("answer", **locals())
     run_assistant("answer", **locals())
 
 
@@ -341,9 +359,20 @@ def ground(
     seed: int | None = SeedOption,
     device: str = DeviceOption,
     dtype: str = DtypeOption,
+    slices: str | None = SlicesOption,
+    batch_size: int = BatchSizeOption,
+    series: str | None = SeriesOption,
+    progress: bool | None = ProgressOption,
+    out: str | None = OutOption,
+    min_score: float | None = MinScoreOption,
+    skip_forced: bool = SkipForcedOption,
+    largest_component: bool = LargestOption,
 ) -> None:
-    """Segment what TEXT names; always returns at least one mask."""
-    run_assistant("ground", question=text, **{k: v for k, v in locals().items() if k != "text"})
+    """Segment what TEXT names; always returns at least one mask. With --out or --slices, or a DICOM
+    series folder, through the volume: a 3-D mask (NIfTI or DICOM SEG), its volume in mL."""
+    options = {k: v for k, v in locals().items() if k != "text"}
+    run = run_volume if wants_volume(image, options) else run_assistant
+    run("ground", question=text, **options)
 
 
 def run_assistant(task: str, *, image: str, question: str, **options: Any) -> None:

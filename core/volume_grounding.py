@@ -71,6 +71,9 @@ def parse_slices(spec: SliceSpec, count: int) -> list[int]:
     if isinstance(spec, slice):
         if spec.step == 0:
             raise InvalidInputError("the slice step must not be 0")
+        ends = [end for end in (spec.start, spec.stop) if end is not None and not -count <= end <= count]
+        if ends:  # Python would clamp silently; a typo'd range is worth an error
+            raise InvalidInputError(f"slices end {ends[0]} is outside the axis's {count} slices")
         spec = range(count)[spec]
     indices = [int(i) for i in spec]
     bad = [i for i in indices if not 0 <= i < count]
