@@ -248,7 +248,9 @@ def _spacing(header: Any, name: str) -> tuple[float, float]:
 
 
 def _orientation(header: Any) -> np.ndarray:
-    return np.array([float(v) for v in header.ImageOrientationPatient])
+    """The row and column direction cosines, each made unit length (headers round them)."""
+    row, column = np.array([float(v) for v in header.ImageOrientationPatient]).reshape(2, 3)
+    return np.concatenate([row / np.linalg.norm(row), column / np.linalg.norm(column)])
 
 
 def _normal(header: Any) -> np.ndarray:

@@ -32,6 +32,7 @@ def write_dicom_series(
     series_uid = series_uid or generate_uid()
     row_dir, column_dir = np.array(orientation[:3], float), np.array(orientation[3:], float)
     normal = np.cross(row_dir, column_dir)
+    normal /= np.linalg.norm(normal)
     order = list(range(len(planes)))
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(order)
