@@ -65,6 +65,10 @@ def run_volume(task: str, *, image: str, question: str, **options: Any) -> None:
     from medplib.cli import parse_window
 
     volume = load_volume(image, volume_index=options.get("volume"), series_uid=options.get("series"))
+    if options.get("out"):
+        from medplib.core.io.volume_writers import mask_format
+
+        mask_format(options["out"], volume)  # a wrong name fails now, not after the grounding
     decoding = {k: options[k] for k in ("max_new_tokens", "temperature", "seed")}
     common = {
         "axis": options["axis"],

@@ -52,12 +52,8 @@ def dicom_seg(result: VolumeGroundingResult, volume: MedicalVolume) -> Any:
 
     from medplib import __version__
 
+    mask_format(".dcm", volume)
     files = volume.meta.slice_files
-    if not files or volume.meta.format != "dicom":
-        raise InvalidInputError(
-            f"{volume.meta.source}: a DICOM SEG references a DICOM series: the input is not one"
-            " (write the mask as .nii.gz)"
-        )
     mask = _mask(result)
     if mask.shape[2] != len(files):
         raise InvalidInputError(f"the mask has {mask.shape[2]} slices, the series {len(files)} files")
@@ -100,20 +96,32 @@ def dicom_seg(result: VolumeGroundingResult, volume: MedicalVolume) -> Any:
         raise InvalidInputError(f"{volume.meta.source}: cannot make a DICOM SEG ({exc})") from None
 
 
+def mask_format(name: str, volume: MedicalVolume) -> str:
+    """'nifti' or 'seg' for a mask file name, checked against the input before any work is done."""
+    lower = name.lower()
+    if lower.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if not lower.endswith(SEG_SUFFIXES):
+        raise InvalidInputError(f"{name}: write the mask as .nii.gz, .nii or .dcm (DICOM SEG)")
+    if not volume.meta.slice_files or volume.meta.format != "dicom":
+        raise InvalidInputError(
+            f"{name}: a DICOM SEG references a DICOM series, and {volume.meta.source} is not one"
+            " (a folder of DICOM slices): write the mask as .nii.gz"
+        )
+    return "seg"
+
+
 def save_mask(path: str | os.PathLike[str], result: VolumeGroundingResult, volume: MedicalVolume) -> str:
     """Write the mask as NIfTI (.nii, .nii.gz) or DICOM SEG (.dcm), by the name; a path or fsspec URI."""
     import fsspec
 
     name = os.fspath(path)
-    lower = name.lower()
-    if lower.endswith(NIFTI_SUFFIXES):
-        data = mask_nifti_bytes(result, compress=lower.endswith(".gz"))
-    elif lower.endswith(SEG_SUFFIXES):
+    if mask_format(name, volume) == "nifti":
+        data = mask_nifti_bytes(result, compress=name.lower().endswith(".gz"))
+    else:
         buffer = io.BytesIO()
         dicom_seg(result, volume).save_as(buffer, enforce_file_format=True)
         data = buffer.getvalue()
-    else:
-        raise InvalidInputError(f"{name}: write the mask as .nii.gz, .nii or .dcm (DICOM SEG)")
     with fsspec.open(name, "wb") as handle:
         handle.write(data)
     return name

@@ -131,7 +131,9 @@ def test_dicom_seg_references_each_frame_s_slice(tmp_path: Path, dicom_series_wr
 def test_dicom_seg_needs_a_dicom_series(tmp_path: Path, make_sphere) -> None:
     path, _, _ = oblique_ball(tmp_path, make_sphere, lps=False)
     volume = load_volume(path)
-    with pytest.raises(InvalidInputError, match=r"not one \(write the mask as \.nii\.gz\)"):
+    with pytest.raises(
+        InvalidInputError, match=r"is not one \(a folder of DICOM slices\): write the mask as \.nii\.gz"
+    ):
         dicom_seg(ground_bright(volume), volume)
     with pytest.raises(InvalidInputError, match=r"\.nii\.gz, \.nii or \.dcm"):
         save_mask(tmp_path / "mask.png", ground_bright(volume), volume)
