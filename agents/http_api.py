@@ -2,6 +2,7 @@
 
     POST /v1/vqa      VQARequest    -> AnswerResult      (a question; regions make it region VQA)
     POST /v1/ground   GroundRequest -> GroundingResult   (masks as COCO RLE)
+    POST /v1/ground_volume  GroundVolumeRequest -> GroundVolumeResponse  (NIfTI or per-slice RLE)
     GET  /v1/experts                -> ExpertsResponse   (the experts and the deployments hosting them)
     GET  /v1/health                 -> HealthResponse    (503 while a deployment has no running replica)
     GET  /openapi.json, /docs                            (the schema, and a page to try it)
@@ -31,6 +32,8 @@ from medplib.agents.schemas import (
     ErrorResponse,
     ExpertsResponse,
     GroundRequest,
+    GroundVolumeRequest,
+    GroundVolumeResponse,
     HealthResponse,
     VQARequest,
     error_kind,
@@ -61,6 +64,8 @@ class ApiService(Protocol):
 
     def experts(self) -> ExpertsResponse: ...
 
+    async def ground_volume(self, request: GroundVolumeRequest) -> GroundVolumeResponse: ...
+
 
 def create_api(service: ApiService, *, max_body_bytes: int, api_key: str | None) -> FastAPI:
     app = FastAPI(
@@ -80,6 +85,11 @@ def create_api(service: ApiService, *, max_body_bytes: int, api_key: str | None)
     async def ground(body: GroundRequest) -> Any:
         """Segment what `text` names; at least one mask, `seg_forced` says if the model needed a push."""
         return await service.answer(body)
+
+    @app.post("/v1/ground_volume", response_model=GroundVolumeResponse, responses=ERROR_RESPONSES)
+    async def ground_volume(body: GroundVolumeRequest) -> Any:
+        """Segment what `text` names through a volume (NIfTI, DICOM series): a 3-D mask on its grid."""
+        return await service.ground_volume(body)
 
     @app.get("/v1/experts", response_model=ExpertsResponse, responses={401: ERROR_RESPONSES[401]})
     async def experts() -> Any:

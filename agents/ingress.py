@@ -42,12 +42,15 @@ from medplib.agents.http_api import create_api
 from medplib.agents.schemas import (
     ExpertsResponse,
     GroundRequest,
+    GroundVolumeRequest,
+    GroundVolumeResponse,
     HealthResponse,
     ImageInput,
     ServeError,
     VQARequest,
 )
 from medplib.agents.serve_config import Batching, ServeConfig
+from medplib.agents.volume_service import ground_volume_request
 from medplib.core.embedding_cache import CacheKey, EmbeddingCache
 from medplib.core.errors import CapacityError, InvalidInputError, MedplibError
 from medplib.core.image import MedicalImage
@@ -146,19 +149,36 @@ class IngressService:
         image, load_ms = await self._load(request.image)
         regions = await asyncio.to_thread(self._checked_regions, request.regions, image)
         query = Query(image=image, text=text, task="ground" if grounding else "answer", regions=regions)
-        output = await self._generate(TrunkItem(query, request.decoding))
+        result = await self.infer(query, request.decoding)
+        timings = {**result.timings_ms, "load": load_ms, "total": 1000 * (time.perf_counter() - start)}
+        return result.model_copy(update={"timings_ms": {k: round(v, 2) for k, v in timings.items()}})
+
+    async def infer(self, query: Query, decoding: Decoding) -> AnswerResult | GroundingResult:
+        """One checked query through the trunk, and the grounding decoder if its answer holds <SEG>."""
+        output = await self._generate(TrunkItem(query, decoding))
         if isinstance(output, BaseException):  # the trunk refused this query alone
             raise output
         result = output.result
-        timings = {**result.timings_ms, "load": load_ms}
         if len(output.seg_hidden_states):
-            item = GroundingItem(image.pixels, output.seg_hidden_states, text if grounding else None)
-            grounded = await self._decode(item)
-            timings.update(grounded.milliseconds)
+            label = query.text if query.task == "ground" else None
+            grounded = await self._decode(GroundingItem(query.image.pixels, output.seg_hidden_states, label))
             cache = result.cache.model_copy(update={"sam": grounded.sam_cache})
-            result = result.model_copy(update={"masks": grounded.masks, "cache": cache})
-        timings["total"] = 1000 * (time.perf_counter() - start)
-        return result.model_copy(update={"timings_ms": {k: round(v, 2) for k, v in timings.items()}})
+            timings = {**result.timings_ms, **grounded.milliseconds}
+            result = result.model_copy(
+                update={"masks": grounded.masks, "cache": cache, "timings_ms": timings}
+            )
+        return result
+
+    async def ground_volume(self, request: GroundVolumeRequest) -> GroundVolumeResponse:
+        """A volume grounded slice by slice through `infer`: see `agents/volume_service.py`."""
+        return await ground_volume_request(
+            request,
+            infer=self.infer,
+            allowed=self._allowed,
+            limits=self.limits,
+            model=self.config.model,
+            batch_size=self.config.deployments.trunk.batching.max_batch_size,
+        )
 
     def _check_sizes(self, text: str, request: VQARequest | GroundRequest) -> None:
         """The limits that need no image, checked before anything is read."""

@@ -27,23 +27,34 @@ from medplib.core.errors import (
     UnsupportedFormatError,
 )
 from medplib.core.expert_spec import ExpertSpec, Resources
+from medplib.core.masks import Mask
 from medplib.core.queries import REGION_PLACEHOLDER, Decoding
 from medplib.core.regions import RegionPrompt
+from medplib.core.volume_results import VolumeGroundingResult
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ImageInput(_Body):
-    """The image: exactly one of `uri` and `base64`, and how to read it (`load_image`'s options)."""
-
+class _FileInput(_Body):
     uri: str | None = Field(
         None, min_length=1, description="path or fsspec URI the server reads (if its config allows it)"
     )
     base64: str | None = Field(
         None, min_length=1, description="the file itself (PNG, JPEG, TIFF, DICOM, NIfTI), base64-encoded"
     )
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> _FileInput:
+        if (self.uri is None) == (self.base64 is None):
+            raise ValueError("give the file as exactly one of 'uri' and 'base64'")
+        return self
+
+
+class ImageInput(_FileInput):
+    """The image: exactly one of `uri` and `base64`, and how to read it (`load_image`'s options)."""
+
     frame: int | None = Field(None, description="frame of a multi-frame DICOM")
     slice_index: int | None = Field(None, description="slice of a volume (default: the middle one)")
     axis: Literal["axial", "coronal", "sagittal"] = Field("axial", description="plane of a volume slice")
@@ -51,12 +62,6 @@ class ImageInput(_Body):
     window: str | tuple[float, float] | None = Field(
         None, description="a preset (lung, brain, bone, ...), [center, width], or none: the file's own"
     )
-
-    @model_validator(mode="after")
-    def _exactly_one_source(self) -> ImageInput:
-        if (self.uri is None) == (self.base64 is None):
-            raise ValueError("give the image as exactly one of 'uri' and 'base64'")
-        return self
 
     def load_options(self) -> dict[str, Any]:
         """Keyword arguments of `load_image`."""
@@ -85,6 +90,42 @@ class GroundRequest(InferenceRequest):
     """What to segment; the answer always holds at least one mask."""
 
     text: str = Field(min_length=1, description="what to segment, e.g. 'the liver lesion'")
+
+
+class VolumeInput(_FileInput):
+    """The volume: `uri` names a NIfTI or DICOM file or a folder holding a DICOM series; `base64`
+    carries a NIfTI or multi-frame DICOM file."""
+
+    volume_index: int | None = Field(None, description="volume of a 4-D NIfTI")
+    series_uid: str | None = Field(None, description="SeriesInstanceUID, for a folder holding several")
+
+
+class GroundVolumeRequest(_Body):
+    """What to segment through a volume, slice by slice; the mask comes back on the input's grid."""
+
+    volume: VolumeInput
+    text: str = Field(min_length=1, description="what to segment, e.g. 'the liver'")
+    axis: Literal["axial", "coronal", "sagittal"] = Field("axial", description="the planes grounded")
+    slices: str | None = Field(None, description="START:STOP slice indices along the axis (default: all)")
+    window: str | tuple[float, float] | None = Field(None, description="as for an image")
+    min_score: float | None = Field(None, description="leave slices whose predicted IoU is below it empty")
+    skip_forced: bool = Field(False, description="leave slices empty where the model gave no <SEG>")
+    largest_component: bool = Field(False, description="keep the largest 3-D connected part")
+    mask_format: Literal["nifti", "rle", "none"] = Field(
+        "nifti", description="the mask as a gzipped NIfTI in base64, as COCO RLE per slice, or not at all"
+    )
+    decoding: Decoding = Field(default_factory=Decoding, description="max_new_tokens, temperature, ...")
+
+
+class SliceMask(_Body):
+    index: int = Field(description="slice index along the axis")
+    mask: Mask = Field(description="the slice's mask on its image (as `/v1/ground` would return it)")
+
+
+class GroundVolumeResponse(_Body):
+    result: VolumeGroundingResult = Field(description="the summary: volume in mL, extent, per-slice scores")
+    mask_nifti_base64: str | None = Field(None, description="mask_format 'nifti': the mask file, gzipped")
+    slice_masks: list[SliceMask] | None = Field(None, description="mask_format 'rle': one per slice")
 
 
 class ErrorResponse(_Body):

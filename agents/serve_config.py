@@ -166,6 +166,10 @@ class ServeLimits(_Strict):
         "base64 only. Restrict it on any server others can reach.",
     )
     decoded_cache_bytes: int = Field(256 << 20, ge=0, description="the ingress's decoded-image cache")
+    max_volume_bytes: int = Field(512 << 20, ge=1, description="a volume read from a URI (all its files)")
+    max_volume_voxels: int = Field(512 * 512 * 1024, ge=1, description="a decoded volume, checked on headers")
+    max_volume_slices: int = Field(1024, ge=1, description="slices one /v1/ground_volume request grounds")
+    volume_timeout_s: float = Field(900.0, gt=0, description="a volume grounded, or 504, within this time")
 
     def inference(self, max_batch: int) -> InferenceLimits:
         return InferenceLimits(
@@ -177,6 +181,13 @@ class ServeLimits(_Strict):
 
     def image(self) -> ImageLimits:
         return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+
+    def volume(self) -> ImageLimits:
+        return ImageLimits(
+            max_bytes=self.max_volume_bytes,
+            max_pixels=self.max_image_pixels,
+            max_voxels=self.max_volume_voxels,
+        )
 
 
 class Retries(_Strict):

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 Axis = Literal["sagittal", "coronal", "axial"]
 
@@ -57,7 +58,8 @@ class VolumeGroundingResult(BaseModel):
     slices: list[SliceGrounding] = Field(description="every slice grounded, in index order")
     options: dict[str, Any] = Field(description="min_score, skip_forced, largest_component, window")
     timings_ms: dict[str, float] = Field(description="load, grounding (all batches), total")
-    mask: np.ndarray | None = Field(default=None, exclude=True, repr=False)
+    # Voxels never travel as JSON (nor appear in its schema): a file or per-slice RLE carries them.
+    mask: SkipJsonSchema[np.ndarray | None] = Field(default=None, exclude=True, repr=False)
 
     def summary(self) -> str:
         """A few lines for people and LLMs: volume, extent, slices."""

@@ -195,3 +195,93 @@ async def test_the_replica_batcher_merges_what_waits_while_it_runs() -> None:
     with pytest.raises(RuntimeError, match="a bug"):
         await batcher.submit("a", [-1])
     assert await batcher.submit("a", [7]) == [70]  # and it goes on
+
+
+# ---- POST /v1/ground_volume ------------------------------------------------------------------------
+
+
+def ball_nifti(tmp_path: Any, make_sphere: Any) -> Any:
+    import nibabel as nib
+    import numpy as np
+
+    affine = np.array([[0.0, 0, -1.5, 20], [-0.9, 0, 0, 8], [0, 1.1, 0, -3], [0, 0, 0, 1]])
+    path = tmp_path / "ball.nii.gz"
+    data = np.where(make_sphere((10, 9, 7), (5, 4, 3), 2.5), 200, 20).astype(np.uint8)
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return path
+
+
+async def test_ground_volume_equals_the_in_process_result(
+    replicas: tuple[Any, Any], tmp_path: Any, make_sphere: Any
+) -> None:
+    import numpy as np
+
+    from medplib.agents.schemas import GroundVolumeRequest
+    from medplib.agents.volume_service import decode_mask
+
+    path = ball_nifti(tmp_path, make_sphere)
+    ingress, generate, _ = service(replicas)
+    body = {"base64": base64.b64encode(path.read_bytes()).decode()}
+    request = GroundVolumeRequest(
+        volume=body, text="the ball", axis="coronal", slices="2:7", decoding=DECODING
+    )
+    response = await ingress.ground_volume(request)
+    local = replicas[0].assistant.ground_volume(path, "the ball", axis="coronal", slices="2:7", **DECODING)
+    assert [s.index for s in response.result.slices] == [2, 3, 4, 5, 6]
+    assert [s.score for s in response.result.slices] == pytest.approx(
+        [s.score for s in local.slices], abs=1e-3
+    )
+    np.testing.assert_array_equal(decode_mask(response), local.mask)
+    assert response.result.affine == local.affine and response.result.volume_ml == local.volume_ml
+    assert sum(len(call[0]) for call in generate.calls) == 5 and len(generate.calls) < 5  # batched
+
+    rle = await ingress.ground_volume(request.model_copy(update={"mask_format": "rle"}))
+    assert [m.index for m in rle.slice_masks] == [2, 3, 4, 5, 6] and rle.mask_nifti_base64 is None
+    assert sum(m.mask.area for m in rle.slice_masks) == local.voxels
+
+
+async def test_ground_volume_limits_come_before_any_batch(
+    replicas: tuple[Any, Any], tmp_path: Any, make_sphere: Any
+) -> None:
+    from medplib.agents.schemas import GroundVolumeRequest
+    from medplib.core.errors import CapacityError, ImageTooLargeError
+
+    path = ball_nifti(tmp_path, make_sphere)
+    small = CONFIG.with_overrides(
+        limits={"max_volume_voxels": 600, "max_volume_slices": 3, "allowed_uri_prefixes": [str(tmp_path)]}
+    )
+    ingress, generate, _ = service(replicas, small)
+    with pytest.raises(ImageTooLargeError, match=r"volume: .*10x9x7 voxels is over the limit of 600"):
+        await ingress.ground_volume(GroundVolumeRequest(volume={"uri": str(path)}, text="x"))
+    ingress, generate, _ = service(replicas, CONFIG.with_overrides(limits={"max_volume_slices": 3}))
+    with pytest.raises(CapacityError, match="9 slices, over the limit of 3"):
+        await ingress.ground_volume(GroundVolumeRequest(volume={"uri": str(path)}, text="x"))
+    with pytest.raises(InvalidInputError, match="not under a path this server reads"):
+        await service(replicas, small)[0].ground_volume(
+            GroundVolumeRequest(volume={"uri": str(dicom_file("CT_small.dcm"))}, text="x")
+        )
+    assert generate.calls == []
+
+
+def test_ground_volume_over_http(replicas: tuple[Any, Any], tmp_path: Any, make_sphere: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    from medplib.agents.http_api import create_api
+    from medplib.agents.schemas import GroundVolumeResponse
+
+    path = ball_nifti(tmp_path, make_sphere)
+    ingress, _, _ = service(replicas)
+    body = {
+        "volume": {"base64": base64.b64encode(path.read_bytes()).decode()},
+        "text": "the ball",
+        "slices": "3:5",
+        "decoding": DECODING,
+    }
+    with TestClient(create_api(ingress, max_body_bytes=1 << 20, api_key=None)) as client:
+        response = client.post("/v1/ground_volume", json=body)
+        assert response.status_code == 200, response.text
+        parsed = GroundVolumeResponse.model_validate(response.json())
+        assert [s.index for s in parsed.result.slices] == [3, 4] and parsed.mask_nifti_base64
+        bad = client.post("/v1/ground_volume", json={**body, "slices": "3:50"})
+        assert bad.status_code == 400 and bad.json()["error"] == "invalid_input"
+        assert "/v1/ground_volume" in client.get("/openapi.json").json()["paths"]
