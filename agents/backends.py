@@ -12,7 +12,7 @@ import asyncio
 import functools
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 from medplib.agents.image_store import StoredImage
 from medplib.core.regions import RegionPrompt
 from medplib.core.results import AnswerResult, GroundingResult
+from medplib.core.volume_results import VolumeGroundingResult
 
 if TYPE_CHECKING:
     from medplib.core.assistant import MedPLIB
@@ -88,10 +89,23 @@ class InProcessBackend:
         with self._guard.lock:
             return self.model.ground(image.data, text, image_options=image.options, **decoding)
 
+    def ground_volume(
+        self, image: StoredImage, text: str, options: Mapping[str, Any] | None = None, **decoding: Any
+    ) -> VolumeGroundingResult:
+        """`medical_volume_grounding`'s call: `options` are `MedPLIB.ground_volume`'s (axis, slices, ...)."""
+        window = {"window": image.options["window"]} if image.options.get("window") is not None else {}
+        with self._guard.lock:
+            return self.model.ground_volume(image.data, text, **window, **(options or {}), **decoding)
+
     async def aanswer(
         self, image: StoredImage, question: str, regions: Sequence[RegionPrompt] = (), **decoding: Any
     ) -> AnswerResult:
         return await self._in_worker(self.answer, image, question, regions, **decoding)
+
+    async def aground_volume(
+        self, image: StoredImage, text: str, options: Mapping[str, Any] | None = None, **decoding: Any
+    ) -> VolumeGroundingResult:
+        return await self._in_worker(self.ground_volume, image, text, options, **decoding)
 
     async def aground(self, image: StoredImage, text: str, **decoding: Any) -> GroundingResult:
         return await self._in_worker(self.ground, image, text, **decoding)

@@ -33,16 +33,20 @@ from pydantic import BaseModel, ValidationError
 
 from medplib.agents.schemas import (
     ExpertsResponse,
+    GroundVolumeResponse,
     HealthResponse,
     ImageInput,
     ServeError,
+    VolumeInput,
     error_from_response,
 )
 from medplib.core.errors import InvalidInputError, validation_message
 from medplib.core.image import DEFAULT_LIMITS
 from medplib.core.io.sources import read_source
+from medplib.core.queries import Decoding
 from medplib.core.regions import MaskPrompt, RegionPrompt
 from medplib.core.results import AnswerResult, GroundingResult
+from medplib.core.volume_results import VolumeGroundingResult
 
 if TYPE_CHECKING:
     from medplib.agents.image_store import StoredImage
@@ -126,6 +130,15 @@ class MedPLIBClient:
         body = _body(image, image_options, regions, decoding, text=text)
         return self._send("POST", "/v1/ground", GroundingResult, body)
 
+    def ground_volume(
+        self, volume: VolumeInput | bytes | str | os.PathLike[str], text: str, **options: Any
+    ) -> GroundVolumeResponse:
+        """Segment `text` through a volume; `options` are `GroundVolumeRequest`'s (axis, slices,
+        mask_format, ...) and decoding's. A folder (a DICOM series) is named for the server to read."""
+        return self._send(
+            "POST", "/v1/ground_volume", GroundVolumeResponse, _volume_body(volume, text, options)
+        )
+
     def experts(self) -> ExpertsResponse:
         return self._send("GET", "/v1/experts", ExpertsResponse)
 
@@ -182,6 +195,12 @@ class MedPLIBClient:
     ) -> GroundingResult:
         body = _body(image, image_options, regions, decoding, text=text)
         return await self._asend("POST", "/v1/ground", GroundingResult, body)
+
+    async def aground_volume(
+        self, volume: VolumeInput | bytes | str | os.PathLike[str], text: str, **options: Any
+    ) -> GroundVolumeResponse:
+        body = await asyncio.to_thread(_volume_body, volume, text, options)
+        return await self._asend("POST", "/v1/ground_volume", GroundVolumeResponse, body)
 
     async def aexperts(self) -> ExpertsResponse:
         return await self._asend("GET", "/v1/experts", ExpertsResponse)
@@ -293,6 +312,24 @@ def _body(
     }
 
 
+def _volume_body(volume: Any, text: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    from medplib.core.io.dicom_series import is_folder
+
+    if isinstance(volume, VolumeInput):
+        spec = volume
+    elif isinstance(volume, os.PathLike) and not is_folder(volume):
+        spec = VolumeInput(
+            base64=base64.b64encode(read_source(volume, max_bytes=DEFAULT_LIMITS.max_bytes)).decode()
+        )
+    elif isinstance(volume, bytes | bytearray | memoryview):
+        spec = VolumeInput(base64=base64.b64encode(bytes(volume)).decode("ascii"))
+    else:
+        spec = VolumeInput(uri=os.fspath(volume))
+    decoding = {key: value for key, value in options.items() if key in Decoding.model_fields}
+    fields = {key: value for key, value in options.items() if key not in decoding}
+    return {"volume": spec.model_dump(exclude_none=True), "text": text, "decoding": decoding, **fields}
+
+
 def _left(deadline: float) -> float:
     return max(0.001, deadline - time.monotonic())
 
@@ -325,6 +362,28 @@ class HTTPBackend:
 
     async def aground(self, image: StoredImage, text: str, **decoding: Any) -> GroundingResult:
         return await self.client.aground(await asyncio.to_thread(self._image, image), text, **decoding)
+
+    def ground_volume(
+        self, image: StoredImage, text: str, options: Mapping[str, Any] | None = None, **decoding: Any
+    ) -> VolumeGroundingResult:
+        response = self.client.ground_volume(self._volume(image), text, **(options or {}), **decoding)
+        return response.result_with_mask()
+
+    async def aground_volume(
+        self, image: StoredImage, text: str, options: Mapping[str, Any] | None = None, **decoding: Any
+    ) -> VolumeGroundingResult:
+        volume = await asyncio.to_thread(self._volume, image)
+        response = await self.client.aground_volume(volume, text, **(options or {}), **decoding)
+        return await asyncio.to_thread(response.result_with_mask)
+
+    def _volume(self, image: StoredImage) -> bytes | str:
+        """A volume file is uploaded as an image is; a folder (a DICOM series) is always named."""
+        from medplib.core.io.dicom_series import is_folder
+
+        data = image.data
+        if isinstance(data, str) and self.upload and not is_folder(data):
+            return read_source(data, max_bytes=DEFAULT_LIMITS.max_bytes)
+        return data
 
     def _image(self, image: StoredImage) -> ImageInput:
         data = image.data

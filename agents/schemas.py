@@ -127,6 +127,20 @@ class GroundVolumeResponse(_Body):
     mask_nifti_base64: str | None = Field(None, description="mask_format 'nifti': the mask file, gzipped")
     slice_masks: list[SliceMask] | None = Field(None, description="mask_format 'rle': one per slice")
 
+    def result_with_mask(self) -> VolumeGroundingResult:
+        """The result with its mask (bool, on the input grid) decoded from `mask_nifti_base64`."""
+        if self.mask_nifti_base64 is None:
+            return self.result
+        import base64 as b64
+        import gzip
+
+        import nibabel as nib
+        import numpy as np
+
+        data = gzip.decompress(b64.b64decode(self.mask_nifti_base64))
+        mask = np.asarray(nib.Nifti1Image.from_bytes(data).dataobj) > 0
+        return self.result.model_copy(update={"mask": mask})
+
 
 class ErrorResponse(_Body):
     error: str = Field(description="what kind of problem: invalid_input, region, capacity, timeout, ...")

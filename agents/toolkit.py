@@ -20,6 +20,7 @@ from pydantic import ConfigDict, Field, field_validator
 from medplib.agents.backends import Backend, InProcessBackend
 from medplib.agents.image_store import ImageStore
 from medplib.agents.tools import BUILTIN_TOOLS, describe_invalid_arguments
+from medplib.agents.volume_tools import VOLUME_TOOLS
 from medplib.core import plugins
 from medplib.core.queries import Decoding
 
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
 
 
 class MedPLIBToolkit(BaseToolkit):
-    """`medical_vqa`, `medical_region_vqa`, `medical_grounding`, and the tools plugins register."""
+    """`medical_vqa`, `medical_region_vqa`, `medical_grounding`, `medical_volume_grounding`, and the
+    tools plugins register."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -85,7 +87,7 @@ class MedPLIBToolkit(BaseToolkit):
                 handle_tool_error=self.handle_tool_error,
                 handle_validation_error=describe_invalid_arguments if self.handle_tool_error else False,
             )
-            for tool in BUILTIN_TOOLS
+            for tool in (*BUILTIN_TOOLS, *VOLUME_TOOLS)
         ]
         if self.include_plugin_tools:
             names = {tool.name for tool in tools}

@@ -16,8 +16,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import numpy as np
-
 from medplib.agents.schemas import GroundVolumeRequest, GroundVolumeResponse, ServeError, SliceMask
 from medplib.agents.serve_config import ServeLimits
 from medplib.core.errors import CapacityError, MedplibError
@@ -140,15 +138,3 @@ def _response(
         ]
         return GroundVolumeResponse(result=result, slice_masks=slices)
     return GroundVolumeResponse(result=result)
-
-
-def decode_mask(response: GroundVolumeResponse) -> np.ndarray | None:
-    """The mask (bool, on the input grid) of a response that carries it as NIfTI, else None."""
-    if response.mask_nifti_base64 is None:
-        return None
-    import gzip
-
-    import nibabel as nib
-
-    data = gzip.decompress(base64.b64decode(response.mask_nifti_base64))
-    return np.asarray(nib.Nifti1Image.from_bytes(data).dataobj) > 0

@@ -119,6 +119,7 @@ def test_plugin_tools_join_the_built_ins(
         "medical_vqa",
         "medical_region_vqa",
         "medical_grounding",
+        "medical_volume_grounding",
         "count_cells",
     ]
     assert isinstance(tools[0], MedicalVQATool)
@@ -126,6 +127,7 @@ def test_plugin_tools_join_the_built_ins(
         "medical_vqa",
         "medical_region_vqa",
         "medical_grounding",
+        "medical_volume_grounding",
     ]
 
 
@@ -155,7 +157,7 @@ def test_any_backend_of_the_protocol_serves_the_tools(tiny_model: MedPLIB, ct_pa
     backend = EchoBackend(tiny_model)
     toolkit = MedPLIBToolkit(backend=backend, decoding={"max_new_tokens": 2}, include_plugin_tools=False)
     scan = toolkit.images.put(ct_path, window="lung")
-    vqa, _, grounding = toolkit.get_tools()
+    vqa, _, grounding, _ = toolkit.get_tools()
     assert vqa.invoke({"image": scan, "question": "What is this?"})
     assert grounding.invoke({"image": scan, "target": "the lung"}).startswith("Segmented 'the lung' in img-1")
     assert backend.seen == [StoredImage(ct_path, {"window": "lung"})] * 2

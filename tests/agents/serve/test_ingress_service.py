@@ -217,7 +217,6 @@ async def test_ground_volume_equals_the_in_process_result(
     import numpy as np
 
     from medplib.agents.schemas import GroundVolumeRequest
-    from medplib.agents.volume_service import decode_mask
 
     path = ball_nifti(tmp_path, make_sphere)
     ingress, generate, _ = service(replicas)
@@ -231,7 +230,7 @@ async def test_ground_volume_equals_the_in_process_result(
     assert [s.score for s in response.result.slices] == pytest.approx(
         [s.score for s in local.slices], abs=1e-3
     )
-    np.testing.assert_array_equal(decode_mask(response), local.mask)
+    np.testing.assert_array_equal(response.result_with_mask().mask, local.mask)
     assert response.result.affine == local.affine and response.result.volume_ml == local.volume_ml
     assert sum(len(call[0]) for call in generate.calls) == 5 and len(generate.calls) < 5  # batched
 
