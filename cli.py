@@ -507,6 +507,7 @@ def evaluate_model(
     from medplib.trainers.eval_report import headline_table
     from medplib.trainers.evaluation import default_out, run_evaluation
     from medplib.trainers.pipeline import set_threads
+    from medplib.trainers.volume_eval import volume_table
 
     set_threads(threads)
     out = out or default_out(model, split)
@@ -524,6 +525,8 @@ def evaluate_model(
         progress=progress,
     )
     typer.echo(headline_table(result))
+    if result["metrics"].get("volumes"):
+        typer.echo("\n" + volume_table(result["metrics"]["volumes"])[0])
     typer.echo(
         f"\nwrote {out / 'metrics.json'}, {out / 'report.md'} and {len(result['gallery'])} gallery PNGs"
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from medplib.trainers.report import cell, value
+from medplib.trainers.volume_eval import volume_table
 
 # key in the evaluation's baselines -> its column title in the headline table, in the grounding tables
 BASELINES = {
@@ -131,6 +132,8 @@ def format_report(result: dict) -> str:
     if counts["grounding"]:
         lines += ["", "## Grounding per structure", "", *_group_table(result, "by_structure", "structure")]
         lines += ["", "## Grounding per modality", "", *_group_table(result, "by_modality", "modality")]
+    if result["metrics"].get("volumes"):
+        lines += ["", "## Volumes", "", *volume_table(result["metrics"]["volumes"])]
     if result["metrics"]["by_kind"]:
         lines += ["", "## Answers per question kind", "", *_kind_table(result)]
     if result["gallery"]:

@@ -32,6 +32,7 @@ from medplib.trainers.eval_report import format_report
 from medplib.trainers.gallery import write_gallery
 from medplib.trainers.scoring import MAX_NEW_TOKENS, constant_mask_baselines, evaluate, trivial_baselines
 from medplib.trainers.stage_folder import STAGE_FILE, load_stage_model, read_record
+from medplib.trainers.volume_eval import evaluate_volumes
 
 METRICS_FILE, REPORT_FILE, GALLERY_FOLDER = "metrics.json", "report.md", "gallery"
 TRAIN_SPLIT = "train"  # what the trivial baselines learn their answers and mean masks from
@@ -160,6 +161,9 @@ def run_evaluation(
         progress=progress,
     )
     predictions = metrics.pop("predictions")
+    volumes = evaluate_volumes(loaded.model, data, split, name=model, max_new_tokens=max_new_tokens)
+    if volumes is not None:
+        metrics["volumes"] = volumes
     result = {
         "setup": {
             "model": model,

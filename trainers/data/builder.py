@@ -1,12 +1,13 @@
 """`medplib data build`: the embedded MeCoVQA dataset, from real images and masks in registry packages.
 
 The output folder holds `train.json`, `val.json`, `test.json` (samples), `images/` (PNG, the canonical
-RGB rendering), `masks/` (1-bit PNG, regions and grounding targets), `metadata.json` and `README.md`
-(the dataset card). The build is deterministic: the same seed and options on the same installed
-packages give byte-identical files (every image draws from its own generator seeded by the build
-seed and its name, files are written in a fixed order with fixed PNG and JSON settings, and nothing
-records a time or a path of this machine). It is written to a sibling folder first and moved into
-place at the end, so an interrupted build leaves no half dataset.
+RGB rendering), `masks/` (1-bit PNG, regions and grounding targets), `volumes/` (3-D test samples,
+`trainers/data/volumes.py`), `metadata.json` and `README.md` (the dataset card). The build is
+deterministic: the same seed and options on the same installed packages give byte-identical files
+(every image draws from its own generator seeded by the build seed and its name, files are written
+in a fixed order with fixed PNG and JSON settings, and nothing records a time or a path of this
+machine). It is written to a sibling folder first and moved into place at the end, so an interrupted
+build leaves no half dataset.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from medplib.trainers.data.questions import image_samples
 from medplib.trainers.data.sources.common import SourceImage
 from medplib.trainers.data.stats import format_stats, sample_stats
 from medplib.trainers.data.templates import KINDS
+from medplib.trainers.data.volumes import write_mni152_test_volumes
 
-BUILDER_VERSION = 1  # bump whenever the same options would give different files
+BUILDER_VERSION = 2  # bump whenever the same options would give different files
 DEFAULT_MNI_STEP = 4
 
 SOURCES = (  # (package, what, licence): the dataset card's credits
@@ -78,6 +80,7 @@ def build_dataset(
         by_split.setdefault(image.split, []).extend(made.samples)
     for split, samples in by_split.items():
         _write_json(partial / f"{split}.json", [sample.dump() for sample in samples])
+    write_mni152_test_volumes(partial)  # volumes/: 3-D samples for `medplib eval`, apart from the 2-D
     stats = sample_stats(by_split)
     _write_json(partial / METADATA_FILE, _metadata(seed, mni_step, stats))
     (partial / "README.md").write_text(_card(seed, mni_step, stats), encoding="utf-8")
@@ -153,6 +156,11 @@ versions and the question wordings held out for the test split.
   skull-stripped T1's non-zero voxels; the hemispheres are the brain at world x < 0 (left) and x > 0.
 - Abdomen MR: the lesion is the overlay ring (plane 0x6000) in the left half of the image, filled.
 - stardist: the nuclei are the instance labels of mask2d.tif; images are 128 px tiles.
+
+## Volumes
+`volumes/test.json` lists 3-D samples for `medplib eval`: the MNI152 template's test-split slabs (each run
+of consecutive axial or coronal test slices, as its own NIfTI volume) with a NIfTI mask per structure
+(grey and white matter, each hemisphere), derived as the 2-D masks are; `volumes/` holds the files.
 
 ## Splits
 By position with gaps, so that no test slice or tile has a training neighbour: MNI152 slices in 12 mm
