@@ -1,6 +1,6 @@
 """Volume grounding benchmark on the MNI152 template (197 x 233 x 189 voxels, 1 mm), on this machine's CPU.
 
-    .venv/bin/python benchmarks/volume.py [--model tiny | STAGE_FOLDER] [--threads 1] [--out DIR]
+    .venv/bin/python benchmarks/volume.py [--model tiny | STAGE] [--threads 1] [--out DIR] [--views PNG]
 
 Measures, grounding "the grey matter" (the embedded dataset's wording):
 
@@ -96,7 +96,9 @@ def test_indices(volume, axis: int) -> list[int]:
     return [i for i in range(volume.shape[0]) if SPLIT.split_of(round(abs(float(x[i])))) == "test"]
 
 
-def measure_axes(assistant: MedPLIB, volume, truth: np.ndarray, tokens: int) -> dict[str, Any]:
+def measure_axes(
+    assistant: MedPLIB, volume, truth: np.ndarray, tokens: int, views: Path | None
+) -> dict[str, Any]:
     rows = {}
     for number, axis in enumerate(AXES):
         assistant.clear_cache()
@@ -114,6 +116,11 @@ def measure_axes(assistant: MedPLIB, volume, truth: np.ndarray, tokens: int) -> 
             "test_blocks": dice_report(mask, truth, number, test_indices(volume, number)),
         }
         print(f"{axis}: {rows[axis]}", flush=True)
+        if views is not None and axis == "axial":
+            from medplib.core.io.volume_writers import orthogonal_views
+            from medplib.core.masks import save_png
+
+            save_png(orthogonal_views(volume, result, height=300), views)
     return rows
 
 
@@ -244,6 +251,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--skip", nargs="*", default=(), choices=("axes", "batching", "memory"))
+    parser.add_argument(
+        "--views", type=Path, help="also write the axial result as three orthogonal views (PNG)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from medplib.trainers.evaluation import load_model
@@ -261,7 +271,7 @@ def main() -> None:
         "answer_tokens": tokens,
         "target": TARGET,
     }
-    report["axes"] = {} if "axes" in args.skip else measure_axes(assistant, volume, truth, tokens)
+    report["axes"] = {} if "axes" in args.skip else measure_axes(assistant, volume, truth, tokens, args.views)
     report["batching"] = {} if "batching" in args.skip else measure_batching(assistant, volume, tokens)
     report["memory"] = {} if "memory" in args.skip else measure_memory(args.model, args.threads, tokens)
     args.out.mkdir(parents=True, exist_ok=True)
