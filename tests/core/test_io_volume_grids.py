@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from pydicom import data as pydicom_data
 
 from medplib.core.errors import ImageTooLargeError, InvalidInputError, UnsupportedFormatError
 from medplib.core.image import ImageLimits
@@ -200,3 +201,27 @@ def test_a_multi_frame_file_in_a_folder_is_pointed_at(tmp_path: Path) -> None:
     shutil.copy(dicom_file("emri_small.dcm"), tmp_path / "mf.dcm")
     with pytest.raises(UnsupportedFormatError, match="one multi-frame DICOM"):
         load_volume(tmp_path)
+
+
+# ---- real series that ship with pydicom (dicomdirtests: CT, MR) -------------------------------------------
+
+DICOMDIR_TESTS = Path(pydicom_data.__file__).parent / "test_files" / "dicomdirtests"
+
+
+def test_a_real_ct_series_is_stacked_along_its_normal() -> None:
+    import pydicom
+
+    folder = DICOMDIR_TESTS / "98892001" / "CT5N"
+    volume = load_volume(folder)
+    assert volume.shape == (16, 16, 5) and volume.meta.modality == "CT"
+    positions = [
+        float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2])
+        for f in volume.meta.slice_files
+    ]
+    assert positions == sorted(positions) and len(set(positions)) == 5
+    assert volume.zooms == pytest.approx((0.488281, 0.488281, 2.5), abs=1e-5)
+
+
+def test_a_real_folder_mixing_series_names_each() -> None:
+    with pytest.raises(InvalidInputError, match=r"mixes 3 DICOM series.*MR FAST LOCALIZER, 1 files"):
+        load_volume(DICOMDIR_TESTS / "98892003" / "MR2")

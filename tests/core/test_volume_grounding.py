@@ -229,3 +229,23 @@ def test_answer_volume_groups_the_slices_by_answer(assistant: MedPLIB, tmp_path:
     )
     assert result.slices[2].text == single.text.strip()
     assert "slices" in result.summary()
+
+
+def test_a_real_ct_series_grounded_by_the_model_gives_a_seg_on_its_slices(
+    assistant: MedPLIB, tmp_path: Path
+) -> None:
+    import highdicom as hd
+    import pydicom
+    from pydicom import data as pydicom_data
+
+    folder = Path(pydicom_data.__file__).parent / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
+    volume = load_volume(folder)
+    result = assistant.ground_volume(volume, "the heart", max_new_tokens=TOKENS)
+    save_mask(tmp_path / "heart.dcm", result, volume)
+    seg = hd.seg.segread(tmp_path / "heart.dcm")
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in volume.meta.slice_files]
+    for frame, groups in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        uid = groups.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        k = uids.index(uid)
+        np.testing.assert_array_equal(seg.pixel_array[frame].astype(bool), result.mask[:, :, k].T)
+    assert seg.number_of_frames == sum(result.mask[:, :, k].any() for k in range(len(uids)))
