@@ -28,6 +28,7 @@ import json
 import multiprocessing
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from medplib.core.assistant import MedPLIB
 from medplib.core.io import load_volume, slice_volume
 from medplib.core.io.volume import AXES
 from medplib.core.model import tokenize_user_text
-from medplib.core.volume_grounding import SlicePlan
+from medplib.core.volume_grounding import BATCH_STAGES, SlicePlan
 from medplib.trainers.data.sources.mni152 import SPLIT
 from medplib.trainers.data.templates import GROUNDING_ANSWER, STRUCTURES
 from medplib.trainers.registry_data import mni152_file
@@ -124,22 +125,45 @@ def measure_axes(
     return rows
 
 
-def measure_batching(assistant: MedPLIB, volume, tokens: int) -> dict[str, Any]:
+def measure_batching(assistant: MedPLIB, volume, tokens: int, repeats: int) -> dict[str, Any]:
+    """Single calls against batches on one slab, interleaved `repeats` times (the machine is shared:
+    medians of rounds that each see the same load), with each run's milliseconds per stage."""
     plan = SlicePlan.make(volume, "axial", SLAB, None)
-    assistant.clear_cache()
-    start = time.perf_counter()
-    singles = [assistant.ground(plan.image(i), TARGET, max_new_tokens=tokens) for i in plan.indices]
-    single_s = time.perf_counter() - start
-    assert len(singles) == len(plan.indices)
-    rows: dict[str, Any] = {"slices": len(plan.indices), "single_calls_s": round(single_s, 2)}
-    for size in BATCH_SIZES:
+    seconds: dict[str, list[float]] = {}
+    stages: dict[str, list[dict[str, float]]] = {}
+
+    def record(name: str, elapsed: float, ms: dict[str, float]) -> None:
+        seconds.setdefault(name, []).append(elapsed)
+        stages.setdefault(name, []).append(ms)
+
+    for _ in range(repeats):
         assistant.clear_cache()
+        ms = dict.fromkeys(BATCH_STAGES, 0.0)
         start = time.perf_counter()
-        assistant.ground_volume(volume, TARGET, slices=SLAB, batch_size=size, max_new_tokens=tokens)
-        seconds = time.perf_counter() - start
-        rows[f"batch_{size}_s"] = round(seconds, 2)
-        rows[f"batch_{size}_speedup"] = round(single_s / seconds, 2)
-        print(f"batch {size}: {seconds:.2f} s against {single_s:.2f} s single calls", flush=True)
+        for index in plan.indices:
+            single = assistant.ground(plan.image(index), TARGET, max_new_tokens=tokens)
+            for stage in BATCH_STAGES:
+                ms[stage] += single.timings_ms[stage]
+        record("single_calls", time.perf_counter() - start, ms)
+        for size in BATCH_SIZES:
+            assistant.clear_cache()
+            start = time.perf_counter()
+            result = assistant.ground_volume(
+                volume, TARGET, slices=SLAB, batch_size=size, max_new_tokens=tokens
+            )
+            record(
+                f"batch_{size}", time.perf_counter() - start, {k: result.timings_ms[k] for k in BATCH_STAGES}
+            )
+        print(f"round: { {name: round(times[-1], 2) for name, times in seconds.items()} }", flush=True)
+    rows: dict[str, Any] = {"slices": len(plan.indices), "repeats": repeats}
+    single_s = statistics.median(seconds["single_calls"])
+    for name, times in seconds.items():
+        rows[f"{name}_s"] = round(statistics.median(times), 2)
+        rows[f"{name}_all_s"] = [round(t, 2) for t in times]
+        rows[f"{name}_speedup"] = round(single_s / statistics.median(times), 2)
+        rows[f"{name}_stages_ms"] = {
+            k: round(statistics.median(m[k] for m in stages[name])) for k in BATCH_STAGES
+        }
     return rows
 
 
@@ -220,16 +244,27 @@ def markdown(report: dict[str, Any]) -> str:
     truth = [row["all"]["true_ml"] for row in axes.values()][:1]
     lines += ["", f"The template's grey matter (probability > 0.5) is {truth[0]} mL.", ""] if truth else [""]
     lines += [
-        f"Batching, {batching['slices']} axial slices ({SLAB}):",
+        f"Batching, {batching['slices']} axial slices ({SLAB}), {batching['repeats']} interleaved rounds:",
         "",
-        "| run | seconds | speedup over single calls |",
-        "|---|---|---|",
-        f"| {batching['slices']} single `ground` calls | {batching['single_calls_s']} | 1.0 |",
+        "| run | seconds (median) | each round | speedup over single calls |",
+        "|---|---|---|---|",
+        f"| {batching['slices']} single `ground` calls | {batching['single_calls_s']}"
+        f" | {batching['single_calls_all_s']} | 1.0 |",
     ]
     lines += [
-        f"| `ground_volume`, batch {size} | {batching[f'batch_{size}_s']}"
+        f"| `ground_volume`, batch {size} | {batching[f'batch_{size}_s']} | {batching[f'batch_{size}_all_s']}"
         f" | {batching[f'batch_{size}_speedup']} |"
         for size in BATCH_SIZES
+    ]
+    runs = [("single calls", batching["single_calls_stages_ms"])]
+    runs += [(f"batch {size}", batching[f"batch_{size}_stages_ms"]) for size in BATCH_SIZES]
+    lines += [
+        "",
+        "Where the time goes (milliseconds per stage, summed over the slab):",
+        "",
+        "| run | " + " | ".join(BATCH_STAGES) + " |",
+        "|---|" + "---|" * len(BATCH_STAGES),
+        *(f"| {name} | " + " | ".join(str(ms[k]) for k in BATCH_STAGES) + " |" for name, ms in runs),
     ]
     lines += [
         "",
@@ -249,6 +284,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", help="preset or stage folder (a trained stage III)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of the batching runs")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--skip", nargs="*", default=(), choices=("axes", "batching", "memory"))
     parser.add_argument(
@@ -271,9 +307,21 @@ def main() -> None:
         "answer_tokens": tokens,
         "target": TARGET,
     }
-    report["axes"] = {} if "axes" in args.skip else measure_axes(assistant, volume, truth, tokens, args.views)
-    report["batching"] = {} if "batching" in args.skip else measure_batching(assistant, volume, tokens)
-    report["memory"] = {} if "memory" in args.skip else measure_memory(args.model, args.threads, tokens)
+    earlier_path = args.out / "volume.json"
+    earlier = json.loads(earlier_path.read_text()) if earlier_path.is_file() else {}
+    for section in args.skip:  # a partial rerun keeps the sections it skips
+        report[section] = earlier.get(section, {})
+    report["axes"] = (
+        report["axes"] if "axes" in args.skip else measure_axes(assistant, volume, truth, tokens, args.views)
+    )
+    report["batching"] = (
+        report["batching"]
+        if "batching" in args.skip
+        else measure_batching(assistant, volume, tokens, args.repeats)
+    )
+    report["memory"] = (
+        report["memory"] if "memory" in args.skip else measure_memory(args.model, args.threads, tokens)
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "volume.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "volume.md").write_text(markdown(report))

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from medplib.core.assistant import MedPLIB
 
 Progress = Callable[[int, int], None]  # (slices done, slices in all)
+BATCH_STAGES = ("encode_clip", "prefill", "decode", "encode_sam", "masks")
 SliceSpec = str | slice | range | Sequence[int] | None
 
 
@@ -246,13 +247,21 @@ def ground_volume(
     plan = _plan(volume, axis, slices, window, volume_options)
     load_ms = 1000 * (time.perf_counter() - start)
     builder = VolumeMaskBuilder(plan, min_score=min_score, skip_forced=skip_forced)
+    stages: dict[str, float] = {}
     for batch, results in _run_batches(
         assistant, plan, text, "ground", batch_size, keep_embeddings, progress, decoding
     ):
         for index, result in zip(batch, results, strict=True):
             builder.add(index, result.masks, result.seg_forced)
+        for stage in BATCH_STAGES:  # a batch's rows share these timings: count them once
+            stages[stage] = stages.get(stage, 0.0) + results[0].timings_ms.get(stage, 0.0)
     grounding_ms = 1000 * (time.perf_counter() - start) - load_ms
-    timings = {"load": load_ms, "grounding": grounding_ms, "total": 1000 * (time.perf_counter() - start)}
+    timings = {
+        "load": load_ms,
+        **stages,
+        "grounding": grounding_ms,
+        "total": 1000 * (time.perf_counter() - start),
+    }
     return builder.finish(
         model=assistant.name, query=text, largest_component=largest_component, timings_ms=timings
     )

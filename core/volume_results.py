@@ -57,7 +57,10 @@ class VolumeGroundingResult(BaseModel):
     bbox: VolumeBox | None = Field(description="None when the mask is empty")
     slices: list[SliceGrounding] = Field(description="every slice grounded, in index order")
     options: dict[str, Any] = Field(description="min_score, skip_forced, largest_component, window")
-    timings_ms: dict[str, float] = Field(description="load, grounding (all batches), total")
+    timings_ms: dict[str, float] = Field(
+        description="load; encode_clip, prefill, decode, encode_sam, masks summed over the batches;"
+        " grounding (all batches); total"
+    )
     # Voxels never travel as JSON (nor appear in its schema): a file or per-slice RLE carries them.
     mask: SkipJsonSchema[np.ndarray | None] = Field(default=None, exclude=True, repr=False)
 
