@@ -161,7 +161,14 @@ def run_evaluation(
         progress=progress,
     )
     predictions = metrics.pop("predictions")
-    volumes = evaluate_volumes(loaded.model, data, split, name=model, max_new_tokens=max_new_tokens)
+    volumes = evaluate_volumes(
+        loaded.model,
+        data,
+        split,
+        name=model,
+        max_new_tokens=max_new_tokens,
+        choose=lambda samples: spread_subset(samples, limit),  # --limit spreads the volumes too
+    )
     if volumes is not None:
         metrics["volumes"] = volumes
     result = {

@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from medplib.core.metrics import mask_scores
-from medplib.trainers.data.volumes import volume_samples
+from medplib.trainers.data.volumes import VolumeSample, volume_samples
 
 BATCH = 8
 
@@ -33,9 +33,12 @@ def evaluate_volumes(
     max_new_tokens: int,
     batch_size: int = BATCH,
     progress: Callable[[int, int], None] | None = None,
+    choose: Callable[[list[VolumeSample]], list[VolumeSample]] | None = None,
 ) -> dict | None:
-    """The split's volume metrics (None when it has no volume samples); `model` a MedPLIBForCausalLM."""
+    """The split's volume metrics (None when it has no volume samples); `model` a MedPLIBForCausalLM,
+    `choose` picks the samples scored (e.g. a spread subset for `--limit`)."""
     samples = volume_samples(data, split)
+    samples = choose(samples) if choose is not None else samples
     if not samples:
         return None
     from medplib.core.assistant import MedPLIB

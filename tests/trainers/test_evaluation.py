@@ -61,11 +61,20 @@ def test_eval_of_the_untrained_tiny_preset_writes_metrics_report_and_gallery(
     # The empty mask scores 0 on every non-empty reference; the whole image overlaps each one.
     assert written["baselines"]["empty_mask"]["mdice"] == 0.0
     assert written["baselines"]["whole_image_mask"]["mdice"] > 0.0
+    # The embedded dataset's MNI152 test slabs, scored in 3-D beside the slices.
+    volumes = metrics["volumes"]
+    assert volumes["count"] >= 8 and set(volumes["by_structure"]) >= {"grey_matter", "white_matter"}
+    assert "volume samples (test slabs" in result.stdout
 
     report = (out / "report.md").read_text()
     for heading in ("most frequent answer / mean training mask", "empty mask", "whole-image mask"):
         assert heading in report
-    for section in ("Grounding per structure", "Grounding per modality", "Answers per question kind"):
+    for section in (
+        "Grounding per structure",
+        "Grounding per modality",
+        "Answers per question kind",
+        "Volumes",
+    ):
         assert f"## {section}" in report
 
     pngs = sorted((out / "gallery").glob("*.png"))
