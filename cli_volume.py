@@ -1,7 +1,7 @@
 """`medplib ground` and `medplib ask` on volumes: a slab or a whole volume, slice by slice.
 
-`cli.py` hands a call here when it names a volume request: `--out` or `--slices` given, or the input
-is a folder (a DICOM series).
+`cli.py` hands a call here when it names a volume request: `--out`, `--slices` or `--series` given,
+or the input is a folder (a DICOM series).
 
     medplib ground ct.nii.gz "the liver" --out liver.nii.gz          # every axial slice
     medplib ground series/ "the liver" --out liver.dcm --slices 40:120   # DICOM SEG on the series
@@ -42,7 +42,7 @@ ProgressOption = typer.Option(
 def wants_volume(image: str, options: dict[str, Any]) -> bool:
     from medplib.core.io.dicom_series import is_folder
 
-    return bool(options.get("slices") or options.get("out") or is_folder(image))
+    return bool(options.get("slices") or options.get("out") or options.get("series") or is_folder(image))
 
 
 def run_volume(task: str, *, image: str, question: str, **options: Any) -> None:
