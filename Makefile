@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The torch pair that lies on this workplace's disk (see ../shared/DATA.md); override on other machines.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= dev,data,train,serve,agents,plot
+EXTRAS ?= dev,data,train,serve,agents,plot,volumes
 
 .PHONY: venv demo test lint wheel clean
 

@@ -180,8 +180,11 @@ def test_rle_is_decoded_natively(dicom_file) -> None:
 
 
 def test_syntax_without_an_installed_decoder_is_named(dicom_file) -> None:
-    with pytest.raises(UnsupportedFormatError, match=r"transfer syntax 'JPEG-LS Lossless.*no decoder"):
-        load_image(dicom_file("MR_small_jpeg_ls_lossless.dcm"))
+    # highdicom (the volumes extra) installs a JPEG-LS decoder; no package decodes H.264 pixel data.
+    ds = pydicom.dcmread(dicom_file("MR_small_jpeg_ls_lossless.dcm"))
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.102"
+    with pytest.raises(UnsupportedFormatError, match=r"transfer syntax 'MPEG-4 AVC/H.264.*no decoder"):
+        load_image(saved(ds))
     with pytest.raises(UnsupportedFormatError, match="JPEG Extended"):
         load_image(dicom_file("JPEG-lossy.dcm"))  # a plugin is there but cannot do 12-bit JPEG
 
