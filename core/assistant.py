@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,7 @@ from medplib.core.model import (
     build_medplib,
     load_llava_and_sam,
 )
+from medplib.core.model.generation import run_to_end
 from medplib.core.queries import (
     DEFAULT_INFERENCE_LIMITS,
     REGION_PLACEHOLDER,
@@ -56,7 +57,15 @@ from medplib.core.queries import (
     parse_model,
 )
 from medplib.core.regions import RegionPrompt
-from medplib.core.results import AnswerResult, CacheHits, ChatResult, GroundingResult, InferenceResult
+from medplib.core.results import (
+    AnswerResult,
+    CacheHits,
+    ChatResult,
+    GroundingResult,
+    InferenceResult,
+    TextDelta,
+)
+from medplib.core.streaming import stream_text
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # The grounding wording of the MeCoVQA question templates (trainers/data/templates.py), which the
@@ -259,6 +268,16 @@ class MedPLIB:
         *,
         predict_masks: bool,
     ) -> list[tuple[AnswerResult | GroundingResult, torch.Tensor]]:
+        return run_to_end(self._batch_steps(queries, decoding, predict_masks=predict_masks))
+
+    def _batch_steps(
+        self,
+        queries: Sequence[Query | Mapping[str, Any]],
+        decoding: Mapping[str, Any],
+        *,
+        predict_masks: bool,
+    ) -> Generator[torch.Tensor, None, list[tuple[AnswerResult | GroundingResult, torch.Tensor]]]:
+        """The batch, yielding each decoding step's tokens (B,); returns every result."""
         start = time.perf_counter()
         settings = self._decoding(decoding)
         parsed = [parse_model(Query, query, "query") for query in queries]
@@ -276,7 +295,8 @@ class MedPLIB:
                     require_seg=query.task == "ground",
                 )
             )
-        batch = self._generator.run([p.conversation for p in prepared], settings, predict_masks=predict_masks)
+        conversations = [p.conversation for p in prepared]
+        batch = yield from self._generator.run_steps(conversations, settings, predict_masks=predict_masks)
         results: list[tuple[AnswerResult | GroundingResult, torch.Tensor]] = []
         for query, item, row in zip(parsed, prepared, batch.rows, strict=True):
             if query.task == "ground":
@@ -301,6 +321,15 @@ class MedPLIB:
         Follow-ups pass `result.messages` plus the new user message; the image's cached features and
         prompt prefix make them cost only the conversation's own words.
         """
+        return run_to_end(self._chat_steps(image, messages, image_options, decoding))
+
+    def _chat_steps(
+        self,
+        image: Any,
+        messages: str | Sequence[ChatMessage | Mapping[str, Any]],
+        image_options: Mapping[str, Any] | None,
+        decoding: Mapping[str, Any],
+    ) -> Generator[torch.Tensor, None, ChatResult]:
         start = time.perf_counter()
         settings = self._decoding(decoding)
         if isinstance(messages, str):
@@ -321,10 +350,67 @@ class MedPLIB:
         item = self._prepare(
             image, image_options or {}, turns, [m.content for m in answers], require_seg=False
         )
-        batch = self._generator.run([item.conversation], settings)
+        batch = yield from self._generator.run_steps([item.conversation], settings)
         row = batch.rows[0]
         reply = ChatMessage(role="assistant", content=row.text)
         return self._result(ChatResult, item, row, batch, start, messages=[*parsed, reply])
+
+    # ---- streaming -----------------------------------------------------------------------------------
+
+    def answer_stream(
+        self,
+        image: Any,
+        question: str,
+        regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
+        *,
+        image_options: Mapping[str, Any] | None = None,
+        **decoding: Any,
+    ) -> Iterator[TextDelta | AnswerResult]:
+        """`answer` as it is generated: `TextDelta`s whose texts join to the answer, then the result.
+
+        for part in model.answer_stream(image, "What modality is this?"):
+            print(part.text if isinstance(part, TextDelta) else f"\n{part.timings_ms}", end="")
+        """
+        return self._stream_single("answer", image, question, regions, image_options, decoding)
+
+    def ground_stream(
+        self,
+        image: Any,
+        text: str,
+        regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
+        *,
+        image_options: Mapping[str, Any] | None = None,
+        **decoding: Any,
+    ) -> Iterator[TextDelta | GroundingResult]:
+        """`ground` as it is generated: `TextDelta`s, then the result with its masks."""
+        return self._stream_single("ground", image, text, regions, image_options, decoding)
+
+    def chat_stream(
+        self,
+        image: Any,
+        messages: str | Sequence[ChatMessage | Mapping[str, Any]],
+        *,
+        image_options: Mapping[str, Any] | None = None,
+        **decoding: Any,
+    ) -> Iterator[TextDelta | ChatResult]:
+        """`chat` as it is generated: `TextDelta`s, then the `ChatResult`."""
+        steps = self._chat_steps(image, messages, image_options, decoding)
+        return stream_text(steps, self.model.tokenizer, lambda done: done)
+
+    def _stream_single(
+        self,
+        task: str,
+        image: Any,
+        text: str,
+        regions: Sequence[Any],
+        image_options: Mapping[str, Any] | None,
+        decoding: Mapping[str, Any],
+    ) -> Iterator[Any]:
+        query = {"image": image, "text": text, "task": task, "regions": list(regions)}
+        steps = self._batch_steps(
+            [{**query, "image_options": dict(image_options or {})}], decoding, predict_masks=True
+        )
+        return stream_text(steps, self.model.tokenizer, lambda done: done[0][0])
 
     # ---- requests -------------------------------------------------------------------------------------
 
