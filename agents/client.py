@@ -5,6 +5,7 @@
     client.vqa(Path("scan.dcm"), "What modality is this?", max_new_tokens=32)   # a local file: uploaded
     client.vqa("s3://bucket/scan.dcm", "What is in {region}?", [BoxPrompt(box=(10, 10, 60, 60))])
     client.ground(png_bytes, "the liver lesion")                                # GroundingResult, RLE masks
+    for part in client.vqa_stream(png_bytes, "What is this?"): ...              # TextDelta..., AnswerResult
     await client.avqa(...); await client.aground(...)
 
 An image is `bytes` or a `pathlib.Path` (read here and sent as base64), a `str` (a path or URI the
@@ -22,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import json
 import os
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
@@ -38,11 +40,12 @@ from medplib.agents.schemas import (
     ServeError,
     error_from_response,
 )
+from medplib.agents.sse import parse_events
 from medplib.core.errors import InvalidInputError, validation_message
 from medplib.core.image import DEFAULT_LIMITS
 from medplib.core.io.sources import read_source
 from medplib.core.regions import MaskPrompt, RegionPrompt
-from medplib.core.results import AnswerResult, GroundingResult
+from medplib.core.results import AnswerResult, GroundingResult, TextDelta
 
 if TYPE_CHECKING:
     from medplib.agents.image_store import StoredImage
@@ -125,6 +128,52 @@ class MedPLIBClient:
         """Segment what `text` names; at least one mask."""
         body = _body(image, image_options, regions, decoding, text=text)
         return self._send("POST", "/v1/ground", GroundingResult, body)
+
+    def vqa_stream(
+        self,
+        image: ImageInput | bytes | str | os.PathLike[str],
+        question: str,
+        regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
+        *,
+        image_options: Mapping[str, Any] | None = None,
+        **decoding: Any,
+    ) -> Iterator[TextDelta | AnswerResult]:
+        """`vqa` as the answer is generated: `TextDelta`s (joining to the answer), then the result."""
+        body = _body(image, image_options, regions, decoding, question=question, stream=True)
+        return self._stream("/v1/vqa", AnswerResult, body)
+
+    def ground_stream(
+        self,
+        image: ImageInput | bytes | str | os.PathLike[str],
+        text: str,
+        regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
+        *,
+        image_options: Mapping[str, Any] | None = None,
+        **decoding: Any,
+    ) -> Iterator[TextDelta | GroundingResult]:
+        """`ground` as the answer is generated: `TextDelta`s, then the result with its masks."""
+        body = _body(image, image_options, regions, decoding, text=text, stream=True)
+        return self._stream("/v1/ground", GroundingResult, body)
+
+    def _stream(self, path: str, model: type[M], body: Any) -> Iterator[TextDelta | M]:
+        """Server-sent events as they come; an error (before or during the stream) raises as `_send`'s
+        do. A stream is not retried: its first bytes may already be used."""
+        try:
+            with self._sync.stream("POST", path, json=body) as response:
+                if not response.is_success:
+                    response.read()
+                    self._result(response, model, ())
+                for event, data in parse_events(response.iter_lines()):
+                    if event == "delta":
+                        yield TextDelta.model_validate_json(data)
+                    elif event == "result":
+                        yield model.model_validate_json(data)
+                        return
+                    elif event == "error":
+                        raise error_from_response(500, json.loads(data))
+        except (*RETRY_ERRORS, httpx.TimeoutException) as exc:
+            self._result(exc, model, ())
+        raise ServeError("the answer's stream ended without a result", kind="internal", status=502)
 
     def experts(self) -> ExpertsResponse:
         return self._send("GET", "/v1/experts", ExpertsResponse)
@@ -282,7 +331,7 @@ def _body(
     image_options: Mapping[str, Any] | None,
     regions: Sequence[Any],
     decoding: Mapping[str, Any],
-    **text: str,
+    **text: Any,
 ) -> dict[str, Any]:
     """The JSON body; the server validates everything else, so a client and server never disagree."""
     return {

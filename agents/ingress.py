@@ -20,15 +20,13 @@ A request's way through the application:
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -46,6 +44,7 @@ from medplib.agents.schemas import (
     ImageInput,
     ServeError,
     VQARequest,
+    decode_base64,
 )
 from medplib.agents.serve_config import Batching, ServeConfig
 from medplib.core.embedding_cache import CacheKey, EmbeddingCache
@@ -55,7 +54,7 @@ from medplib.core.io import load_image
 from medplib.core.io.sources import is_uri, read_source
 from medplib.core.queries import Decoding, Query
 from medplib.core.regions import MaskPrompt, RegionPrompt
-from medplib.core.results import AnswerResult, GroundingResult
+from medplib.core.results import AnswerResult, GroundingResult, TextDelta
 
 logger = logging.getLogger("medplib.serve")
 T = TypeVar("T")
@@ -119,6 +118,16 @@ class IngressService:
                 status=504,
             ) from None
 
+    async def answer_stream(
+        self, request: VQARequest | GroundRequest
+    ) -> AsyncIterator[TextDelta | AnswerResult | GroundingResult]:
+        """The answer as the stream's events. Requests are batched across the trunk's replicas, so the
+        text arrives whole, as one delta, then the result (`medplib ui` streams token by token)."""
+        result = await self.answer(request)
+        if result.text:
+            yield TextDelta(text=result.text)
+        yield result
+
     async def health(self) -> HealthResponse:
         try:
             app_name = serve.get_replica_context().app_name
@@ -142,6 +151,8 @@ class IngressService:
         start = time.perf_counter()
         grounding = isinstance(request, GroundRequest)
         text = request.text if isinstance(request, GroundRequest) else request.question
+        if isinstance(request, VQARequest) and request.history:
+            raise InvalidInputError("history: this server answers single questions; `medplib ui` holds chats")
         self._check_sizes(text, request)
         image, load_ms = await self._load(request.image)
         regions = await asyncio.to_thread(self._checked_regions, request.regions, image)
@@ -273,20 +284,14 @@ class IngressService:
 class Ingress(IngressService):
     def __serve_build_asgi_app__(self) -> Any:
         """The FastAPI app, built in the replica: its limits and key come from this replica's config."""
-        return create_api(
+        from medplib.agents.ui.page import add_page
+
+        app = create_api(
             self, max_body_bytes=self.limits.max_body_bytes, api_key=self.config.resolved_api_key()
         )
+        add_page(app, self.limits)
+        return app
 
     def describe(self) -> dict[str, Any]:
         """Where this replica runs (a handle method, not a route)."""
         return replica_info("Ingress", "cpu")
-
-
-def decode_base64(text: str, what: str) -> bytes:
-    """Standard base64, whitespace and a `data:...;base64,` prefix allowed."""
-    if text.startswith("data:") and "," in text:
-        text = text.split(",", 1)[1]
-    try:
-        return base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidInputError(f"{what} is not valid base64 ({exc})") from None
