@@ -24,6 +24,7 @@ from medplib.agents.ingress import IngressService
 from medplib.agents.schemas import ExpertsResponse, GroundRequest, ServeError, VQARequest
 from medplib.agents.serve_config import ServeConfig
 from medplib.core.errors import InvalidInputError, RegionError
+from medplib.core.results import AnswerResult, TextDelta
 from medplib.trainers.registry_data import dicom_file
 
 CONFIG = ServeConfig().with_overrides(load={"device": "cpu"}, retries={"backoff_s": 0.01})
@@ -195,3 +196,15 @@ async def test_the_replica_batcher_merges_what_waits_while_it_runs() -> None:
     with pytest.raises(RuntimeError, match="a bug"):
         await batcher.submit("a", [-1])
     assert await batcher.submit("a", [7]) == [70]  # and it goes on
+
+
+async def test_a_streamed_request_ends_with_the_whole_result(replicas: tuple[Any, Any]) -> None:
+    ingress, _, _ = service(replicas)
+    events = [event async for event in ingress.answer_stream(vqa(stream=True))]
+    *deltas, result = events
+    assert isinstance(result, AnswerResult) and "".join(d.text for d in deltas) == result.text
+    assert all(isinstance(d, TextDelta) for d in deltas)
+    with pytest.raises(InvalidInputError, match="history"):  # a chat is `medplib ui`'s, not this app's
+        await ingress.answer(
+            vqa(history=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "."}])
+        )

@@ -45,7 +45,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_ui(api_key: str | None, log: Path) -> Iterator[UiServer]:
+def launch(api_key: str | None, log: Path) -> tuple[subprocess.Popen[bytes], UiServer]:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MEDPLIB_API_KEY", None)
@@ -55,32 +55,49 @@ def start_ui(api_key: str | None, log: Path) -> Iterator[UiServer]:
     command += ["--port", str(port), "--max-body-mb", str(MAX_BODY_MB)]
     with log.open("w") as output:
         process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    return process, UiServer(f"http://127.0.0.1:{port}", api_key)
+
+
+def wait_until_up(process: subprocess.Popen[bytes], server: UiServer, log: Path) -> None:
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{server.url}/v1/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"medplib ui did not start:\n{log.read_text()}")
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="session")
+def ui_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, UiServer]]:
+    """Two servers, one without an API key and one with, started side by side (each loads its model)."""
+    folder = tmp_path_factory.mktemp("ui-servers")
+    launched = {
+        name: (launch(key, folder / f"{name}.log"), folder / f"{name}.log")
+        for name, key in (("open", None), ("keyed", "s3cret-key"))
+    }
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/v1/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"medplib ui did not start:\n{log.read_text()}")
-            time.sleep(0.3)
-        yield UiServer(url, api_key)
+        for (process, server), log in launched.values():
+            wait_until_up(process, server, log)
+        yield {name: server for name, ((_, server), _) in launched.items()}
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        for (process, _), _ in launched.values():
+            process.terminate()
+        for (process, _), _ in launched.values():
+            process.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")
-def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UiServer]:
-    yield from start_ui(None, tmp_path_factory.mktemp("ui") / "server.log")
+def ui_server(ui_servers: dict[str, UiServer]) -> UiServer:
+    return ui_servers["open"]
 
 
 @pytest.fixture(scope="session")
-def keyed_ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UiServer]:
-    yield from start_ui("s3cret-key", tmp_path_factory.mktemp("ui-key") / "server.log")
+def keyed_ui_server(ui_servers: dict[str, UiServer]) -> UiServer:
+    return ui_servers["keyed"]
 
 
 @pytest.fixture(scope="session")
