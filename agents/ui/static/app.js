@@ -444,6 +444,17 @@ function maskPng(mask) {
   return new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
 }
 
+async function downloadVolumeMask(mask, k) {
+  clearError("ask-error");
+  try {
+    const body = JSON.stringify({ image: imageInput(), mask: mask.mask });
+    const response = await call(() => fetch("/v1/render/mask-nifti", { method: "POST", headers: headers(), body }));
+    download(`mask-${k + 1}.nii.gz`, await response.blob());
+  } catch (error) {
+    showError("ask-error", error);
+  }
+}
+
 function listMasks() {
   $("masks").replaceChildren(...state.masks.map((mask, k) => {
     const item = document.createElement("li");
@@ -464,6 +475,13 @@ function listMasks() {
     rle.title = "COCO RLE JSON";
     rle.onclick = () => download(`mask-${k + 1}.json`, new Blob([JSON.stringify(mask.mask)], { type: "application/json" }));
     item.append(toggle, swatch, label, png, rle);
+    if (state.render.format === "nifti") {
+      const nifti = document.createElement("button");
+      nifti.textContent = "NIfTI";
+      nifti.title = "this slice's mask on the volume's grid";
+      nifti.onclick = () => downloadVolumeMask(mask, k);
+      item.append(nifti);
+    }
     return item;
   }));
 }

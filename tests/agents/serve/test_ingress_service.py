@@ -208,3 +208,18 @@ async def test_a_streamed_request_ends_with_the_whole_result(replicas: tuple[Any
         await ingress.answer(
             vqa(history=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "."}])
         )
+
+
+def test_the_serve_app_serves_the_page(replicas: tuple[Any, Any]) -> None:
+    from fastapi.testclient import TestClient
+
+    from medplib.agents.ingress import Ingress
+
+    ingress, _, _ = service(replicas)
+    app = Ingress.func_or_class.__serve_build_asgi_app__(ingress)  # what the replica builds
+    with TestClient(app) as client:
+        page = client.get("/")
+        assert page.status_code == 200 and "/ui/app.js" in page.text
+        assert client.get("/ui/app.js").status_code == 200
+        rendered = client.post("/v1/render", json={"image": {"base64": CT}})
+        assert rendered.status_code == 200 and rendered.json()["modality"] == "CT"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import nibabel as nib
 import numpy as np
 import pytest
 from playwright.sync_api import Browser, Page, Request, Route
@@ -225,6 +226,20 @@ def test_nifti_slice_control_changes_the_image(page: Page, tmp_path: Path) -> No
     page.screenshot(path=tmp_path / "nifti-slice.png")
     assert page.inner_text("#slice-value").startswith("41 /")
     assert pixels() != before
+
+    # A mask made on this slice downloads as a NIfTI on the volume's grid, at this slice.
+    with page.expect_response("**/v1/ground") as answered:
+        ask(page, "the brain", button="#segment")
+    page.wait_for_selector("#masks li")
+    mask = Mask.model_validate(sse_result(answered.value.text())["masks"][0]["mask"]).to_array()
+    with page.expect_download() as downloaded:
+        page.click("#masks li button:text('NIfTI')")
+    path = tmp_path / "mask.nii.gz"
+    downloaded.value.save_as(path)
+    volume = np.asanyarray(nib.load(path).dataobj)
+    assert volume.shape == (197, 233, 189)
+    assert np.array_equal(np.rot90(volume[:, :, 40]), mask)
+    assert volume.sum() == mask.sum() > 0
 
 
 def test_errors_are_shown_and_the_page_keeps_working(page: Page, ui_server: UiServer, tmp_path: Path) -> None:

@@ -8,10 +8,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
+import nibabel as nib
+import numpy as np
 import pytest
 
 from medplib.agents.client import MedPLIBClient
 from medplib.core.errors import InvalidInputError, RegionError
+from medplib.core.io import load_volume
+from medplib.core.masks import Mask
 from medplib.core.regions import BoxPrompt
 from medplib.core.results import AnswerResult, GroundingResult, TextDelta
 from medplib.trainers.registry_data import dicom_file, mni152_file
@@ -126,3 +130,24 @@ def test_with_a_key_only_the_page_is_open(keyed_ui_server: UiServer) -> None:
     assert keyed.experts().experts
     with pytest.raises(InvalidInputError):  # past the key: the body is checked
         keyed.vqa(b"not an image", "q")
+
+
+def test_a_slice_mask_goes_back_onto_the_volume(ui_server: UiServer, tmp_path: Path) -> None:
+    plane = np.zeros((189, 197), dtype=bool)  # a coronal plane of the 197 x 233 x 189 template
+    plane[50:60, 70:90] = True
+    image = {"base64": b64(mni152_file("t1")), "axis": "coronal", "slice_index": 120}
+    body = {"image": image, "mask": Mask.from_array(plane).model_dump()}
+    response = httpx.post(ui_server.url + "/v1/render/mask-nifti", json=body, timeout=60)
+    assert response.status_code == 200 and response.headers["content-type"] == "application/gzip"
+    path = tmp_path / "mask.nii.gz"
+    path.write_bytes(response.content)
+    saved = nib.load(path)
+    volume = np.asanyarray(saved.dataobj)
+    assert volume.shape == (197, 233, 189) and volume.sum() == plane.sum()
+    assert np.array_equal(np.rot90(volume[:, 120, :]).astype(bool), plane)
+    assert np.allclose(saved.affine, load_volume(mni152_file("t1")).affine)
+    wrong = {**body, "mask": Mask.from_array(plane.T).model_dump()}
+    refused = httpx.post(ui_server.url + "/v1/render/mask-nifti", json=wrong, timeout=60)
+    assert refused.status_code == 400 and "not 189x197" in refused.json()["message"]
+    flat = {**body, "image": {"base64": b64(dicom_file("CT_small.dcm"))}}
+    assert httpx.post(ui_server.url + "/v1/render/mask-nifti", json=flat, timeout=60).status_code == 400
