@@ -121,12 +121,28 @@ class IngressService:
     async def answer_stream(
         self, request: VQARequest | GroundRequest
     ) -> AsyncIterator[TextDelta | AnswerResult | GroundingResult]:
-        """The answer as the stream's events. Requests are batched across the trunk's replicas, so the
-        text arrives whole, as one delta, then the result (`medplib ui` streams token by token)."""
-        result = await self.answer(request)
-        if result.text:
-            yield TextDelta(text=result.text)
-        yield result
+        """The answer token by token, then the whole result. A stream is not batched: it holds one
+        trunk replica's turn while it runs, and is not retried once it has started."""
+        start = time.perf_counter()
+        query, load_ms = await self._query(request)
+        trunk = self.trunk.options(stream=True)
+        output: TrunkOutput | None = None
+        try:
+            async for item in trunk.generate_stream.remote(query, request.decoding.model_dump()):
+                if isinstance(item, BaseException):  # the trunk refused this query
+                    raise item
+                if isinstance(item, TextDelta):
+                    yield item
+                else:
+                    output = item
+        except REPLICA_GONE as exc:
+            raise ServeError(
+                f"the trunk replica went away during the stream ({type(exc).__name__}); retry",
+                kind="unavailable",
+                status=503,
+            ) from None
+        assert output is not None, "the trunk's stream ended without its output"
+        yield await self._finish(query, output, load_ms, start)
 
     async def health(self) -> HealthResponse:
         try:
@@ -149,6 +165,14 @@ class IngressService:
 
     async def _answer(self, request: VQARequest | GroundRequest) -> AnswerResult | GroundingResult:
         start = time.perf_counter()
+        query, load_ms = await self._query(request)
+        output = await self._generate(TrunkItem(query, request.decoding))
+        if isinstance(output, BaseException):  # the trunk refused this query alone
+            raise output
+        return await self._finish(query, output, load_ms, start)
+
+    async def _query(self, request: VQARequest | GroundRequest) -> tuple[Query, float]:
+        """The request checked and its image loaded: the query for the trunk, and the load's ms."""
         grounding = isinstance(request, GroundRequest)
         text = request.text if isinstance(request, GroundRequest) else request.question
         if isinstance(request, VQARequest) and request.history:
@@ -156,14 +180,18 @@ class IngressService:
         self._check_sizes(text, request)
         image, load_ms = await self._load(request.image)
         regions = await asyncio.to_thread(self._checked_regions, request.regions, image)
-        query = Query(image=image, text=text, task="ground" if grounding else "answer", regions=regions)
-        output = await self._generate(TrunkItem(query, request.decoding))
-        if isinstance(output, BaseException):  # the trunk refused this query alone
-            raise output
+        task = "ground" if grounding else "answer"
+        return Query(image=image, text=text, task=task, regions=regions), load_ms
+
+    async def _finish(
+        self, query: Query, output: TrunkOutput, load_ms: float, start: float
+    ) -> AnswerResult | GroundingResult:
+        """The trunk's output with its masks (from the grounding decoder) and the request's timings."""
         result = output.result
         timings = {**result.timings_ms, "load": load_ms}
         if len(output.seg_hidden_states):
-            item = GroundingItem(image.pixels, output.seg_hidden_states, text if grounding else None)
+            label = query.text if query.task == "ground" else None
+            item = GroundingItem(query.image.pixels, output.seg_hidden_states, label)
             grounded = await self._decode(item)
             timings.update(grounded.milliseconds)
             cache = result.cache.model_copy(update={"sam": grounded.sam_cache})

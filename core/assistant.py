@@ -397,6 +397,14 @@ class MedPLIB:
         steps = self._chat_steps(image, messages, image_options, decoding)
         return stream_text(steps, self.model.tokenizer, lambda done: done)
 
+    def generate_stream(
+        self, query: Query | Mapping[str, Any], **decoding: Any
+    ) -> Iterator[TextDelta | tuple[AnswerResult | GroundingResult, torch.Tensor]]:
+        """`generate_batch` of one query, streamed: `TextDelta`s, then (result without masks, `<SEG>`
+        hidden states), for a deployment that streams while its grounding decoder runs apart."""
+        steps = self._batch_steps([query], decoding, predict_masks=False)
+        return stream_text(steps, self.model.tokenizer, lambda done: done[0], lambda pair: pair[0].text)
+
     def _stream_single(
         self,
         task: str,
