@@ -175,13 +175,12 @@ class IngressService:
         """The request checked and its image loaded: the query for the trunk, and the load's ms."""
         grounding = isinstance(request, GroundRequest)
         text = request.text if isinstance(request, GroundRequest) else request.question
-        if isinstance(request, VQARequest) and request.history:
-            raise InvalidInputError("history: this server answers single questions; `medplib ui` holds chats")
         self._check_sizes(text, request)
         image, load_ms = await self._load(request.image)
         regions = await asyncio.to_thread(self._checked_regions, request.regions, image)
         task = "ground" if grounding else "answer"
-        return Query(image=image, text=text, task=task, regions=regions), load_ms
+        history = request.history if isinstance(request, VQARequest) else []
+        return Query(image=image, text=text, task=task, regions=regions, history=history), load_ms
 
     async def _finish(
         self, query: Query, output: TrunkOutput, load_ms: float, start: float

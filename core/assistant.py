@@ -72,6 +72,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # presets are trained on.
 GROUNDING_QUESTION = "Please segment {text} in this image."
 SEG_TEXT = ControlToken.SEG.value
+ALTERNATE = "chat messages must alternate user, assistant, …, ending with a user message"
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -286,12 +287,13 @@ class MedPLIB:
         for query in parsed:
             text = self._text(query.text, "question" if query.task == "answer" else "grounding text")
             question = GROUNDING_QUESTION.format(text=text) if query.task == "ground" else text
+            earlier, answers = self._history(query.history)
             prepared.append(
                 self._prepare(
                     query.image,
                     query.image_options,
-                    [(question, query.regions)],
-                    [],
+                    [*earlier, (question, query.regions)],
+                    answers,
                     require_seg=query.task == "ground",
                 )
             )
@@ -330,30 +332,28 @@ class MedPLIB:
         image_options: Mapping[str, Any] | None,
         decoding: Mapping[str, Any],
     ) -> Generator[torch.Tensor, None, ChatResult]:
-        start = time.perf_counter()
-        settings = self._decoding(decoding)
+        """A chat is one query: the last user message, the earlier turns as its history."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         parsed = [parse_model(ChatMessage, message, "chat message") for message in messages]
-        users, answers = parsed[0::2], parsed[1::2]
-        if not parsed or any(m.role != "user" for m in users) or any(m.role != "assistant" for m in answers):
-            raise InvalidInputError(
-                "chat messages must alternate user, assistant, …, ending with a user message"
-            )
-        if len(answers) == len(users):
+        alternating = all(m.role == ("assistant" if i % 2 else "user") for i, m in enumerate(parsed))
+        if not parsed or not alternating:
+            raise InvalidInputError(ALTERNATE)
+        if parsed[-1].role != "user":
             raise InvalidInputError("the conversation ends with an assistant message: add a user message")
-        if len(users) > self.limits.max_turns:
-            raise CapacityError(f"{len(users)} user turns, over the limit of {self.limits.max_turns}")
-        if any(m.regions for m in answers):
-            raise InvalidInputError("only user messages can mark regions")
-        turns = [(self._text(m.content, "message"), m.regions) for m in users]
-        item = self._prepare(
-            image, image_options or {}, turns, [m.content for m in answers], require_seg=False
+        last = parsed[-1]
+        query = Query(
+            image=image,
+            text=last.content,
+            regions=last.regions,
+            image_options=dict(image_options or {}),
+            history=parsed[:-1],
         )
-        batch = yield from self._generator.run_steps([item.conversation], settings)
-        row = batch.rows[0]
-        reply = ChatMessage(role="assistant", content=row.text)
-        return self._result(ChatResult, item, row, batch, start, messages=[*parsed, reply])
+        results = yield from self._batch_steps([query], decoding, predict_masks=True)
+        answered = results[0][0]
+        reply = ChatMessage(role="assistant", content=answered.text)
+        fields = answered.model_dump(exclude={"task", "question"})
+        return ChatResult(**fields, messages=[*parsed, reply])
 
     # ---- streaming -----------------------------------------------------------------------------------
 
@@ -435,6 +435,21 @@ class MedPLIB:
             raise InvalidInputError("no queries to answer")
         if size > self.limits.max_batch:
             raise CapacityError(f"{size} queries in one batch, over the limit of {self.limits.max_batch}")
+
+    def _history(self, history: Sequence[ChatMessage]) -> tuple[list[tuple[str, Any]], list[str]]:
+        """Earlier turns as (question, regions) per user message and the assistant's answers."""
+        users, answers = history[0::2], history[1::2]
+        if any(m.role != "user" for m in users) or any(m.role != "assistant" for m in answers):
+            raise InvalidInputError(
+                "chat messages must alternate user, assistant, …, ending with a user message"
+            )
+        if len(users) != len(answers):
+            raise InvalidInputError("the history ends with a user message: it needs the assistant's answer")
+        if len(users) + 1 > self.limits.max_turns:
+            raise CapacityError(f"{len(users) + 1} user turns, over the limit of {self.limits.max_turns}")
+        if any(m.regions for m in answers):
+            raise InvalidInputError("only user messages can mark regions")
+        return [(self._text(m.content, "message"), m.regions) for m in users], [m.content for m in answers]
 
     def _text(self, text: str, what: str) -> str:
         if not isinstance(text, str) or not text.strip():

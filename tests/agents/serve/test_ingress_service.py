@@ -227,10 +227,11 @@ async def test_a_streamed_request_comes_token_by_token(replicas: tuple[Any, Any]
     assert len(generate.calls) == 1 and len(decode.calls) == 1  # streams skip the batch, not the decoder
     with pytest.raises(RegionError, match="marks 1 region"):  # refused in the trunk, before any delta
         [event async for event in ingress.answer_stream(vqa("Where is {region}?"))]
-    with pytest.raises(InvalidInputError, match="history"):  # a chat is `medplib ui`'s, not this app's
-        await ingress.answer(
-            vqa(history=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "."}])
-        )
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": plain.text}]
+    follow_up = await ingress.answer(vqa("And now?", history=history))
+    assert follow_up.prompt_tokens > plain.prompt_tokens and follow_up.question == "And now?"
+    with pytest.raises(InvalidInputError, match="history ends"):
+        await ingress.answer(vqa(history=history[:1]))
 
 
 def test_the_serve_app_serves_the_page(replicas: tuple[Any, Any]) -> None:
