@@ -13,6 +13,7 @@ const state = {
   masks: [],           // {mask: {size, counts}, pixels: Uint8Array, color, label, visible}
   history: [],         // ChatMessage list: earlier VQA turns about this image
   zoom: 1,
+  zoomSet: false,      // the user zoomed: a new image keeps the zoom instead of fitting
   tool: "point",
   apiKey: null,
   busy: false,
@@ -43,7 +44,10 @@ async function failure(response) {
 async function call(send) {
   for (;;) {
     const response = await send();
-    if (response.status === 401) { await askForKey(); continue; }
+    if (response.status === 401) {
+      if (await askForKey()) continue;
+      throw await failure(response);  // the dialog was dismissed: the call fails with the server's words
+    }
     if (!response.ok) throw await failure(response);
     return response;
   }
@@ -76,7 +80,11 @@ async function postStream(path, body, onDelta) {
         else if (line.startsWith("data:")) data += line.slice(5).trimStart();
       }
       const payload = JSON.parse(data);
-      if (event === "delta") onDelta(payload.text);
+      if (event === "delta") {
+        onDelta(payload.text);
+        // Pieces that arrived together are still shown one by one: a task per piece lets it paint.
+        await new Promise((resolve) => setTimeout(resolve, 0));
+      }
       else if (event === "result") return payload;
       else if (event === "error") throw new ApiError(500, payload.error, payload.message);
     }
@@ -90,7 +98,11 @@ function askForKey() {
     $("key-error").hidden = state.apiKey === null;
     $("key-error").textContent = "That key was refused; try again.";
     $("api-key").value = "";
-    dialog.onclose = () => { state.apiKey = $("api-key").value.trim() || null; resolve(); };
+    dialog.onclose = () => {
+      const key = $("api-key").value.trim();
+      if (key) state.apiKey = key;
+      resolve(key !== "");
+    };
     dialog.showModal();
   });
 }

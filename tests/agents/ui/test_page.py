@@ -194,14 +194,16 @@ def test_streamed_answer_grows_and_equals_the_plain_answer(
                    }).observe(document.getElementById('conversation'),
                               {subtree: true, childList: true, characterData: true}); }"""
     )
-    with page.expect_request("**/v1/vqa") as sent:
+    with page.expect_response("**/v1/vqa") as answered:
         ask(page, "Which organ is this?")
     shown = last_answer(page)
     page.screenshot(path=tmp_path / "streamed.png")
     growth = sorted(set(page.evaluate("() => window.lengths")) - {0})
-    assert len(growth) >= 2, f"the text came in {len(growth)} step(s)"
+    sent_deltas = [event for event, _ in parse_events(answered.value.text().splitlines()) if event == "delta"]
+    assert len(growth) >= 2, f"the text grew in {len(growth)} step(s)"
+    assert len(growth) == len(sent_deltas)  # one step per delta the server sent
 
-    body = {**sent.value.post_data_json, "stream": False}
+    body = {**answered.value.request.post_data_json, "stream": False}
     plain = httpx.post(ui_server.url + "/v1/vqa", json=body, timeout=60).json()
     assert shown == plain["text"] != ""
     # A follow-up carries the conversation so far.
