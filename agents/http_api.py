@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request, Response
@@ -63,7 +63,7 @@ class ApiService(Protocol):
 
     def answer_stream(
         self, request: VQARequest | GroundRequest
-    ) -> AsyncIterator[TextDelta | AnswerResult | GroundingResult]: ...
+    ) -> AsyncGenerator[TextDelta | AnswerResult | GroundingResult, None]: ...
 
     async def health(self) -> HealthResponse: ...
 
@@ -113,7 +113,7 @@ def create_api(service: ApiService, *, max_body_bytes: int, api_key: str | None)
     return app
 
 
-async def streamed(events: AsyncIterator[Any]) -> StreamingResponse:
+async def streamed(events: AsyncGenerator[Any, None]) -> StreamingResponse:
     """The events as server-sent events. The first is awaited before the response starts, so a
     request refused up front (a region off the image, ...) is an ordinary 4xx JSON error."""
     first = await anext(events)
@@ -135,6 +135,8 @@ async def streamed(events: AsyncIterator[Any]) -> StreamingResponse:
                 logger.exception("unexpected error while streaming an answer", exc_info=exc)
                 kind, message = "internal", f"internal error ({type(exc).__name__}); see the server log"
             yield encode_event("error", ErrorResponse(error=kind, message=message).model_dump_json())
+        finally:  # also when the client went away: the service's stream lets go of the model now
+            await events.aclose()
 
     return StreamingResponse(body(), media_type=MEDIA_TYPE, headers={"Cache-Control": "no-cache"})
 

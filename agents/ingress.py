@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -120,7 +120,7 @@ class IngressService:
 
     async def answer_stream(
         self, request: VQARequest | GroundRequest
-    ) -> AsyncIterator[TextDelta | AnswerResult | GroundingResult]:
+    ) -> AsyncGenerator[TextDelta | AnswerResult | GroundingResult, None]:
         """The answer token by token, then the whole result. A stream is not batched: it holds one
         trunk replica's turn while it runs, and is not retried once it has started."""
         start = time.perf_counter()

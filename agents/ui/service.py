@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from medplib.agents.backends import model_guard
@@ -62,7 +62,7 @@ class InProcessService:
 
     async def answer_stream(
         self, request: VQARequest | GroundRequest
-    ) -> AsyncIterator[TextDelta | AnswerResult | GroundingResult]:
+    ) -> AsyncGenerator[TextDelta | AnswerResult | GroundingResult, None]:
         async with self._turn:
             events = await self._in_worker(self._events, request)
             while (item := await self._in_worker(next, events, _DONE)) is not _DONE:
