@@ -16,6 +16,7 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
+from PIL import Image
 from playwright.sync_api import Browser, Page, Request, Route
 
 from medplib.agents.sse import parse_events
@@ -128,6 +129,8 @@ def test_ask_about_a_point_a_box_and_a_shape_on_a_dicom(page: Page, tmp_path: Pa
     assert size == {"width": 128, "height": 128}
     mouse = ImageMouse(page, size)
     mouse.click(40, 30)
+    tool(page, "negative")
+    mouse.click(52, 44)  # taken away from region 1, not a region of its own
     tool(page, "box")
     mouse.drag([(60, 60), (90, 100)])
     tool(page, "shape")
@@ -145,7 +148,9 @@ def test_ask_about_a_point_a_box_and_a_shape_on_a_dicom(page: Page, tmp_path: Pa
     assert page.locator("#regions li").all_inner_texts()[0].startswith("point (40, 30)")
     regions = sent.value.post_data_json["regions"]
     assert [r["kind"] for r in regions] == ["point", "box", "polygon"]
-    assert close(regions[0]["points"][0], mouse.image(40, 30)) and regions[0]["labels"] == [1]
+    assert regions[0]["labels"] == [1, 0]
+    assert close(regions[0]["points"][0], mouse.image(40, 30))
+    assert close(regions[0]["points"][1], mouse.image(52, 44))
     assert close(regions[1]["box"], [*mouse.image(60, 60), *mouse.image(90, 100)])
     assert len(regions[2]["points"]) == len(shape)
     for got, (x, y) in zip(regions[2]["points"], shape, strict=True):
@@ -169,6 +174,14 @@ def test_segment_draws_the_servers_mask(page: Page, tmp_path: Path) -> None:
     page.screenshot(path=tmp_path / "segmented.png")
     assert result["masks"] and expected.sum() > 0
     assert drawn == int(expected.sum())
+    # Each mask downloads as COCO RLE JSON (the server's, as sent) and as a PNG of the same pixels.
+    with page.expect_download() as rle:
+        page.click("#masks li button:text('RLE')")
+    assert json.loads(Path(rle.value.path()).read_text()) == result["masks"][0]["mask"]
+    with page.expect_download() as png:
+        page.click("#masks li button:text('PNG')")
+    first = Mask.model_validate(result["masks"][0]["mask"]).to_array()
+    assert np.array_equal(np.asarray(Image.open(png.value.path()).convert("L")) > 127, first)
     # The <SEG> chip highlights its mask; the toggle hides it.
     page.hover(".seg-chip")
     assert page.locator(".seg-chip.active").count() == 1
