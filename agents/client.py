@@ -6,6 +6,7 @@
     client.vqa("s3://bucket/scan.dcm", "What is in {region}?", [BoxPrompt(box=(10, 10, 60, 60))])
     client.ground(png_bytes, "the liver lesion")                                # GroundingResult, RLE masks
     for part in client.vqa_stream(png_bytes, "What is this?"): ...              # TextDelta..., AnswerResult
+    async for part in client.avqa_stream(png_bytes, "What is this?"): ...       # the same, async
     await client.avqa(...); await client.aground(...)
 
 An image is `bytes` or a `pathlib.Path` (read here and sent as base64), a `str` (a path or URI the
@@ -23,11 +24,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
-import json
 import os
 import time
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
@@ -40,7 +40,7 @@ from medplib.agents.schemas import (
     ServeError,
     error_from_response,
 )
-from medplib.agents.sse import parse_events
+from medplib.agents.sse import EventReader, stream_item
 from medplib.core.errors import InvalidInputError, validation_message
 from medplib.core.image import DEFAULT_LIMITS
 from medplib.core.io.sources import read_source
@@ -163,14 +163,12 @@ class MedPLIBClient:
                 if not response.is_success:
                     response.read()
                     self._result(response, model, ())
-                for event, data in parse_events(response.iter_lines()):
-                    if event == "delta":
-                        yield TextDelta.model_validate_json(data)
-                    elif event == "result":
-                        yield model.model_validate_json(data)
-                        return
-                    elif event == "error":
-                        raise error_from_response(500, json.loads(data))
+                reader = EventReader()
+                for line in response.iter_lines():
+                    if (item := stream_item(reader.feed(line), model)) is not None:
+                        yield item
+                        if not isinstance(item, TextDelta):
+                            return
         except (*RETRY_ERRORS, httpx.TimeoutException) as exc:
             self._result(exc, model, ())
         raise ServeError("the answer's stream ended without a result", kind="internal", status=502)
@@ -231,6 +229,48 @@ class MedPLIBClient:
     ) -> GroundingResult:
         body = _body(image, image_options, regions, decoding, text=text)
         return await self._asend("POST", "/v1/ground", GroundingResult, body)
+
+    async def avqa_stream(
+        self,
+        image: ImageInput | bytes | str | os.PathLike[str],
+        question: str,
+        regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
+        *,
+        image_options: Mapping[str, Any] | None = None,
+        **decoding: Any,
+    ) -> AsyncIterator[TextDelta | AnswerResult]:
+        body = _body(image, image_options, regions, decoding, question=question, stream=True)
+        async for item in self._astream("/v1/vqa", AnswerResult, body):
+            yield item
+
+    async def aground_stream(
+        self,
+        image: ImageInput | bytes | str | os.PathLike[str],
+        text: str,
+        regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
+        *,
+        image_options: Mapping[str, Any] | None = None,
+        **decoding: Any,
+    ) -> AsyncIterator[TextDelta | GroundingResult]:
+        body = _body(image, image_options, regions, decoding, text=text, stream=True)
+        async for item in self._astream("/v1/ground", GroundingResult, body):
+            yield item
+
+    async def _astream(self, path: str, model: type[M], body: Any) -> AsyncIterator[TextDelta | M]:
+        try:
+            async with self._async_client().stream("POST", path, json=body) as response:
+                if not response.is_success:
+                    await response.aread()
+                    self._result(response, model, ())
+                reader = EventReader()
+                async for line in response.aiter_lines():
+                    if (item := stream_item(reader.feed(line), model)) is not None:
+                        yield item
+                        if not isinstance(item, TextDelta):
+                            return
+        except (*RETRY_ERRORS, httpx.TimeoutException) as exc:
+            self._result(exc, model, ())
+        raise ServeError("the answer's stream ended without a result", kind="internal", status=502)
 
     async def aexperts(self) -> ExpertsResponse:
         return await self._asend("GET", "/v1/experts", ExpertsResponse)

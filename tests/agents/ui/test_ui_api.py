@@ -3,6 +3,7 @@ history, the render route, the page's files, and what the server refuses."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,6 +44,15 @@ def test_streamed_answers_equal_the_plain_ones(client: MedPLIBClient) -> None:
     assert isinstance(result, AnswerResult) and all(isinstance(d, TextDelta) for d in deltas)
     assert len(deltas) >= 2
     assert "".join(d.text for d in deltas) == result.text == plain.text
+
+    async def streamed_async() -> list:
+        return [
+            part
+            async for part in client.avqa_stream(ct, "What is in {region}?", regions, max_new_tokens=TOKENS)
+        ]
+
+    *async_deltas, async_result = asyncio.run(streamed_async())
+    assert [d.text for d in async_deltas] == [d.text for d in deltas] and async_result.text == plain.text
     *deltas, grounded = client.ground_stream(ct, "the lung", max_new_tokens=TOKENS)
     plain_grounded = client.ground(ct, "the lung", max_new_tokens=TOKENS)
     assert isinstance(grounded, GroundingResult) and grounded.masks
