@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from medplib.agents.backends import model_guard
@@ -55,28 +55,33 @@ class InProcessService:
         self._turn = asyncio.Lock()  # one request at a time, a stream included, in arrival order
 
     async def answer(self, request: VQARequest | GroundRequest) -> AnswerResult | GroundingResult:
-        final: Any = None
-        async for item in self.answer_stream(request):
-            final = item
-        return final
+        async with self._turn:
+            result = await self._in_worker(functools.partial(self._invoke, stream=False), request)
+        return as_answer(result, request) if isinstance(result, ChatResult) else result
 
     async def answer_stream(
         self, request: VQARequest | GroundRequest
     ) -> AsyncGenerator[TextDelta | AnswerResult | GroundingResult, None]:
         async with self._turn:
-            events = await self._in_worker(self._events, request)
+            events = await self._in_worker(functools.partial(self._invoke, stream=True), request)
             while (item := await self._in_worker(next, events, _DONE)) is not _DONE:
                 yield as_answer(item, request) if isinstance(item, ChatResult) else item
 
-    def _events(self, request: VQARequest | GroundRequest) -> Iterator[Any]:
+    def _invoke(self, request: VQARequest | GroundRequest, *, stream: bool) -> Any:
+        """The model's answer: its result, or (`stream`) an iterator of its pieces and then the result.
+        A question with history is a chat's next turn."""
+        model = self.model
         data = image_bytes(request.image)
         options = {"image_options": request.image.load_options(), **request.decoding.model_dump()}
         if isinstance(request, GroundRequest):
-            return self.model.ground_stream(data, request.text, request.regions, **options)
+            call = model.ground_stream if stream else model.ground
+            return call(data, request.text, request.regions, **options)
         if request.history:
             question = ChatMessage(role="user", content=request.question, regions=request.regions)
-            return self.model.chat_stream(data, [*request.history, question], **options)
-        return self.model.answer_stream(data, request.question, request.regions, **options)
+            call = model.chat_stream if stream else model.chat
+            return call(data, [*request.history, question], **options)
+        call = model.answer_stream if stream else model.answer
+        return call(data, request.question, request.regions, **options)
 
     async def _in_worker(self, call: Callable[..., T], *args: Any) -> T:
         def locked() -> T:

@@ -257,6 +257,20 @@ def test_nifti_slice_control_changes_the_image(page: Page, tmp_path: Path) -> No
     assert volume.sum() == mask.sum() > 0
 
 
+def test_frame_control_of_a_multi_frame_dicom(page: Page, tmp_path: Path) -> None:
+    open_image(page, dicom_file("emri_small.dcm"))
+    assert page.is_visible("#frame-control") and page.is_hidden("#slice-control")
+    before = page.evaluate("() => document.getElementById('image-canvas').toDataURL()")
+    page.eval_on_selector("#frame", "el => { el.value = 7; el.dispatchEvent(new Event('change')); }")
+    page.wait_for_function("() => document.getElementById('frame-value').textContent.startsWith('8 /')")
+    page.screenshot(path=tmp_path / "frame.png")
+    assert page.evaluate("() => document.getElementById('image-canvas').toDataURL()") != before
+    with page.expect_request("**/v1/vqa") as sent:
+        ask(page, "What is this?")
+    last_answer(page)
+    assert sent.value.post_data_json["image"]["frame"] == 7  # the question is about the frame shown
+
+
 def test_errors_are_shown_and_the_page_keeps_working(page: Page, ui_server: UiServer, tmp_path: Path) -> None:
     size = open_image(page, dicom_file("CT_small.dcm"))
     mouse = ImageMouse(page, size)
