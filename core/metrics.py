@@ -7,13 +7,12 @@ rightly found nothing; when exactly one is empty both scores are 0.
 
 Answers are compared after VQA normalisation (`normalize_answer`). Closed questions score exact
 match; open questions token precision, recall and F1 (multiset overlap of the normalised words) and
-BLEU-1..4. MedPLIB's own script calls nltk's BLEU without smoothing, which gives 0 to every answer
-shorter than four words; `bleu` documents the smoothing used here instead.
+BLEU with nltk exactly as MedPLIB's evaluation script calls it (no smoothing, so short answers score
+near 0 on the higher orders), so the numbers compare with the paper's.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -152,50 +151,36 @@ def token_scores(prediction: str, reference: str) -> TokenScores:
     return TokenScores(precision, recall, 2 * precision * recall / (precision + recall))
 
 
-def bleu(
-    candidate: Sequence[str], references: Sequence[Sequence[str]], max_order: int = 4, epsilon: float = 0.1
-) -> float:
-    """Sentence BLEU-`max_order` (Papineni et al. 2002): brevity penalty times the geometric mean of
-    the clipped n-gram precisions for n = 1..max_order, with uniform weights.
+# MedPLIB's evaluation (`model/eval/cal_metric.py`) reports nltk's `sentence_bleu` without smoothing:
+# "BLEU-1..3" weigh one n-gram order each, and its overall BLEU is the uniform cumulative BLEU-4.
+BLEU_WEIGHTS = ((1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0.25, 0.25, 0.25, 0.25))
 
-    Smoothing, for short answers: orders above the longest reference's length are left out (no
-    n-gram of that order can exist, so a perfect one-word answer scores 1, not 0); an order with no
-    matching n-gram gets `epsilon` matches (Chen & Cherry 2014, method 1), over at least one n-gram.
-    An empty candidate scores 0.
-    """
-    if max_order < 1:
-        raise InvalidInputError(f"BLEU order must be at least 1, got {max_order}")
+
+def bleu(
+    candidate: Sequence[str], references: Sequence[Sequence[str]], weights: Sequence[float] = BLEU_WEIGHTS[-1]
+) -> float:
+    """nltk's sentence BLEU (Papineni et al. 2002) with MedPLIB's settings: no smoothing, so an order
+    without any matching n-gram makes the score (nearly) 0, as in the paper's numbers."""
+    import warnings
+
+    from nltk.translate.bleu_score import sentence_bleu
+
     if not references:
         raise InvalidInputError("BLEU needs at least one reference")
     if not candidate:
         return 0.0
-    orders = range(1, min(max_order, max(len(ref) for ref in references)) + 1)
-    if not orders:  # every reference is empty
-        return 0.0
-    log_precision = 0.0
-    for n in orders:
-        counts = _ngrams(candidate, n)
-        best: Counter[tuple[str, ...]] = Counter()
-        for ref in references:
-            best |= _ngrams(ref, n)  # clip each n-gram by its largest count in any one reference
-        matches = sum((counts & best).values())
-        log_precision += math.log((matches or epsilon) / max(sum(counts.values()), 1))
-    # Brevity penalty against the reference length closest to the candidate's (ties: the shorter).
-    c = len(candidate)
-    r = min((abs(len(ref) - c), len(ref)) for ref in references)[1]
-    penalty = 1.0 if c > r else math.exp(1 - r / c)
-    return penalty * math.exp(log_precision / len(orders))
+    with warnings.catch_warnings():
+        # nltk warns for every answer shorter than its highest order; that is the metric, not a fault.
+        warnings.simplefilter("ignore", UserWarning)
+        return float(sentence_bleu([list(r) for r in references], list(candidate), weights=tuple(weights)))
 
 
 def bleu_scores(prediction: str, reference: str) -> tuple[float, float, float, float]:
-    """BLEU-1, -2, -3 and -4 of two answers after VQA normalisation, whitespace-tokenised."""
+    """MedPLIB's BLEU-1, -2, -3 (one order each) and cumulative BLEU-4 of two answers after VQA
+    normalisation, whitespace-tokenised."""
     candidate, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
-    b1, b2, b3, b4 = (bleu(candidate, [ref], max_order=n) for n in range(1, 5))
+    b1, b2, b3, b4 = (bleu(candidate, [ref], weights) for weights in BLEU_WEIGHTS)
     return b1, b2, b3, b4
-
-
-def _ngrams(tokens: Sequence[str], n: int) -> Counter[tuple[str, ...]]:
-    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
 class ScoredAnswer(NamedTuple):

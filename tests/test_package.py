@@ -64,3 +64,6 @@ def test_wheel_holds_the_package_without_tests(tmp_path: Path) -> None:
         assert module in names
     assert not [name for name in names if name.startswith(("medplib/tests", "tests/"))]
     assert any(name.endswith("entry_points.txt") for name in names)
+    # The package and its metadata, nothing else: no build script importable as `medplib.setup`.
+    assert "medplib/setup.py" not in names
+    assert not [name for name in names if not name.startswith(("medplib/", "medplib-"))]

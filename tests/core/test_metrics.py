@@ -111,7 +111,7 @@ def test_token_precision_recall_f1(
 
 
 def test_bleu_textbook_example() -> None:
-    """nltk's documented example: three references, BLEU-4 = 0.5046 (no smoothing needed).
+    """nltk's documented example: three references, BLEU-4 = 0.5046.
 
     Clipped n-gram matches over candidate n-grams: 17/18, 10/17, 7/16, 4/15; the candidate has 18
     words and so does the closest reference, so the brevity penalty is 1.
@@ -128,28 +128,33 @@ def test_bleu_textbook_example() -> None:
     score = bleu(hypothesis.split(), [r.split() for r in references])
     assert score == pytest.approx((17 / 18 * 10 / 17 * 7 / 16 * 4 / 15) ** 0.25)
     assert score == pytest.approx(0.5045666840058485)
+    # One order at a time, as MedPLIB's BLEU-2 and BLEU-3.
+    assert bleu(hypothesis.split(), [r.split() for r in references], (0, 1, 0, 0)) == pytest.approx(10 / 17)
 
 
 def test_bleu_clips_repeated_words_and_penalises_brevity() -> None:
     reference = [["the", "cat", "is", "on", "the", "mat"]]
     # Papineni et al.'s example: 'the' appears at most twice in the reference, so 2 of 7 words count.
-    assert bleu(["the"] * 7, reference, max_order=1) == 2 / 7
+    assert bleu(["the"] * 7, reference, (1, 0, 0, 0)) == pytest.approx(2 / 7)
     # 3 of 3 words match, but the reference has 6: brevity penalty exp(1 - 6/3).
-    assert bleu(["the", "cat", "is"], reference, max_order=1) == pytest.approx(math.exp(-1))
+    assert bleu(["the", "cat", "is"], reference, (1, 0, 0, 0)) == pytest.approx(math.exp(-1))
 
 
-def test_bleu_smoothing_for_short_answers() -> None:
-    # Orders above the reference's length are left out: a perfect one-word answer scores 1.
-    assert bleu(["yes"], [["yes"]], max_order=4) == 1.0
-    # 'grey matter' vs 'white matter': unigrams 1/2; no bigram matches, so it gets epsilon = 0.1 of 1.
-    assert bleu(["grey", "matter"], [["white", "matter"]], max_order=2) == pytest.approx(math.sqrt(0.5 * 0.1))
+def test_bleu_is_unsmoothed_as_in_medplib() -> None:
+    # No smoothing: a one-word answer has no 2-, 3- or 4-gram, so even a perfect one scores ~0 on BLEU-4.
+    assert bleu(["yes"], [["yes"]], (1, 0, 0, 0)) == 1.0
+    assert bleu(["yes"], [["yes"]]) < 1e-100
+    # 'grey matter' vs 'white matter': unigrams 1/2, no bigram matches.
+    assert bleu(["grey", "matter"], [["white", "matter"]], (1, 0, 0, 0)) == pytest.approx(0.5)
+    assert bleu(["grey", "matter"], [["white", "matter"]], (0, 1, 0, 0)) < 1e-100
     assert bleu([], [["yes"]]) == 0.0
     with pytest.raises(InvalidInputError):
         bleu(["yes"], [])
 
 
 def test_bleu_scores_normalise_first() -> None:
-    assert bleu_scores("The grey matter.", "grey matter") == (1.0, 1.0, 1.0, 1.0)
+    b1, b2, b3, b4 = bleu_scores("The grey matter is bright.", "grey matter is bright")
+    assert (b1, b2, b3, b4) == pytest.approx((1.0, 1.0, 1.0, 1.0))
 
 
 def test_summarize_answers_by_answer_type() -> None:
