@@ -100,7 +100,9 @@ def keyed_ui_server(ui_servers: dict[str, UiServer]) -> UiServer:
     return ui_servers["keyed"]
 
 
-@pytest.fixture(scope="session")
+# Per module, not per session: Playwright's sync API runs an event loop on this thread while it is
+# open, which would stop any later asyncio test of the session from starting its own.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if not CHROMIUM.exists():
         pytest.fail(

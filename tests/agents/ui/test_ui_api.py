@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,9 +51,7 @@ def test_streamed_answers_equal_the_plain_ones(client: MedPLIBClient) -> None:
             async for part in client.avqa_stream(ct, "What is in {region}?", regions, max_new_tokens=TOKENS)
         ]
 
-    # On a thread of its own: the session's Playwright keeps an event loop running on this one.
-    with ThreadPoolExecutor(1) as worker:
-        *async_deltas, async_result = worker.submit(asyncio.run, streamed_async()).result()
+    *async_deltas, async_result = asyncio.run(streamed_async())
     assert [d.text for d in async_deltas] == [d.text for d in deltas] and async_result.text == plain.text
     *deltas, grounded = client.ground_stream(ct, "the lung", max_new_tokens=TOKENS)
     plain_grounded = client.ground(ct, "the lung", max_new_tokens=TOKENS)
