@@ -28,7 +28,13 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: lint
+# The browser tests drive Debian's chromium (Playwright cannot download its own browsers offline); a
+# missing browser fails them, so it is installed here (the machines run as root).
+CHROMIUM ?= /usr/bin/chromium
+$(CHROMIUM):
+	apt-get install -y chromium || (apt-get update && apt-get install -y chromium)
+
+test: lint $(CHROMIUM)
 	$(VENV)/bin/pytest
 
 wheel: $(STAMP)

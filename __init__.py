@@ -29,6 +29,7 @@ _LAZY = {
     "AnswerResult": "medplib.core.results",
     "GroundingResult": "medplib.core.results",
     "ChatResult": "medplib.core.results",
+    "TextDelta": "medplib.core.results",
 }
 
 __getattr__, __dir__ = lazy_exports("medplib", _LAZY, globals())
@@ -47,6 +48,7 @@ __all__ = [
     "PluginError",
     "Query",
     "RegionError",
+    "TextDelta",
     "UnsupportedFormatError",
     "__version__",
     "load",

@@ -597,6 +597,22 @@ def serve(
         ray.shutdown()
 
 
+@app.command()
+@user_errors
+def ui(
+    model: str = typer.Option("tiny", "--model", help="preset or checkpoint folder / URI"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind"),
+    port: int = typer.Option(7860, "--port", help="HTTP port"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    max_body_mb: int = typer.Option(32, "--max-body-mb", help="largest request (an upload is sent in it)"),
+) -> None:
+    """Serve the web page and the /v1 API with the model in this process (no Ray), until Ctrl-C.
+    Set MEDPLIB_API_KEY to make the API ask for a key."""
+    from medplib.agents.ui.server import serve_ui
+
+    serve_ui(model, host=host, port=port, device=device, max_body_bytes=max_body_mb << 20)
+
+
 def main() -> None:
     app()
 

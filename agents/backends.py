@@ -46,23 +46,25 @@ class Backend(Protocol):
 
 
 @dataclass(frozen=True)
-class _ModelGuard:
+class ModelGuard:
     lock: threading.Lock
     executor: ThreadPoolExecutor
 
 
 # One guard per model, not per backend: each agent run may build its own toolkit (and so its own
 # backend, for its own image store) around the one model a process loads.
-_guards: weakref.WeakKeyDictionary[Any, _ModelGuard] = weakref.WeakKeyDictionary()
+_guards: weakref.WeakKeyDictionary[Any, ModelGuard] = weakref.WeakKeyDictionary()
 _guards_lock = threading.Lock()
 
 
-def _guard(model: Any) -> _ModelGuard:
+def model_guard(model: Any) -> ModelGuard:
+    """The one lock (sync callers) and one-thread executor (async callers) that every user of `model`
+    in this process shares."""
     with _guards_lock:
         guard = _guards.get(model)
         if guard is None:
             executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medplib-backend")
-            guard = _guards[model] = _ModelGuard(threading.Lock(), executor)
+            guard = _guards[model] = ModelGuard(threading.Lock(), executor)
         return guard
 
 
@@ -77,7 +79,7 @@ class InProcessBackend:
 
     def __init__(self, model: MedPLIB) -> None:
         self.model = model
-        self._guard = _guard(model)
+        self._guard = model_guard(model)
 
     def answer(
         self, image: StoredImage, question: str, regions: Sequence[RegionPrompt] = (), **decoding: Any

@@ -5,6 +5,8 @@
     client.vqa(Path("scan.dcm"), "What modality is this?", max_new_tokens=32)   # a local file: uploaded
     client.vqa("s3://bucket/scan.dcm", "What is in {region}?", [BoxPrompt(box=(10, 10, 60, 60))])
     client.ground(png_bytes, "the liver lesion")                                # GroundingResult, RLE masks
+    for part in client.vqa_stream(png_bytes, "What is this?"): ...              # TextDelta..., AnswerResult
+    async for part in client.avqa_stream(png_bytes, "What is this?"): ...       # the same, async
     await client.avqa(...); await client.aground(...)
 
 An image is `bytes` or a `pathlib.Path` (read here and sent as base64), a `str` (a path or URI the
@@ -25,7 +27,7 @@ import itertools
 import os
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
@@ -40,12 +42,13 @@ from medplib.agents.schemas import (
     VolumeInput,
     error_from_response,
 )
+from medplib.agents.sse import EventReader, stream_item
 from medplib.core.errors import InvalidInputError, validation_message
 from medplib.core.image import DEFAULT_LIMITS
 from medplib.core.io.sources import read_source
 from medplib.core.queries import Decoding
 from medplib.core.regions import MaskPrompt, RegionPrompt
-from medplib.core.results import AnswerResult, GroundingResult
+from medplib.core.results import AnswerResult, GroundingResult, TextDelta
 from medplib.core.volume_results import VolumeGroundingResult
 
 if TYPE_CHECKING:
@@ -139,6 +142,50 @@ class MedPLIBClient:
             "POST", "/v1/ground_volume", GroundVolumeResponse, _volume_body(volume, text, options)
         )
 
+    def vqa_stream(
+        self,
+        image: ImageInput | bytes | str | os.PathLike[str],
+        question: str,
+        regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
+        *,
+        image_options: Mapping[str, Any] | None = None,
+        **decoding: Any,
+    ) -> Iterator[TextDelta | AnswerResult]:
+        """`vqa` as the answer is generated: `TextDelta`s (joining to the answer), then the result."""
+        body = _body(image, image_options, regions, decoding, question=question, stream=True)
+        return self._stream("/v1/vqa", AnswerResult, body)
+
+    def ground_stream(
+        self,
+        image: ImageInput | bytes | str | os.PathLike[str],
+        text: str,
+        regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
+        *,
+        image_options: Mapping[str, Any] | None = None,
+        **decoding: Any,
+    ) -> Iterator[TextDelta | GroundingResult]:
+        """`ground` as the answer is generated: `TextDelta`s, then the result with its masks."""
+        body = _body(image, image_options, regions, decoding, text=text, stream=True)
+        return self._stream("/v1/ground", GroundingResult, body)
+
+    def _stream(self, path: str, model: type[M], body: Any) -> Iterator[TextDelta | M]:
+        """Server-sent events as they come; an error (before or during the stream) raises as `_send`'s
+        do. A stream is not retried: its first bytes may already be used."""
+        try:
+            with self._sync.stream("POST", path, json=body) as response:
+                if not response.is_success:
+                    response.read()
+                    self._result(response, model, ())
+                reader = EventReader()
+                for line in response.iter_lines():
+                    if (item := stream_item(reader.feed(line), model)) is not None:
+                        yield item
+                        if not isinstance(item, TextDelta):
+                            return
+        except (*RETRY_ERRORS, httpx.TimeoutException) as exc:
+            self._result(exc, model, ())
+        raise ServeError("the answer's stream ended without a result", kind="internal", status=502)
+
     def experts(self) -> ExpertsResponse:
         return self._send("GET", "/v1/experts", ExpertsResponse)
 
@@ -201,6 +248,48 @@ class MedPLIBClient:
     ) -> GroundVolumeResponse:
         body = await asyncio.to_thread(_volume_body, volume, text, options)
         return await self._asend("POST", "/v1/ground_volume", GroundVolumeResponse, body)
+
+    async def avqa_stream(
+        self,
+        image: ImageInput | bytes | str | os.PathLike[str],
+        question: str,
+        regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
+        *,
+        image_options: Mapping[str, Any] | None = None,
+        **decoding: Any,
+    ) -> AsyncIterator[TextDelta | AnswerResult]:
+        body = _body(image, image_options, regions, decoding, question=question, stream=True)
+        async for item in self._astream("/v1/vqa", AnswerResult, body):
+            yield item
+
+    async def aground_stream(
+        self,
+        image: ImageInput | bytes | str | os.PathLike[str],
+        text: str,
+        regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
+        *,
+        image_options: Mapping[str, Any] | None = None,
+        **decoding: Any,
+    ) -> AsyncIterator[TextDelta | GroundingResult]:
+        body = _body(image, image_options, regions, decoding, text=text, stream=True)
+        async for item in self._astream("/v1/ground", GroundingResult, body):
+            yield item
+
+    async def _astream(self, path: str, model: type[M], body: Any) -> AsyncIterator[TextDelta | M]:
+        try:
+            async with self._async_client().stream("POST", path, json=body) as response:
+                if not response.is_success:
+                    await response.aread()
+                    self._result(response, model, ())
+                reader = EventReader()
+                async for line in response.aiter_lines():
+                    if (item := stream_item(reader.feed(line), model)) is not None:
+                        yield item
+                        if not isinstance(item, TextDelta):
+                            return
+        except (*RETRY_ERRORS, httpx.TimeoutException) as exc:
+            self._result(exc, model, ())
+        raise ServeError("the answer's stream ended without a result", kind="internal", status=502)
 
     async def aexperts(self) -> ExpertsResponse:
         return await self._asend("GET", "/v1/experts", ExpertsResponse)
@@ -301,7 +390,7 @@ def _body(
     image_options: Mapping[str, Any] | None,
     regions: Sequence[Any],
     decoding: Mapping[str, Any],
-    **text: str,
+    **text: Any,
 ) -> dict[str, Any]:
     """The JSON body; the server validates everything else, so a client and server never disagree."""
     return {

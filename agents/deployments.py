@@ -2,7 +2,8 @@
 
 - `Trunk`: CLIP, the projector, the LLM with its routed experts and the region encoder. It answers a
   batch of queries through `MedPLIB.generate_batch`, the assistant's own code path stopped before
-  SAM, and returns each result without masks plus the hidden states of its `<SEG>`s (a few KB).
+  SAM, and returns each result without masks plus the hidden states of its `<SEG>`s (a few KB); or
+  one query streamed, token by token (`MedPLIB.generate_stream`).
 - `GroundingDecoder`: the `<SEG>` head and SAM (image encoder, mask decoder). It turns those hidden
   states into masks with `CachedGenerator.decode_masks`, SAM's image embeddings in its own cache.
 - `ExpertHead`: a plugin expert's head, built by its spec's factory, on the resources its spec asks.
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,12 +32,13 @@ from medplib.core.errors import MedplibError
 from medplib.core.expert_spec import ExpertSpec
 from medplib.core.masks import SegmentationResult
 from medplib.core.queries import Query
-from medplib.core.results import AnswerResult, GroundingResult
+from medplib.core.results import AnswerResult, GroundingResult, TextDelta
 
 if TYPE_CHECKING:
     from torch import nn
 
 
+_END = object()
 # The parts of the composed model the grounding decoder runs; a replica drops the rest after loading.
 GROUNDING_MODULES = ("seg_head", "sam")
 
@@ -100,6 +102,15 @@ class ReplicaBatcher:
         self.max_rows = max_rows
         self._waiting: list[_Waiting] = []
         self._runner: asyncio.Task[None] | None = None
+        self._turn = asyncio.Lock()  # the model's: a run or a stream, never both
+
+    async def stream(self, items: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
+        """The items of the iterator `items()` makes, each made on a worker thread, in one turn of the
+        model (no run starts until the stream ends): a streamed answer, step by step."""
+        async with self._turn:
+            iterator = await asyncio.to_thread(items)
+            while (item := await asyncio.to_thread(next, iterator, _END)) is not _END:
+                yield item
 
     async def submit(self, key: Hashable, items: Sequence[Any]) -> list[Any]:
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
@@ -117,7 +128,8 @@ class ReplicaBatcher:
                     rows += len(waiting.items)
             self._waiting = [waiting for waiting in self._waiting if waiting not in chosen]
             try:
-                results = await asyncio.to_thread(self.work, key, [i for w in chosen for i in w.items])
+                async with self._turn:
+                    results = await asyncio.to_thread(self.work, key, [i for w in chosen for i in w.items])
             except Exception as exc:  # a bug, not a bad request (the work reports those per item)
                 for waiting in chosen:
                     if not waiting.future.done():
@@ -156,6 +168,21 @@ class Trunk:
         the model refuses gets its error and the others their outputs (a batch that fails is rerun
         query by query, so one bad query fails only itself)."""
         return await self.batcher.submit(tuple(sorted(decoding.items())), queries)
+
+    async def generate_stream(
+        self, query: Query, decoding: dict[str, Any]
+    ) -> AsyncIterator[TextDelta | TrunkOutput | MedplibError]:
+        """One query, streamed (called with `stream=True`): `TextDelta`s as its tokens come, then its
+        output; a query the model refuses yields its error instead."""
+        try:
+            async for item in self.batcher.stream(lambda: self.assistant.generate_stream(query, **decoding)):
+                if isinstance(item, TextDelta):
+                    yield item
+                else:
+                    result, states = item
+                    yield TrunkOutput(result, states.float().cpu().numpy())
+        except MedplibError as exc:
+            yield exc
 
     def _generate(self, queries: list[Query], decoding: dict[str, Any]) -> list[TrunkOutput | MedplibError]:
         try:

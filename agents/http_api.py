@@ -5,6 +5,7 @@
     POST /v1/ground_volume  GroundVolumeRequest -> GroundVolumeResponse  (NIfTI or per-slice RLE)
     GET  /v1/experts                -> ExpertsResponse   (the experts and the deployments hosting them)
     GET  /v1/health                 -> HealthResponse    (503 while a deployment has no running replica)
+    "stream": true on /v1/vqa and /v1/ground: server-sent events instead (see `agents/sse.py`)
     GET  /openapi.json, /docs                            (the schema, and a page to try it)
 
 The app does no inference itself: `create_api` wires the routes to an `ApiService` (the Ray Serve
@@ -18,11 +19,12 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -38,12 +40,14 @@ from medplib.agents.schemas import (
     VQARequest,
     error_kind,
 )
+from medplib.agents.sse import MEDIA_TYPE, encode_event
 from medplib.core.errors import MedplibError
-from medplib.core.results import AnswerResult, GroundingResult
+from medplib.core.results import AnswerResult, GroundingResult, TextDelta
 
 logger = logging.getLogger("medplib.serve")
 
-OPEN_PATHS = ("/v1/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+OPEN_PATHS = ("/v1/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/")
+OPEN_PREFIXES = ("/ui/",)  # the web page's files; everything it asks of the API is under /v1
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in {
@@ -59,6 +63,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 class ApiService(Protocol):
     async def answer(self, request: VQARequest | GroundRequest) -> AnswerResult | GroundingResult: ...
+
+    def answer_stream(
+        self, request: VQARequest | GroundRequest
+    ) -> AsyncGenerator[TextDelta | AnswerResult | GroundingResult, None]: ...
 
     async def health(self) -> HealthResponse: ...
 
@@ -79,11 +87,15 @@ def create_api(service: ApiService, *, max_body_bytes: int, api_key: str | None)
     @app.post("/v1/vqa", response_model=AnswerResult, responses=ERROR_RESPONSES)
     async def vqa(body: VQARequest) -> Any:
         """Answer a question about an image, or about the regions marked on it."""
+        if body.stream:
+            return await streamed(service.answer_stream(body))
         return await service.answer(body)
 
     @app.post("/v1/ground", response_model=GroundingResult, responses=ERROR_RESPONSES)
     async def ground(body: GroundRequest) -> Any:
         """Segment what `text` names; at least one mask, `seg_forced` says if the model needed a push."""
+        if body.stream:
+            return await streamed(service.answer_stream(body))
         return await service.answer(body)
 
     @app.post("/v1/ground_volume", response_model=GroundVolumeResponse, responses=ERROR_RESPONSES)
@@ -109,6 +121,34 @@ def create_api(service: ApiService, *, max_body_bytes: int, api_key: str | None)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
     return app
+
+
+async def streamed(events: AsyncGenerator[Any, None]) -> StreamingResponse:
+    """The events as server-sent events. The first is awaited before the response starts, so a
+    request refused up front (a region off the image, ...) is an ordinary 4xx JSON error."""
+    first = await anext(events)
+
+    async def body() -> AsyncIterator[bytes]:
+        item = first
+        try:
+            while True:
+                kind = "delta" if isinstance(item, TextDelta) else "result"
+                yield encode_event(kind, item.model_dump_json())
+                item = await anext(events)
+        except StopAsyncIteration:
+            return
+        except Exception as exc:  # the status line is sent: the error travels as the last event
+            if isinstance(exc, MedplibError):
+                kind, _ = error_kind(exc)
+                message = str(exc)
+            else:
+                logger.exception("unexpected error while streaming an answer", exc_info=exc)
+                kind, message = "internal", f"internal error ({type(exc).__name__}); see the server log"
+            yield encode_event("error", ErrorResponse(error=kind, message=message).model_dump_json())
+        finally:  # also when the client went away: the service's stream lets go of the model now
+            await events.aclose()
+
+    return StreamingResponse(body(), media_type=MEDIA_TYPE, headers={"Cache-Control": "no-cache"})
 
 
 def error_response(kind: str, message: str, status: int, **headers: str) -> JSONResponse:
@@ -173,7 +213,8 @@ class RequestGate:
         headers = Headers(scope=scope)
         path, root = scope["path"], scope.get("root_path", "")
         path = path[len(root) :] if root and path.startswith(root) else path  # mounted under a prefix
-        if self.api_key is not None and path not in OPEN_PATHS and not self._authorized(headers):
+        is_open = path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+        if self.api_key is not None and not is_open and not self._authorized(headers):
             message = "this server needs an API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
             response = error_response("unauthorized", message, 401, **{"WWW-Authenticate": "Bearer"})
             await response(scope, receive, send)

@@ -20,15 +20,13 @@ A request's way through the application:
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -48,6 +46,7 @@ from medplib.agents.schemas import (
     ImageInput,
     ServeError,
     VQARequest,
+    decode_base64,
 )
 from medplib.agents.serve_config import Batching, ServeConfig
 from medplib.agents.volume_service import ground_volume_request
@@ -58,7 +57,7 @@ from medplib.core.io import load_image
 from medplib.core.io.sources import is_uri, read_source
 from medplib.core.queries import Decoding, Query
 from medplib.core.regions import MaskPrompt, RegionPrompt
-from medplib.core.results import AnswerResult, GroundingResult
+from medplib.core.results import AnswerResult, GroundingResult, TextDelta
 
 logger = logging.getLogger("medplib.serve")
 T = TypeVar("T")
@@ -122,6 +121,32 @@ class IngressService:
                 status=504,
             ) from None
 
+    async def answer_stream(
+        self, request: VQARequest | GroundRequest
+    ) -> AsyncGenerator[TextDelta | AnswerResult | GroundingResult, None]:
+        """The answer token by token, then the whole result. A stream is not batched: it holds one
+        trunk replica's turn while it runs, and is not retried once it has started."""
+        start = time.perf_counter()
+        query, load_ms = await self._query(request)
+        trunk = self.trunk.options(stream=True)
+        output: TrunkOutput | None = None
+        try:
+            async for item in trunk.generate_stream.remote(query, request.decoding.model_dump()):
+                if isinstance(item, BaseException):  # the trunk refused this query
+                    raise item
+                if isinstance(item, TextDelta):
+                    yield item
+                else:
+                    output = item
+        except REPLICA_GONE as exc:
+            raise ServeError(
+                f"the trunk replica went away during the stream ({type(exc).__name__}); retry",
+                kind="unavailable",
+                status=503,
+            ) from None
+        assert output is not None, "the trunk's stream ended without its output"
+        yield await self._finish(query, output, load_ms, start)
+
     async def health(self) -> HealthResponse:
         try:
             app_name = serve.get_replica_context().app_name
@@ -143,25 +168,44 @@ class IngressService:
 
     async def _answer(self, request: VQARequest | GroundRequest) -> AnswerResult | GroundingResult:
         start = time.perf_counter()
+        query, load_ms = await self._query(request)
+        output = await self._generate(TrunkItem(query, request.decoding))
+        return await self._finish(query, output, load_ms, start)
+
+    async def _query(self, request: VQARequest | GroundRequest) -> tuple[Query, float]:
+        """The request checked and its image loaded: the query for the trunk, and the load's ms."""
         grounding = isinstance(request, GroundRequest)
         text = request.text if isinstance(request, GroundRequest) else request.question
         self._check_sizes(text, request)
         image, load_ms = await self._load(request.image)
         regions = await asyncio.to_thread(self._checked_regions, request.regions, image)
-        query = Query(image=image, text=text, task="ground" if grounding else "answer", regions=regions)
-        result = await self.infer(query, request.decoding)
-        timings = {**result.timings_ms, "load": load_ms, "total": 1000 * (time.perf_counter() - start)}
-        return result.model_copy(update={"timings_ms": {k: round(v, 2) for k, v in timings.items()}})
+        task = "ground" if grounding else "answer"
+        history = request.history if isinstance(request, VQARequest) else []
+        return Query(image=image, text=text, task=task, regions=regions, history=history), load_ms
 
     async def infer(self, query: Query, decoding: Decoding) -> AnswerResult | GroundingResult:
         """One checked query through the trunk, and the grounding decoder if its answer holds <SEG>."""
-        output = await self._generate(TrunkItem(query, decoding))
+        return await self._with_masks(query, await self._generate(TrunkItem(query, decoding)))
+
+    async def _finish(
+        self, query: Query, output: TrunkOutput | BaseException, load_ms: float, start: float
+    ) -> AnswerResult | GroundingResult:
+        """The trunk's output with its masks and the request's timings (load and total included)."""
+        result = await self._with_masks(query, output)
+        timings = {**result.timings_ms, "load": load_ms, "total": 1000 * (time.perf_counter() - start)}
+        return result.model_copy(update={"timings_ms": {k: round(v, 2) for k, v in timings.items()}})
+
+    async def _with_masks(
+        self, query: Query, output: TrunkOutput | BaseException
+    ) -> AnswerResult | GroundingResult:
+        """The trunk's result, with a mask from the grounding decoder for each <SEG> of its answer."""
         if isinstance(output, BaseException):  # the trunk refused this query alone
             raise output
         result = output.result
         if len(output.seg_hidden_states):
             label = query.text if query.task == "ground" else None
-            grounded = await self._decode(GroundingItem(query.image.pixels, output.seg_hidden_states, label))
+            item = GroundingItem(query.image.pixels, output.seg_hidden_states, label)
+            grounded = await self._decode(item)
             cache = result.cache.model_copy(update={"sam": grounded.sam_cache})
             timings = {**result.timings_ms, **grounded.milliseconds}
             result = result.model_copy(
@@ -293,20 +337,14 @@ class IngressService:
 class Ingress(IngressService):
     def __serve_build_asgi_app__(self) -> Any:
         """The FastAPI app, built in the replica: its limits and key come from this replica's config."""
-        return create_api(
+        from medplib.agents.ui.page import add_page
+
+        app = create_api(
             self, max_body_bytes=self.limits.max_body_bytes, api_key=self.config.resolved_api_key()
         )
+        add_page(app, self.limits)
+        return app
 
     def describe(self) -> dict[str, Any]:
         """Where this replica runs (a handle method, not a route)."""
         return replica_info("Ingress", "cpu")
-
-
-def decode_base64(text: str, what: str) -> bytes:
-    """Standard base64, whitespace and a `data:...;base64,` prefix allowed."""
-    if text.startswith("data:") and "," in text:
-        text = text.split(",", 1)[1]
-    try:
-        return base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidInputError(f"{what} is not valid base64 ({exc})") from None

@@ -12,6 +12,8 @@ Neither Ray nor FastAPI is imported here: the client needs only pydantic and htt
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -28,7 +30,7 @@ from medplib.core.errors import (
 )
 from medplib.core.expert_spec import ExpertSpec, Resources
 from medplib.core.masks import Mask
-from medplib.core.queries import REGION_PLACEHOLDER, Decoding
+from medplib.core.queries import REGION_PLACEHOLDER, ChatMessage, Decoding
 from medplib.core.regions import RegionPrompt
 from medplib.core.volume_results import VolumeGroundingResult
 
@@ -74,6 +76,11 @@ class InferenceRequest(_Body):
         default_factory=list, description="points, boxes, polygons, scribbles or masks, in image pixels"
     )
     decoding: Decoding = Field(default_factory=Decoding, description="max_new_tokens, temperature, ...")
+    stream: bool = Field(
+        False,
+        description="answer as server-sent events: 'delta' events ({text}) as the answer is generated, "
+        "then one 'result' event (the whole result, masks included), or one 'error' event",
+    )
 
 
 class VQARequest(InferenceRequest):
@@ -83,6 +90,11 @@ class VQARequest(InferenceRequest):
         min_length=1,
         description=f"the question; the k-th {REGION_PLACEHOLDER} marks where the k-th region goes "
         "(without any, the regions are appended)",
+    )
+    history: list[ChatMessage] = Field(
+        default_factory=list,
+        description="earlier turns about this image (user, assistant, ...), as `MedPLIB.chat` takes them; "
+        "the question is the next user message",
     )
 
 
@@ -221,3 +233,13 @@ def error_from_response(status: int, body: Any) -> MedplibError:
     if cls is ServeError:
         return ServeError(message, kind=kind, status=status)
     return cls(message)
+
+
+def decode_base64(text: str, what: str) -> bytes:
+    """Standard base64, whitespace and a `data:...;base64,` prefix allowed."""
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidInputError(f"{what} is not valid base64 ({exc})") from None

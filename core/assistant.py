@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,7 @@ from medplib.core.model import (
     build_medplib,
     load_llava_and_sam,
 )
+from medplib.core.model.generation import run_to_end
 from medplib.core.queries import (
     DEFAULT_INFERENCE_LIMITS,
     REGION_PLACEHOLDER,
@@ -56,7 +57,15 @@ from medplib.core.queries import (
     parse_model,
 )
 from medplib.core.regions import RegionPrompt
-from medplib.core.results import AnswerResult, CacheHits, ChatResult, GroundingResult, InferenceResult
+from medplib.core.results import (
+    AnswerResult,
+    CacheHits,
+    ChatResult,
+    GroundingResult,
+    InferenceResult,
+    TextDelta,
+)
+from medplib.core.streaming import stream_text
 from medplib.core.volume_results import VolumeAnswerResult, VolumeGroundingResult
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -64,6 +73,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # presets are trained on.
 GROUNDING_QUESTION = "Please segment {text} in this image."
 SEG_TEXT = ControlToken.SEG.value
+ALTERNATE = "chat messages must alternate user, assistant, …, ending with a user message"
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -260,6 +270,16 @@ class MedPLIB:
         *,
         predict_masks: bool,
     ) -> list[tuple[AnswerResult | GroundingResult, torch.Tensor]]:
+        return run_to_end(self._batch_steps(queries, decoding, predict_masks=predict_masks))
+
+    def _batch_steps(
+        self,
+        queries: Sequence[Query | Mapping[str, Any]],
+        decoding: Mapping[str, Any],
+        *,
+        predict_masks: bool,
+    ) -> Generator[torch.Tensor, None, list[tuple[AnswerResult | GroundingResult, torch.Tensor]]]:
+        """The batch, yielding each decoding step's tokens (B,); returns every result."""
         start = time.perf_counter()
         settings = self._decoding(decoding)
         parsed = [parse_model(Query, query, "query") for query in queries]
@@ -268,16 +288,18 @@ class MedPLIB:
         for query in parsed:
             text = self._text(query.text, "question" if query.task == "answer" else "grounding text")
             question = GROUNDING_QUESTION.format(text=text) if query.task == "ground" else text
+            earlier, answers = self._history(query.history)
             prepared.append(
                 self._prepare(
                     query.image,
                     query.image_options,
-                    [(question, query.regions)],
-                    [],
+                    [*earlier, (question, query.regions)],
+                    answers,
                     require_seg=query.task == "ground",
                 )
             )
-        batch = self._generator.run([p.conversation for p in prepared], settings, predict_masks=predict_masks)
+        conversations = [p.conversation for p in prepared]
+        batch = yield from self._generator.run_steps(conversations, settings, predict_masks=predict_masks)
         results: list[tuple[AnswerResult | GroundingResult, torch.Tensor]] = []
         for query, item, row in zip(parsed, prepared, batch.rows, strict=True):
             if query.task == "ground":
@@ -316,30 +338,102 @@ class MedPLIB:
         Follow-ups pass `result.messages` plus the new user message; the image's cached features and
         prompt prefix make them cost only the conversation's own words.
         """
-        start = time.perf_counter()
-        settings = self._decoding(decoding)
+        return run_to_end(self._chat_steps(image, messages, image_options, decoding))
+
+    def _chat_steps(
+        self,
+        image: Any,
+        messages: str | Sequence[ChatMessage | Mapping[str, Any]],
+        image_options: Mapping[str, Any] | None,
+        decoding: Mapping[str, Any],
+    ) -> Generator[torch.Tensor, None, ChatResult]:
+        """A chat is one query: the last user message, the earlier turns as its history."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         parsed = [parse_model(ChatMessage, message, "chat message") for message in messages]
-        users, answers = parsed[0::2], parsed[1::2]
-        if not parsed or any(m.role != "user" for m in users) or any(m.role != "assistant" for m in answers):
-            raise InvalidInputError(
-                "chat messages must alternate user, assistant, …, ending with a user message"
-            )
-        if len(answers) == len(users):
+        alternating = all(m.role == ("assistant" if i % 2 else "user") for i, m in enumerate(parsed))
+        if not parsed or not alternating:
+            raise InvalidInputError(ALTERNATE)
+        if parsed[-1].role != "user":
             raise InvalidInputError("the conversation ends with an assistant message: add a user message")
-        if len(users) > self.limits.max_turns:
-            raise CapacityError(f"{len(users)} user turns, over the limit of {self.limits.max_turns}")
-        if any(m.regions for m in answers):
-            raise InvalidInputError("only user messages can mark regions")
-        turns = [(self._text(m.content, "message"), m.regions) for m in users]
-        item = self._prepare(
-            image, image_options or {}, turns, [m.content for m in answers], require_seg=False
+        last = parsed[-1]
+        query = Query(
+            image=image,
+            text=last.content,
+            regions=last.regions,
+            image_options=dict(image_options or {}),
+            history=parsed[:-1],
         )
-        batch = self._generator.run([item.conversation], settings)
-        row = batch.rows[0]
-        reply = ChatMessage(role="assistant", content=row.text)
-        return self._result(ChatResult, item, row, batch, start, messages=[*parsed, reply])
+        results = yield from self._batch_steps([query], decoding, predict_masks=True)
+        answered = results[0][0]
+        reply = ChatMessage(role="assistant", content=answered.text)
+        fields = answered.model_dump(exclude={"task", "question"})
+        return ChatResult(**fields, messages=[*parsed, reply])
+
+    # ---- streaming -----------------------------------------------------------------------------------
+
+    def answer_stream(
+        self,
+        image: Any,
+        question: str,
+        regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
+        *,
+        image_options: Mapping[str, Any] | None = None,
+        **decoding: Any,
+    ) -> Iterator[TextDelta | AnswerResult]:
+        """`answer` as it is generated: `TextDelta`s whose texts join to the answer, then the result.
+
+        for part in model.answer_stream(image, "What modality is this?"):
+            print(part.text if isinstance(part, TextDelta) else f"\n{part.timings_ms}", end="")
+        """
+        return self._stream_single("answer", image, question, regions, image_options, decoding)
+
+    def ground_stream(
+        self,
+        image: Any,
+        text: str,
+        regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
+        *,
+        image_options: Mapping[str, Any] | None = None,
+        **decoding: Any,
+    ) -> Iterator[TextDelta | GroundingResult]:
+        """`ground` as it is generated: `TextDelta`s, then the result with its masks."""
+        return self._stream_single("ground", image, text, regions, image_options, decoding)
+
+    def chat_stream(
+        self,
+        image: Any,
+        messages: str | Sequence[ChatMessage | Mapping[str, Any]],
+        *,
+        image_options: Mapping[str, Any] | None = None,
+        **decoding: Any,
+    ) -> Iterator[TextDelta | ChatResult]:
+        """`chat` as it is generated: `TextDelta`s, then the `ChatResult`."""
+        steps = self._chat_steps(image, messages, image_options, decoding)
+        return stream_text(steps, self.model.tokenizer, lambda done: done)
+
+    def generate_stream(
+        self, query: Query | Mapping[str, Any], **decoding: Any
+    ) -> Iterator[TextDelta | tuple[AnswerResult | GroundingResult, torch.Tensor]]:
+        """`generate_batch` of one query, streamed: `TextDelta`s, then (result without masks, `<SEG>`
+        hidden states), for a deployment that streams while its grounding decoder runs apart."""
+        steps = self._batch_steps([query], decoding, predict_masks=False)
+        return stream_text(steps, self.model.tokenizer, lambda done: done[0], lambda pair: pair[0].text)
+
+    def _stream_single(
+        self,
+        task: str,
+        image: Any,
+        text: str,
+        regions: Sequence[Any],
+        image_options: Mapping[str, Any] | None,
+        decoding: Mapping[str, Any],
+    ) -> Iterator[Any]:
+        query = {"image": image, "text": text, "task": task, "regions": list(regions)}
+        steps = self._batch_steps(
+            [{**query, "image_options": dict(image_options or {})}], decoding, predict_masks=True
+        )
+        return stream_text(steps, self.model.tokenizer, lambda done: done[0][0])
 
     # ---- requests -------------------------------------------------------------------------------------
 
@@ -356,6 +450,21 @@ class MedPLIB:
             raise InvalidInputError("no queries to answer")
         if size > self.limits.max_batch:
             raise CapacityError(f"{size} queries in one batch, over the limit of {self.limits.max_batch}")
+
+    def _history(self, history: Sequence[ChatMessage]) -> tuple[list[tuple[str, Any]], list[str]]:
+        """Earlier turns as (question, regions) per user message and the assistant's answers."""
+        users, answers = history[0::2], history[1::2]
+        if any(m.role != "user" for m in users) or any(m.role != "assistant" for m in answers):
+            raise InvalidInputError(
+                "chat messages must alternate user, assistant, …, ending with a user message"
+            )
+        if len(users) != len(answers):
+            raise InvalidInputError("the history ends with a user message: it needs the assistant's answer")
+        if len(users) + 1 > self.limits.max_turns:
+            raise CapacityError(f"{len(users) + 1} user turns, over the limit of {self.limits.max_turns}")
+        if any(m.regions for m in answers):
+            raise InvalidInputError("only user messages can mark regions")
+        return [(self._text(m.content, "message"), m.regions) for m in users], [m.content for m in answers]
 
     def _text(self, text: str, what: str) -> str:
         if not isinstance(text, str) or not text.strip():

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +27,7 @@ from medplib.core.embedding_cache import CacheKey, EmbeddingCache, image_digest
 from medplib.core.errors import CapacityError
 from medplib.core.model import MaskPrediction, MedPLIBForCausalLM, MedPLIBProcessor, Request, Turn
 from medplib.core.model.conversation import encode_conversation
-from medplib.core.model.generation import decode, elapsed
+from medplib.core.model.generation import decode_steps, elapsed, run_to_end
 from medplib.core.model.grounding import sam_input_size
 from medplib.core.queries import Decoding
 
@@ -75,12 +75,18 @@ class CachedGenerator:
         probe = encode_conversation(model.tokenizer, [Turn("?")], num_image_tokens=config.num_image_tokens)
         self.prefix_ids = probe.input_ids[: probe.input_ids.index(config.im_end_token_id) + 1]
 
-    @torch.no_grad()
     def run(
         self, conversations: Sequence[Conversation], decoding: Decoding, *, predict_masks: bool = True
     ) -> BatchGeneration:
         """Generate every row; `predict_masks=False` stops before SAM (rows get no masks), for a
         deployment whose grounding decoder runs elsewhere on `seg_hidden_states` (`decode_masks`)."""
+        return run_to_end(self.run_steps(conversations, decoding, predict_masks=predict_masks))
+
+    @torch.no_grad()
+    def run_steps(
+        self, conversations: Sequence[Conversation], decoding: Decoding, *, predict_masks: bool = True
+    ) -> Generator[torch.Tensor, None, BatchGeneration]:
+        """`run`, yielding each decoding step's tokens (B,) as they are picked (streaming)."""
         ms = dict.fromkeys(("encode_clip", "prefill", "decode", "encode_sam", "masks"), 0.0)
         encoded = [
             self.processor.encode_request(Request(c.pixels, c.turns, c.regions)) for c in conversations
@@ -102,7 +108,7 @@ class CachedGenerator:
             filler = torch.zeros_like(next(iter(features.values())))
             row_features = torch.stack([features[d] if d in with_regions else filler for d in digests])
         device = self.model.device
-        out = decode(
+        out = yield from decode_steps(
             self.model,
             input_ids.to(device),
             attention_mask.to(device),

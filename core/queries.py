@@ -66,6 +66,10 @@ class Query(BaseModel):
     image_options: dict[str, Any] = Field(
         default_factory=dict, description="load_image options: frame, slice_index, axis, window, ..."
     )
+    history: list[ChatMessage] = Field(
+        default_factory=list,
+        description="earlier turns about this image (user, assistant, ...) in the prompt before `text`",
+    )
 
 
 class ChatMessage(BaseModel):

@@ -63,3 +63,12 @@ class GroundingResult(InferenceResult):
 class ChatResult(InferenceResult):
     task: Literal["chat"] = "chat"
     messages: list[ChatMessage] = Field(description="the conversation, this answer last")
+
+
+class TextDelta(BaseModel):
+    """A piece of an answer as it is generated (`MedPLIB.answer_stream`, the API's `"stream": true`);
+    the pieces of one answer join to its result's `text`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    text: str

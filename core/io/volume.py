@@ -171,3 +171,20 @@ def _plane_position(volume: MedicalVolume, axis: str | int, index: int | None) -
     count = volume.data.shape[number]
     index = count // 2 if index is None else index
     return number, check_index(f"{AXES[number]} slice", index, count, source=volume.meta.source)
+
+
+def plane_into_volume(
+    volume: MedicalVolume, plane: np.ndarray, *, axis: str | int = "axial", index: int | None = None
+) -> np.ndarray:
+    """A zero array on `volume`'s grid holding `plane` (as `volume_plane` shows it) at its slice: how a
+    mask drawn on a displayed slice goes back onto the volume."""
+    number, index = _plane_position(volume, axis, index)
+    shown = volume_plane(volume, axis=number, index=index).shape
+    if plane.shape != shown:
+        raise InvalidInputError(
+            f"a {AXES[number]} plane of this volume is {shown[1]}x{shown[0]} (WxH), not "
+            f"{plane.shape[1]}x{plane.shape[0]}"
+        )
+    placed = np.zeros(volume.shape, dtype=plane.dtype)
+    placed[(slice(None),) * number + (index,)] = np.rot90(plane, k=-1)
+    return placed

@@ -14,8 +14,9 @@ rows that must yield a mask (grounding) emit `<SEG>` where they would otherwise 
 from __future__ import annotations
 
 import time
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from transformers import DynamicCache
@@ -25,6 +26,8 @@ from medplib.core.errors import InvalidInputError
 
 if TYPE_CHECKING:
     from medplib.core.model.modeling_medplib import MedPLIBForCausalLM
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,22 @@ def _pick(
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 
+def decode(model: MedPLIBForCausalLM, *args: Any, **kwargs: Any) -> GenerationOutput:
+    """`decode_steps` run to the end: the generated sequences and `<SEG>` hidden states."""
+    return run_to_end(decode_steps(model, *args, **kwargs))
+
+
+def run_to_end(steps: Generator[Any, None, R]) -> R:
+    """What a step generator returns, its steps dropped: the non-streamed call of a streamed one."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
 @torch.no_grad()
-def decode(
+def decode_steps(
     model: MedPLIBForCausalLM,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -77,8 +94,10 @@ def decode(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
-) -> GenerationOutput:
-    """Generate up to `max_new_tokens` per row; the last column of `attention_mask` must be all real.
+) -> Generator[torch.Tensor, None, GenerationOutput]:
+    """Generate up to `max_new_tokens` per row, yielding each step's tokens (B,) as they are picked
+    (pad for finished rows), and return the whole output. The last column of `attention_mask` must be
+    all real tokens.
 
     Rows are left-padded, or padded between a cached prefix and the rest. `past_key_values` covers
     the first `get_seq_length()` columns of `input_ids` (and is extended in place); only the columns
@@ -137,6 +156,7 @@ def decode(
         for row in torch.nonzero((token == seg_id) & ~finished).flatten().tolist():
             seg_hidden[row].append(last[row])
         generated.append(token)
+        yield token
         has_seg |= token == seg_id
         finished |= (token == eos_id) | force  # a forced <SEG> stands where the answer ended
         if finished.all() or step == max_new_tokens - 1:

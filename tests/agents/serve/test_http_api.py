@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 import pytest
@@ -19,8 +20,9 @@ from medplib.agents.schemas import (
     error_from_response,
     error_kind,
 )
+from medplib.agents.sse import parse_events
 from medplib.core.errors import CapacityError, ImageTooLargeError, InvalidInputError, RegionError
-from medplib.core.results import AnswerResult, CacheHits
+from medplib.core.results import AnswerResult, CacheHits, TextDelta
 
 KEY = "s3cret"
 LIMIT = 4096
@@ -46,12 +48,23 @@ def answer(question: str) -> AnswerResult:
 class FakeService:
     def __init__(self) -> None:
         self.raises: Exception | None = None
+        self.fail_first = False
         self.healthy = True
 
     async def answer(self, request: VQARequest | GroundRequest) -> Any:
         if self.raises is not None:
             raise self.raises
         return answer(request.question if isinstance(request, VQARequest) else request.text)
+
+    async def answer_stream(self, request: VQARequest | GroundRequest) -> AsyncGenerator[Any, None]:
+        """Two pieces, then the result; `raises` fails it after the first piece (`fail_first`: before)."""
+        if self.fail_first and self.raises is not None:
+            raise self.raises
+        yield TextDelta(text="an ")
+        if self.raises is not None:
+            raise self.raises
+        yield TextDelta(text="answer")
+        yield await self.answer(request)
 
     async def health(self) -> HealthResponse:
         status = "ok" if self.healthy else "unavailable"
@@ -172,3 +185,23 @@ def test_an_error_kind_round_trips_to_its_exception(kind: str) -> None:
     if kind not in ("malformed_json", "invalid_request", "payload_too_large"):  # HTTP-layer kinds
         assert error_kind(exc) == (kind, status)
     assert isinstance(error_from_response(502, "<html>bad gateway</html>"), ServeError)
+
+
+def test_a_streamed_answer_is_server_sent_events(client: TestClient, service: FakeService) -> None:
+    response = client.post("/v1/vqa", json={**GOOD, "stream": True})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = list(parse_events(response.text.splitlines()))
+    assert [event for event, _ in events] == ["delta", "delta", "result"]
+    assert AnswerResult.model_validate_json(events[-1][1]).text == "an answer"
+
+    service.raises = RegionError("region 1 lies outside the image")
+    service.fail_first = True  # refused before the first piece: an ordinary JSON error
+    assert "outside" in error(client.post("/v1/vqa", json={**GOOD, "stream": True}), 400, "region")
+    service.fail_first = False  # failed while streaming: the last event says why
+    ground = {"image": GOOD["image"], "text": "the lungs", "stream": True}
+    events = list(parse_events(client.post("/v1/ground", json=ground).text.splitlines()))
+    assert [event for event, _ in events] == ["delta", "error"]
+    assert error_from_response(200, json.loads(events[-1][1])).__class__ is RegionError
+    service.raises = RuntimeError("a bug")
+    events = list(parse_events(client.post("/v1/vqa", json={**GOOD, "stream": True}).text.splitlines()))
+    assert events[-1][0] == "error" and json.loads(events[-1][1])["error"] == "internal"

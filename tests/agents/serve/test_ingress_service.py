@@ -24,6 +24,7 @@ from medplib.agents.ingress import IngressService
 from medplib.agents.schemas import ExpertsResponse, GroundRequest, ServeError, VQARequest
 from medplib.agents.serve_config import ServeConfig
 from medplib.core.errors import InvalidInputError, RegionError
+from medplib.core.results import AnswerResult, GroundingResult, TextDelta
 from medplib.trainers.registry_data import dicom_file
 
 CONFIG = ServeConfig().with_overrides(load={"device": "cpu"}, retries={"backoff_s": 0.01})
@@ -67,16 +68,30 @@ class Method:
         return self._run(*args)
 
 
+class StreamMethod:
+    """A streaming handle's method: `.remote(...)` iterates the replica's async generator."""
+
+    def __init__(self, call: Callable[..., Any]) -> None:
+        self.call, self.calls = call, []
+
+    def remote(self, *args: Any) -> Any:
+        self.calls.append(args)
+        return self.call(*args)
+
+
 class Handle:
-    def __init__(self, **methods: Method) -> None:
+    def __init__(self, **methods: Method | StreamMethod) -> None:
         self.__dict__.update(methods)
+
+    def options(self, **_: Any) -> Handle:
+        return self
 
 
 def service(replicas: tuple[Any, Any], config: ServeConfig = CONFIG) -> tuple[IngressService, Method, Method]:
     trunk, grounding = replicas
     generate, decode = Method(trunk.generate), Method(grounding.decode)
     ingress = IngressService(
-        Handle(generate=generate),
+        Handle(generate=generate, generate_stream=StreamMethod(trunk.generate_stream)),
         Handle(decode=decode),
         {},
         config,
@@ -284,3 +299,39 @@ def test_ground_volume_over_http(replicas: tuple[Any, Any], tmp_path: Any, make_
         bad = client.post("/v1/ground_volume", json={**body, "slices": "3:50"})
         assert bad.status_code == 400 and bad.json()["error"] == "invalid_input"
         assert "/v1/ground_volume" in client.get("/openapi.json").json()["paths"]
+
+async def test_a_streamed_request_comes_token_by_token(replicas: tuple[Any, Any]) -> None:
+    ingress, generate, decode = service(replicas)
+    longer = VQARequest(image={"base64": CT}, question="What is this?", decoding={"max_new_tokens": 8})
+    events = [event async for event in ingress.answer_stream(longer)]
+    *deltas, result = events
+    plain = await ingress.answer(longer)
+    assert isinstance(result, AnswerResult) and all(isinstance(d, TextDelta) for d in deltas)
+    assert len(deltas) >= 2 and "".join(d.text for d in deltas) == result.text == plain.text
+    grounded = [
+        event async for event in ingress.answer_stream(GroundRequest(image={"base64": CT}, text="the lungs"))
+    ]
+    assert isinstance(grounded[-1], GroundingResult) and len(grounded[-1].masks) == 1
+    assert len(generate.calls) == 1 and len(decode.calls) == 1  # streams skip the batch, not the decoder
+    with pytest.raises(RegionError, match="marks 1 region"):  # refused in the trunk, before any delta
+        [event async for event in ingress.answer_stream(vqa("Where is {region}?"))]
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": plain.text}]
+    follow_up = await ingress.answer(vqa("And now?", history=history))
+    assert follow_up.prompt_tokens > plain.prompt_tokens and follow_up.question == "And now?"
+    with pytest.raises(InvalidInputError, match="history ends"):
+        await ingress.answer(vqa(history=history[:1]))
+
+
+def test_the_serve_app_serves_the_page(replicas: tuple[Any, Any]) -> None:
+    from fastapi.testclient import TestClient
+
+    from medplib.agents.ingress import Ingress
+
+    ingress, _, _ = service(replicas)
+    app = Ingress.func_or_class.__serve_build_asgi_app__(ingress)  # what the replica builds
+    with TestClient(app) as client:
+        page = client.get("/")
+        assert page.status_code == 200 and "/ui/app.js" in page.text
+        assert client.get("/ui/app.js").status_code == 200
+        rendered = client.post("/v1/render", json={"image": {"base64": CT}})
+        assert rendered.status_code == 200 and rendered.json()["modality"] == "CT"

@@ -136,3 +136,15 @@ def test_the_schema_health_experts_and_the_key(served: Any) -> None:
     assert health.status_code == 200 and health.json()["deployments"]["Trunk"] == "HEALTHY"
     refused = httpx.get(f"{served.url}/v1/experts", timeout=30)
     assert refused.status_code == 401 and refused.json()["error"] == "unauthorized"
+
+
+def test_answers_stream_token_by_token_and_the_page_is_served(served: Any, ct_path: str) -> None:
+    client = served.client()
+    regions = [{"kind": "box", "box": [20, 30, 80, 90]}]
+    *deltas, streamed = client.vqa_stream(ct_path, "What is in {region}?", regions, max_new_tokens=12)
+    plain = client.vqa(ct_path, "What is in {region}?", regions, max_new_tokens=12)
+    assert len(deltas) >= 2 and "".join(d.text for d in deltas) == streamed.text == plain.text
+    *_, grounded = client.ground_stream(ct_path, "the lungs", max_new_tokens=12)
+    assert isinstance(grounded, GroundingResult) and len(grounded.masks) >= 1
+    page = httpx.get(f"{served.url}/", timeout=30)
+    assert page.status_code == 200 and "/ui/app.js" in page.text
