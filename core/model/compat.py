@@ -233,4 +233,3 @@ def _python_slice(length: int, start: int, size: int) -> slice:
 def fallback_hidden_index(num_hidden: int) -> int:
     """Without a generated `<SEG>`, MedPLIB takes hidden state -2 of prompt + generated states."""
     return max(0, num_hidden - 2)
-
