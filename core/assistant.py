@@ -46,6 +46,7 @@ from medplib.core.model import (
     build_medplib,
     load_llava_and_sam,
 )
+from medplib.core.model.medplib_release import convert_hint, read_release_config
 from medplib.core.queries import (
     DEFAULT_INFERENCE_LIMITS,
     REGION_PLACEHOLDER,
@@ -130,11 +131,27 @@ def load(
 def _from_checkpoint(source: str) -> MedPLIBForCausalLM:
     """The model of a checkpoint folder; a stage IV folder (`moe.safetensors`) with its experts composed."""
     # router builds on core, so core reaches it only here, when a checkpoint needs it.
+    from medplib.router.dense import MedPLIBWithRoutedExperts
     from medplib.router.moe import MOE_FILE, MixtureOfExperts
 
     if _has_file(source, MOE_FILE):
         return MixtureOfExperts.from_pretrained(source, model_class=MedPLIBForCausalLM).model
+    local = None if is_uri(source) else os.path.expanduser(source)
+    if local is not None and read_release_config(local) is not None:
+        raise CheckpointError(convert_hint(source))
+    if local is not None and _routed_experts(local):
+        return MedPLIBWithRoutedExperts.from_pretrained(source)
     return MedPLIBForCausalLM.from_pretrained(source)
+
+
+def _routed_experts(folder: str) -> bool:
+    """Whether a checkpoint folder's config declares experts stored in its routed MLPs (converted MedPLIB)."""
+    import json
+
+    try:
+        return bool(json.loads(open(os.path.join(folder, "config.json")).read()).get("routed_experts"))
+    except (OSError, ValueError):
+        return False
 
 
 def _has_file(folder: str, name: str) -> bool:
@@ -266,7 +283,7 @@ class MedPLIB:
         prepared = []
         for query in parsed:
             text = self._text(query.text, "question" if query.task == "answer" else "grounding text")
-            question = GROUNDING_QUESTION.format(text=text) if query.task == "ground" else text
+            question = self._grounding_question(text) if query.task == "ground" else text
             prepared.append(
                 self._prepare(
                     query.image,
@@ -287,6 +304,13 @@ class MedPLIB:
                 result = self._result(AnswerResult, item, row, batch, start, question=query.text)
             results.append((result, row.seg_hidden_states))
         return results
+
+    def _grounding_question(self, text: str) -> str:
+        """medplib's grounding wording; under `compat: medplib` a whole sentence is MedPLIB's question as
+        typed (its grounding answers follow MedPLIB's own question wording), a phrase gets the wording."""
+        if self.model.config.compat == "medplib" and text.rstrip().endswith((".", "?")):
+            return text
+        return GROUNDING_QUESTION.format(text=text)
 
     def chat(
         self,

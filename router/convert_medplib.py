@@ -108,7 +108,8 @@ def convert_tokenizer(location: str | Path, vocab_size: int):
         raise CheckpointError(f"cannot read MedPLIB's tokenizer at {location}: {exc}") from None
     if len(tokenizer) != vocab_size:
         raise CheckpointError(
-            f"the tokenizer at {location} has {len(tokenizer)} tokens, the checkpoint {vocab_size}: not its tokenizer"
+            f"the tokenizer at {location} has {len(tokenizer)} tokens, the checkpoint {vocab_size}: "
+            "not its tokenizer"
         )
     tokenizer.pad_token = tokenizer.unk_token  # MedPLIB pads with <unk> (id 0)
     before = tokenizer.get_vocab()

@@ -25,7 +25,9 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from medplib.core.errors import CheckpointError
+from medplib.core.model.compat import MedPLIBTokenization
 from medplib.core.model.modeling_medplib import MedPLIBForCausalLM
+from medplib.core.model.storage import local_folder
 from medplib.router.routed_mlp import Routing, forced_routing, route
 
 
@@ -106,3 +108,15 @@ class MedPLIBWithRoutedExperts(MedPLIBForCausalLM):
         if not config.routed_experts:
             raise CheckpointError("this config declares no routed_experts")
         self.routed_layers = install_routed_experts(self, config.routed_experts)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args: Any, **kwargs: Any):
+        """As `MedPLIBForCausalLM.from_pretrained`; a `compat: medplib` checkpoint also brings MedPLIB's
+        SentencePiece tokenisation (`spiece.model`), attached to its tokenizer."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if model.config.compat == "medplib":
+            with local_folder(pretrained_model_name_or_path) as folder:
+                model.tokenizer.medplib_tokenization = MedPLIBTokenization.from_tokenizer(
+                    model.tokenizer, folder
+                )
+        return model

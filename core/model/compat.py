@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from medplib.core.errors import CheckpointError, RegionError
+from medplib.core.errors import CheckpointError, InvalidInputError, RegionError
 
 MEDPLIB_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -233,3 +233,49 @@ def _python_slice(length: int, start: int, size: int) -> slice:
 def fallback_hidden_index(num_hidden: int) -> int:
     """Without a generated `<SEG>`, MedPLIB takes hidden state -2 of prompt + generated states."""
     return max(0, num_hidden - 2)
+
+
+def tokenization_of(tokenizer) -> MedPLIBTokenization:
+    """The MedPLIB tokenisation a converted checkpoint's loader attached to its tokenizer."""
+    found = getattr(tokenizer, "medplib_tokenization", None)
+    if found is None:
+        raise CheckpointError(
+            "a compat: medplib model needs its tokenizer loaded with the checkpoint (spiece.model)"
+        )
+    return found
+
+
+def encode_turns(tokenizer, turns: Sequence, config) -> tuple[list[int], int]:
+    """medplib `Turn`s (text, regions, `<SEG>`) -> the model's input ids as MedPLIB builds them, and the
+    number of regions. Regions become `<region></region>` (placeholder -300 between), `<SEG>` stays."""
+    from medplib.core.model.tokenizer import ControlToken
+
+    spelling = {ControlToken.REGION: "<region></region>", ControlToken.SEG: "<SEG>"}
+
+    def text_of(value, allowed: ControlToken) -> str:
+        parts = [value] if isinstance(value, str) else list(value)
+        for part in parts:
+            if not isinstance(part, str) and part is not allowed:
+                raise InvalidInputError(
+                    f"this part of a turn may hold text and {allowed.value}, not {part.value}"
+                )
+        return "".join(part if isinstance(part, str) else spelling[part] for part in parts)
+
+    pairs = [
+        (
+            text_of(turn.user, ControlToken.REGION),
+            None if turn.assistant is None else text_of(turn.assistant, ControlToken.SEG),
+        )
+        for turn in turns
+    ]
+    ids = tokenization_of(tokenizer).prompt_ids(medplib_prompt(pairs))
+    num_regions = ids.count(REGION_PLACEHOLDER)
+    return (
+        model_input_ids(
+            ids,
+            image_token_id=config.image_token_id,
+            region_token_id=config.region_token_id,
+            num_image_tokens=config.num_image_tokens,
+        ),
+        num_regions,
+    )
