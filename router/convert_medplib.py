@@ -269,3 +269,29 @@ def _producer(tensor: torch.Tensor, shape: tuple, dtype: torch.dtype) -> Callabl
         return value
 
     return produce
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2e9' -> bytes (decimal units, as transformers' max_shard_size)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMG]?B)?\s*", text.upper())
+    units = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+    try:
+        size = int(float(match[1]) * units[match[2]]) if match else 0
+    except ValueError:
+        size = 0
+    if size <= 0:
+        from medplib.core.errors import InvalidInputError
+
+        raise InvalidInputError(f"shard size {text!r} is not a positive size like 5GB or 500MB")
+    return size
+
+
+def parse_dtype(text: str) -> torch.dtype | None:
+    choices = {"keep": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
+    if text not in choices:
+        from medplib.core.errors import InvalidInputError
+
+        raise InvalidInputError(f"dtype {text!r}: use one of {sorted(choices)}")
+    return choices[text]

@@ -304,3 +304,44 @@ def text_config_from(release: ReleaseCheckpoint, vocab_size: int) -> dict:
         "mlp_bias": False,
     }
     return config
+
+
+def release_info(source: str, folder: str | Path, experts: list) -> object:
+    """`medplib info` of an unconverted release: its config and parameters per component, from shapes."""
+    from medplib.core.model.modeling_medplib import COMPONENTS
+    from medplib.core.model_info import ModelInfo
+
+    release = ReleaseCheckpoint.open(folder)
+    parameters = dict.fromkeys(COMPONENTS, 0)
+    prefixes = sorted(((path + ".", name) for name, path in COMPONENTS.items()), key=lambda p: -len(p[0]))
+    experts_total = 0
+    for key, (shape, _) in release.shapes().items():
+        target = release_key(key)
+        if target is None:
+            continue
+        count = 1
+        for size in shape:
+            count *= size
+        parameters[next(name for prefix, name in prefixes if target.startswith(prefix))] += count
+        experts_total += count if ".mlp.experts." in target else 0
+    parameters["total"] = sum(parameters.values())
+    source_config, moe = release.config, release.routed_experts()
+    return ModelInfo(
+        model=source,
+        weights="MedPLIB release (convert it before loading)",
+        parameters=parameters,
+        special_tokens={},
+        config={
+            "language": {
+                key: source_config.get(key)
+                for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+            },
+            "vision": {
+                "tower": source_config.get("mm_vision_tower"),
+                "feature_layer": source_config.get("mm_vision_select_layer"),
+            },
+            "format": {"kind": release.kind, "shards": len(release.shards), "keys": len(release.keys)},
+        },
+        experts=experts,
+        routed_experts=moe | {"parameters": experts_total},
+    )
