@@ -14,12 +14,15 @@ MedPLIB's exact prompt tokenisation. Gates stay float32 whatever `dtype` the res
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import shutil
 import struct
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,7 +98,27 @@ def write_safetensors(path: Path, entries: list[tuple[str, tuple, torch.dtype, C
                     f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, planned {shape} {dtype}"
                 )
             handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del tensor
     return offset
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+MADV_DONTNEED = 4
+
+
+def release_mapped_pages(tensor: torch.Tensor) -> None:
+    """Drop the pages of a tensor memory-mapped from a source file out of this process's memory.
+
+    Reading a mapped shard tensor by tensor would otherwise leave the whole shard resident until the
+    next one is mapped. The pages are clean copies of the file, so the kernel re-reads any that is
+    touched again (the page-aligned range may reach into a neighbour). Only for file-mapped tensors.
+    """
+    if _LIBC is None or tensor.numel() == 0:
+        return
+    page = mmap.PAGESIZE
+    start = tensor.data_ptr() // page * page
+    end = -(-(tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page) * page
+    _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
 
 
 def convert_tokenizer(location: str | Path, vocab_size: int):
@@ -227,15 +250,17 @@ def convert_medplib(
             target = report.mapping[key]
             if target is None:
                 continue
-            tensor = state[key]
-            wanted = torch.float32 if target.endswith("mlp.router.weight") else (dtype or tensor.dtype)
-            if not tensor.is_floating_point():
-                wanted = tensor.dtype
+            source_dtype = shapes[key][1]
+            wanted = torch.float32 if target.endswith("mlp.router.weight") else (dtype or source_dtype)
+            if not source_dtype.is_floating_point:
+                wanted = source_dtype
             shape = expected[target]
             size = _nbytes(shape, wanted)
             if batch and batch_bytes + size > shard_size:
                 flush()
-            batch.append((target, shape, wanted, _producer(tensor, shape, wanted)))
+            batch.append(
+                (target, shape, wanted, _producer(state, key, shape, wanted, mapped=release.kind == "bin"))
+            )
             batch_bytes += size
         flush()  # a source shard's tensors are written before the next one is mapped
         del state
@@ -259,13 +284,20 @@ def convert_medplib(
     return report
 
 
-def _producer(tensor: torch.Tensor, shape: tuple, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
-    """The converted tensor, made when written: cast, and the placeholder rows appended where grown."""
+def _producer(
+    state: Mapping[str, torch.Tensor], key: str, shape: tuple, dtype: torch.dtype, *, mapped: bool
+) -> Callable[[], torch.Tensor]:
+    """The converted tensor, made when written: cast, and the placeholder rows appended where grown.
+    A file-mapped source tensor's pages are released once it has been read (`release_mapped_pages`)."""
 
     def produce() -> torch.Tensor:
+        tensor = state[key]
         value = tensor.to(dtype)
         if tuple(value.shape) != tuple(shape):  # embed_tokens / lm_head: zero rows for <image>, <region_feat>
             value = torch.cat([value, value.new_zeros(shape[0] - value.shape[0], *shape[1:])])
+        if mapped:
+            value = value.clone() if value.data_ptr() == tensor.data_ptr() else value
+            release_mapped_pages(tensor)
         return value
 
     return produce

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,14 +133,13 @@ class ReleaseCheckpoint:
     def keys(self) -> list[str]:
         return [key for keys in self.shards.values() for key in keys]
 
-    def read_shard(self, name: str) -> dict[str, torch.Tensor]:
-        """One shard's tensors, memory-mapped (the bytes are read when a tensor is used)."""
+    def read_shard(self, name: str) -> Mapping[str, torch.Tensor]:
+        """One shard's tensors, lazily: a `.bin` memory-mapped (bytes read when a tensor is used), a
+        safetensors shard one tensor per lookup."""
         path = self.folder / name
         try:
             if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                return load_file(str(path))
+                return SafetensorsShard(path)
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         except (OSError, RuntimeError, ValueError, EOFError) as exc:
             raise CheckpointError(f"{path}: unreadable shard ({exc})") from None
@@ -156,7 +155,10 @@ class ReleaseCheckpoint:
         """Every tensor's shape and dtype, without reading tensor data."""
         found = {}
         for _, state in self.iter_shards():
-            found.update({key: (tuple(value.shape), value.dtype) for key, value in state.items()})
+            if isinstance(state, SafetensorsShard):
+                found.update(state.shapes())
+            else:
+                found.update({key: (tuple(value.shape), value.dtype) for key, value in state.items()})
         return found
 
     # ---- what the moe dict declares -----------------------------------------------------------------
@@ -191,6 +193,39 @@ class ReleaseCheckpoint:
             "names": ["pixel_grounding", "vision_language", *[f"expert_{i}" for i in range(2, counts[0])]],
             "eval_capacity_factor": capacity,
         }
+
+
+class SafetensorsShard(Mapping):
+    """A safetensors file as a read-only mapping that reads one tensor per lookup."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        with safe_open(str(path), framework="pt") as handle:
+            self._keys = list(handle.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        from safetensors import safe_open
+
+        dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64}
+        with safe_open(str(self.path), framework="pt") as handle:
+            return {
+                key: (tuple(handle.get_slice(key).get_shape()), dtypes.get(handle.get_slice(key).get_dtype()))
+                for key in self._keys
+            }
 
 
 # ---- the converted config ---------------------------------------------------------------------------
