@@ -9,9 +9,10 @@ tower, projector, region adapter, `<SEG>` head and SAM-Med2D taken from the test
 (tests/fixtures/medplib-original, whose tokenizer and CLIP folder it also uses). Layers are added
 until the shards hold about `--shard-gb` each.
 
-The conversion then runs in a child process (`medplib convert medplib`, `--shard-size` = the source
-shard size), so its peak resident memory (`ru_maxrss` of the child) is the converter's alone; the
-child's RSS right after importing medplib is reported as the baseline. Throughput = source bytes /
+The conversion then runs in a child process (`convert_medplib`, shard size = the source shard
+size), which reports its own peak resident set (`VmHWM` of /proc/self/status, per process since its
+exec: `ru_maxrss` would inherit the parent's peak across fork) and, as the baseline, its resident set
+right after importing torch and medplib. Throughput = source bytes /
 wall seconds of the conversion. The last stdout line is the JSON written to `OUT/convert.json`;
 `OUT/convert.md` holds the table.
 """
@@ -22,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -124,14 +124,19 @@ def build_release(folder: Path, hidden: int, shard_bytes: int, num_shards: int) 
 
 
 CHILD = """
-import resource, sys, time, torch
+import sys, time, torch
 torch.set_num_threads(1)
 from medplib.router.convert_medplib import convert_medplib
-baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def status(field):  # kB -> bytes; VmHWM: this process's peak resident set since its exec
+    line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+baseline = status("VmRSS")
 start = time.perf_counter()
 report = convert_medplib(sys.argv[1], sys.argv[2], tokenizer=sys.argv[3], sam_decoder_heads=2,
                          shard_size=int(sys.argv[4]))
-print(baseline, time.perf_counter() - start, report.bytes_written, len(report.shards))
+print(baseline, status("VmHWM"), time.perf_counter() - start, report.bytes_written, len(report.shards))
 """
 
 
@@ -161,13 +166,8 @@ def main() -> None:
     start = time.perf_counter()
     output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout.split()
     wall = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    baseline, seconds, written, out_shards = (
-        float(output[-4]),
-        float(output[-3]),
-        int(output[-2]),
-        int(output[-1]),
-    )
+    baseline, peak = int(output[-5]), int(output[-4])
+    seconds, written, out_shards = float(output[-3]), int(output[-2]), int(output[-1])
     source = sum(built["shard_bytes"])
     result = {
         "benchmark": "convert",
