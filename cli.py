@@ -434,6 +434,10 @@ def convert_medplib(
     sam_decoder_heads: int = typer.Option(
         8, "--sam-decoder-heads", help="SAM mask decoder heads (MedPLIB: 8)"
     ),
+    experts: str = typer.Option(
+        "dense", "--experts", help="dense (exact), or lora: shared MLP + rank-R deltas"
+    ),
+    rank: int | None = typer.Option(None, "--rank", help="rank R of each expert's delta with --experts lora"),
 ) -> None:
     """Convert MedPLIB's released checkpoint, shard by shard, into a medplib checkpoint (compat: medplib)."""
     from medplib.router.convert_medplib import convert_medplib as convert
@@ -447,7 +451,14 @@ def convert_medplib(
         tokenizer=tokenizer,
         vision_tower=vision_tower,
         sam_decoder_heads=sam_decoder_heads,
+        experts=experts,
+        rank=rank,
     )
+    if report.factorization_error:
+        worst = max(report.factorization_error, key=report.factorization_error.get)
+        typer.echo(
+            f"rank-{rank} experts: largest relative error {report.factorization_error[worst]:.4f} ({worst})"
+        )
     dropped, gigabytes = len(report.dropped_keys), report.bytes_written / 1e9
     typer.echo(
         f"converted {report.source_keys} keys ({dropped} dropped) into {report.written_keys} tensors, "

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from medplib.core.errors import CheckpointError
+from medplib.core.errors import CheckpointError, InvalidInputError
 from medplib.core.model.compat import SPIECE_FILE
 from medplib.core.model.configuration_medplib import MedPLIBConfig
 from medplib.core.model.medplib_release import (
@@ -41,6 +41,7 @@ from medplib.core.model.medplib_release import (
 )
 from medplib.core.model.modeling_medplib import describe_key_problems
 from medplib.core.model.tokenizer import add_control_tokens
+from medplib.router.factor_experts import EXPERT_KEY, LayerFactorizer, factored_shapes
 
 SAFETENSORS_DTYPES = {
     torch.float32: "F32",
@@ -64,6 +65,8 @@ class ConversionReport:
     bytes_written: int = 0
     shards: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # --experts lora: per routed projection, the largest relative error over its experts
+    factorization_error: dict[str, float] = field(default_factory=dict)
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -193,8 +196,15 @@ def convert_medplib(
     tokenizer: str | Path | None = None,
     vision_tower: str | Path | None = None,
     sam_decoder_heads: int = SAM_MED2D_DECODER_HEADS,
+    experts: str = "dense",
+    rank: int | None = None,
 ) -> ConversionReport:
-    """Convert; `dtype` None keeps each tensor's own. `out` must not exist or be empty."""
+    """Convert; `dtype` None keeps each tensor's own. `out` must not exist or be empty.
+
+    `experts="lora"` stores each layer's dense experts as a shared MLP plus rank-`rank` deltas
+    (`factor_experts.py`); the approximation error is in the report's `factorization_error`."""
+    if experts not in ("dense", "lora") or (experts == "lora") != (rank is not None):
+        raise InvalidInputError(f"experts {experts!r} with rank {rank}: use 'dense', or 'lora' with a rank")
     start = time.perf_counter()
     release = ReleaseCheckpoint.open(source)
     out = Path(out).expanduser()
@@ -218,8 +228,24 @@ def convert_medplib(
         vision_tower=vision_tower,
         sam_decoder_heads=sam_decoder_heads,
     )
+    factorizer = None
+    if experts == "lora":
+        config.routed_experts = config.routed_experts | {"kind": "lora", "rank": rank}
+        shard_of = {key: name for name, keys in release.shards.items() for key in keys}
+        factorizer = LayerFactorizer(
+            lambda key: release.read_shard(shard_of[key])[key],
+            {target: key for key, target in report.mapping.items() if target is not None},
+            config.routed_experts["num_experts"],
+            rank,
+        )
     expected = _expected_shapes(config)
-    found = {target: shapes[key][0] for key, target in report.mapping.items() if target is not None}
+    found = {}
+    for key, target in report.mapping.items():
+        if target is not None and factorizer is not None and EXPERT_KEY.fullmatch(target):
+            prefix, _, projection = EXPERT_KEY.fullmatch(target).groups()
+            found |= factored_shapes(prefix, projection, shapes[key][0], factorizer.experts, rank)
+        elif target is not None:
+            found[target] = shapes[key][0]
     problems = {
         "missing_keys": sorted(expected.keys() - found.keys()),
         "unexpected_keys": sorted(found.keys() - expected.keys()),
@@ -254,14 +280,22 @@ def convert_medplib(
             wanted = torch.float32 if target.endswith("mlp.router.weight") else (dtype or source_dtype)
             if not source_dtype.is_floating_point:
                 wanted = source_dtype
-            shape = expected[target]
-            size = _nbytes(shape, wanted)
-            if batch and batch_bytes + size > shard_size:
-                flush()
-            batch.append(
-                (target, shape, wanted, _producer(state, key, shape, wanted, mapped=release.kind == "bin"))
-            )
-            batch_bytes += size
+            if factorizer is not None and EXPERT_KEY.fullmatch(target):
+                planned = {
+                    name: (shape, lambda name=name, wanted=wanted: factorizer.produce(name).to(wanted))
+                    for name, shape in factorizer.plan(target, shapes[key][0]).items()
+                }
+            else:
+                shape = expected[target]
+                planned = {
+                    target: (shape, _producer(state, key, shape, wanted, mapped=release.kind == "bin"))
+                }
+            for name, (shape, produce) in planned.items():
+                size = _nbytes(shape, wanted)
+                if batch and batch_bytes + size > shard_size:
+                    flush()
+                batch.append((name, shape, wanted, produce))
+                batch_bytes += size
         flush()  # a source shard's tensors are written before the next one is mapped
         del state
     total = len(partials)
@@ -280,6 +314,8 @@ def convert_medplib(
         raise CheckpointError(f"{spiece.parent}: no tokenizer.model (MedPLIB's SentencePiece model)")
     shutil.copyfile(spiece, out / SPIECE_FILE)
     report.written_keys = len(weight_map)
+    if factorizer is not None:
+        report.factorization_error = {name: max(errors) for name, errors in factorizer.errors.items()}
     report.seconds = time.perf_counter() - start
     return report
 

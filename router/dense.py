@@ -25,10 +25,12 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from medplib.core.errors import CheckpointError
+from medplib.core.expert_spec import MLP_PROJECTIONS, LoraSpec
 from medplib.core.model.compat import MedPLIBTokenization
 from medplib.core.model.modeling_medplib import MedPLIBForCausalLM
 from medplib.core.model.storage import local_folder
-from medplib.router.routed_mlp import Routing, forced_routing, route
+from medplib.router.config import RouterConfig
+from medplib.router.routed_mlp import ExpertLoRA, RoutedMLP, Routing, forced_routing, route
 
 
 class Float32Gate(nn.Linear):
@@ -89,11 +91,29 @@ def install_routed_experts(model: MedPLIBForCausalLM, spec: dict) -> dict[int, n
     for index in spec["layers"]:
         if not 0 <= index < len(layers):
             raise CheckpointError(f"routed layer {index} outside the model's {len(layers)} decoder layers")
-        if kind != "dense":
-            raise CheckpointError(f"unknown routed expert kind {kind!r}; expected 'dense'")
-        mlp = DenseRoutedMLP(text_config, spec["num_experts"], spec["top_k"])
+        if kind == "dense":
+            mlp = DenseRoutedMLP(text_config, spec["num_experts"], spec["top_k"])
+        elif kind == "lora":
+            mlp = factored_routed_mlp(layers[index].mlp, spec)
+        else:
+            raise CheckpointError(f"unknown routed expert kind {kind!r}; expected 'dense' or 'lora'")
         layers[index].mlp = mlp
         routed[index] = mlp
+    return routed
+
+
+def factored_routed_mlp(mlp: nn.Module, spec: dict) -> RoutedMLP:
+    """Dense experts stored as a shared MLP plus a rank-r delta each (`--experts lora`): medplib's own
+    `RoutedMLP` over LoRA experts, with the float32 gate. Scaling 1: the factors hold the delta itself."""
+    lora = LoraSpec(r=spec["rank"], alpha=float(spec["rank"]))
+    shapes = {
+        name: (getattr(mlp, name).in_features, getattr(mlp, name).out_features) for name in MLP_PROJECTIONS
+    }
+    experts = [ExpertLoRA(shapes, lora) for _ in range(spec["num_experts"])]
+    routed = RoutedMLP(mlp, experts, RouterConfig(top_k=spec["top_k"]))
+    routed.router = Float32Gate(
+        mlp.gate_proj.in_features, spec["num_experts"], device=mlp.gate_proj.weight.device
+    )
     return routed
 
 

@@ -323,3 +323,24 @@ def test_raw_case_end_to_end_through_load_and_ground(converted):
         0
     ]
     assert (row.masks.logits - tensors["gen_mask"]).abs().max() <= 1e-4
+
+
+# ---- --experts lora --rank R ----------------------------------------------------------------------------
+
+
+def test_lora_experts_at_full_rank_reproduce_medplib(tmp_path, ref):
+    """Shared MLP + per-expert SVD deltas: exact at full rank (64 = min(64, 96)), reported error ~0."""
+    report = convert(CHECKPOINT, tmp_path / "full", experts="lora", rank=64)
+    assert max(report.factorization_error.values()) < 1e-5 and len(report.factorization_error) == 6
+    model = MedPLIBWithRoutedExperts.from_pretrained(tmp_path / "full").eval()
+    assert model.language_model.model.layers[0].mlp.experts[1].lora_A["up_proj"].weight.shape == (64, 64)
+    differences = max_differences(model, ref)
+    assert all(differences[name] <= TOLERANCES[name] for name in TOLERANCES), differences
+
+
+def test_lora_experts_at_low_rank_report_their_error(tmp_path, ref):
+    report = convert(CHECKPOINT, tmp_path / "low", experts="lora", rank=4)
+    assert min(report.factorization_error.values()) > 0.1  # random experts are far from rank 4
+    assert fails(MedPLIBWithRoutedExperts.from_pretrained(tmp_path / "low").eval(), ref)
+    with pytest.raises(medplib.core.errors.InvalidInputError, match="rank 97 exceeds"):
+        convert(CHECKPOINT, tmp_path / "too-high", experts="lora", rank=97)
