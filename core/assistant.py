@@ -46,7 +46,7 @@ from medplib.core.model import (
     build_medplib,
     load_llava_and_sam,
 )
-from medplib.core.model.medplib_release import convert_hint, read_release_config
+from medplib.core.model.medplib_release import convert_hint, is_release_config
 from medplib.core.queries import (
     DEFAULT_INFERENCE_LIMITS,
     REGION_PLACEHOLDER,
@@ -129,29 +129,20 @@ def load(
 
 
 def _from_checkpoint(source: str) -> MedPLIBForCausalLM:
-    """The model of a checkpoint folder; a stage IV folder (`moe.safetensors`) with its experts composed."""
+    """The model of a checkpoint folder; a stage IV folder (`moe.safetensors`) with its experts composed,
+    a converted MedPLIB folder with its routed experts; MedPLIB's unconverted release is refused."""
     # router builds on core, so core reaches it only here, when a checkpoint needs it.
     from medplib.router.dense import MedPLIBWithRoutedExperts
     from medplib.router.moe import MOE_FILE, MixtureOfExperts
 
     if _has_file(source, MOE_FILE):
         return MixtureOfExperts.from_pretrained(source, model_class=MedPLIBForCausalLM).model
-    local = None if is_uri(source) else os.path.expanduser(source)
-    if local is not None and read_release_config(local) is not None:
+    config = _folder_config(source)
+    if is_release_config(config):
         raise CheckpointError(convert_hint(source))
-    if local is not None and _routed_experts(local):
+    if config.get("routed_experts"):
         return MedPLIBWithRoutedExperts.from_pretrained(source)
     return MedPLIBForCausalLM.from_pretrained(source)
-
-
-def _routed_experts(folder: str) -> bool:
-    """Whether a checkpoint folder's config declares experts stored in its routed MLPs (converted MedPLIB)."""
-    import json
-
-    try:
-        return bool(json.loads(open(os.path.join(folder, "config.json")).read()).get("routed_experts"))
-    except (OSError, ValueError):
-        return False
 
 
 def _has_file(folder: str, name: str) -> bool:
@@ -162,6 +153,21 @@ def _has_file(folder: str, name: str) -> bool:
     except (ValueError, ImportError):  # unknown protocol: from_pretrained names the problem
         return False
     return fs.isfile(f"{root.rstrip('/')}/{name}")
+
+
+def _folder_config(folder: str) -> dict:
+    """A checkpoint folder's config.json as a dict ({} when unreadable: from_pretrained names the problem)."""
+    import json
+
+    import fsspec  # deferred: fsspec pulls in a lot at import time
+
+    try:
+        fs, root = fsspec.core.url_to_fs(folder if is_uri(folder) else os.path.expanduser(folder))
+        with fs.open(f"{root.rstrip('/')}/config.json") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError, ImportError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 @dataclass(frozen=True)

@@ -71,10 +71,14 @@ def read_release_config(folder: str | Path) -> dict | None:
         config = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    released = config.get("model_type") == RELEASE_MODEL_TYPE
-    if released or ("MedPLIBForCausalLM" in config.get("architectures", []) and "moe" in config):
-        return config
-    return None
+    return config if is_release_config(config) else None
+
+
+def is_release_config(config: dict) -> bool:
+    """Whether a config.json (as a dict) is that of MedPLIB's released checkpoint."""
+    if config.get("model_type") == RELEASE_MODEL_TYPE:
+        return True
+    return "MedPLIBForCausalLM" in (config.get("architectures") or []) and "moe" in config
 
 
 def convert_hint(folder: object) -> str:
