@@ -12,6 +12,9 @@ DeepSpeed 0.13.1 computes at inference:
   for K = 2 is always the other one; for K > 2 this takes the second best, deterministically.
 - nothing is dropped: MedPLIB's eval capacity (factor 2.0 over 2 experts) never drops a token.
 
+`--experts lora` conversions store the same experts as one shared MLP plus a low-rank delta each
+(`factor_experts.py`), run by medplib's own `RoutedMLP` behind the same float32 gate.
+
 `MedPLIBWithRoutedExperts` is the model class of a checkpoint whose config declares `routed_experts`
 (a converted MedPLIB checkpoint): the composed model with the routed MLPs built before the weights load.
 """
@@ -102,6 +105,22 @@ def install_routed_experts(model: MedPLIBForCausalLM, spec: dict) -> dict[int, n
     return routed
 
 
+class FactoredRoutedMLP(RoutedMLP):
+    """`RoutedMLP` behind a float32 gate: the gate weights are cast to the activations' dtype before
+    mixing, as DeepSpeed casts its combine weights to the input's."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        logits = self.router(flat)
+        if self.forced_expert is None:
+            routing = route(logits, self.top_k)
+        else:
+            routing = forced_routing(logits, self.forced_expert)
+        self.last_routing = routing
+        mixed = Routing(routing.logits, routing.experts, routing.weights.to(flat.dtype), routing.kept)
+        return self.mix(flat, mixed).reshape(hidden_states.shape)
+
+
 def factored_routed_mlp(mlp: nn.Module, spec: dict) -> RoutedMLP:
     """Dense experts stored as a shared MLP plus a rank-r delta each (`--experts lora`): medplib's own
     `RoutedMLP` over LoRA experts, with the float32 gate. Scaling 1: the factors hold the delta itself."""
@@ -110,7 +129,7 @@ def factored_routed_mlp(mlp: nn.Module, spec: dict) -> RoutedMLP:
         name: (getattr(mlp, name).in_features, getattr(mlp, name).out_features) for name in MLP_PROJECTIONS
     }
     experts = [ExpertLoRA(shapes, lora) for _ in range(spec["num_experts"])]
-    routed = RoutedMLP(mlp, experts, RouterConfig(top_k=spec["top_k"]))
+    routed = FactoredRoutedMLP(mlp, experts, RouterConfig(top_k=spec["top_k"]))
     routed.router = Float32Gate(
         mlp.gate_proj.in_features, spec["num_experts"], device=mlp.gate_proj.weight.device
     )
