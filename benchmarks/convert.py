@@ -140,6 +140,20 @@ print(baseline, status("VmHWM"), time.perf_counter() - start, report.bytes_writt
 """
 
 
+def disk_write_speed(folder: Path, size: int = 256 * 2**20) -> float:
+    """Bytes per second of a plain sequential write with fsync here: the ceiling for the conversion."""
+    path, block = folder / "disk-probe", os.urandom(2**20)
+    start = time.perf_counter()
+    with open(path, "wb") as handle:
+        for _ in range(size // len(block)):
+            handle.write(block)
+        handle.flush()
+        os.fsync(handle.fileno())
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return size / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=2048)
@@ -153,6 +167,7 @@ def main() -> None:
     release, converted = args.work / "release", args.work / "converted"
     built = build_release(release, args.hidden, int(args.shard_gb * GB), args.shards)
     largest = max(built["shard_bytes"])
+    disk = disk_write_speed(args.work)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [
         sys.executable,
@@ -180,6 +195,7 @@ def main() -> None:
         "conversion_seconds": round(seconds, 2),
         "process_seconds": round(wall, 2),
         "throughput_gb_per_s": round(source / GB / seconds, 3),
+        "disk_write_gb_per_s": round(disk / GB, 3),
         "peak_rss_bytes": peak,
         "baseline_rss_bytes": int(baseline),
         "peak_rss_over_largest_shard": round(peak / largest, 3),
@@ -198,6 +214,10 @@ def main() -> None:
         ),
         ("written", f"{written / GB:.2f} GB in {out_shards} safetensors shards"),
         ("conversion time", f"{seconds:.1f} s ({source / GB / seconds:.3f} GB/s)"),
+        (
+            "disk, plain write + fsync",
+            f"{disk / GB:.3f} GB/s (the ceiling: every byte is read and written once)",
+        ),
         ("peak RSS", f"{peak / GB:.2f} GB = {peak / largest:.2f} x largest shard (budget 1.5 x)"),
         ("RSS after import", f"{baseline / GB:.2f} GB (torch, transformers, medplib)"),
     ]
