@@ -344,3 +344,28 @@ def test_lora_experts_at_low_rank_report_their_error(tmp_path, ref):
     assert fails(MedPLIBWithRoutedExperts.from_pretrained(tmp_path / "low").eval(), ref)
     with pytest.raises(medplib.core.errors.InvalidInputError, match="rank 97 exceeds"):
         convert(CHECKPOINT, tmp_path / "too-high", experts="lora", rank=97)
+
+
+# ---- the command line ---------------------------------------------------------------------------------
+
+
+def test_convert_command_writes_a_loadable_checkpoint_and_refuses_a_used_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    from medplib.cli import app
+
+    out = tmp_path / "converted"
+    arguments = ["convert", "medplib", str(CHECKPOINT), str(out), "--tokenizer", str(TOKENIZER)]
+    arguments += ["--vision-tower", str(FIXTURE / "clip"), "--sam-decoder-heads", "2", "--shard-size", "1MB"]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert "converted 282 keys (2 dropped) into 280 tensors" in result.output
+    assert len(list(out.glob("model-*.safetensors"))) >= 4
+    info = CliRunner().invoke(app, ["info", str(out)])
+    assert info.exit_code == 0 and "routed    2 dense experts" in info.output
+
+    again = CliRunner().invoke(app, arguments)
+    assert again.exit_code == 2
+    assert again.output.count("\n") == 1 and "not empty" in again.output
+    bad = CliRunner().invoke(app, [*arguments[:3], str(tmp_path / "other"), "--shard-size", "lots"])
+    assert bad.exit_code == 2 and "shard size 'lots'" in bad.output
