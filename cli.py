@@ -443,6 +443,58 @@ def format_result(result: Any, *, untrained: bool, overlay: str | None) -> str:
     return "\n".join(f"{key:<8} {value}" for key, value in rows)
 
 
+convert_app = typer.Typer(help="Convert foreign checkpoints into medplib checkpoints.", no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("medplib")
+@user_errors
+def convert_medplib(
+    source: Path = typer.Argument(..., help="MedPLIB's released checkpoint folder (e.g. MedPLIB-7b-2e)"),
+    out: Path = typer.Argument(..., help="new folder for the converted checkpoint"),
+    dtype: str = typer.Option("keep", "--dtype", help="keep, bfloat16 or float32 (gates stay float32)"),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="largest output shard, e.g. 5GB or 500MB"),
+    tokenizer: Path | None = typer.Option(
+        None, "--tokenizer", help="MedPLIB's tokenizer folder (default: SOURCE)"
+    ),
+    vision_tower: Path | None = typer.Option(
+        None, "--vision-tower", help="CLIP tower folder (default: the config's)"
+    ),
+    sam_decoder_heads: int = typer.Option(
+        8, "--sam-decoder-heads", help="SAM mask decoder heads (MedPLIB: 8)"
+    ),
+    experts: str = typer.Option(
+        "dense", "--experts", help="dense (exact), or lora: shared MLP + rank-R deltas"
+    ),
+    rank: int | None = typer.Option(None, "--rank", help="rank R of each expert's delta with --experts lora"),
+) -> None:
+    """Convert MedPLIB's released checkpoint, shard by shard, into a medplib checkpoint (compat: medplib)."""
+    from medplib.router.convert_medplib import convert_medplib as convert
+    from medplib.router.convert_medplib import parse_dtype, parse_size
+
+    report = convert(
+        source,
+        out,
+        dtype=parse_dtype(dtype),
+        shard_size=parse_size(shard_size),
+        tokenizer=tokenizer,
+        vision_tower=vision_tower,
+        sam_decoder_heads=sam_decoder_heads,
+        experts=experts,
+        rank=rank,
+    )
+    if report.factorization_error:
+        worst = max(report.factorization_error, key=report.factorization_error.get)
+        typer.echo(
+            f"rank-{rank} experts: largest relative error {report.factorization_error[worst]:.4f} ({worst})"
+        )
+    dropped, gigabytes = len(report.dropped_keys), report.bytes_written / 1e9
+    typer.echo(
+        f"converted {report.source_keys} keys ({dropped} dropped) into {report.written_keys} tensors, "
+        f"{gigabytes:.3f} GB in {len(report.shards)} shard(s), {report.seconds:.1f} s: {out}"
+    )
+
+
 @app.command()
 @user_errors
 def info(

@@ -47,6 +47,7 @@ from medplib.core.model import (
     load_llava_and_sam,
 )
 from medplib.core.model.generation import run_to_end
+from medplib.core.model.medplib_release import convert_hint, is_release_config
 from medplib.core.queries import (
     DEFAULT_INFERENCE_LIMITS,
     REGION_PLACEHOLDER,
@@ -139,12 +140,19 @@ def load(
 
 
 def _from_checkpoint(source: str) -> MedPLIBForCausalLM:
-    """The model of a checkpoint folder; a stage IV folder (`moe.safetensors`) with its experts composed."""
+    """The model of a checkpoint folder; a stage IV folder (`moe.safetensors`) with its experts composed,
+    a converted MedPLIB folder with its routed experts; MedPLIB's unconverted release is refused."""
     # router builds on core, so core reaches it only here, when a checkpoint needs it.
+    from medplib.router.dense import MedPLIBWithRoutedExperts
     from medplib.router.moe import MOE_FILE, MixtureOfExperts
 
     if _has_file(source, MOE_FILE):
         return MixtureOfExperts.from_pretrained(source, model_class=MedPLIBForCausalLM).model
+    config = _folder_config(source)
+    if is_release_config(config):
+        raise CheckpointError(convert_hint(source))
+    if config.get("routed_experts"):
+        return MedPLIBWithRoutedExperts.from_pretrained(source)
     return MedPLIBForCausalLM.from_pretrained(source)
 
 
@@ -156,6 +164,21 @@ def _has_file(folder: str, name: str) -> bool:
     except (ValueError, ImportError):  # unknown protocol: from_pretrained names the problem
         return False
     return fs.isfile(f"{root.rstrip('/')}/{name}")
+
+
+def _folder_config(folder: str) -> dict:
+    """A checkpoint folder's config.json as a dict ({} when unreadable: from_pretrained names the problem)."""
+    import json
+
+    import fsspec  # deferred: fsspec pulls in a lot at import time
+
+    try:
+        fs, root = fsspec.core.url_to_fs(folder if is_uri(folder) else os.path.expanduser(folder))
+        with fs.open(f"{root.rstrip('/')}/config.json") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError, ImportError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -287,7 +310,7 @@ class MedPLIB:
         prepared = []
         for query in parsed:
             text = self._text(query.text, "question" if query.task == "answer" else "grounding text")
-            question = GROUNDING_QUESTION.format(text=text) if query.task == "ground" else text
+            question = self._grounding_question(text) if query.task == "ground" else text
             earlier, answers = self._history(query.history)
             prepared.append(
                 self._prepare(
@@ -324,6 +347,13 @@ class MedPLIB:
         from medplib.core.volume_grounding import answer_volume
 
         return answer_volume(self, volume, question, **options)
+
+    def _grounding_question(self, text: str) -> str:
+        """medplib's grounding wording; under `compat: medplib` a whole sentence is MedPLIB's question as
+        typed (its grounding answers follow MedPLIB's own question wording), a phrase gets the wording."""
+        if self.model.config.compat == "medplib" and text.rstrip().endswith((".", "?")):
+            return text
+        return GROUNDING_QUESTION.format(text=text)
 
     def chat(
         self,

@@ -26,7 +26,6 @@ from transformers import DynamicCache
 from medplib.core.embedding_cache import CacheKey, EmbeddingCache, image_digest
 from medplib.core.errors import CapacityError
 from medplib.core.model import MaskPrediction, MedPLIBForCausalLM, MedPLIBProcessor, Request, Turn
-from medplib.core.model.conversation import encode_conversation
 from medplib.core.model.generation import decode_steps, elapsed, run_to_end
 from medplib.core.model.grounding import sam_input_size
 from medplib.core.queries import Decoding
@@ -72,7 +71,7 @@ class CachedGenerator:
         self.fingerprint = fingerprint
         self.processor = MedPLIBProcessor(model.config, model.tokenizer)
         config = model.config
-        probe = encode_conversation(model.tokenizer, [Turn("?")], num_image_tokens=config.num_image_tokens)
+        probe = self.processor.encode_turns([Turn("?")])
         self.prefix_ids = probe.input_ids[: probe.input_ids.index(config.im_end_token_id) + 1]
 
     def run(

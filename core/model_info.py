@@ -14,7 +14,9 @@ from pydantic import BaseModel, Field
 
 from medplib.core.errors import CheckpointError
 
-Weights = Literal["random (seeded)", "none (meta device)", "checkpoint"]
+Weights = Literal[
+    "random (seeded)", "none (meta device)", "checkpoint", "MedPLIB release (convert it before loading)"
+]
 
 
 class ExpertSummary(BaseModel):
@@ -32,6 +34,10 @@ class ModelInfo(BaseModel):
     special_tokens: dict[str, int] = Field(description="token text -> id")
     config: dict[str, dict[str, Any]]
     experts: list[ExpertSummary]
+    routed_experts: dict[str, Any] | None = Field(
+        None,
+        description="experts stored in the checkpoint's routed MLPs (a MedPLIB release or its conversion)",
+    )
 
 
 def model_info(preset_or_path: str | os.PathLike[str]) -> ModelInfo:
@@ -53,13 +59,20 @@ def model_info(preset_or_path: str | os.PathLike[str]) -> ModelInfo:
                 f"{source} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a checkpoint folder"
             )
         with local_folder(source) as folder:
+            from medplib.core.model.medplib_release import read_release_config, release_info
+
+            if read_release_config(folder) is not None:
+                return release_info(source, folder, registered_experts())
             try:
                 config = MedPLIBConfig.from_pretrained(folder)
             except (OSError, ValueError) as exc:
                 raise CheckpointError(f"{source}: not a medplib checkpoint ({exc})") from None
             tokenizer = load_tokenizer(folder)
+        model_class = MedPLIBForCausalLM
+        if config.routed_experts:  # router builds on core: reached only for such a checkpoint
+            from medplib.router.dense import MedPLIBWithRoutedExperts as model_class
         with torch.device("meta"):
-            model = MedPLIBForCausalLM(config)
+            model = model_class(config)
         weights = "checkpoint"
     return ModelInfo(
         model=source,
@@ -68,6 +81,7 @@ def model_info(preset_or_path: str | os.PathLike[str]) -> ModelInfo:
         special_tokens=special_tokens(model.config, tokenizer),
         config=config_summary(model.config),
         experts=registered_experts(),
+        routed_experts=model.config.routed_experts,
     )
 
 
@@ -146,6 +160,14 @@ def format_info(info: ModelInfo) -> str:
     lines.append("")
     for section, values in info.config.items():
         lines.append(f"{section:<9} " + ", ".join(f"{key} {value}" for key, value in values.items()))
+    if info.routed_experts:
+        routed = info.routed_experts
+        lines += [
+            "",
+            f"routed    {routed['num_experts']} {routed['kind']} experts ({', '.join(routed['names'])}), "
+            f"top-{routed['top_k']}, layers {routed['layers']}"
+            + (f", {routed['parameters']:,} parameters" if "parameters" in routed else ""),
+        ]
     lines += ["", "expert             capabilities               adapter"]
     for expert in info.experts:
         lines.append(f"{expert.name:<18} {', '.join(expert.capabilities):<26} {expert.adapter}")

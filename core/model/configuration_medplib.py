@@ -50,6 +50,11 @@ class MedPLIBSamConfig(PreTrainedConfig):
     pixel_mean: list[float] | tuple[float, ...] = SAM_PIXEL_MEAN
     pixel_std: list[float] | tuple[float, ...] = SAM_PIXEL_STD
     mask_threshold: float = 0.0
+    # SAM-Med2D's adapter branch in every image-encoder block (hidden width; 0: none, as plain SAM).
+    adapter_hidden_dim: int = 0
+    # How low-res masks reach the original size: "sam" (upscale, crop the padding, resize) or "medplib"
+    # (MedPLIB's crop of the low-res mask by the SAM-scale size, then one resize; see `compat.py`).
+    mask_postprocess: str = "sam"
 
     def __post_init__(self, **kwargs) -> None:
         super().__post_init__(**kwargs)
@@ -57,6 +62,8 @@ class MedPLIBSamConfig(PreTrainedConfig):
         self.global_attn_indexes = list(self.global_attn_indexes)
         self.pixel_mean = list(self.pixel_mean)
         self.pixel_std = list(self.pixel_std)
+        if self.mask_postprocess not in ("sam", "medplib"):
+            raise ValueError(f"unknown mask_postprocess {self.mask_postprocess!r}; use 'sam' or 'medplib'")
         if self.image_size % self.patch_size:
             raise ValueError(f"SAM image_size {self.image_size} is not a multiple of {self.patch_size}")
 
@@ -101,6 +108,13 @@ class MedPLIBConfig(PreTrainedConfig):
     region_end_token_id: int = -1
     seg_token_id: int = -1
     tie_word_embeddings: bool = False
+    # "medplib": a converted MedPLIB checkpoint that answers as MedPLIB's own code does (its template,
+    # tokenisation, image padding, region sampling and mask rules; `compat.py`). None: medplib's own.
+    compat: str | None = None
+    # Experts stored in the checkpoint's routed MLPs (a converted MedPLIB checkpoint):
+    # {"kind": "dense" | "lora", "layers": [...], "num_experts": K, "top_k": k, "names": [...], "rank": r}.
+    # None: plain MLPs (medplib composes its own LoRA experts at load time, `router.moe`).
+    routed_experts: dict | None = None
 
     def __post_init__(self, **kwargs) -> None:
         super().__post_init__(**kwargs)
@@ -108,6 +122,8 @@ class MedPLIBConfig(PreTrainedConfig):
         self.image_std = list(self.image_std)
         if self.projector_type != "mlp2x_gelu":
             raise ValueError(f"unknown projector_type {self.projector_type!r}; only 'mlp2x_gelu' exists")
+        if self.compat not in (None, "medplib"):
+            raise ValueError(f"unknown compat profile {self.compat!r}; only 'medplib' exists")
         if self.region_max_cells < 1:
             raise ValueError(f"region_max_cells must be at least 1, got {self.region_max_cells}")
 

@@ -103,7 +103,8 @@ def decode_steps(
     the first `get_seq_length()` columns of `input_ids` (and is extended in place); only the columns
     after it are embedded and run. `require_seg` (bool, or per row): a row that has produced no
     `<SEG>` gets one instead of its `</s>`, or as its last token, and then ends; `seg_forced` says
-    which rows needed that.
+    which rows needed that. Under `compat: medplib` nothing is forced (the ids stay MedPLIB's): such a
+    row is grounded on the second-to-last hidden state it produced, as MedPLIB's `evaluate` does.
     """
     if max_new_tokens < 1:
         raise InvalidInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -117,6 +118,8 @@ def decode_steps(
     # Placeholders and structure are the template's to place: only <SEG> and </s> may be generated.
     never = [i for name, i in config.control_token_ids.items() if name != "seg_token_id"]
     never += [i for i in (text_config.pad_token_id, text_config.bos_token_id) if i not in (None, eos_id)]
+    if config.compat == "medplib":  # MedPLIB bans nothing; only medplib's own placeholders are not its tokens
+        never = [config.image_token_id, config.region_token_id]
 
     device = input_ids.device
     start = time.perf_counter()
@@ -129,6 +132,9 @@ def decode_steps(
     seconds = {"prefill": elapsed(start, device)}
     start = time.perf_counter()
     last = hidden[:, -1]
+    # MedPLIB (compat) grounds a row without <SEG> on the second-to-last hidden state it produced.
+    medplib = config.compat == "medplib"
+    before_last = hidden[:, -2] if hidden.shape[1] > 1 else last
     positions = attention_mask.long().sum(dim=1, keepdim=True)  # next position per row
     rows = len(input_ids)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -150,7 +156,7 @@ def decode_steps(
         )
         token = token.masked_fill(finished, pad_id)
         ending = (token == eos_id) | (step == max_new_tokens - 1)
-        force = require & ~has_seg & ~finished & (token != seg_id) & ending
+        force = require & ~has_seg & ~finished & (token != seg_id) & ending & (not medplib)
         token = token.masked_fill(force, seg_id)
         forced |= force
         for row in torch.nonzero((token == seg_id) & ~finished).flatten().tolist():
@@ -164,8 +170,14 @@ def decode_steps(
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         step_embeds = model.get_input_embeddings()(token[:, None])
         hidden, cache = model.run_language_model(step_embeds, attention_mask, positions, cache)
-        last = hidden[:, -1]
+        running = ~finished[:, None]
+        before_last = torch.where(running, last, before_last)
+        last = torch.where(running, hidden[:, -1], last)
         positions = positions + 1
+    if medplib:
+        for row in torch.nonzero(require & ~has_seg).flatten().tolist():
+            seg_hidden[row].append(before_last[row])
+            forced[row] = True
     seconds["decode"] = elapsed(start, device)
     empty = last.new_zeros(0, last.shape[-1])
     return GenerationOutput(

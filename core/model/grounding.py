@@ -18,7 +18,9 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from torch import nn
 
 from medplib.core.errors import InvalidInputError
+from medplib.core.model import compat
 from medplib.core.model.configuration_medplib import MedPLIBSamConfig
+from medplib.core.model.sam_med2d import add_adapters
 
 
 class GroundingHead(nn.Module):
@@ -48,6 +50,7 @@ class SamGrounding(nn.Module):
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
+        self.medplib_postprocess = False  # `MedPLIBSamConfig.mask_postprocess`
 
     def decode(
         self, image_embedding: torch.Tensor, prompts: torch.Tensor
@@ -73,6 +76,8 @@ class SamGrounding(nn.Module):
         self, low_res: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
     ) -> torch.Tensor:
         """(n, h, w) logits -> (n, H, W) at the original image size (`Sam.postprocess_masks`)."""
+        if self.medplib_postprocess:
+            return compat.postprocess_masks(low_res, input_size, original_size)
         side = self.image_encoder.img_size
         masks = F.interpolate(low_res[:, None], (side, side), mode="bilinear", align_corners=False)
         masks = masks[..., : input_size[0], : input_size[1]]
@@ -81,7 +86,7 @@ class SamGrounding(nn.Module):
 
 def build_sam(config: MedPLIBSamConfig) -> SamGrounding:
     grid = config.embedding_size
-    return SamGrounding(
+    sam = SamGrounding(
         image_encoder=ImageEncoderViT(
             img_size=config.image_size,
             patch_size=config.patch_size,
@@ -115,6 +120,10 @@ def build_sam(config: MedPLIBSamConfig) -> SamGrounding:
             iou_head_hidden_dim=config.iou_head_hidden_dim,
         ),
     )
+    if config.adapter_hidden_dim:
+        add_adapters(sam.image_encoder, config.adapter_hidden_dim)
+    sam.medplib_postprocess = config.mask_postprocess == "medplib"
+    return sam
 
 
 def sam_input_size(height: int, width: int, image_size: int) -> tuple[int, int]:

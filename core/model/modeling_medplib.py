@@ -80,7 +80,11 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
         self.projector = MultiModalProjector(vision_width, text_width, norm=config.visual_token_norm)
         self.language_model = LlamaForCausalLM(config.text_config)
         self.region_encoder = RegionEncoder(
-            vision_width, text_width, config.region_max_cells, norm=config.visual_token_norm
+            vision_width,
+            text_width,
+            config.region_max_cells,
+            norm=config.visual_token_norm,
+            medplib_sampling=config.compat == "medplib",
         )
         self.seg_head = GroundingHead(text_width, config.sam_config.prompt_embed_dim)
         self.sam = build_sam(config.sam_config)

@@ -17,6 +17,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from medplib.core.errors import InvalidInputError, RegionError
+from medplib.core.model import compat
 from medplib.core.model.configuration_medplib import MedPLIBConfig
 from medplib.core.model.conversation import (
     IGNORE_INDEX,
@@ -73,9 +74,7 @@ class MedPLIBProcessor:
 
     def encode_request(self, request: Request) -> tuple[EncodedConversation, torch.Tensor]:
         """The conversation's ids and labels, and its region masks (R, S, S) on the CLIP input frame."""
-        conversation = encode_conversation(
-            self.tokenizer, request.turns, num_image_tokens=self.config.num_image_tokens
-        )
+        conversation = self.encode_turns(request.turns)
         if conversation.num_regions != len(request.regions):
             raise RegionError(
                 f"{conversation.num_regions} regions in the questions, {len(request.regions)} masks given"
@@ -88,12 +87,28 @@ class MedPLIBProcessor:
                 raise RegionError(
                     f"a region mask of shape {mask.shape} does not fit a {width}x{height} image"
                 )
-            masks.append(preprocess_region_mask(mask.astype(bool), image_size=size))
+            if self.config.compat == "medplib":
+                masks.append(compat.region_grid(mask.astype(bool)))
+            else:
+                masks.append(preprocess_region_mask(mask.astype(bool), image_size=size))
+        if self.config.compat == "medplib" and not masks:
+            size = compat.CLIP_CANVAS // compat.CLIP_PATCH
         return conversation, torch.stack(masks) if masks else torch.zeros(0, size, size)
+
+    def encode_turns(self, turns: Sequence[Turn]) -> EncodedConversation:
+        """Ids and labels of a conversation by the model's template (MedPLIB's under `compat: medplib`,
+        whose labels are all ignored: it serves inference only)."""
+        if self.config.compat == "medplib":
+            ids, num_regions = compat.encode_turns(self.tokenizer, turns, self.config)
+            return EncodedConversation(ids, [IGNORE_INDEX] * len(ids), num_regions)
+        return encode_conversation(self.tokenizer, turns, num_image_tokens=self.config.num_image_tokens)
 
     def clip_pixels(self, pixels: np.ndarray) -> torch.Tensor:
         """The CLIP tower's input (3, S, S) of an RGB uint8 image."""
-        return preprocess_clip_image(
+        preprocess = (
+            compat.preprocess_clip_image if self.config.compat == "medplib" else preprocess_clip_image
+        )
+        return preprocess(
             pixels,
             image_size=self.config.vision_config.image_size,
             mean=self.config.image_mean,
@@ -102,7 +117,12 @@ class MedPLIBProcessor:
 
     def sam_pixels(self, pixels: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """SAM's input (3, S, S) of an RGB uint8 image and the (h, w) it covers before padding."""
-        return preprocess_sam_image(pixels, self.config.sam_config)
+        sam = self.config.sam_config
+        if self.config.compat == "medplib":
+            return compat.preprocess_sam_image(
+                pixels, image_size=sam.image_size, mean=sam.pixel_mean, std=sam.pixel_std
+            )
+        return preprocess_sam_image(pixels, sam)
 
     def pad(
         self, encoded: Sequence[EncodedConversation], side: str, *, prefix: int = 0

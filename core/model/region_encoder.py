@@ -19,18 +19,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from medplib.core.errors import RegionError
+from medplib.core.model.compat import sample_region_features
 
 LOCATION_FEATURES = 6  # x0, y0, x1, y1 of the bounding box and the centroid's x, y, in [-1, 1]
 
 
 class RegionEncoder(nn.Module):
+    """`medplib_sampling` (the `compat: medplib` profile): MedPLIB's own rule instead, adapter applied to
+    the feature map, sampled at every cell of a region-grid mask, no location features (`compat.py`)."""
+
     def __init__(
-        self, vision_hidden_size: int, text_hidden_size: int, max_cells: int, norm: bool = False
+        self,
+        vision_hidden_size: int,
+        text_hidden_size: int,
+        max_cells: int,
+        norm: bool = False,
+        medplib_sampling: bool = False,
     ) -> None:
         super().__init__()
         self.max_cells = max_cells
+        self.medplib_sampling = medplib_sampling
         self.adapter = nn.Linear(vision_hidden_size, text_hidden_size)
-        self.location = nn.Linear(LOCATION_FEATURES, text_hidden_size)
+        self.location = None if medplib_sampling else nn.Linear(LOCATION_FEATURES, text_hidden_size)
         self.norm = nn.LayerNorm(text_hidden_size) if norm else None  # `MedPLIBConfig.visual_token_norm`
 
     def sample_points(self, masks: torch.Tensor, grid_size: int) -> list[torch.Tensor]:
@@ -63,6 +73,10 @@ class RegionEncoder(nn.Module):
         """(grid*grid, C) features of one image and (R, S, S) masks -> (R, text_hidden) region tokens."""
         num_patches, channels = patch_features.shape
         grid_size = round(num_patches**0.5)
+        if self.medplib_sampling:
+            adapted = self.adapter(patch_features).T.reshape(-1, grid_size, grid_size)
+            tokens = torch.stack([sample_region_features(adapted, mask, self.max_cells) for mask in masks])
+            return tokens if self.norm is None else self.norm(tokens)
         feature_map = patch_features.T.reshape(1, channels, grid_size, grid_size)
         pooled = []
         masks = masks.to(feature_map.dtype)
