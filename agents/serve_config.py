@@ -30,6 +30,7 @@ from pydantic import (
 from medplib.core.errors import InvalidInputError, validation_message
 from medplib.core.expert_spec import Resources
 from medplib.core.image import ImageLimits
+from medplib.core.io.paths import AllowedRoots
 from medplib.core.queries import InferenceLimits
 
 API_KEY_ENV = "MEDPLIB_API_KEY"
@@ -162,10 +163,17 @@ class ServeLimits(_Strict):
     request_timeout_s: float = Field(60.0, gt=0, description="answer, or 504, within this time")
     allowed_uri_prefixes: tuple[str, ...] | None = Field(
         None,
-        description="paths and URIs a request may name (images, mask regions); None any, () none: "
-        "base64 only. Restrict it on any server others can reach.",
+        description="roots of the paths and URIs a request may name (images, mask regions), compared "
+        "after resolving '..' and symlinks, component by component; None any, () none: base64 only. "
+        "Restrict it on any server others can reach.",
     )
     decoded_cache_bytes: int = Field(256 << 20, ge=0, description="the ingress's decoded-image cache")
+
+    @field_validator("allowed_uri_prefixes")
+    @classmethod
+    def _roots_parse(cls, roots: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        AllowedRoots(roots)  # a root that cannot be judged (a chain, a NUL, ...) is a config error
+        return roots
 
     def inference(self, max_batch: int) -> InferenceLimits:
         return InferenceLimits(

@@ -80,6 +80,24 @@ class TestImageStore:
         with pytest.raises(InvalidInputError, match=fragment):
             ImageStore().put(image, **options)
 
+    def test_allowed_prefixes_are_roots_a_path_cannot_leave(self, tmp_path: Any) -> None:
+        (tmp_path / "data").mkdir()
+        (tmp_path / "data/link").symlink_to("/etc")
+        store = ImageStore(allowed_prefixes=[str(tmp_path / "data"), "s3://scans"])
+        for escape in (
+            f"{tmp_path}/data/../etc/passwd",
+            f"{tmp_path}/data/link/passwd",
+            f"{tmp_path}/data2/x.png",
+            f"{tmp_path}/data/link/passwd::file://",
+            f"{tmp_path}/data/%2e%2e/x.png",
+            "s3://scans-private/x.png",
+            "C:\\data\\x.png",
+        ):
+            with pytest.raises(InvalidInputError, match="limited to"):
+                store.resolve(escape)
+        assert store.resolve(f"file://{tmp_path}/data/x/../a.png") == StoredImage(f"{tmp_path}/data/a.png")
+        assert store.resolve("s3://scans/a.png") == StoredImage("s3://scans/a.png")
+
     def test_prefixes_are_lower_case_words(self) -> None:
         with pytest.raises(InvalidInputError, match="lower-case letters"):
             ImageStore().put(b"x", prefix="Img-")

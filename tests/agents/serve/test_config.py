@@ -71,6 +71,7 @@ def test_overrides_merge_at_any_depth() -> None:
         ({"deployments": {"grounding": {"resources": {"num_gpus": -1}}}}, "num_gpus"),
         ({"limits": {"max_body_bytes": 10}}, "max_body_bytes"),
         ({"http": {"host": "0.0.0.0", "prot": 1}}, "http.prot"),
+        ({"limits": {"allowed_uri_prefixes": ["zip://a::s3://b/c.zip"]}}, "allowed_uri_prefixes.*chained"),
         ([1, 2], "mapping"),
     ],
 )

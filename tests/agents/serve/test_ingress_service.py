@@ -160,7 +160,7 @@ async def test_allowed_prefixes_limit_what_a_request_may_read(
     replicas: tuple[Any, Any], tmp_path: Any
 ) -> None:
     ingress, _, _ = service(replicas, CONFIG.with_overrides(limits={"allowed_uri_prefixes": [str(tmp_path)]}))
-    with pytest.raises(InvalidInputError, match="not under a path this server reads"):
+    with pytest.raises(InvalidInputError, match="not under a path this reader may open"):
         await ingress.answer(VQARequest(image={"uri": str(dicom_file("CT_small.dcm"))}, question="q"))
     escape = f"{tmp_path}/../{tmp_path.name}/../../etc/passwd"
     with pytest.raises(InvalidInputError, match="not under a path"):
@@ -195,3 +195,75 @@ async def test_the_replica_batcher_merges_what_waits_while_it_runs() -> None:
     with pytest.raises(RuntimeError, match="a bug"):
         await batcher.submit("a", [-1])
     assert await batcher.submit("a", [7]) == [70]  # and it goes on
+
+
+# ---- what a request may read: the image `uri` and a mask region's `source`, through the HTTP app ----
+
+
+@pytest.fixture
+def files(tmp_path: Any) -> Any:
+    """data/ (the allowed root) and, beside it, data2/ and outside/ holding readable scans and masks:
+    a request that got past the check would be answered, so only the check can refuse it."""
+    from PIL import Image
+
+    mask = Image.new("L", (128, 128))
+    mask.paste(255, (40, 40, 80, 80))
+    for folder in ("data", "data2", "outside"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "ct.dcm").write_bytes(dicom_file("CT_small.dcm").read_bytes())
+        mask.save(tmp_path / folder / "mask.png")
+    (tmp_path / "data" / "link").symlink_to(tmp_path / "outside")
+    return tmp_path
+
+
+@pytest.fixture
+def http(replicas: tuple[Any, Any], files: Any) -> Iterator[Any]:
+    from fastapi.testclient import TestClient
+
+    from medplib.agents.http_api import create_api
+
+    limits = {"allowed_uri_prefixes": [str(files / "data"), "s3://scans"]}
+    ingress, _, _ = service(replicas, CONFIG.with_overrides(limits=limits))
+    with TestClient(create_api(ingress, max_body_bytes=1 << 20, api_key=None)) as client:
+        yield client
+
+
+OUTSIDE = [
+    "{t}/data/../outside/NAME",
+    "{t}/data/link/NAME",
+    "{t}/data2/NAME",
+    "{t}/data/link/NAME::file://",
+    "file://{t}/data/link/NAME",
+    "file://{t}/data2/NAME",
+    "{t}/data/%2e%2e/outside/NAME",
+    "{t}\\data\\..\\outside\\NAME",
+    "s3://scans-private/NAME",
+    "{t}/data/NAME\x00",
+]
+
+
+@pytest.mark.parametrize("reference", OUTSIDE)
+def test_a_request_cannot_read_outside_the_allowed_roots(http: Any, files: Any, reference: str) -> None:
+    as_image = {"image": {"uri": reference.format(t=files).replace("NAME", "ct.dcm")}, "question": "q"}
+    response = http.post("/v1/vqa", json={**as_image, "decoding": DECODING})
+    assert response.status_code == 400 and response.json()["error"] == "invalid_input", response.text
+    assert response.json()["message"].startswith("image.uri: ")
+    region = {"kind": "mask", "source": reference.format(t=files).replace("NAME", "mask.png")}
+    as_region = {"image": {"base64": CT}, "question": "q", "regions": [region], "decoding": DECODING}
+    response = http.post("/v1/vqa", json=as_region)
+    assert response.status_code == 400 and response.json()["error"] == "invalid_input", response.text
+    assert "regions[1].source: " in response.json()["message"]
+
+
+@pytest.mark.parametrize("reference", ["{t}/data/NAME", "file://{t}/data/NAME", "{t}/data/./x/../NAME"])
+def test_a_request_reads_what_is_under_an_allowed_root(http: Any, files: Any, reference: str) -> None:
+    image = {"uri": reference.format(t=files).replace("NAME", "ct.dcm")}
+    region = {"kind": "mask", "source": reference.format(t=files).replace("NAME", "mask.png")}
+    response = http.post(
+        "/v1/vqa", json={"image": image, "question": "q", "regions": [region], "decoding": DECODING}
+    )
+    assert response.status_code == 200, response.text
+    assert (
+        response.json()["image_source"] == str(files / "data" / "ct.dcm")
+        and response.json()["num_regions"] == 1
+    )
