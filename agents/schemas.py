@@ -32,7 +32,7 @@ from medplib.core.regions import RegionPrompt
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ImageInput(_Body):

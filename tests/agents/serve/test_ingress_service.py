@@ -8,6 +8,7 @@ later), the decoded-image cache, and concurrent requests gathered into one batch
 from __future__ import annotations
 
 import asyncio
+import json
 import base64
 import time
 from collections.abc import Callable, Iterator
@@ -224,7 +225,8 @@ def http(replicas: tuple[Any, Any], files: Any) -> Iterator[Any]:
 
     limits = {"allowed_uri_prefixes": [str(files / "data"), "s3://scans"]}
     ingress, _, _ = service(replicas, CONFIG.with_overrides(limits=limits))
-    with TestClient(create_api(ingress, max_body_bytes=1 << 20, api_key=None)) as client:
+    app = create_api(ingress, max_body_bytes=1 << 20, api_key=None)
+    with TestClient(app, raise_server_exceptions=False) as client:
         yield client
 
 
@@ -267,3 +269,47 @@ def test_a_request_reads_what_is_under_an_allowed_root(http: Any, files: Any, re
         response.json()["image_source"] == str(files / "data" / "ct.dcm")
         and response.json()["num_regions"] == 1
     )
+
+
+# ---- numbers: every one finite and in range, so none reaches torch as a 500 ------------------------
+
+
+def ct_request(**fields: Any) -> dict[str, Any]:
+    image = {"base64": CT, **fields.pop("image", {})}
+    return {"image": image, "question": "q", "decoding": {**DECODING, **fields.pop("decoding", {})}, **fields}
+
+
+INF, NAN, HUGE = float("inf"), float("nan"), 2**70
+HOSTILE_NUMBERS = {
+    "temperature inf": ct_request(decoding={"temperature": INF}),
+    "temperature nan": ct_request(decoding={"temperature": NAN}),
+    "temperature huge": ct_request(decoding={"temperature": 1e308}),
+    "seed huge": ct_request(decoding={"temperature": 1.0, "seed": HUGE}),
+    "seed negative huge": ct_request(decoding={"temperature": 1.0, "seed": -HUGE}),
+    "top_k huge": ct_request(decoding={"temperature": 1.0, "top_k": HUGE}),
+    "top_p nan": ct_request(decoding={"temperature": 1.0, "top_p": NAN}),
+    "max_new_tokens huge": ct_request(decoding={"max_new_tokens": HUGE}),
+    "frame huge": ct_request(image={"frame": HUGE}),
+    "slice negative huge": ct_request(image={"slice_index": -HUGE}),
+    "volume_index huge": ct_request(image={"volume_index": HUGE}),
+    "window inf": ct_request(image={"window": [INF, 400]}),
+    "window nan": ct_request(image={"window": [40, NAN]}),
+    "point inf": ct_request(regions=[{"kind": "point", "points": [[INF, 3]]}]),
+    "point nan": ct_request(regions=[{"kind": "point", "points": [[NAN, 3]]}]),
+    "point radius inf": ct_request(regions=[{"kind": "point", "points": [[3, 3]], "radius": INF}]),
+    "box nan": ct_request(regions=[{"kind": "box", "box": [0, 0, NAN, 10]}]),
+    "box huge": ct_request(regions=[{"kind": "box", "box": [-1e308, -1e308, 1e308, 1e308]}]),
+    "polygon inf": ct_request(regions=[{"kind": "polygon", "points": [[0, 0], [INF, 0], [5, 5]]}]),
+    "scribble width inf": ct_request(regions=[{"kind": "scribble", "points": [[3, 3]], "width": INF}]),
+    "scribble width huge": ct_request(regions=[{"kind": "scribble", "points": [[3, 3]], "width": 1e300}]),
+    "uri nul": {"image": {"uri": "/tmp/ct.dcm\x00.png"}, "question": "q"},
+    "mask source nul": ct_request(regions=[{"kind": "mask", "source": "/tmp/m.png\x00"}]),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_NUMBERS))
+def test_hostile_numbers_and_bytes_get_a_4xx_never_a_500(http: Any, name: str) -> None:
+    body = json.dumps(HOSTILE_NUMBERS[name])  # json writes Infinity and NaN, as JavaScript clients may
+    response = http.post("/v1/vqa", content=body, headers={"Content-Type": "application/json"})
+    assert 400 <= response.status_code < 500, f"{name}: {response.status_code} {response.text}"
+    assert set(response.json()) == {"error", "message"}, response.text
