@@ -8,8 +8,8 @@ later), the decoded-image cache, and concurrent requests gathered into one batch
 from __future__ import annotations
 
 import asyncio
-import json
 import base64
+import json
 import time
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
