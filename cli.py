@@ -7,6 +7,7 @@ Commands import their heavy dependencies inside their bodies, so `medplib --help
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,19 +29,45 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def user_errors(command: F) -> F:
-    """Turn a MedplibError raised by `command` into a one-line message and exit code 2."""
+    """Turn a MedplibError raised by `command` into a one-line message and exit code 2; so too an
+    argument or a file that is not valid UTF-8."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            check_decodable(kwargs)
             return command(*args, **kwargs)
         except MedplibError as exc:
-            # Some messages list things line by line (a checkpoint's missing keys): one line here.
-            message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-            print(f"error: {message}", file=sys.stderr)
-            raise typer.Exit(code=2) from None
+            fail(str(exc))
+        except UnicodeError as exc:  # a file read as text that is not UTF-8, wherever it was read
+            fail(f"text that is not valid UTF-8 ({exc.reason}): {exc}")
 
     return wrapper  # type: ignore[return-value]
+
+
+def fail(message: str) -> None:
+    # Some messages list things line by line (a checkpoint's missing keys): one line here.
+    message = "; ".join(line.strip() for line in message.splitlines() if line.strip())
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(code=2) from None
+
+
+def check_decodable(arguments: dict[str, Any]) -> None:
+    """Refuse an argument the shell passed as bytes that are not UTF-8 (Python keeps them as lone
+    surrogates, which fail later, deep inside, when the text is encoded: as a tokenizer's crash)."""
+    from medplib.core.errors import InvalidInputError
+
+    for name, value in arguments.items():
+        for item in value if isinstance(value, list | tuple) else [value]:
+            text = os.fspath(item) if isinstance(item, os.PathLike) else item
+            if isinstance(text, str) and not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                    raise InvalidInputError(
+                        f"{name.upper()} is not valid UTF-8 text: '{shown}'; pass text in UTF-8"
+                    ) from None
 
 
 SliceOption = typer.Option(None, "--slice", help="slice index into a NIfTI volume (default: the middle)")

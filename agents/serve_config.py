@@ -224,8 +224,8 @@ class ServeConfig(_Strict):
         import yaml  # installed with ray[serve]
 
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as exc:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError) as exc:
             raise InvalidInputError(f"cannot read the serve config {path}: {exc}") from None
         except yaml.YAMLError as exc:
             raise InvalidInputError(f"{path} is not valid YAML: {exc}") from None
