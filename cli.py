@@ -270,6 +270,16 @@ def train(
     seed: int = typer.Option(0, "--seed", help="seed of initialisation, data order and dropout"),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)"),
     evaluate: bool = typer.Option(False, "--evaluate", help="score the trained model on the test split"),
+    router_top_k: int | None = typer.Option(None, "--router-top-k", help="stage 4: experts per token"),
+    capacity_factor: float | None = typer.Option(
+        None, "--capacity-factor", help="stage 4: expert capacity, x the fair share of tokens"
+    ),
+    load_balancing_weight: float | None = typer.Option(
+        None, "--load-balancing-weight", help="stage 4: weight of the router's load-balancing loss"
+    ),
+    routed_layers: str | None = typer.Option(
+        None, "--routed-layers", help="stage 4: decoder layers to route, e.g. 0,2 (default: all)"
+    ),
 ) -> None:
     """Train one stage of the MedPLIB recipe (I align, II and III experts, IV mixture of experts)."""
     from medplib.trainers.distributed import launch
@@ -291,8 +301,9 @@ def train(
         grad_accum=grad_accum,
         checkpoint_every=checkpoint_every,
         resume=resume,
+        router=router_options(router_top_k, capacity_factor, load_balancing_weight, routed_layers),
     )
-    run.spec()  # an unknown stage, schedule or expert fails here, before any data is read
+    run.spec()  # an unknown stage, schedule, expert or router option fails here, before any data is read
     record = launch(run, workers)
     typer.echo(f"stage {record['stage']} ({record['title']}): {record['steps']} steps, {record['seconds']} s")
     if evaluate:
@@ -319,6 +330,28 @@ TemperatureOption = typer.Option(0.0, "--temperature", help="0 decodes greedily;
 SeedOption = typer.Option(None, "--seed", help="seed of the sampler")
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda")
 DtypeOption = typer.Option("float32", "--dtype", help="float32 or bfloat16")
+
+
+def router_options(
+    top_k: int | None, capacity_factor: float | None, load_balancing_weight: float | None, layers: str | None
+) -> dict | None:
+    """The RouterConfig fields `medplib train` was given (None: the stage's own)."""
+    from medplib.core.errors import InvalidInputError
+
+    options: dict[str, Any] = {
+        "top_k": top_k,
+        "capacity_factor": capacity_factor,
+        "load_balancing_weight": load_balancing_weight,
+    }
+    if layers is not None:
+        try:
+            options["layers"] = [int(part) for part in layers.split(",")]
+        except ValueError:
+            raise InvalidInputError(
+                f"--routed-layers {layers!r} is not a list of layer numbers like 0,2"
+            ) from None
+    options = {name: value for name, value in options.items() if value is not None}
+    return options or None
 
 
 @app.command()
