@@ -28,7 +28,7 @@ from urllib.parse import unquote
 from medplib.core.errors import InvalidInputError
 
 LOCAL_PROTOCOLS = ("file", "local")
-CONTROL_CHARACTERS = "a path or URI may not contain NUL or other control characters"
+CONTROL_CHARACTERS = "a path or URI may not contain NUL or other control characters, or invalid Unicode"
 WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:([\\/]|$)")
 
 
@@ -107,7 +107,14 @@ def _root(name: str) -> Location:
 
 
 def _has_control_characters(text: str) -> bool:
-    return any(ord(char) < 32 or char == "\x7f" for char in text)
+    """NUL and other control characters, or a lone surrogate (text that is no valid Unicode)."""
+    if any(ord(char) < 32 or char == "\x7f" for char in text):
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _text_problem(reference: str) -> str | None:

@@ -51,6 +51,7 @@ def roots(tree: Path) -> AllowedRoots:
         "/etc/passwd",
         "{t}/data/scan.png\x00.png",
         "{t}/data/%00",
+        "{t}/data/caf\ud800.png",  # a lone surrogate: no file name a request can mean
         "C:\\data\\scan.png",  # Windows-style: not what it looks like on a POSIX server
         "{t}\\data\\..\\outside\\secret.png",
         "\\\\server\\share\\scan.png",

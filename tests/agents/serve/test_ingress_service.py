@@ -303,6 +303,9 @@ HOSTILE_NUMBERS = {
     "scribble width inf": ct_request(regions=[{"kind": "scribble", "points": [[3, 3]], "width": INF}]),
     "scribble width huge": ct_request(regions=[{"kind": "scribble", "points": [[3, 3]], "width": 1e300}]),
     "uri nul": {"image": {"uri": "/tmp/ct.dcm\x00.png"}, "question": "q"},
+    "question lone surrogate": ct_request(question="caf\ud800?"),  # JSON may escape one; UTF-8 cannot hold it
+    "uri lone surrogate": {"image": {"uri": "/tmp/caf\ud800.dcm"}, "question": "q"},
+    "mask source lone surrogate": ct_request(regions=[{"kind": "mask", "source": "/tmp/\ud800.png"}]),
     "mask source nul": ct_request(regions=[{"kind": "mask", "source": "/tmp/m.png\x00"}]),
 }
 
