@@ -76,6 +76,15 @@ def test_medplib_load_takes_a_stage_folder_as_eval_does(chain: Path, stage: str)
     assert assistant.answer(str(dicom_file("ct_chest")), "What is this?", max_new_tokens=2).new_tokens >= 1
 
 
+def test_medplib_info_describes_a_stage_folder(chain: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medplib.cli import app
+
+    result = CliRunner().invoke(app, ["info", str(chain / "4")])
+    assert result.exit_code == 0 and "checkpoint" in result.output, result.output
+
+
 def test_the_demo_asks_the_trained_model_three_questions(
     chain: Path, built_dataset: Path, tmp_path: Path
 ) -> None:
