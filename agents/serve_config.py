@@ -247,6 +247,21 @@ class ServeConfig(_Strict):
             data["api_key"] = self.api_key
         return self.parse(data, "overrides")
 
+    def exposure_warnings(self) -> list[str]:
+        """What is left open on a server others can reach (bound beyond loopback): said at startup."""
+        if self.http.host in ("127.0.0.1", "localhost", "::1"):
+            return []
+        where = f"the API listens on {self.http.host}, beyond this machine"
+        warnings = []
+        if self.resolved_api_key() is None:
+            warnings.append(f"{where}, with no API key: set api_key or ${API_KEY_ENV}")
+        if self.limits.allowed_uri_prefixes is None:
+            warnings.append(
+                f"{where}, and a request may name any file or URI the server can read: "
+                "set limits.allowed_uri_prefixes (see docs/security.md)"
+            )
+        return warnings
+
     def resolved_api_key(self) -> str | None:
         """The configured key, else ${MEDPLIB_API_KEY}, else None (no key asked for)."""
         if self.api_key is not None:
