@@ -7,6 +7,7 @@ Commands import their heavy dependencies inside their bodies, so `medplib --help
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -40,19 +41,45 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def user_errors(command: F) -> F:
-    """Turn a MedplibError raised by `command` into a one-line message and exit code 2."""
+    """Turn a MedplibError raised by `command` into a one-line message and exit code 2; so too an
+    argument or a file that is not valid UTF-8."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            check_decodable(kwargs)
             return command(*args, **kwargs)
         except MedplibError as exc:
-            # Some messages list things line by line (a checkpoint's missing keys): one line here.
-            message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-            print(f"error: {message}", file=sys.stderr)
-            raise typer.Exit(code=2) from None
+            fail(str(exc))
+        except UnicodeError as exc:  # a file read as text that is not UTF-8, wherever it was read
+            fail(f"text that is not valid UTF-8 ({exc.reason}): {exc}")
 
     return wrapper  # type: ignore[return-value]
+
+
+def fail(message: str) -> None:
+    # Some messages list things line by line (a checkpoint's missing keys): one line here.
+    message = "; ".join(line.strip() for line in message.splitlines() if line.strip())
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(code=2) from None
+
+
+def check_decodable(arguments: dict[str, Any]) -> None:
+    """Refuse an argument the shell passed as bytes that are not UTF-8 (Python keeps them as lone
+    surrogates, which fail later, deep inside, when the text is encoded: as a tokenizer's crash)."""
+    from medplib.core.errors import InvalidInputError
+
+    for name, value in arguments.items():
+        for item in value if isinstance(value, list | tuple) else [value]:
+            text = os.fspath(item) if isinstance(item, os.PathLike) else item
+            if isinstance(text, str) and not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                    raise InvalidInputError(
+                        f"{name.upper()} is not valid UTF-8 text: '{shown}'; pass text in UTF-8"
+                    ) from None
 
 
 SliceOption = typer.Option(None, "--slice", help="slice index into a NIfTI volume (default: the middle)")
@@ -255,6 +282,16 @@ def train(
     seed: int = typer.Option(0, "--seed", help="seed of initialisation, data order and dropout"),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)"),
     evaluate: bool = typer.Option(False, "--evaluate", help="score the trained model on the test split"),
+    router_top_k: int | None = typer.Option(None, "--router-top-k", help="stage 4: experts per token"),
+    capacity_factor: float | None = typer.Option(
+        None, "--capacity-factor", help="stage 4: expert capacity, x the fair share of tokens"
+    ),
+    load_balancing_weight: float | None = typer.Option(
+        None, "--load-balancing-weight", help="stage 4: weight of the router's load-balancing loss"
+    ),
+    routed_layers: str | None = typer.Option(
+        None, "--routed-layers", help="stage 4: decoder layers to route, e.g. 0,2 (default: all)"
+    ),
 ) -> None:
     """Train one stage of the MedPLIB recipe (I align, II and III experts, IV mixture of experts)."""
     from medplib.trainers.distributed import launch
@@ -276,8 +313,9 @@ def train(
         grad_accum=grad_accum,
         checkpoint_every=checkpoint_every,
         resume=resume,
+        router=router_options(router_top_k, capacity_factor, load_balancing_weight, routed_layers),
     )
-    run.spec()  # an unknown stage, schedule or expert fails here, before any data is read
+    run.spec()  # an unknown stage, schedule, expert or router option fails here, before any data is read
     record = launch(run, workers)
     typer.echo(f"stage {record['stage']} ({record['title']}): {record['steps']} steps, {record['seconds']} s")
     if evaluate:
@@ -304,6 +342,28 @@ TemperatureOption = typer.Option(0.0, "--temperature", help="0 decodes greedily;
 SeedOption = typer.Option(None, "--seed", help="seed of the sampler")
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda")
 DtypeOption = typer.Option("float32", "--dtype", help="float32 or bfloat16")
+
+
+def router_options(
+    top_k: int | None, capacity_factor: float | None, load_balancing_weight: float | None, layers: str | None
+) -> dict | None:
+    """The RouterConfig fields `medplib train` was given (None: the stage's own)."""
+    from medplib.core.errors import InvalidInputError
+
+    options: dict[str, Any] = {
+        "top_k": top_k,
+        "capacity_factor": capacity_factor,
+        "load_balancing_weight": load_balancing_weight,
+    }
+    if layers is not None:
+        try:
+            options["layers"] = [int(part) for part in layers.split(",")]
+        except ValueError:
+            raise InvalidInputError(
+                f"--routed-layers {layers!r} is not a list of layer numbers like 0,2"
+            ) from None
+    options = {name: value for name, value in options.items() if value is not None}
+    return options or None
 
 
 @app.command()

@@ -149,14 +149,12 @@ def _question(example: Example) -> str:
 def ask_questions(stage_folder: Path, data: Path, out: Path) -> list[dict]:
     """Ask the model in `stage_folder` about test images it never saw, through the assistant API;
     the region and the predicted mask (beside the reference) are drawn into PNGs in `out`."""
-    from medplib.core.assistant import MedPLIB
+    import medplib
     from medplib.core.metrics import mask_scores
     from medplib.core.regions import MaskPrompt
     from medplib.trainers.collate import ExampleStore
-    from medplib.trainers.stage_folder import load_stage_model
 
-    # A stage folder (not a bare checkpoint): `load_stage_model` reads its record and its active model.
-    assistant = MedPLIB(load_stage_model(stage_folder).model, name=str(stage_folder))
+    assistant = medplib.load(stage_folder)  # a stage folder loads as the model it trained
     store = ExampleStore.open(data, split="test")
     first: dict[tuple, Example] = {}
     for example in store.examples():

@@ -12,6 +12,7 @@ trunk; `pixel_grounding` in the trunk, for its adapter and `<SEG>`, and in the g
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -25,6 +26,7 @@ from medplib.core import plugins
 from medplib.core.errors import CapacityError, CheckpointError, PluginError
 from medplib.core.expert_spec import ExpertSpec, Resources
 
+logger = logging.getLogger("medplib.serve")
 BUILTIN_HOSTS = {"vision_language": ["Trunk"], "pixel_grounding": ["Trunk", "GroundingDecoder"]}
 # A replica whose constructor keeps failing (a checkpoint that cannot load) fails the deployment after
 # this many tries, instead of Serve's default of 20: the error reaches `medplib serve` in seconds.
@@ -134,6 +136,8 @@ def deploy(config: ServeConfig, *, address: str | None = None, ray_init: dict[st
     import ray
 
     check_model_source(config)
+    for warning in config.exposure_warnings():
+        logger.warning("%s", warning)
     if not ray.is_initialized():
         ray.init(address=address, **(ray_init or {}))
     if config.check_resources:

@@ -188,7 +188,8 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     logger.exception("unexpected error while serving a request", exc_info=exc)
-    return error_response("internal", f"internal error ({type(exc).__name__}); see the server log", 500)
+    # The client learns only that it is not its fault: exception names and messages stay in the log.
+    return error_response("internal", "internal error; see the server log", 500)
 
 
 class BodyTooLarge(HTTPException):

@@ -23,6 +23,7 @@ import numpy as np
 
 from medplib.core.errors import InvalidInputError
 from medplib.core.image import MedicalImage
+from medplib.core.io.paths import AllowedRoots
 
 # What an id looks like: a lower-case prefix and a number. A reference of this shape that the store
 # does not hold is an agent's mistake (a mistyped or stale id), not a file name: it is reported as one.
@@ -42,11 +43,13 @@ class ImageStore:
 
     `allowed_prefixes` limits the paths and URIs an agent may name itself (the tools are driven by an
     LLM, whose input may be hostile): None allows any, `("s3://scans/",)` only those under it, `()`
-    none, so that only images the application put in the store can be read.
+    none, so that only images the application put in the store can be read. They are roots, checked
+    by `core.io.paths.AllowedRoots` (resolved, component by component, as fsspec will read them).
     """
 
     def __init__(self, *, allowed_prefixes: Sequence[str] | None = None) -> None:
         self.allowed_prefixes = None if allowed_prefixes is None else tuple(allowed_prefixes)
+        self._readable = AllowedRoots(self.allowed_prefixes)
         self._images: dict[str, StoredImage] = {}
         self._counters: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -81,13 +84,14 @@ class ImageStore:
         reference = reference.strip()
         if reference in self or ID_PATTERN.fullmatch(reference):
             return self.get(reference)
-        if self.allowed_prefixes is not None and not reference.startswith(self.allowed_prefixes):
-            allowed = ", ".join(self.allowed_prefixes) or "none: use an id from the image store"
+        try:
+            return StoredImage(self._readable.check(reference, "image"))
+        except InvalidInputError as exc:
+            allowed = ", ".join(self.allowed_prefixes or ()) or "none: use an id from the image store"
             raise InvalidInputError(
                 f"{reference!r} is not an id in the image store, and the paths and URIs a tool may read "
-                f"are limited to: {allowed}"
-            )
-        return StoredImage(reference)
+                f"are limited to: {allowed} ({exc})"
+            ) from None
 
     def ids(self) -> list[str]:
         with self._lock:

@@ -24,7 +24,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -51,10 +50,11 @@ from medplib.agents.schemas import (
 from medplib.agents.serve_config import Batching, ServeConfig
 from medplib.agents.volume_service import ground_volume_request
 from medplib.core.embedding_cache import CacheKey, EmbeddingCache
-from medplib.core.errors import CapacityError, InvalidInputError, MedplibError
+from medplib.core.errors import CapacityError, MedplibError
 from medplib.core.image import MedicalImage
 from medplib.core.io import load_image
-from medplib.core.io.sources import is_uri, read_source
+from medplib.core.io.paths import AllowedRoots
+from medplib.core.io.sources import read_source
 from medplib.core.queries import Decoding, Query
 from medplib.core.regions import MaskPrompt, RegionPrompt
 from medplib.core.results import AnswerResult, GroundingResult, TextDelta
@@ -104,6 +104,7 @@ class IngressService:
         self.catalog = catalog
         self.limits = config.limits
         self.images = EmbeddingCache(config.limits.decoded_cache_bytes)
+        self.readable = AllowedRoots(config.limits.allowed_uri_prefixes)
         self._generate = batched(self._generate_many, config.deployments.trunk.batching)
         self._decode = batched(self._decode_many, config.deployments.grounding.batching)
 
@@ -218,7 +219,7 @@ class IngressService:
         return await ground_volume_request(
             request,
             infer=self.infer,
-            allowed=self._allowed,
+            allowed=self.readable.check,
             limits=self.limits,
             model=self.config.model,
             batch_size=self.config.deployments.trunk.batching.max_batch_size,
@@ -245,7 +246,7 @@ class IngressService:
         if spec.base64 is not None:
             data, name = await asyncio.to_thread(decode_base64, spec.base64, "image.base64"), "<base64>"
         else:
-            name = self._allowed(spec.uri or "", "image.uri")
+            name = self.readable.check(spec.uri or "", "image.uri")
             data = await asyncio.to_thread(read_source, name, max_bytes=self.limits.max_image_bytes)
         options = spec.load_options()
         key = CacheKey("decoded", hashlib.blake2b(data, digest_size=16).hexdigest(), json.dumps(options))
@@ -267,25 +268,14 @@ class IngressService:
         for index, prompt in enumerate(regions, start=1):
             try:
                 if isinstance(prompt, MaskPrompt) and prompt.source is not None:
-                    self._allowed(prompt.source, f"regions[{index}].source")
-                    prompt = MaskPrompt.from_array(prompt.to_mask(height, width))
+                    source = self.readable.check(prompt.source, f"regions[{index}].source")
+                    prompt = MaskPrompt.from_array(MaskPrompt(source=source).to_mask(height, width))
                 else:
                     prompt.to_mask(height, width)
             except MedplibError as exc:
                 raise type(exc)(f"region {index}: {exc}") from None
             checked.append(prompt)
         return checked
-
-    def _allowed(self, reference: str, what: str) -> str:
-        """`reference` if the config lets requests name it; '..' and symlinks cannot leave a prefix."""
-        prefixes = self.limits.allowed_uri_prefixes
-        if prefixes is None:
-            return reference
-        resolved = reference if is_uri(reference) else os.path.realpath(os.path.expanduser(reference))
-        if resolved.startswith(prefixes) and ".." not in resolved.split("/"):
-            return resolved
-        allowed = ", ".join(prefixes) or "none: send the file as base64"
-        raise InvalidInputError(f"{what}: {reference!r} is not under a path this server reads ({allowed})")
 
     # ---- batches, routed to the model deployments ------------------------------------------------------
 

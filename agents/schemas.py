@@ -36,7 +36,7 @@ from medplib.core.volume_results import VolumeGroundingResult
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class _FileInput(_Body):

@@ -30,6 +30,7 @@ from pydantic import (
 from medplib.core.errors import InvalidInputError, validation_message
 from medplib.core.expert_spec import Resources
 from medplib.core.image import ImageLimits
+from medplib.core.io.paths import AllowedRoots
 from medplib.core.queries import InferenceLimits
 
 API_KEY_ENV = "MEDPLIB_API_KEY"
@@ -162,14 +163,21 @@ class ServeLimits(_Strict):
     request_timeout_s: float = Field(60.0, gt=0, description="answer, or 504, within this time")
     allowed_uri_prefixes: tuple[str, ...] | None = Field(
         None,
-        description="paths and URIs a request may name (images, mask regions); None any, () none: "
-        "base64 only. Restrict it on any server others can reach.",
+        description="roots of the paths and URIs a request may name (images, mask regions), compared "
+        "after resolving '..' and symlinks, component by component; None any, () none: base64 only. "
+        "Restrict it on any server others can reach.",
     )
     decoded_cache_bytes: int = Field(256 << 20, ge=0, description="the ingress's decoded-image cache")
     max_volume_bytes: int = Field(512 << 20, ge=1, description="a volume read from a URI (all its files)")
     max_volume_voxels: int = Field(512 * 512 * 1024, ge=1, description="a decoded volume, checked on headers")
     max_volume_slices: int = Field(1024, ge=1, description="slices one /v1/ground_volume request grounds")
     volume_timeout_s: float = Field(900.0, gt=0, description="a volume grounded, or 504, within this time")
+
+    @field_validator("allowed_uri_prefixes")
+    @classmethod
+    def _roots_parse(cls, roots: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        AllowedRoots(roots)  # a root that cannot be judged (a chain, a NUL, ...) is a config error
+        return roots
 
     def inference(self, max_batch: int) -> InferenceLimits:
         return InferenceLimits(
@@ -227,8 +235,8 @@ class ServeConfig(_Strict):
         import yaml  # installed with ray[serve]
 
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as exc:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError) as exc:
             raise InvalidInputError(f"cannot read the serve config {path}: {exc}") from None
         except yaml.YAMLError as exc:
             raise InvalidInputError(f"{path} is not valid YAML: {exc}") from None
@@ -249,6 +257,21 @@ class ServeConfig(_Strict):
         if self.api_key is not None and "api_key" not in changes:
             data["api_key"] = self.api_key
         return self.parse(data, "overrides")
+
+    def exposure_warnings(self) -> list[str]:
+        """What is left open on a server others can reach (bound beyond loopback): said at startup."""
+        if self.http.host in ("127.0.0.1", "localhost", "::1"):
+            return []
+        where = f"the API listens on {self.http.host}, beyond this machine"
+        warnings = []
+        if self.resolved_api_key() is None:
+            warnings.append(f"{where}, with no API key: set api_key or ${API_KEY_ENV}")
+        if self.limits.allowed_uri_prefixes is None:
+            warnings.append(
+                f"{where}, and a request may name any file or URI the server can read: "
+                "set limits.allowed_uri_prefixes (see docs/security.md)"
+            )
+        return warnings
 
     def resolved_api_key(self) -> str | None:
         """The configured key, else ${MEDPLIB_API_KEY}, else None (no key asked for)."""

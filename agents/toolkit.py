@@ -11,17 +11,21 @@ backends serialise their calls per model, however many toolkits share it.
 
 from __future__ import annotations
 
+import inspect
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from langchain_core.tools import BaseTool, BaseToolkit
-from pydantic import ConfigDict, Field, field_validator
+from langchain_core.runnables import RunnableConfig
+from langchain_core.tools import BaseTool, BaseToolkit, ToolException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from medplib.agents.backends import Backend, InProcessBackend
 from medplib.agents.image_store import ImageStore
 from medplib.agents.tools import BUILTIN_TOOLS, describe_invalid_arguments
 from medplib.agents.volume_tools import VOLUME_TOOLS
 from medplib.core import plugins
+from medplib.core.errors import MedplibError, validation_message
 from medplib.core.queries import Decoding
 
 if TYPE_CHECKING:
@@ -97,5 +101,58 @@ class MedPLIBToolkit(BaseToolkit):
                         f"plugin tool {name!r} skipped: medplib has a tool of that name", stacklevel=2
                     )
                     continue
-                tools.append(tool)
+                tools.append(PluginTool.bind(tool, self.backend, self.images, self.handle_tool_error))
         return tools
+
+
+class PluginTool(BaseTool):
+    """A plugin's tool as a toolkit hands it out: a copy bound to the run's backend and image store
+    (where the tool declares `backend` / `images` fields), called only after the plugins'
+    `medplib_before_tool_call` hook has seen its arguments, as the built-in tools are."""
+
+    inner: BaseTool = Field(exclude=True)
+
+    @classmethod
+    def bind(
+        cls, tool: BaseTool, backend: Backend, images: ImageStore, handle_tool_error: bool
+    ) -> PluginTool:
+        run = {"backend": backend, "images": images}
+        update = {name: value for name, value in run.items() if name in type(tool).model_fields}
+        inner = tool.model_copy(update=update) if update else tool  # the registered tool stays unbound
+        return cls(
+            name=tool.name,
+            description=tool.description,
+            args_schema=tool.args_schema or tool.get_input_schema(),
+            response_format=tool.response_format,
+            return_direct=tool.return_direct,
+            handle_tool_error=handle_tool_error or tool.handle_tool_error,
+            inner=inner,
+        )
+
+    def _hooked(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        try:
+            plugins.before_tool_call(self.name, arguments)
+        except MedplibError as exc:
+            raise ToolException(f"{self.name} was refused: {exc}") from exc
+        schema = self.args_schema
+        if isinstance(schema, type) and issubclass(schema, BaseModel):
+            try:  # a plugin may have edited the arguments: they must still be valid
+                schema.model_validate(arguments)
+            except ValidationError as exc:
+                raise ToolException(f"a plugin left invalid arguments: {validation_message(exc)}") from None
+        return arguments
+
+    def _run(self, *args: Any, config: RunnableConfig, run_manager: Any = None, **kwargs: Any) -> Any:
+        arguments = self._hooked(dict(kwargs))
+        return self.inner._run(*args, **arguments, **_context(self.inner._run, config, run_manager))
+
+    async def _arun(self, *args: Any, config: RunnableConfig, run_manager: Any = None, **kwargs: Any) -> Any:
+        arguments = self._hooked(dict(kwargs))
+        return await self.inner._arun(*args, **arguments, **_context(self.inner._arun, config, run_manager))
+
+
+def _context(method: Callable[..., Any], config: RunnableConfig, run_manager: Any) -> dict[str, Any]:
+    """The `config` and `run_manager` a tool's `_run` takes, as LangChain would pass them."""
+    parameters = inspect.signature(method).parameters
+    passed = {"config": config, "run_manager": run_manager}
+    return {name: value for name, value in passed.items() if name in parameters}

@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -111,8 +112,8 @@ def load(
     limits: InferenceLimits = DEFAULT_INFERENCE_LIMITS,
 ) -> MedPLIB:
     """A ready assistant from a preset (`tiny`, `small`), a `save_pretrained` folder or fsspec URI (a
-    stage IV one loads with its mixture of experts), or, with `sam=`, a LLaVA-1.5 folder plus a SAM
-    checkpoint. `seed` seeds a preset's random weights."""
+    stage IV one loads with its mixture of experts), a training stage's folder (`medplib train --out`),
+    or, with `sam=`, a LLaVA-1.5 folder plus a SAM checkpoint. `seed` seeds a preset's random weights."""
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     source = os.fspath(preset_or_path)
     untrained = False
@@ -129,6 +130,8 @@ def load(
             torch.manual_seed(seed)
             model = build_medplib(source)
         untrained = True
+    elif _is_stage_folder(source):
+        model = _from_stage_folder(source)
     else:
         if not is_uri(source) and not os.path.isdir(os.path.expanduser(source)):
             raise CheckpointError(
@@ -154,6 +157,20 @@ def _from_checkpoint(source: str) -> MedPLIBForCausalLM:
     if config.get("routed_experts"):
         return MedPLIBWithRoutedExperts.from_pretrained(source)
     return MedPLIBForCausalLM.from_pretrained(source)
+
+
+def _is_stage_folder(source: str) -> bool:
+    from medplib.trainers.stage_folder import STAGE_FILE
+
+    return not is_uri(source) and os.path.isfile(os.path.join(os.path.expanduser(source), STAGE_FILE))
+
+
+def _from_stage_folder(source: str) -> MedPLIBForCausalLM:
+    """The model a training stage's folder answers with (its active expert's adapter, or its MoE),
+    as `medplib eval` reads it. trainers builds on core: core reaches it only here, for such a folder."""
+    from medplib.trainers.stage_folder import load_stage_model
+
+    return load_stage_model(Path(os.path.expanduser(source))).model
 
 
 def _has_file(folder: str, name: str) -> bool:

@@ -27,7 +27,11 @@ def medplib_register_datasets(register: Callable[[str, Callable[..., Any]], None
 
 @hookspec
 def medplib_register_tools(register: Callable[[Any], None]) -> None:
-    """Call `register(tool)` with a LangChain `BaseTool` (anything with a `name`) agents may call."""
+    """Call `register(tool)` with a LangChain `BaseTool` (anything with a `name`) agents may call.
+
+    A toolkit hands out a copy of the tool bound to its run: a tool that declares a `backend` (or
+    `images`) field gets the run's backend (image store), and every call passes the plugins'
+    `medplib_before_tool_call` hook first, as the built-in tools' calls do."""
 
 
 @hookspec

@@ -58,6 +58,12 @@ def model_info(preset_or_path: str | os.PathLike[str]) -> ModelInfo:
             raise CheckpointError(
                 f"{source} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a checkpoint folder"
             )
+        from medplib.trainers.stage_folder import (
+            STAGE_FILE,
+        )  # a stage folder: describe its model, as load does
+
+        if not is_uri(source) and os.path.isfile(os.path.join(os.path.expanduser(source), STAGE_FILE)):
+            source = os.path.join(os.path.expanduser(source), "model")
         with local_folder(source) as folder:
             from medplib.core.model.medplib_release import read_release_config, release_info
 
@@ -75,7 +81,7 @@ def model_info(preset_or_path: str | os.PathLike[str]) -> ModelInfo:
             model = model_class(config)
         weights = "checkpoint"
     return ModelInfo(
-        model=source,
+        model=os.fspath(preset_or_path),
         weights=weights,
         parameters=model.parameter_counts(),
         special_tokens=special_tokens(model.config, tokenizer),

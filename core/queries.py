@@ -16,6 +16,7 @@ from medplib.core.errors import InvalidInputError, validation_message
 from medplib.core.regions import RegionPrompt
 
 REGION_PLACEHOLDER = "{region}"
+MAX_TEMPERATURE = 100.0  # far past any useful value (answers are noise above ~2); keeps logits finite
 
 
 class InferenceLimits(BaseModel):
@@ -36,13 +37,21 @@ DEFAULT_INFERENCE_LIMITS = InferenceLimits()
 class Decoding(BaseModel):
     """How answers are decoded: greedy at temperature 0 (the default), sampled above it."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Every number finite and in a range torch takes: an overflowing seed or an infinite temperature
+    # would otherwise fail deep in sampling, as a crash instead of an error naming the field.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     max_new_tokens: int = Field(default=64, ge=1, description="answer length cap, in tokens")
-    temperature: float = Field(default=0.0, ge=0.0, description="0 is greedy; above 0 samples")
-    top_k: int = Field(default=0, ge=0, description="sample among the k likeliest tokens; 0 is all")
+    temperature: float = Field(
+        default=0.0, ge=0.0, le=MAX_TEMPERATURE, description="0 is greedy; above 0 samples"
+    )
+    top_k: int = Field(
+        default=0, ge=0, le=2**31 - 1, description="sample among the k likeliest tokens; 0 is all"
+    )
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
-    seed: int | None = Field(default=None, description="seed of the sampler, for repeatable samples")
+    seed: int | None = Field(
+        default=None, ge=0, le=2**63 - 1, description="seed of the sampler, for repeatable samples"
+    )
 
     @classmethod
     def from_options(cls, **options: Any) -> Decoding:

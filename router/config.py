@@ -18,7 +18,7 @@ class RouterConfig(BaseModel):
     - `layers`: decoder layers whose MLP is routed; None: all of them (MedPLIB).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     top_k: int = Field(1, ge=1)
     capacity_factor: float | None = Field(None, gt=0)

@@ -152,15 +152,32 @@ class MixtureOfExperts:
             raise InvalidInputError("no forward has run through the routed layers yet")
         return {layer: mlp.last_routing.logits for layer, mlp in self.layers.items()}
 
+    @contextlib.contextmanager
+    def padding(self, attention_mask: torch.Tensor) -> Iterator[None]:
+        """Tell the routed layers which tokens of the forwards inside are real (`attention_mask` 1):
+        padding then takes no expert capacity and counts in no loss or statistic of the router."""
+        real = attention_mask.reshape(-1).bool()
+        for mlp in self.layers.values():
+            mlp.real_tokens = real
+        try:
+            yield
+        finally:
+            for mlp in self.layers.values():
+                mlp.real_tokens = None
+
     def load_balancing_loss(self, weight: float | None = None) -> torch.Tensor:
         """Switch Transformer's auxiliary loss of the last forward, K * sum_e f_e * P_e averaged over
-        layers (1 when balanced), times `weight` (default: the config's, 0 as in MedPLIB)."""
+        layers (1 when balanced), times `weight` (default: the config's, 0 as in MedPLIB). Padding
+        tokens (see `padding`) are left out of both f and P."""
         weight = self.config.load_balancing_weight if weight is None else weight
         losses = []
         for layer, logits in self.router_logits().items():
-            experts = self.layers[layer].last_routing.experts
+            routing = self.layers[layer].last_routing
+            experts, probs = routing.experts, logits.float().softmax(-1)
+            if routing.real is not None:
+                experts, probs = experts[routing.real], probs[routing.real]
             dispatched = F.one_hot(experts, len(self.experts)).float().mean(dim=(0, 1))
-            losses.append(len(self.experts) * (dispatched * logits.float().softmax(-1).mean(0)).sum())
+            losses.append(len(self.experts) * (dispatched * probs.mean(0)).sum())
         return weight * torch.stack(losses).mean()
 
     @contextlib.contextmanager
@@ -184,7 +201,7 @@ class MixtureOfExperts:
         handles = [
             mlp.register_forward_hook(
                 lambda module, args, output, layer=layer: statistics.update(
-                    layer, module.last_routing.experts, image_mask
+                    layer, module.last_routing.experts, image_mask, module.last_routing.real
                 )
             )
             for layer, mlp in self.layers.items()

@@ -30,10 +30,17 @@ class Routing:
     experts: torch.Tensor  # (N, k): chosen expert per token and choice
     weights: torch.Tensor  # (N, k): output scale per choice
     kept: torch.Tensor | None  # (N, k): False where capacity dropped that delta; None: nothing dropped
+    real: torch.Tensor | None = None  # (N,): False at padding, which losses and statistics skip; None: all
 
 
-def route(logits: torch.Tensor, top_k: int, capacity: int | None = None) -> Routing:
-    """Top-k gating; see `RouterConfig` for the weighting and the capacity policy."""
+def route(
+    logits: torch.Tensor, top_k: int, capacity: int | None = None, real: torch.Tensor | None = None
+) -> Routing:
+    """Top-k gating; see `RouterConfig` for the weighting and the capacity policy.
+
+    `real` (N,) marks the tokens that are not padding: only they take capacity (padding keeps the
+    shared MLP alone, its output is never used).
+    """
     # At least float32: half-precision gate probabilities would round the routing weights.
     probs = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
     weights, experts = probs.topk(top_k, dim=-1)
@@ -43,9 +50,11 @@ def route(logits: torch.Tensor, top_k: int, capacity: int | None = None) -> Rout
     if capacity is not None:
         # Choice-major order serves every token's first choice before any second choice.
         one_hot = F.one_hot(experts.T.reshape(-1), logits.shape[-1])
+        if real is not None:
+            one_hot = one_hot * real.repeat(top_k)[:, None]
         position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1
-        kept = (position < capacity).reshape(top_k, -1).T
-    return Routing(logits, experts, weights.to(logits.dtype), kept)
+        kept = ((position >= 0) & (position < capacity)).reshape(top_k, -1).T
+    return Routing(logits, experts, weights.to(logits.dtype), kept, real)
 
 
 def forced_routing(logits: torch.Tensor, expert: int) -> Routing:
@@ -112,6 +121,7 @@ class RoutedMLP(nn.Module):
         self.capacity_factor = config.capacity_factor
         self.min_capacity = config.min_capacity
         self.forced_expert: int | None = None
+        self.real_tokens: torch.Tensor | None = None  # set by `MixtureOfExperts.padding`
         self.last_routing: Routing | None = None
 
     def capacity(self, num_tokens: int) -> int | None:
@@ -123,8 +133,12 @@ class RoutedMLP(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         logits = self.router(flat)
+        real = self.real_tokens
+        if real is not None and real.numel() != len(flat):  # a generation step: its new tokens are real
+            real = None
         if self.forced_expert is None:
-            routing = route(logits, self.top_k, self.capacity(len(flat)))
+            num_real = len(flat) if real is None else int(real.sum())
+            routing = route(logits, self.top_k, self.capacity(num_real), real)
         else:
             routing = forced_routing(logits, self.forced_expert)
         self.last_routing = routing

@@ -26,12 +26,21 @@ class RoutingStatistics:
         self.expert_names = tuple(expert_names)
         self.counts: dict[int, torch.Tensor] = {}
 
-    def update(self, layer: int, experts: torch.Tensor, image_mask: torch.Tensor | None = None) -> None:
-        """Add one forward's choices `experts` (tokens, k) at `layer`; `image_mask` marks image tokens."""
+    def update(
+        self,
+        layer: int,
+        experts: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
+        real: torch.Tensor | None = None,
+    ) -> None:
+        """Add one forward's choices `experts` (tokens, k) at `layer`; `image_mask` marks image tokens,
+        `real` the tokens that are not padding (the others are not counted)."""
         num_experts = len(self.expert_names)
         is_image = torch.zeros(len(experts), dtype=torch.long, device=experts.device)
         if image_mask is not None and image_mask.numel() == len(experts):
             is_image = image_mask.reshape(-1).to(device=experts.device, dtype=torch.long)
+        if real is not None:
+            experts, is_image = experts[real], is_image[real]
         cells = (is_image[:, None] * num_experts + experts).reshape(-1)
         counts = torch.bincount(cells, minlength=2 * num_experts).reshape(2, num_experts).cpu()
         self.counts[layer] = self.counts.get(layer, torch.zeros_like(counts)) + counts

@@ -151,3 +151,65 @@ def test_bad_input_exits_2_with_one_line(case: str, tmp_path: Path, png_claiming
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert fragment in lines[0].lower()
     assert "Traceback" not in result.output
+
+
+# ---- bytes that are not UTF-8, as a shell passes them (Python holds them as lone surrogates) --------
+
+BAD = b"caf\xe9".decode("utf-8", "surrogateescape")
+CT = str(dicom_file("ct_chest"))
+EVERY_COMMAND = {
+    "inspect": ["inspect", BAD],
+    "demo": ["demo", "--out", BAD],
+    "data build": ["data", "build", BAD],
+    "data stats": ["data", "stats", BAD],
+    "data check": ["data", "check", BAD],
+    "train": ["train", "--stage", "1", "--model", BAD, "--data", ".", "--out", "x"],
+    "ask": ["ask", CT, BAD],
+    "ask region": ["ask", CT, "q", "--region", BAD],
+    "ground": ["ground", CT, BAD],
+    "info": ["info", BAD],
+    "pipeline": ["pipeline", "--data", BAD, "--out", "x"],
+    "eval": ["eval", BAD, "."],
+    "plot": ["plot", BAD],
+    "serve": ["serve", "--model", BAD],
+}
+
+
+@pytest.mark.parametrize("command", sorted(EVERY_COMMAND))
+def test_an_argument_that_is_not_utf8_exits_2_with_one_line(command: str, tmp_path: Path) -> None:
+    result = runner.invoke(app, EVERY_COMMAND[command])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "not valid UTF-8" in lines[0], lines
+    assert "caf\\xe9" in lines[0]
+
+
+def test_the_shells_bytes_reach_the_question_as_one_line_exit_2() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "medplib.cli", "ask", CT.encode(), b"caf\xe9?"],
+        capture_output=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert (
+        result.stderr.decode().strip()
+        == "error: QUESTION is not valid UTF-8 text: 'caf\\xe9?'; pass text in UTF-8"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "args"),
+    [
+        ("train.json", ["data", "stats", "{path}"]),
+        ("serve.yaml", ["serve", "--config", "{path}"]),
+        ("metrics.jsonl", ["plot", "{path}"]),
+    ],
+)
+def test_a_file_that_is_not_utf8_exits_2_with_one_line(name: str, args: list[str], tmp_path: Path) -> None:
+    path = tmp_path / name
+    path.write_bytes(b'[{"id": "caf\xe9"}]\n')
+    result = runner.invoke(app, [arg.format(path=path) for arg in args])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert name in lines[0] or "UTF-8" in lines[0]

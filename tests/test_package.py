@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import zipfile
@@ -67,3 +68,46 @@ def test_wheel_holds_the_package_without_tests(tmp_path: Path) -> None:
     # The package and its metadata, nothing else: no build script importable as `medplib.setup`.
     assert "medplib/setup.py" not in names
     assert not [name for name in names if not name.startswith(("medplib/", "medplib-"))]
+
+
+def test_every_third_party_import_is_a_declared_dependency() -> None:
+    """A module the package imports (outside tests and benchmarks) comes from a distribution that
+    pyproject.toml declares, in the base dependencies or an extra: else a fresh install breaks.
+    Examples are packages of their own; a dependency's dependencies do not count."""
+    import ast
+    from importlib.metadata import packages_distributions
+
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [
+        *project["dependencies"],
+        *(d for extra in project["optional-dependencies"].values() for d in extra),
+    ]
+    declared = {canonical(re.split(r"[\[<>=!~; ]", spec, maxsplit=1)[0]) for spec in wanted}
+    distributions = packages_distributions()
+    undeclared = {}
+    for path in ROOT.rglob("*.py"):
+        relative = path.relative_to(ROOT)
+        if relative.parts[0] in SKIPPED or relative.parts[0].startswith("."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                if top == "medplib" or top in sys.stdlib_module_names:
+                    continue
+                owners = {canonical(d) for d in distributions.get(top, [top])}
+                if not owners & declared:
+                    undeclared.setdefault(top, str(relative))
+    assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
+
+
+# Not the installed package: its tests and benchmarks, example plugins (packages of their own), the build.
+SKIPPED = ("tests", "benchmarks", "examples", "build", "setup.py")
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()

@@ -31,7 +31,7 @@ from medplib.trainers.data.mecovqa import split_files
 from medplib.trainers.eval_report import format_report
 from medplib.trainers.gallery import write_gallery
 from medplib.trainers.scoring import MAX_NEW_TOKENS, constant_mask_baselines, evaluate, trivial_baselines
-from medplib.trainers.stage_folder import STAGE_FILE, load_stage_model, read_record
+from medplib.trainers.stage_folder import STAGE_FILE, read_record
 from medplib.trainers.volume_eval import evaluate_volumes
 
 METRICS_FILE, REPORT_FILE, GALLERY_FOLDER = "metrics.json", "report.md", "gallery"
@@ -50,16 +50,14 @@ def load_model(
 ) -> LoadedModel:
     """The model MODEL names, in eval mode on `device`; every weight of a checkpoint loaded."""
     import medplib
-    from medplib.core.assistant import resolve_device
 
     with _quiet_transformers(progress):
-        if not is_uri(location) and (Path(location) / STAGE_FILE).is_file():
-            record = read_record(Path(location))
-            model = load_stage_model(Path(location)).model.to(resolve_device(device)).eval()
-            kind = f"stage {record.get('stage')} folder, answers with {record.get('active') or 'the trunk'}"
-            return LoadedModel(model, kind, untrained=False)
         assistant = medplib.load(location, device=device, seed=seed)
-    kind = f"preset, seed {seed}" if assistant.untrained else "checkpoint"
+    if not is_uri(location) and (Path(location) / STAGE_FILE).is_file():
+        record = read_record(Path(location))
+        kind = f"stage {record.get('stage')} folder, answers with {record.get('active') or 'the trunk'}"
+    else:
+        kind = f"preset, seed {seed}" if assistant.untrained else "checkpoint"
     return LoadedModel(assistant.model, kind, assistant.untrained)
 
 

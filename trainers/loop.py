@@ -40,6 +40,7 @@ from medplib.trainers.collate import Collator, Example
 from medplib.trainers.encoder_cache import FrozenEncoderCache
 from medplib.trainers.losses import (
     BatchLoss,
+    add_load_balancing,
     answer_cross_entropy,
     combine_losses,
     routing_loss,
@@ -111,7 +112,12 @@ def forward_losses(
     targets = batch["mask_targets"]
     features = cache.clip_features(batch["pixel_values"]) if cache is not None else None
     embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["region_masks"], features)
-    hidden, _ = model.run_language_model(embeds, batch["attention_mask"])
+    with (
+        prepared.moe.padding(batch["attention_mask"])
+        if prepared.moe is not None
+        else contextlib.nullcontext()
+    ):
+        hidden, _ = model.run_language_model(embeds, batch["attention_mask"])
     rows, positions, labels = supervised_positions(batch["labels"])
     logits = model.language_model.lm_head(hidden[rows, positions])
     ce = answer_cross_entropy(logits, labels, rows, len(hidden))
@@ -135,6 +141,8 @@ def forward_losses(
             answer_side(batch["input_ids"], batch["attention_mask"], model.config.im_end_token_id),
         )
     loss = combine_losses(ce, mask_logits, targets, spec.loss, global_batch, routing, spec.routing_weight)
+    if prepared.moe is not None and spec.router.load_balancing_weight > 0:
+        loss = add_load_balancing(loss, prepared.moe.load_balancing_loss(), len(hidden), global_batch)
     return loss, int(batch["attention_mask"].sum())
 
 
@@ -312,7 +320,7 @@ def _tracked_forward(
     handles = [
         mlp.register_forward_hook(
             lambda module, args, output, layer=layer: statistics.update(
-                layer, module.last_routing.experts, image_mask
+                layer, module.last_routing.experts, image_mask, module.last_routing.real
             )
         )
         for layer, mlp in prepared.moe.layers.items()

@@ -103,6 +103,18 @@ class BatchLoss:
     counts: dict[str, int]  # how many samples had each part
 
 
+def add_load_balancing(
+    loss: BatchLoss, balance: torch.Tensor, batch_size: int, global_batch: int
+) -> BatchLoss:
+    """`loss` plus the router's load-balancing loss of this micro-batch (weighted already), as its
+    share of the global batch, so that accumulated micro-batches average it; logged as 'balance'."""
+    return BatchLoss(
+        loss.total + balance * batch_size / global_batch,
+        {**loss.parts, "balance": float(balance.detach())},
+        {**loss.counts, "balance": batch_size},
+    )
+
+
 def combine_losses(
     ce: torch.Tensor,
     mask_logits: Sequence[torch.Tensor | None],

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from medplib.core.errors import InvalidInputError
 
-LOSS_PARTS = ("loss", "ce", "bce", "dice", "focal", "router")
+LOSS_PARTS = ("loss", "ce", "bce", "dice", "focal", "router", "balance")
 
 
 def read_log(path: Path) -> list[dict]:

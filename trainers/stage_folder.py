@@ -101,7 +101,9 @@ def prepare(spec: StageSpec, source: Source, seed: int = 0) -> Prepared:
     elif spec.setup == "compose":
         specs = _composed_experts(source)
         adapters = [source.adapters.get(s.name) for s in specs]
-        prepared.moe = compose(model, specs, [str(a) if a is not None else None for a in adapters])
+        prepared.moe = compose(
+            model, specs, [str(a) if a is not None else None for a in adapters], config=spec.router
+        )
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(spec.trainable(name))
         rows = spec.trained_rows(name)

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from medplib.core.errors import InvalidInputError
 from medplib.core.expert_spec import ExpertSpec, LoraSpec, LossWeights, SampleFilter
 from medplib.core.plugins import require_experts
+from medplib.router.config import RouterConfig
 
 PARAMETER_GROUPS: dict[str, str] = {
     "vision_tower": r"^vision_tower\.",
@@ -88,6 +89,7 @@ class StageSpec(BaseModel):
     optim: Optimization
     expert: ExpertSpec | None = None  # the adapter an "adapter" stage trains
     routing_weight: float = Field(0.0, ge=0)  # stage IV: gates supervised by the experts' `trains_on`
+    router: RouterConfig = RouterConfig()  # stage IV: top-k, capacity, load balancing, routed layers
 
     def trainable(self, parameter_name: str) -> bool:
         return any(re.search(PARAMETER_GROUPS[group], parameter_name) for group in self.trains)

@@ -13,9 +13,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
-from medplib.core.errors import InvalidInputError
+from medplib.core.errors import InvalidInputError, validation_message
 from medplib.core.model import MedPLIBProcessor
+from medplib.router.config import RouterConfig
 from medplib.trainers.collate import Collator, Example, ExampleStore, caption_examples
 from medplib.trainers.loop import LoopOptions, train
 from medplib.trainers.stage_folder import STAGE_FILE, Prepared, load_source, prepare, save_stage
@@ -39,14 +41,24 @@ class StageRun:
     checkpoint_every: int | None = None
     resume: bool = False
     progress: bool = True
+    router: dict | None = None  # stage IV: RouterConfig fields to change (top_k, capacity_factor, ...)
 
     def spec(self) -> StageSpec:
         spec = stage_spec(self.stage, self.schedule, self.expert)
         overrides = {"batch_size": self.batch_size, "grad_accum": self.grad_accum}
         overrides = {key: value for key, value in overrides.items() if value is not None}
-        return (
-            spec.model_copy(update={"optim": spec.optim.model_copy(update=overrides)}) if overrides else spec
-        )
+        if overrides:
+            spec = spec.model_copy(update={"optim": spec.optim.model_copy(update=overrides)})
+        if self.router:
+            if spec.setup != "compose":
+                names = ", ".join(sorted(self.router))
+                raise InvalidInputError(f"router options ({names}) apply to stage 4, not stage {spec.key}")
+            try:
+                router = RouterConfig.model_validate(spec.router.model_dump() | self.router)
+            except ValidationError as exc:
+                raise InvalidInputError(f"router options: {validation_message(exc)}") from None
+            spec = spec.model_copy(update={"router": router})
+        return spec
 
 
 def stage_examples(spec: StageSpec, examples: list[Example]) -> list[Example]:

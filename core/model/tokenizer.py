@@ -15,7 +15,7 @@ import os
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from medplib.core.errors import CheckpointError
+from medplib.core.errors import CheckpointError, InvalidInputError
 from medplib.core.model.corpus import corpus_lines
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
@@ -118,6 +118,12 @@ def tokenize_user_text(tokenizer: PreTrainedTokenizerFast, text: str) -> list[in
     model itself still spell a special token, as a SentencePiece vocabulary holding `</s>` may, that
     piece is re-encoded one character at a time, which no multi-character token survives.
     """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: bytes that were not UTF-8, kept by Python
+        raise InvalidInputError(
+            f"the text is not valid UTF-8 (undecodable {text[exc.start : exc.end]!r} at position {exc.start})"
+        ) from None
     backend = tokenizer.backend_tokenizer
     if backend.normalizer is not None:
         text = backend.normalizer.normalize_str(text)

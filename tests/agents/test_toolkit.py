@@ -80,6 +80,24 @@ class TestImageStore:
         with pytest.raises(InvalidInputError, match=fragment):
             ImageStore().put(image, **options)
 
+    def test_allowed_prefixes_are_roots_a_path_cannot_leave(self, tmp_path: Any) -> None:
+        (tmp_path / "data").mkdir()
+        (tmp_path / "data/link").symlink_to("/etc")
+        store = ImageStore(allowed_prefixes=[str(tmp_path / "data"), "s3://scans"])
+        for escape in (
+            f"{tmp_path}/data/../etc/passwd",
+            f"{tmp_path}/data/link/passwd",
+            f"{tmp_path}/data2/x.png",
+            f"{tmp_path}/data/link/passwd::file://",
+            f"{tmp_path}/data/%2e%2e/x.png",
+            "s3://scans-private/x.png",
+            "C:\\data\\x.png",
+        ):
+            with pytest.raises(InvalidInputError, match="limited to"):
+                store.resolve(escape)
+        assert store.resolve(f"file://{tmp_path}/data/x/../a.png") == StoredImage(f"{tmp_path}/data/a.png")
+        assert store.resolve("s3://scans/a.png") == StoredImage("s3://scans/a.png")
+
     def test_prefixes_are_lower_case_words(self) -> None:
         with pytest.raises(InvalidInputError, match="lower-case letters"):
             ImageStore().put(b"x", prefix="Img-")
@@ -172,3 +190,48 @@ def test_importing_medplib_agents_loads_neither_torch_nor_langchain() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split("\n")[:2] == ["[]", "['langchain_core']"]
+
+
+class RegionCounter(BaseTool):
+    """A plugin's tool that needs the run's backend and image store (as the built-in tools do)."""
+
+    name: str = "count_regions"
+    description: str = "Ask the model how many regions an image shows."
+    backend: Any = None
+    images: Any = None
+
+    def _run(self, image: str) -> str:
+        answer = self.backend.answer(self.images.resolve(image), "How many regions?", max_new_tokens=2)
+        return f"{type(self.backend).__name__}: {answer.new_tokens} tokens"
+
+
+class Gatekeeper:
+    """A policy plugin: records every tool call, refuses one image, rewrites another."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    @hookimpl
+    def medplib_before_tool_call(self, tool_name: str, arguments: dict[str, Any]) -> None:
+        self.calls.append((tool_name, dict(arguments)))
+        if arguments.get("image") == "img-9":
+            raise InvalidInputError("img-9 is not for agents")
+        if arguments.get("image") == "scan":
+            arguments["image"] = "img-1"
+
+
+def test_plugin_tools_get_the_runs_backend_and_the_before_tool_call_hook(
+    make_toolkit: Callable[..., MedPLIBToolkit], register_plugin: Any
+) -> None:
+    registered = RegionCounter()
+    register_plugin(Contributes(registered), "regions")
+    gate = Gatekeeper()
+    register_plugin(gate, "gate")
+    toolkit = make_toolkit()
+    counter = next(t for t in toolkit.get_tools() if t.name == "count_regions")
+    assert counter.inner.backend is toolkit.backend and counter.inner.images is toolkit.images
+    assert registered.backend is None  # the registered tool stays unbound: one copy per toolkit
+    assert counter.invoke({"image": "scan"}) == "InProcessBackend: 2 tokens"  # rewritten to img-1
+    assert gate.calls == [("count_regions", {"image": "scan"})]
+    assert "img-9 is not for agents" in counter.invoke({"image": "img-9"})  # an error the agent sees
+    assert counter.args == registered.args and counter.description == registered.description

@@ -224,3 +224,33 @@ def test_gradients_equal_a_dense_per_token_reference(top_k: int) -> None:
         grads.append([p.grad.clone() for p in routed.parameters()])
     for (name, _), got, expected in zip(routed.named_parameters(), *grads, strict=True):
         torch.testing.assert_close(got, expected, msg=name)
+
+
+def test_padding_takes_no_capacity_and_counts_in_no_loss_or_statistic(trunk, experts) -> None:
+    """Two sequences, the second padded: the routing of the real tokens, the capacity, the balancing
+    loss and the statistics are what the real tokens alone give, padding or not."""
+    from medplib.router.statistics import RoutingStatistics
+
+    specs, _ = experts(trunk, 2)
+    config = RouterConfig(capacity_factor=0.5, min_capacity=0, router_init_std=1.0, layers=(0,))
+    moe = compose(copy.deepcopy(trunk), specs, None, config)
+    mlp = moe.layers[0]
+    mlp.train()
+    for expert in mlp.experts:
+        expert.dropout.p = 0.0
+    x = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones(2, 10, dtype=torch.long)
+    attention_mask[1, 4:] = 0  # 6 padding tokens
+    real = attention_mask.reshape(-1).bool()
+    with torch.no_grad():
+        mlp(x.reshape(-1, 32)[real])  # the 14 real tokens alone
+        alone, alone_loss = mlp.last_routing, moe.load_balancing_loss(weight=1.0)
+        with moe.padding(attention_mask), moe.track(statistics=RoutingStatistics(moe.expert_names)) as stats:
+            padded_out = mlp(x)
+        padded = mlp.last_routing
+        assert mlp.capacity(14) == 4 and padded.kept is not None
+        assert torch.equal(padded.kept[real], alone.kept) and not padded.kept[~real].any()
+        assert moe.load_balancing_loss(weight=1.0).item() == pytest.approx(alone_loss.item())
+        assert stats.counts[0].sum() == 14
+        torch.testing.assert_close(padded_out.reshape(-1, 32)[real], mlp(x.reshape(-1, 32)[real]))
+    assert mlp.real_tokens is None  # the mask applies inside the block only

@@ -162,3 +162,11 @@ def test_paths_that_leave_the_root_are_refused(path: str, tmp_path: Path) -> Non
 def test_paths_under_the_root_resolve(tmp_path: Path) -> None:
     assert path_problem("masks/x.png") is None
     assert resolve_under(tmp_path, "masks/x.png") == tmp_path.resolve() / "masks" / "x.png"
+
+
+def test_a_symlink_cannot_take_a_path_out_of_the_root(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data2").mkdir()
+    (tmp_path / "data" / "out").symlink_to(tmp_path / "data2")
+    with pytest.raises(InvalidInputError, match="outside the dataset root"):
+        resolve_under(tmp_path / "data", "out/x.png")

@@ -9,8 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+import medplib
+from medplib.core.metrics import mask_scores
 from medplib.demo import ask_questions
 from medplib.router import MixtureOfExperts
+from medplib.trainers.collate import ExampleStore
+from medplib.trainers.registry_data import dicom_file
 from medplib.trainers.stage_folder import load_source, load_stage_model, read_record
 from medplib.trainers.train import StageRun, run_stage
 
@@ -62,12 +66,40 @@ def test_a_stage_folder_loads_as_the_model_it_trained(chain: Path) -> None:
     assert expert.peft is not None and any(".lora_" in name for name, _ in expert.model.named_parameters())
 
 
+@pytest.mark.parametrize("stage", ["2", "4"])
+def test_medplib_load_takes_a_stage_folder_as_eval_does(chain: Path, stage: str) -> None:
+    assistant = medplib.load(chain / stage)
+    expected = load_stage_model(chain / stage).model.state_dict()
+    loaded = assistant.model.state_dict()
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+    assert not assistant.untrained
+    assert assistant.answer(str(dicom_file("ct_chest")), "What is this?", max_new_tokens=2).new_tokens >= 1
+
+
+def test_medplib_info_describes_a_stage_folder(chain: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medplib.cli import app
+
+    result = CliRunner().invoke(app, ["info", str(chain / "4")])
+    assert result.exit_code == 0 and "checkpoint" in result.output, result.output
+
+
 def test_the_demo_asks_the_trained_model_three_questions(
     chain: Path, built_dataset: Path, tmp_path: Path
 ) -> None:
     asked = ask_questions(chain / "4", built_dataset, tmp_path)
     assert [item["kind"] for item in asked] == ["VQA", "region", "grounding"]
-    assert "{region}" in asked[1]["question"] and 0.0 <= asked[2]["dice"] <= 1.0
+    assert "{region}" in asked[1]["question"]
+    # The Dice reported is that of the model's mask against the reference (greedy: asked again, the same)
+    store = ExampleStore.open(built_dataset, split="test")
+    structure = asked[2]["question"].removeprefix("segment the ")
+    example = next(
+        e for e in store.examples() if e.image == asked[2]["image"] and e.structure == structure and e.targets
+    )
+    again = medplib.load(chain / "4").ground(str(store.loaded.path(example.image)), f"the {structure}")
+    expected = mask_scores(again.masks[0].mask.to_array(), example.targets[0]).dice
+    assert asked[2]["dice"] == pytest.approx(expected) and asked[2]["seg_forced"] == again.seg_forced
     assert "overlay" not in asked[0]  # a plain question has nothing to draw
     for item in asked[1:]:
         assert Image.open(tmp_path / item["overlay"]).mode == "RGB"

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 from medplib.core.errors import InvalidInputError
+from medplib.core.masks import Mask
+from medplib.core.metrics import mask_scores, token_scores
 from medplib.core.model import MedPLIBProcessor, build_medplib
 from medplib.trainers.collate import Collator, ExampleStore
 from medplib.trainers.plot import plot_log
@@ -34,11 +36,23 @@ def test_evaluate_generates_and_scores_every_part(splits) -> None:
     torch.manual_seed(0)
     model = build_medplib("tiny")
     metrics = evaluate(
-        model, chosen, Collator(MedPLIBProcessor(model.config, model.tokenizer)), max_new_tokens=4
+        model,
+        chosen,
+        Collator(MedPLIBProcessor(model.config, model.tokenizer)),
+        max_new_tokens=4,
+        keep_masks=True,
     )
     assert metrics["counts"]["grounding"] == 2 and metrics["counts"]["region"] == 2
-    assert len(metrics["predictions"]) == 6
-    assert all(0.0 <= metrics[k] <= 1.0 for k in ("mdice", "region_recall") if metrics[k] is not None)
+    predictions = {p["id"]: p for p in metrics["predictions"]}
+    assert len(predictions) == 6 and set(predictions) == {e.id for e in chosen}
+    # Each score is that of the prediction it lists against its example's reference, then averaged.
+    grounded = [e for e in chosen if e.targets]
+    dice = [mask_scores(Mask(**predictions[e.id]["mask"]).to_array(), e.targets[0]).dice for e in grounded]
+    assert [predictions[e.id]["dice"] for e in grounded] == pytest.approx(dice)
+    assert metrics["mdice"] == pytest.approx(np.mean(dice))
+    region = [e for e in chosen if e.task == "region_vqa"]
+    recall = [token_scores(predictions[e.id]["prediction"], e.reference).recall for e in region]
+    assert metrics["region_recall"] == pytest.approx(np.mean(recall))
     assert set(metrics["mdice_per_structure"]) <= {e.structure for e in chosen}
     assert model.training  # left as it was found
 

@@ -104,11 +104,33 @@ def test_errors_come_back_as_the_servers_exceptions_without_retry() -> None:
 
 
 def test_the_client_timeout_bounds_every_call() -> None:
-    make, _ = scripted(httpx.ReadTimeout("slow"))
+    """A server that is slow to say 503: the client retries, gives each request only the time left,
+    and ends at its timeout, not after `retries` slow attempts (10 x 0.4 s here)."""
+    budgets: list[float] = []
+
+    def slow_server(request: httpx.Request) -> httpx.Response:
+        budget = request.extensions["timeout"]["read"]
+        budgets.append(budget)
+        if budget < 0.4:  # the server would answer too late: httpx gives up when the budget is spent
+            time.sleep(budget)
+            raise httpx.ReadTimeout("slow", request=request)
+        time.sleep(0.4)
+        return httpx.Response(503, json={"error": "unavailable", "message": "busy"})
+
+    client = MedPLIBClient(
+        "http://medplib.test",
+        transport=httpx.MockTransport(slow_server),
+        timeout=1.0,
+        retries=10,
+        backoff_s=0.01,
+    )
     start = time.perf_counter()
     with pytest.raises(ServeError, match="timeout") as raised:
-        make(timeout=1.0).vqa("s3://x.png", "q")
-    assert raised.value.status == 504 and time.perf_counter() - start < 1.0
+        client.vqa("s3://x.png", "q")
+    elapsed = time.perf_counter() - start
+    assert raised.value.status == 504 and 0.95 <= elapsed < 1.5
+    assert len(budgets) == 3 and budgets == sorted(budgets, reverse=True) and budgets[0] <= 1.0
+    assert budgets[-1] < 0.4  # the last request had only what was left of the second
 
 
 async def test_the_async_twins() -> None:

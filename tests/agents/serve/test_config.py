@@ -71,6 +71,7 @@ def test_overrides_merge_at_any_depth() -> None:
         ({"deployments": {"grounding": {"resources": {"num_gpus": -1}}}}, "num_gpus"),
         ({"limits": {"max_body_bytes": 10}}, "max_body_bytes"),
         ({"http": {"host": "0.0.0.0", "prot": 1}}, "http.prot"),
+        ({"limits": {"allowed_uri_prefixes": ["zip://a::s3://b/c.zip"]}}, "allowed_uri_prefixes.*chained"),
         ([1, 2], "mapping"),
     ],
 )
@@ -122,3 +123,13 @@ def test_plugin_experts_become_deployments_on_their_specs_resources(
         deployment_plan(ServeConfig(plugin_experts={"nope": {}}))
     with pytest.raises(PluginError, match="built in"):
         deployment_plan(ServeConfig(plugin_experts={"pixel_grounding": {}}))
+
+
+def test_a_server_bound_beyond_loopback_is_told_what_is_left_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert ServeConfig().exposure_warnings() == []  # loopback: only this machine can ask
+    exposed = ServeConfig().with_overrides(http={"host": "0.0.0.0"})
+    no_key, any_file = exposed.exposure_warnings()
+    assert "no API key" in no_key and "allowed_uri_prefixes" in any_file
+    closed = exposed.with_overrides(api_key="k", limits={"allowed_uri_prefixes": ["s3://scans"]})
+    assert closed.exposure_warnings() == []

@@ -170,6 +170,15 @@ def test_errors_while_answering_map_to_their_status(
     assert client.post("/v1/vqa", json=GOOD).status_code == 200  # and the next request is served
 
 
+def test_an_unexpected_error_is_logged_and_answered_with_a_generic_message(
+    client: TestClient, service: FakeService, caplog: pytest.LogCaptureFixture
+) -> None:
+    service.raises = KeyError("/srv/models/secret-path")
+    message = error(client.post("/v1/vqa", json=GOOD), 500, "internal")
+    assert message == "internal error; see the server log"
+    assert "secret-path" in caplog.text and "KeyError" in caplog.text
+
+
 def test_unknown_paths_and_an_unhealthy_server(client: TestClient, service: FakeService) -> None:
     error(client.get("/v2/anything"), 404, "not_found")
     service.healthy = False

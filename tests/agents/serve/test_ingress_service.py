@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
@@ -175,7 +176,7 @@ async def test_allowed_prefixes_limit_what_a_request_may_read(
     replicas: tuple[Any, Any], tmp_path: Any
 ) -> None:
     ingress, _, _ = service(replicas, CONFIG.with_overrides(limits={"allowed_uri_prefixes": [str(tmp_path)]}))
-    with pytest.raises(InvalidInputError, match="not under a path this server reads"):
+    with pytest.raises(InvalidInputError, match="not under a path this reader may open"):
         await ingress.answer(VQARequest(image={"uri": str(dicom_file("CT_small.dcm"))}, question="q"))
     escape = f"{tmp_path}/../{tmp_path.name}/../../etc/passwd"
     with pytest.raises(InvalidInputError, match="not under a path"):
@@ -270,7 +271,7 @@ async def test_ground_volume_limits_come_before_any_batch(
     ingress, generate, _ = service(replicas, CONFIG.with_overrides(limits={"max_volume_slices": 3}))
     with pytest.raises(CapacityError, match="9 slices, over the limit of 3"):
         await ingress.ground_volume(GroundVolumeRequest(volume={"uri": str(path)}, text="x"))
-    with pytest.raises(InvalidInputError, match="not under a path this server reads"):
+    with pytest.raises(InvalidInputError, match="not under a path this reader may open"):
         await service(replicas, small)[0].ground_volume(
             GroundVolumeRequest(volume={"uri": str(dicom_file("CT_small.dcm"))}, text="x")
         )
@@ -335,3 +336,121 @@ def test_the_serve_app_serves_the_page(replicas: tuple[Any, Any]) -> None:
         assert client.get("/ui/app.js").status_code == 200
         rendered = client.post("/v1/render", json={"image": {"base64": CT}})
         assert rendered.status_code == 200 and rendered.json()["modality"] == "CT"
+# ---- what a request may read: the image `uri` and a mask region's `source`, through the HTTP app ----
+
+
+@pytest.fixture
+def files(tmp_path: Any) -> Any:
+    """data/ (the allowed root) and, beside it, data2/ and outside/ holding readable scans and masks:
+    a request that got past the check would be answered, so only the check can refuse it."""
+    from PIL import Image
+
+    mask = Image.new("L", (128, 128))
+    mask.paste(255, (40, 40, 80, 80))
+    for folder in ("data", "data2", "outside"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "ct.dcm").write_bytes(dicom_file("CT_small.dcm").read_bytes())
+        mask.save(tmp_path / folder / "mask.png")
+    (tmp_path / "data" / "link").symlink_to(tmp_path / "outside")
+    return tmp_path
+
+
+@pytest.fixture
+def http(replicas: tuple[Any, Any], files: Any) -> Iterator[Any]:
+    from fastapi.testclient import TestClient
+
+    from medplib.agents.http_api import create_api
+
+    limits = {"allowed_uri_prefixes": [str(files / "data"), "s3://scans"]}
+    ingress, _, _ = service(replicas, CONFIG.with_overrides(limits=limits))
+    app = create_api(ingress, max_body_bytes=1 << 20, api_key=None)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+
+
+OUTSIDE = [
+    "{t}/data/../outside/NAME",
+    "{t}/data/link/NAME",
+    "{t}/data2/NAME",
+    "{t}/data/link/NAME::file://",
+    "file://{t}/data/link/NAME",
+    "file://{t}/data2/NAME",
+    "{t}/data/%2e%2e/outside/NAME",
+    "{t}\\data\\..\\outside\\NAME",
+    "s3://scans-private/NAME",
+    "{t}/data/NAME\x00",
+]
+
+
+@pytest.mark.parametrize("reference", OUTSIDE)
+def test_a_request_cannot_read_outside_the_allowed_roots(http: Any, files: Any, reference: str) -> None:
+    as_image = {"image": {"uri": reference.format(t=files).replace("NAME", "ct.dcm")}, "question": "q"}
+    response = http.post("/v1/vqa", json={**as_image, "decoding": DECODING})
+    assert response.status_code == 400 and response.json()["error"] == "invalid_input", response.text
+    assert response.json()["message"].startswith("image.uri: ")
+    region = {"kind": "mask", "source": reference.format(t=files).replace("NAME", "mask.png")}
+    as_region = {"image": {"base64": CT}, "question": "q", "regions": [region], "decoding": DECODING}
+    response = http.post("/v1/vqa", json=as_region)
+    assert response.status_code == 400 and response.json()["error"] == "invalid_input", response.text
+    assert "regions[1].source: " in response.json()["message"]
+
+
+@pytest.mark.parametrize("reference", ["{t}/data/NAME", "file://{t}/data/NAME", "{t}/data/./x/../NAME"])
+def test_a_request_reads_what_is_under_an_allowed_root(http: Any, files: Any, reference: str) -> None:
+    image = {"uri": reference.format(t=files).replace("NAME", "ct.dcm")}
+    region = {"kind": "mask", "source": reference.format(t=files).replace("NAME", "mask.png")}
+    response = http.post(
+        "/v1/vqa", json={"image": image, "question": "q", "regions": [region], "decoding": DECODING}
+    )
+    assert response.status_code == 200, response.text
+    assert (
+        response.json()["image_source"] == str(files / "data" / "ct.dcm")
+        and response.json()["num_regions"] == 1
+    )
+
+
+# ---- numbers: every one finite and in range, so none reaches torch as a 500 ------------------------
+
+
+def ct_request(**fields: Any) -> dict[str, Any]:
+    image = {"base64": CT, **fields.pop("image", {})}
+    return {"image": image, "question": "q", "decoding": {**DECODING, **fields.pop("decoding", {})}, **fields}
+
+
+INF, NAN, HUGE = float("inf"), float("nan"), 2**70
+HOSTILE_NUMBERS = {
+    "temperature inf": ct_request(decoding={"temperature": INF}),
+    "temperature nan": ct_request(decoding={"temperature": NAN}),
+    "temperature huge": ct_request(decoding={"temperature": 1e308}),
+    "seed huge": ct_request(decoding={"temperature": 1.0, "seed": HUGE}),
+    "seed negative huge": ct_request(decoding={"temperature": 1.0, "seed": -HUGE}),
+    "top_k huge": ct_request(decoding={"temperature": 1.0, "top_k": HUGE}),
+    "top_p nan": ct_request(decoding={"temperature": 1.0, "top_p": NAN}),
+    "max_new_tokens huge": ct_request(decoding={"max_new_tokens": HUGE}),
+    "frame huge": ct_request(image={"frame": HUGE}),
+    "slice negative huge": ct_request(image={"slice_index": -HUGE}),
+    "volume_index huge": ct_request(image={"volume_index": HUGE}),
+    "window inf": ct_request(image={"window": [INF, 400]}),
+    "window nan": ct_request(image={"window": [40, NAN]}),
+    "point inf": ct_request(regions=[{"kind": "point", "points": [[INF, 3]]}]),
+    "point nan": ct_request(regions=[{"kind": "point", "points": [[NAN, 3]]}]),
+    "point radius inf": ct_request(regions=[{"kind": "point", "points": [[3, 3]], "radius": INF}]),
+    "box nan": ct_request(regions=[{"kind": "box", "box": [0, 0, NAN, 10]}]),
+    "box huge": ct_request(regions=[{"kind": "box", "box": [-1e308, -1e308, 1e308, 1e308]}]),
+    "polygon inf": ct_request(regions=[{"kind": "polygon", "points": [[0, 0], [INF, 0], [5, 5]]}]),
+    "scribble width inf": ct_request(regions=[{"kind": "scribble", "points": [[3, 3]], "width": INF}]),
+    "scribble width huge": ct_request(regions=[{"kind": "scribble", "points": [[3, 3]], "width": 1e300}]),
+    "uri nul": {"image": {"uri": "/tmp/ct.dcm\x00.png"}, "question": "q"},
+    "question lone surrogate": ct_request(question="caf\ud800?"),  # JSON may escape one; UTF-8 cannot hold it
+    "uri lone surrogate": {"image": {"uri": "/tmp/caf\ud800.dcm"}, "question": "q"},
+    "mask source lone surrogate": ct_request(regions=[{"kind": "mask", "source": "/tmp/\ud800.png"}]),
+    "mask source nul": ct_request(regions=[{"kind": "mask", "source": "/tmp/m.png\x00"}]),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_NUMBERS))
+def test_hostile_numbers_and_bytes_get_a_4xx_never_a_500(http: Any, name: str) -> None:
+    body = json.dumps(HOSTILE_NUMBERS[name])  # json writes Infinity and NaN, as JavaScript clients may
+    response = http.post("/v1/vqa", content=body, headers={"Content-Type": "application/json"})
+    assert 400 <= response.status_code < 500, f"{name}: {response.status_code} {response.text}"
+    assert set(response.json()) == {"error", "message"}, response.text

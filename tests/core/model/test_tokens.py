@@ -140,3 +140,9 @@ def test_decode_answer_stops_at_eos_and_keeps_seg() -> None:
     seg = tokenizer.convert_tokens_to_ids("<SEG>")
     ids = [*tokenize_user_text(tokenizer, " Sure, it is"), seg, tokenizer.eos_token_id, 5, 6]
     assert decode_answer(tokenizer, ids) == "Sure, it is<SEG>"
+
+
+@pytest.mark.parametrize("text", ["caf\udce9", "\ud800 lone", "ok \udfff"])
+def test_text_that_is_not_utf8_is_refused_naming_the_position(text: str) -> None:
+    with pytest.raises(InvalidInputError, match="not valid UTF-8"):
+        tokenize_user_text(train_tiny_tokenizer(), text)
