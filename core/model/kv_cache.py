@@ -1,0 +1,132 @@
+"""A preallocated KV cache and a lean pass of the LLaMA trunk over it, for generation.
+
+transformers' `LlamaModel.forward` rebuilds the causal mask, dispatches through its attention
+interface and grows a `DynamicCache` by concatenation at every step. At the `small` preset one
+decoded token costs about 3.6 ms of matrix products and as much again of that bookkeeping
+(`benchmarks/peers.py`). `run_trunk` keeps the trunk's own modules (norms, projections, whatever MLP
+sits in a layer: a routed MLP, a peft LoRA or a quantised linear runs unchanged) and its rotary
+embedding, and does the rest directly: keys and values are written into buffers sized once for the
+whole generation, and the mask is one boolean tensor per call.
+
+The arithmetic is the trunk's: positions count real tokens only, a query sees the real keys at or
+before it, and each query also sees its own key, so a padding row attends to something and stays
+finite (its output is never read).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import Cache
+from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
+
+
+class StaticKVCache:
+    """Keys and values per layer, (B, heads_kv, capacity, head_dim), of which `length` columns are filled."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> None:
+        self.keys, self.values, self.length = keys, values, length
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    @classmethod
+    def empty(cls, trunk: nn.Module, batch: int, capacity: int, like: torch.Tensor) -> StaticKVCache:
+        config = trunk.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (batch, config.num_key_value_heads, capacity, head_dim)
+        layers = len(trunk.layers)
+        make = [like.new_empty(shape) for _ in range(2 * layers)]
+        return cls(make[:layers], make[layers:], 0)
+
+    @classmethod
+    def from_cache(cls, cache: Cache, trunk: nn.Module, capacity: int, like: torch.Tensor) -> StaticKVCache:
+        """A copy of a transformers cache's keys and values, with room for `capacity` columns in all."""
+        length = cache.get_seq_length()
+        static = cls.empty(trunk, like.shape[0], max(capacity, length), like)
+        for layer, keys, values in zip(cache.layers, static.keys, static.values, strict=True):
+            keys[:, :, :length] = layer.keys
+            values[:, :, :length] = layer.values
+        static.length = length
+        return static
+
+
+def supports_static_cache(trunk: nn.Module) -> bool:
+    """Whether `run_trunk` knows every layer's attention (LLaMA's); else transformers' forward runs."""
+    return all(isinstance(getattr(layer, "self_attn", None), LlamaAttention) for layer in trunk.layers)
+
+
+def run_trunk(
+    trunk: nn.Module,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache: StaticKVCache,
+) -> torch.Tensor:
+    """The trunk (`LlamaModel`) on T new embeddings (B, T, hidden) after `cache.length` cached columns.
+
+    `attention_mask` (B, cache.length + T) marks the real columns; the new keys and values are written
+    into the cache, whose `length` grows by T. Returns the final-norm hidden states (B, T, hidden).
+    """
+    batch, steps, _ = inputs_embeds.shape
+    start, end = cache.length, cache.length + steps
+    if end > cache.capacity:
+        raise RuntimeError(f"the KV cache holds {cache.capacity} columns, {end} needed")
+    # allowed[b, t, j]: key j is real and not after query t; each query always sees itself.
+    columns = torch.arange(cache.capacity, device=inputs_embeds.device)
+    query_columns = torch.arange(start, end, device=inputs_embeds.device)[:, None]
+    real = torch.zeros(batch, cache.capacity, dtype=torch.bool, device=inputs_embeds.device)
+    real[:, :end] = attention_mask.bool()
+    allowed = (real[:, None, :] & (columns <= query_columns)) | (columns == query_columns)
+    allowed = allowed[:, None, :, :end]
+
+    hidden = inputs_embeds
+    cos, sin = trunk.rotary_emb(hidden, position_ids)
+    for layer, keys, values in zip(trunk.layers, cache.keys, cache.values, strict=True):
+        attention = layer.self_attn
+        shape = (batch, steps, -1, attention.head_dim)
+        normed = layer.input_layernorm(hidden)
+        query = attention.q_proj(normed).view(shape).transpose(1, 2)
+        key = attention.k_proj(normed).view(shape).transpose(1, 2)
+        value = attention.v_proj(normed).view(shape).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        keys[:, :, start:end] = key
+        values[:, :, start:end] = value
+        attended = F.scaled_dot_product_attention(
+            query,
+            keys[:, :, :end],
+            values[:, :, :end],
+            attn_mask=allowed,
+            scale=attention.scaling,
+            enable_gqa=attention.num_key_value_groups > 1,
+        )
+        hidden = hidden + attention.o_proj(attended.transpose(1, 2).reshape(batch, steps, -1))
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    cache.length = end
+    return trunk.norm(hidden)
+
+
+TrunkRunner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def trunk_runner(
+    model: Any, past_key_values: Cache | None, rows: int, capacity: int, like: torch.Tensor
+) -> TrunkRunner:
+    """`run(embeds, attention_mask, position_ids) -> hidden` for one generation of `rows` rows and at
+    most `capacity` columns, continuing `past_key_values`: over a `StaticKVCache` for a LLaMA trunk,
+    else through `model.run_language_model` and a `DynamicCache`."""
+    trunk = model.language_model.model
+    if not supports_static_cache(trunk):
+        cache = past_key_values if past_key_values is not None else DynamicCache(config=trunk.config)
+        return lambda embeds, mask, positions: model.run_language_model(embeds, mask, positions, cache)[0]
+    if past_key_values is None:
+        static = StaticKVCache.empty(trunk, rows, capacity, like)
+    else:
+        static = StaticKVCache.from_cache(past_key_values, trunk, capacity, like)
+    return lambda embeds, mask, positions: run_trunk(trunk, embeds, mask, positions, static)
