@@ -292,6 +292,7 @@ TemperatureOption = typer.Option(0.0, "--temperature", help="0 decodes greedily;
 SeedOption = typer.Option(None, "--seed", help="seed of the sampler")
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda")
 DtypeOption = typer.Option("float32", "--dtype", help="float32 or bfloat16")
+QuantizationOption = typer.Option(None, "--quantization", help="int8 or int4: the LLM's linear layers")
 
 
 @app.command()
@@ -315,6 +316,7 @@ def ask(
     seed: int | None = SeedOption,
     device: str = DeviceOption,
     dtype: str = DtypeOption,
+    quantization: str | None = QuantizationOption,
 ) -> None:
     """Ask a question about an image, or about regions marked on it."""
     run_assistant("answer", **locals())
@@ -341,6 +343,7 @@ def ground(
     seed: int | None = SeedOption,
     device: str = DeviceOption,
     dtype: str = DtypeOption,
+    quantization: str | None = QuantizationOption,
 ) -> None:
     """Segment what TEXT names; always returns at least one mask."""
     run_assistant("ground", question=text, **{k: v for k, v in locals().items() if k != "text"})
@@ -371,7 +374,12 @@ def run_assistant(task: str, *, image: str, question: str, **options: Any) -> No
     }
     import medplib
 
-    assistant = medplib.load(options["model"], device=options["device"], dtype=options["dtype"])
+    assistant = medplib.load(
+        options["model"],
+        device=options["device"],
+        dtype=options["dtype"],
+        quantization=options["quantization"],
+    )
     method = assistant.ground if task == "ground" else assistant.answer
     result = method(image, question, regions, image_options=image_options, **decoding)
     if options["overlay_path"]:
@@ -419,11 +427,13 @@ def format_result(result: Any, *, untrained: bool, overlay: str | None) -> str:
 def info(
     model: str = typer.Argument(..., help="preset (tiny, small, medplib-7b), checkpoint or fsspec URI"),
     as_json: bool = typer.Option(False, "--json", help="print the model's description as JSON"),
+    dtype: str = typer.Option("float32", "--dtype", help="weights' dtype for the bytes column"),
+    quantization: str | None = typer.Option(None, "--quantization", help="int8 or int4, for the bytes"),
 ) -> None:
-    """Describe a model without loading its weights: components, parameters, special tokens, experts."""
+    """Describe a model without loading its weights: components, parameters and bytes, tokens, experts."""
     from medplib.core.model_info import format_info, model_info
 
-    described = model_info(model)
+    described = model_info(model, dtype=dtype, quantization=quantization)
     typer.echo(described.model_dump_json(indent=2) if as_json else format_info(described))
 
 

@@ -46,6 +46,7 @@ from medplib.core.model import (
     build_medplib,
     load_llava_and_sam,
 )
+from medplib.core.model.quantization import check_quantization, quantize
 from medplib.core.queries import (
     DEFAULT_INFERENCE_LIMITS,
     REGION_PLACEHOLDER,
@@ -97,11 +98,14 @@ def load(
     cache_bytes: int = DEFAULT_MAX_BYTES,
     seed: int = 0,
     limits: InferenceLimits = DEFAULT_INFERENCE_LIMITS,
+    quantization: str | None = None,
 ) -> MedPLIB:
     """A ready assistant from a preset (`tiny`, `small`), a `save_pretrained` folder or fsspec URI (a
     stage IV one loads with its mixture of experts), or, with `sam=`, a LLaVA-1.5 folder plus a SAM
-    checkpoint. `seed` seeds a preset's random weights."""
+    checkpoint. `seed` seeds a preset's random weights. `quantization` ("int8", "int4") stores the
+    LLM's linear layers in 8 or 4 bits (`core/model/quantization.py`)."""
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    quantization = check_quantization(quantization)
     source = os.fspath(preset_or_path)
     untrained = False
     if sam is not None:
@@ -124,7 +128,16 @@ def load(
             )
         model = _from_checkpoint(source)
     model = model.to(device=torch_device, dtype=torch_dtype).eval()
-    return MedPLIB(model, name=source, untrained=untrained, cache=EmbeddingCache(cache_bytes), limits=limits)
+    if quantization is not None:
+        quantize(model, quantization)
+    return MedPLIB(
+        model,
+        name=source,
+        untrained=untrained,
+        cache=EmbeddingCache(cache_bytes),
+        limits=limits,
+        quantization=quantization,
+    )
 
 
 def _from_checkpoint(source: str) -> MedPLIBForCausalLM:
@@ -168,12 +181,14 @@ class MedPLIB:
         untrained: bool = False,
         cache: EmbeddingCache | None = None,
         limits: InferenceLimits = DEFAULT_INFERENCE_LIMITS,
+        quantization: str | None = None,
     ) -> None:
         if model.tokenizer is None:
             raise CheckpointError(f"{name}: the model has no tokenizer")
         self.model = model.eval()
         self.name = name
         self.untrained = untrained
+        self.quantization = quantization  # of the LLM's linear layers; None: full precision
         self.limits = limits
         self.cache = cache if cache is not None else EmbeddingCache()
         config = model.config
