@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
-from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm, apply_rotary_pos_emb
 
 
 class StaticKVCache:
@@ -78,20 +78,13 @@ def run_trunk(
     start, end = cache.length, cache.length + steps
     if end > cache.capacity:
         raise RuntimeError(f"the KV cache holds {cache.capacity} columns, {end} needed")
-    # allowed[b, t, j]: key j is real and not after query t; each query always sees itself.
-    columns = torch.arange(cache.capacity, device=inputs_embeds.device)
-    query_columns = torch.arange(start, end, device=inputs_embeds.device)[:, None]
-    real = torch.zeros(batch, cache.capacity, dtype=torch.bool, device=inputs_embeds.device)
-    real[:, :end] = attention_mask.bool()
-    allowed = (real[:, None, :] & (columns <= query_columns)) | (columns == query_columns)
-    allowed = allowed[:, None, :, :end]
-
+    allowed = _attention_mask(attention_mask, start, steps)
     hidden = inputs_embeds
     cos, sin = trunk.rotary_emb(hidden, position_ids)
     for layer, keys, values in zip(trunk.layers, cache.keys, cache.values, strict=True):
         attention = layer.self_attn
         shape = (batch, steps, -1, attention.head_dim)
-        normed = layer.input_layernorm(hidden)
+        normed = _rms_norm(layer.input_layernorm, hidden)
         query = attention.q_proj(normed).view(shape).transpose(1, 2)
         key = attention.k_proj(normed).view(shape).transpose(1, 2)
         value = attention.v_proj(normed).view(shape).transpose(1, 2)
@@ -107,9 +100,29 @@ def run_trunk(
             enable_gqa=attention.num_key_value_groups > 1,
         )
         hidden = hidden + attention.o_proj(attended.transpose(1, 2).reshape(batch, steps, -1))
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
     cache.length = end
-    return trunk.norm(hidden)
+    return _rms_norm(trunk.norm, hidden)
+
+
+def _attention_mask(attention_mask: torch.Tensor, start: int, steps: int) -> torch.Tensor | None:
+    """allowed (B, 1, T, start + T): key j is real and not after query t; each query always sees itself.
+    None where that is every key (one new token per row and no padding): sdpa then needs no mask."""
+    real = attention_mask.bool()
+    if steps == 1:
+        return None if real.all() else real[:, None, None, :]
+    columns = torch.arange(start + steps, device=real.device)
+    query_columns = torch.arange(start, start + steps, device=real.device)[:, None]
+    allowed = (real[:, None, :] & (columns <= query_columns)) | (columns == query_columns)
+    return allowed[:, None]
+
+
+def _rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """LLaMA's RMSNorm (in float32, back to the input's dtype, times the weight) as torch's fused op."""
+    if not isinstance(norm, LlamaRMSNorm):
+        return norm(hidden)
+    normed = F.rms_norm(hidden.float(), (hidden.shape[-1],), eps=norm.variance_epsilon)
+    return norm.weight * normed.to(hidden.dtype)
 
 
 TrunkRunner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

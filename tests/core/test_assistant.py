@@ -58,9 +58,10 @@ def fresh(assistant: MedPLIB) -> Iterator[MedPLIB]:
 
 @pytest.fixture
 def encoder_calls(assistant: MedPLIB) -> Iterator[dict[str, list[int]]]:
-    """Forward calls of the CLIP tower and of SAM's image encoder during the test."""
+    """Forward calls of the CLIP tower (its patch embedding: the features skip the tower's own forward)
+    and of SAM's image encoder during the test."""
     counted: dict[str, list[int]] = {"clip": [], "sam": []}
-    modules = {"clip": assistant.model.vision_tower, "sam": assistant.model.sam.image_encoder}
+    modules = {"clip": assistant.model.vision_tower.embeddings, "sam": assistant.model.sam.image_encoder}
     handles = [
         module.register_forward_hook(lambda *_, name=name: counted[name].append(1))
         for name, module in modules.items()
