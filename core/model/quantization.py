@@ -1,10 +1,11 @@
 """Quantised weights for the LLM: `medplib.load(..., quantization="int8" | "int4")`.
 
 What is quantised: every linear layer of the LLM: the attention and MLP projections of each decoder
-layer (a routed MLP's shared projections included) and the LM head. What stays in full precision:
-the router gate (its top-1 choice flips on small errors), the norms and embeddings (not linear
-layers), the CLIP tower, the projector, the region encoder, the `<SEG>` head and SAM, and the experts'
-LoRA factors (rank 8-16: under 1% of the LLM's bytes at every preset, see `medplib info`).
+layer (a routed MLP's shared projections included) and the LM head; and the CLIP tower's blocks (as
+LISA's and MedPLIB's 8-bit loading quantises the LLaVA tower with the LLM). What stays in full
+precision: the router gate (its top-1 choice flips on small errors), the norms and embeddings (not
+linear layers), the CLIP patch embedding, the projector, the region encoder, the `<SEG>` head and
+SAM, and the experts' LoRA factors (rank 8-16: under 1% of the LLM's bytes at every preset).
 
 How, by device:
 
@@ -56,10 +57,11 @@ def check_quantization(quantization: str | None) -> Quantization | None:
 def quantized_linear_names(model: nn.Module) -> list[str]:
     """Full names (from `model`) of the linear layers `quantize` replaces."""
     names = []
-    for name, module in model.language_model.named_modules():
-        parts = name.split(".")
-        if isinstance(module, nn.Linear) and not any(part in FULL_PRECISION for part in parts):
-            names.append(f"language_model.{name}")
+    for root in ("language_model", "vision_tower.encoder"):
+        for name, module in model.get_submodule(root).named_modules():
+            parts = name.split(".")
+            if isinstance(module, nn.Linear) and not any(part in FULL_PRECISION for part in parts):
+                names.append(f"{root}.{name}")
     return names
 
 

@@ -41,7 +41,9 @@ def test_the_llms_linear_layers_are_quantised_and_the_rest_is_not(
 ) -> None:
     names = quantized_linear_names(tiny_model)
     layers = tiny_model.config.text_config.num_hidden_layers
-    assert len(names) == 7 * layers + 1 and "language_model.lm_head" in names
+    clip_layers = tiny_model.config.vision_config.num_hidden_layers
+    assert len(names) == 7 * layers + 1 + 6 * clip_layers and "language_model.lm_head" in names
+    assert "vision_tower.encoder.layers.0.mlp.fc1" in names
     batch = processor([Request(image, [Turn("What modality is this?")])])
     expected = _hidden(tiny_model, batch)
     model = _quantized_copy(quantization)
@@ -98,9 +100,11 @@ def test_bytes_per_component_count_the_quantised_weights() -> None:
     groups = sum(linear.weight.numel() // int4_group(linear.in_features) for linear in linears)
     outputs = sum(linear.out_features for linear in linears)
     int8, int4 = weight_bytes(model, COMPONENTS, "int8"), weight_bytes(model, COMPONENTS, "int4")
-    assert full["language_model"] - int8["language_model"] == 3 * weights - 4 * outputs
-    assert full["language_model"] - int4["language_model"] == 3.5 * weights - 4 * groups
-    for component in ("vision_tower", "seg_head", "sam_mask_decoder"):
+    saved = {name: full[name] - int8[name] for name in ("language_model", "vision_tower")}
+    assert sum(saved.values()) == 3 * weights - 4 * outputs
+    saved = {name: full[name] - int4[name] for name in ("language_model", "vision_tower")}
+    assert sum(saved.values()) == 3.5 * weights - 4 * groups
+    for component in ("projector", "seg_head", "sam_mask_decoder"):
         assert full[component] == int8[component] == int4[component]
 
 
