@@ -64,6 +64,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # presets are trained on.
 GROUNDING_QUESTION = "Please segment {text} in this image."
 SEG_TEXT = ControlToken.SEG.value
+# The answer the presets are trained to give a grounding request (trainers/data/templates.py), and
+# how `ground` gets its <SEG> state: by decoding the model's own answer, or by prefilling this one.
+GROUNDING_ANSWER = "Sure, it is {seg}."
+GROUNDING_ANSWER_MODES = ("generate", "template")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -236,10 +240,18 @@ class MedPLIB:
         regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
         *,
         image_options: Mapping[str, Any] | None = None,
+        answer: str = "generate",
         **decoding: Any,
     ) -> GroundingResult:
-        """Segment what `text` names ("the liver lesion"); at least one mask, see `seg_forced`."""
-        return self._single("ground", image, text, regions, image_options, decoding)
+        """Segment what `text` names ("the liver lesion"); at least one mask, see `seg_forced`.
+
+        `answer="template"` skips decoding: the trained answer ("Sure, it is <SEG>.") is prefilled
+        with the question and the `<SEG>` state taken from that one pass; the same mask as
+        "generate" wherever the model would answer with the template (docs/performance.md).
+        """
+        query = {"image": image, "text": text, "task": "ground", "regions": list(regions)}
+        query["image_options"] = dict(image_options or {})
+        return self.answer_batch([query], grounding_answer=answer, **decoding)[0]
 
     def _single(
         self,
@@ -254,10 +266,16 @@ class MedPLIB:
         return self.answer_batch([{**query, "image_options": dict(image_options or {})}], **decoding)[0]
 
     def answer_batch(
-        self, queries: Sequence[Query | Mapping[str, Any]], **decoding: Any
+        self,
+        queries: Sequence[Query | Mapping[str, Any]],
+        *,
+        grounding_answer: str = "generate",
+        **decoding: Any,
     ) -> list[AnswerResult | GroundingResult]:
-        """Several questions and grounding requests as one batch; greedy results equal single calls."""
-        return [result for result, _ in self._batch(queries, decoding, predict_masks=True)]
+        """Several questions and grounding requests as one batch; greedy results equal single calls.
+        `grounding_answer`: as `ground`'s `answer`, for the batch's grounding requests."""
+        batch = self._batch(queries, decoding, predict_masks=True, grounding_answer=grounding_answer)
+        return [result for result, _ in batch]
 
     def generate_batch(
         self, queries: Sequence[Query | Mapping[str, Any]], **decoding: Any
@@ -273,27 +291,42 @@ class MedPLIB:
         decoding: Mapping[str, Any],
         *,
         predict_masks: bool,
+        grounding_answer: str = "generate",
     ) -> list[tuple[AnswerResult | GroundingResult, torch.Tensor]]:
         start = time.perf_counter()
         settings = self._decoding(decoding)
+        if grounding_answer not in GROUNDING_ANSWER_MODES:
+            raise InvalidInputError(
+                f"unknown grounding answer {grounding_answer!r}; use one of {list(GROUNDING_ANSWER_MODES)}"
+            )
+        template = GROUNDING_ANSWER.format(seg=SEG_TEXT)
         parsed = [parse_model(Query, query, "query") for query in queries]
         self._check_batch(len(parsed))
         prepared = []
         for query in parsed:
             text = self._text(query.text, "question" if query.task == "answer" else "grounding text")
             question = GROUNDING_QUESTION.format(text=text) if query.task == "ground" else text
+            prefilled = grounding_answer == "template" and query.task == "ground"
             prepared.append(
                 self._prepare(
                     query.image,
                     query.image_options,
                     [(question, query.regions)],
-                    [],
+                    [template] if prefilled else [],
                     require_seg=query.task == "ground",
                 )
             )
-        batch = self._generator.run([p.conversation for p in prepared], settings, predict_masks=predict_masks)
+        # Rows whose answer is prefilled run apart from those that decode theirs.
+        rows: list[tuple[Generated, BatchGeneration]] = [None] * len(prepared)  # type: ignore[list-item]
+        for answered in (False, True):
+            group = [i for i, p in enumerate(prepared) if p.conversation.answered == answered]
+            if group:
+                conversations = [prepared[i].conversation for i in group]
+                batch = self._generator.run(conversations, settings, predict_masks=predict_masks)
+                for i, row in zip(group, batch.rows, strict=True):
+                    rows[i] = (row, batch)
         results: list[tuple[AnswerResult | GroundingResult, torch.Tensor]] = []
-        for query, item, row in zip(parsed, prepared, batch.rows, strict=True):
+        for query, item, (row, batch) in zip(parsed, prepared, rows, strict=True):
             if query.task == "ground":
                 result = self._result(
                     GroundingResult, item, row, batch, start, label=query.text, query=query.text
@@ -394,7 +427,8 @@ class MedPLIB:
             masks += [prompt.to_mask(height, width) for prompt in regions]
             answer = answer_parts(answers[index]) if index < len(answers) else None
             turns.append(Turn(question_parts(question, len(regions)), answer))
-        conversation = Conversation(loaded.pixels, turns, masks, require_seg=require_seg)
+        answered = len(answers) == len(questions)  # the last turn's answer is given: prefilled, not decoded
+        conversation = Conversation(loaded.pixels, turns, masks, require_seg=require_seg, answered=answered)
         return _Prepared(conversation, loaded, load_ms, num_regions)
 
     # ---- results --------------------------------------------------------------------------------------

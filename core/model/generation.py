@@ -158,3 +158,41 @@ def decode(
         seg_forced=forced,
         seconds=seconds,
     )
+
+
+@torch.no_grad()
+def prefill_answers(
+    model: MedPLIBForCausalLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    answer_length: int,
+    *,
+    region_masks: list[torch.Tensor] | None = None,
+    image_features: torch.Tensor | None = None,
+    past_key_values: Cache | None = None,
+) -> GenerationOutput:
+    """Teacher-forced, in one pass: the last `answer_length` columns of every row are a known answer
+    (the same in every row, e.g. the grounding template with its `</s>`). Its `<SEG>` hidden states
+    are those decoding that answer would keep, without decoding it token by token. Arguments as
+    `decode`; the answer must lie after the cached prefix.
+    """
+    rows, length = input_ids.shape
+    past = 0 if past_key_values is None else past_key_values.get_seq_length()
+    if not 0 < answer_length < length - past:
+        raise InvalidInputError(f"an answer of {answer_length} tokens does not fit after the prompt")
+    answers = input_ids[:, -answer_length:]
+    if not (answers == answers[:1]).all() or not attention_mask[:, -answer_length:].all():
+        raise InvalidInputError("prefilled answers must be the same real tokens in every row")
+    start = time.perf_counter()
+    embeds = model.embed_inputs(input_ids[:, past:], None, region_masks, image_features)
+    run = trunk_runner(model, past_key_values, rows, length, embeds)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = run(embeds, attention_mask, positions[:, past:])
+    predicting = hidden[:, -answer_length - 1 : -1]  # column c predicts column c + 1
+    is_seg = answers == model.config.seg_token_id
+    return GenerationOutput(
+        sequences=answers,
+        seg_hidden_states=[states[seg] for states, seg in zip(predicting, is_seg, strict=True)],
+        seg_forced=torch.zeros(rows, dtype=torch.bool, device=input_ids.device),
+        seconds={"prefill": elapsed(start, input_ids.device), "decode": 0.0},
+    )
