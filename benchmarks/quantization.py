@@ -1,12 +1,12 @@
 """Quantised weights: quality on the trained tiny pipeline, weight bytes of the 7B preset, peak memory.
 
-    .venv/bin/python benchmarks/quantization.py [--stage4 demo-output/pipeline/stage4]
+    .venv/bin/python benchmarks/quantization.py [--stage demo-output/pipeline/stage4 ...]
         [--data demo-output/data] [--out benchmarks/results]
 
-1. Quality: the stage IV model of the tiny pipeline (`make demo` trains it) scored on the test split
-   in fp32, int8 and int4 (`trainers.scoring.evaluate`: greedy answers, grounding by the model's own
-   `<SEG>`); the share of answers identical to fp32's, and each mode's closed accuracy and mDice.
-   Without a trained pipeline this part is left out and the report says so.
+1. Quality: trained stage folders of the tiny pipeline (`make demo` trains them; default stage IV)
+   scored on the test split in fp32, int8 and int4 (`trainers.scoring.evaluate`: greedy answers,
+   grounding by the model's own `<SEG>`); the share of answers identical to fp32's, and each mode's
+   closed accuracy, region recall and mDice. A stage folder that does not exist is reported as such.
 2. Weight bytes of `medplib-7b` per component on the meta device (`medplib info`): bf16 and fp32
    as loaded, and with the quantised layers at int8 and int4.
 3. Resident memory (peak, and after answering) of a process that loads the `small` preset in each
@@ -106,12 +106,12 @@ def peak_rss() -> dict:
 
 def markdown(report: dict) -> str:
     lines = []
-    q = report["quality"]
-    if "skipped" in q:
-        lines += [f"Quality: {q['skipped']}", ""]
-    else:
+    for stage, q in report["quality"].items():
+        if "skipped" in q:
+            lines += [f"Quality, {stage}: {q['skipped']}", ""]
+            continue
         lines += [
-            f"Trained tiny pipeline, stage IV, test split ({q['samples']} samples), greedy, CPU:",
+            f"Trained tiny pipeline, {stage}, test split ({q['samples']} samples), greedy, CPU:",
             "",
             "| mode | answers equal to fp32 | closed accuracy | region recall | mDice | mDice - fp32 | s |",
             "|---|---|---|---|---|---|---|",
@@ -152,15 +152,20 @@ def markdown(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     root = Path(__file__).parents[1]
-    parser.add_argument("--stage4", type=Path, default=root / "demo-output" / "pipeline" / "stage4")
+    parser.add_argument(
+        "--stage", type=Path, action="append", help="trained stage folder (repeatable; default: stage IV)"
+    )
     parser.add_argument("--data", type=Path, default=root / "demo-output" / "data")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.stage4.is_dir():
-        found = quality(args.stage4, args.data)
-    else:
-        found = {"skipped": f"no trained pipeline at {args.stage4}: run `make demo` first"}
+    stages = args.stage or [root / "demo-output" / "pipeline" / "stage4"]
+    found = {}
+    for stage in stages:
+        if stage.is_dir():
+            found[stage.name] = quality(stage, args.data)
+        else:
+            found[stage.name] = {"skipped": f"no trained stage at {stage}: run `make demo` first"}
     report = {
         "quality": found,
         "medplib_7b_weight_bytes": weight_bytes(),

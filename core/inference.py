@@ -29,6 +29,7 @@ from medplib.core.model import MaskPrediction, MedPLIBForCausalLM, MedPLIBProces
 from medplib.core.model.conversation import encode_conversation
 from medplib.core.model.generation import decode, elapsed, prefill_answers
 from medplib.core.model.grounding import sam_input_size
+from medplib.core.model.kv_cache import PrefixKV
 from medplib.core.queries import Decoding
 
 
@@ -269,9 +270,8 @@ class CachedGenerator:
         layers = torch.stack([torch.stack([layer.keys, layer.values]) for layer in cache.layers])
         return [layers[:, :, row].clone() for row in range(len(features))]
 
-    def _batch_cache(self, kvs: list[torch.Tensor]) -> DynamicCache:
-        stacked = torch.stack(kvs, dim=2)  # (layers, 2, batch, heads, P, head_dim)
-        return DynamicCache([(layer[0], layer[1]) for layer in stacked], config=self.model.config.text_config)
+    def _batch_cache(self, kvs: list[torch.Tensor]) -> PrefixKV:
+        return PrefixKV(kvs)
 
     # ---- helpers ---------------------------------------------------------------------------------------
 

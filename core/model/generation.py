@@ -23,7 +23,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from medplib.core.errors import InvalidInputError
-from medplib.core.model.kv_cache import trunk_runner
+from medplib.core.model.kv_cache import PrefixKV, trunk_runner
 
 if TYPE_CHECKING:
     from medplib.core.model.modeling_medplib import MedPLIBForCausalLM
@@ -71,7 +71,7 @@ def decode(
     region_masks: list[torch.Tensor] | None = None,
     *,
     image_features: torch.Tensor | None = None,
-    past_key_values: Cache | None = None,
+    past_key_values: Cache | PrefixKV | None = None,
     require_seg: bool | torch.Tensor = False,
     max_new_tokens: int = 64,
     do_sample: bool = False,
@@ -169,7 +169,7 @@ def prefill_answers(
     *,
     region_masks: list[torch.Tensor] | None = None,
     image_features: torch.Tensor | None = None,
-    past_key_values: Cache | None = None,
+    past_key_values: Cache | PrefixKV | None = None,
 ) -> GenerationOutput:
     """Teacher-forced, in one pass: the last `answer_length` columns of every row are a known answer
     (the same in every row, e.g. the grounding template with its `</s>`). Its `<SEG>` hidden states

@@ -46,15 +46,39 @@ class StaticKVCache:
         return cls(make[:layers], make[layers:], 0)
 
     @classmethod
-    def from_cache(cls, cache: Cache, trunk: nn.Module, capacity: int, like: torch.Tensor) -> StaticKVCache:
-        """A copy of a transformers cache's keys and values, with room for `capacity` columns in all."""
+    def from_cache(
+        cls, cache: Cache | PrefixKV, trunk: nn.Module, capacity: int, like: torch.Tensor
+    ) -> StaticKVCache:
+        """A copy of a cache's keys and values, with room for `capacity` columns in all."""
         length = cache.get_seq_length()
         static = cls.empty(trunk, like.shape[0], max(capacity, length), like)
-        for layer, keys, values in zip(cache.layers, static.keys, static.values, strict=True):
-            keys[:, :, :length] = layer.keys
-            values[:, :, :length] = layer.values
+        if isinstance(cache, PrefixKV):
+            for row, prefix in enumerate(cache.rows):
+                for layer, (keys, values) in enumerate(zip(static.keys, static.values, strict=True)):
+                    keys[row, :, :length] = prefix[layer, 0]
+                    values[row, :, :length] = prefix[layer, 1]
+        else:
+            for layer, keys, values in zip(cache.layers, static.keys, static.values, strict=True):
+                keys[:, :, :length] = layer.keys
+                values[:, :, :length] = layer.values
         static.length = length
         return static
+
+
+class PrefixKV:
+    """Per row, the keys and values of a prefix all rows share in length, each (layers, 2, heads_kv,
+    P, head_dim): `past_key_values` that generation copies once, straight into its preallocated cache
+    (a transformers cache built from them would concatenate every layer first)."""
+
+    def __init__(self, rows: list[torch.Tensor]) -> None:
+        self.rows = rows
+
+    def get_seq_length(self) -> int:
+        return self.rows[0].shape[3]
+
+    def to_dynamic(self, config: Any) -> DynamicCache:
+        stacked = torch.stack(self.rows, dim=2)  # (layers, 2, batch, heads, P, head_dim)
+        return DynamicCache([(layer[0], layer[1]) for layer in stacked], config=config)
 
 
 def supports_static_cache(trunk: nn.Module) -> bool:
@@ -121,6 +145,8 @@ def _rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """LLaMA's RMSNorm (in float32, back to the input's dtype, times the weight) as torch's fused op."""
     if not isinstance(norm, LlamaRMSNorm):
         return norm(hidden)
+    if hidden.dtype == torch.float32 == norm.weight.dtype:  # one kernel, the same products in order
+        return F.rms_norm(hidden, (hidden.shape[-1],), norm.weight, eps=norm.variance_epsilon)
     normed = F.rms_norm(hidden.float(), (hidden.shape[-1],), eps=norm.variance_epsilon)
     return norm.weight * normed.to(hidden.dtype)
 
@@ -129,7 +155,7 @@ TrunkRunner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def trunk_runner(
-    model: Any, past_key_values: Cache | None, rows: int, capacity: int, like: torch.Tensor
+    model: Any, past_key_values: Cache | PrefixKV | None, rows: int, capacity: int, like: torch.Tensor
 ) -> TrunkRunner:
     """`run(embeds, attention_mask, position_ids) -> hidden` for one generation of `rows` rows and at
     most `capacity` columns, continuing `past_key_values`: over a `StaticKVCache` for a LLaMA trunk,
@@ -137,6 +163,8 @@ def trunk_runner(
     trunk = model.language_model.model
     if not supports_static_cache(trunk):
         cache = past_key_values if past_key_values is not None else DynamicCache(config=trunk.config)
+        if isinstance(cache, PrefixKV):
+            cache = cache.to_dynamic(trunk.config)
         return lambda embeds, mask, positions: model.run_language_model(embeds, mask, positions, cache)[0]
     if past_key_values is None:
         static = StaticKVCache.empty(trunk, rows, capacity, like)
