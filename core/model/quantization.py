@@ -23,6 +23,7 @@ How, by device:
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -112,9 +113,15 @@ def quantize(model: nn.Module, quantization: Quantization) -> list[str]:
     elif quantization == "int8":
         if model.dtype != torch.float32:
             raise InvalidInputError("int8 on the CPU needs dtype float32 (fbgemm's kernels take fp32 inputs)")
-        from torch.ao.quantization import quantize_dynamic
+        with warnings.catch_warnings():
+            # torch marks torch.ao.quantization deprecated (for torchao), yet 2.14 still ships it and its
+            # fbgemm kernels; until torchao's int8 is as fast on the CPU, this is the one that is.
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch")
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+            warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
+            from torch.ao.quantization import quantize_dynamic
 
-        quantize_dynamic(model, set(names), dtype=torch.qint8, inplace=True)
+            quantize_dynamic(model, set(names), dtype=torch.qint8, inplace=True)
     else:
         for name in names:
             _replace(model, name, Int4Linear(model.get_submodule(name)))
