@@ -54,6 +54,7 @@ BATCH_QUESTIONS = [
     "What is the most notable finding?",
 ]
 FLOOR = "fp32 floor"
+INT8_FLOOR = "int8 floor"
 SCENARIOS = ("cold_single", "same_image_again", "batch_8_cold", "decode_per_token")
 GOALS = {"cold_single": 1.5, "same_image_again": 4.0, "batch_8_cold": 1.5, "decode_per_token": 1.5}
 
@@ -104,8 +105,9 @@ class Peer:
 
 
 class LinearFloor:
-    """The matrix products no fp32 implementation of a request can skip, run alone: the time any
-    implementation at fp32 needs at least, so peer / floor is the highest ratio fp32 can reach.
+    """The linear layers no implementation of a request can skip, run alone: the time any
+    implementation with these kernels needs at least, so peer / floor bounds what that precision can
+    reach. Built from an fp32 model: the fp32 floor; from an int8 one: the int8 floor (its layers).
 
     Per request: the CLIP blocks up to the feature layer on every patch token, the projector, the LLM's
     linear layers on every prompt token (for the same image again: on the question's own tokens, the
@@ -118,20 +120,23 @@ class LinearFloor:
         config = model.config
         blocks = model.vision_tower.encoder.layers
         used = blocks[: config.vision_feature_layer % (len(blocks) + 1)]
-        weights = lambda modules: [m.weight.detach() for m in modules if isinstance(m, torch.nn.Linear)]  # noqa: E731
-        self.clip = [w for block in used for w in weights(block.modules())]
-        self.projector = weights(model.projector.modules())
-        self.llm = [w for layer in model.language_model.model.layers for w in weights(layer.modules())]
-        self.lm_head = model.language_model.lm_head.weight.detach()
+
+        def linears(root: torch.nn.Module) -> list[torch.nn.Module]:
+            return [m for m in root.modules() if hasattr(m, "in_features") and hasattr(m, "out_features")]
+
+        self.clip = [m for block in used for m in linears(block)]
+        self.projector = linears(model.projector)
+        self.llm = [m for layer in model.language_model.model.layers for m in linears(layer)]
+        self.lm_head = model.language_model.lm_head
         self.patches = config.num_image_tokens + 1
         self.processor = processor
         self.prefix = assistant._generator.prefix_ids
-        widest = max(w.shape[1] for w in [*self.clip, *self.llm, self.lm_head])
+        widest = max(m.in_features for m in [*self.clip, *self.llm, self.lm_head])
         self.inputs = torch.randn(8 * 512, widest)
 
-    def _linears(self, weights: list[torch.Tensor], rows: int) -> None:
-        for weight in weights:
-            torch.nn.functional.linear(self.inputs[:rows, : weight.shape[1]], weight)
+    def _linears(self, modules: list[torch.nn.Module], rows: int) -> None:
+        for module in modules:
+            module(self.inputs[:rows, : module.in_features])
 
     @torch.no_grad()
     def __call__(self, images: list, questions: list[str], tokens: int, cold: bool) -> int:
@@ -207,18 +212,19 @@ def summarise(samples: dict, peer: str = "peer") -> dict:
 
 def markdown(report: dict) -> str:
     env = report["environment"]
-    modes = [name for name in report["results"] if name not in ("peer", FLOOR)]
+    floors = [name for name in (FLOOR, INT8_FLOOR) if name in report["results"]]
+    modes = [name for name in report["results"] if name not in ("peer", *floors)]
     header = "| measurement (ms, median) | peer: transformers LLaVA | " + " | ".join(
         f"medplib {m} | peer ÷ {m}" for m in modes
     )
-    header += f" | {FLOOR}: fp32 linear layers alone | peer ÷ floor: the fp32 ceiling"
+    header += "".join(f" | {f}: its linear layers alone | peer ÷ {f}: its ceiling" for f in floors)
     lines = [
         f"`small` preset, {env['cpu']}, {env['threads']} thread, torch {env['torch']}, transformers "
         f"{env['transformers']}, {report['rounds']} interleaved rounds, {report['new_tokens']} new tokens, "
         f"load average {env['load_average_start']} → {env['load_average_end']} (shared machine).",
         "",
         header + " |",
-        "|---" * (4 + 2 * len(modes)) + "|",
+        "|---" * (2 + 2 * len(modes) + 2 * len(floors)) + "|",
     ]
     labels = {
         "cold_single": "cold single question",
@@ -233,13 +239,14 @@ def markdown(report: dict) -> str:
             ratio = report["results"][m]["ratio"][s]
             mark = "**" if ratio >= GOALS[s] else ""
             cells += [f"{report['results'][m][s]:.1f}", f"{mark}{ratio}x{mark}"]
-        floor = report["results"][FLOOR]
-        cells += [f"{floor[s]:.1f}", f"{floor['ratio'][s]}x"]
+        for name in floors:
+            floor = report["results"][name]
+            cells += [f"{floor[s]:.1f}", f"{floor['ratio'][s]}x"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"The {FLOOR} runs only the fp32 matrix products of the linear layers each request needs (see "
-        "`LinearFloor`); no fp32 implementation can beat it, so `peer ÷ floor` bounds every fp32 ratio.",
+        "A floor runs only the linear layers each request needs, at that precision (`LinearFloor`): no "
+        "implementation with those kernels can beat it, so `peer ÷ floor` bounds the ratio it can reach.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -274,6 +281,8 @@ def main() -> None:
     processor = MedPLIBProcessor(full.model.config, full.model.tokenizer)
     sides["peer"] = lambda i, q, n, cold, p=Peer(build_peer(full), processor): p(i, q, n)
     sides[FLOOR] = LinearFloor(full, processor)
+    if "int8" in sides:
+        sides[INT8_FLOOR] = LinearFloor(load("small", device="cpu", quantization="int8"), processor)
     for call in sides.values():  # first-call costs are not latency
         call(images[:2], BATCH_QUESTIONS[:2], 2, True)
     samples = run_rounds(sides, images, args.rounds, args.tokens)
