@@ -342,6 +342,7 @@ TemperatureOption = typer.Option(0.0, "--temperature", help="0 decodes greedily;
 SeedOption = typer.Option(None, "--seed", help="seed of the sampler")
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda")
 DtypeOption = typer.Option("float32", "--dtype", help="float32 or bfloat16")
+QuantizationOption = typer.Option(None, "--quantization", help="int8 or int4: the LLM's linear layers")
 
 
 def router_options(
@@ -391,6 +392,7 @@ def ask(
     batch_size: int = BatchSizeOption,
     series: str | None = SeriesOption,
     progress: bool | None = ProgressOption,
+    quantization: str | None = QuantizationOption,
 ) -> None:
     """Ask a question about an image, or about regions marked on it; with --slices, about each slice."""
     if wants_volume(image, locals()):
@@ -427,6 +429,7 @@ def ground(
     min_score: float | None = MinScoreOption,
     skip_forced: bool = SkipForcedOption,
     largest_component: bool = LargestOption,
+    quantization: str | None = QuantizationOption,
 ) -> None:
     """Segment what TEXT names; always returns at least one mask. With --out or --slices, or a DICOM
     series folder, through the volume: a 3-D mask (NIfTI or DICOM SEG), its volume in mL."""
@@ -460,7 +463,12 @@ def run_assistant(task: str, *, image: str, question: str, **options: Any) -> No
     }
     import medplib
 
-    assistant = medplib.load(options["model"], device=options["device"], dtype=options["dtype"])
+    assistant = medplib.load(
+        options["model"],
+        device=options["device"],
+        dtype=options["dtype"],
+        quantization=options["quantization"],
+    )
     method = assistant.ground if task == "ground" else assistant.answer
     result = method(image, question, regions, image_options=image_options, **decoding)
     if options["overlay_path"]:
@@ -560,11 +568,13 @@ def convert_medplib(
 def info(
     model: str = typer.Argument(..., help="preset (tiny, small, medplib-7b), checkpoint or fsspec URI"),
     as_json: bool = typer.Option(False, "--json", help="print the model's description as JSON"),
+    dtype: str = typer.Option("float32", "--dtype", help="weights' dtype for the bytes column"),
+    quantization: str | None = typer.Option(None, "--quantization", help="int8 or int4, for the bytes"),
 ) -> None:
-    """Describe a model without loading its weights: components, parameters, special tokens, experts."""
+    """Describe a model without loading its weights: components, parameters and bytes, tokens, experts."""
     from medplib.core.model_info import format_info, model_info
 
-    described = model_info(model)
+    described = model_info(model, dtype=dtype, quantization=quantization)
     typer.echo(described.model_dump_json(indent=2) if as_json else format_info(described))
 
 

@@ -206,7 +206,8 @@ class GroundingDecoder:
         from medplib.core.embedding_cache import EmbeddingCache
         from medplib.core.inference import CachedGenerator
 
-        options = config.load.model_dump(exclude={"device", "cache_bytes"})
+        # Grounding runs no LLM: its weights are dropped below, so they are not quantised first.
+        options = config.load.model_dump(exclude={"device", "cache_bytes", "quantization"})
         # Loaded on the CPU and cut down to SAM and the <SEG> head before anything reaches the
         # replica's device: its GPU share then holds only what grounding runs.
         model = medplib.load(config.model, device="cpu", cache_bytes=0, **options).model

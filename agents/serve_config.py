@@ -139,6 +139,9 @@ class LoadOptions(_Strict):
 
     device: str = Field("auto", description="auto (CUDA when the replica has a GPU), cpu, cuda")
     dtype: Literal["float32", "bfloat16"] = "float32"
+    quantization: Literal["int8", "int4"] | None = Field(
+        None, description="the LLM's linear layers in 8 or 4 bits (docs/performance.md)"
+    )
     sam: str | None = Field(None, description="with a LLaVA-1.5 folder as `model`: the SAM checkpoint")
     seed: int = Field(0, description="seed of a preset's random weights")
     cache_bytes: int = Field(1 << 30, ge=0, description="per replica: its image-embedding cache bound")

@@ -49,6 +49,7 @@ from medplib.core.model import (
 )
 from medplib.core.model.generation import run_to_end
 from medplib.core.model.medplib_release import convert_hint, is_release_config
+from medplib.core.model.quantization import check_quantization, quantize
 from medplib.core.queries import (
     DEFAULT_INFERENCE_LIMITS,
     REGION_PLACEHOLDER,
@@ -76,6 +77,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GROUNDING_QUESTION = "Please segment {text} in this image."
 SEG_TEXT = ControlToken.SEG.value
 ALTERNATE = "chat messages must alternate user, assistant, …, ending with a user message"
+
+# The answer the presets are trained to give a grounding request (trainers/data/templates.py), and
+# how `ground` gets its <SEG> state: by decoding the model's own answer, or by prefilling this one.
+GROUNDING_ANSWER = "Sure, it is {seg}."
+GROUNDING_ANSWER_MODES = ("generate", "template")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -110,11 +116,15 @@ def load(
     cache_bytes: int = DEFAULT_MAX_BYTES,
     seed: int = 0,
     limits: InferenceLimits = DEFAULT_INFERENCE_LIMITS,
+    quantization: str | None = None,
 ) -> MedPLIB:
     """A ready assistant from a preset (`tiny`, `small`), a `save_pretrained` folder or fsspec URI (a
     stage IV one loads with its mixture of experts), a training stage's folder (`medplib train --out`),
-    or, with `sam=`, a LLaVA-1.5 folder plus a SAM checkpoint. `seed` seeds a preset's random weights."""
+    or, with `sam=`, a LLaVA-1.5 folder plus a SAM checkpoint. `seed` seeds a preset's random weights.
+    `quantization` ("int8", "int4") stores the LLM's linear layers in 8 or 4 bits
+    (`core/model/quantization.py`)."""
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    quantization = check_quantization(quantization)
     source = os.fspath(preset_or_path)
     untrained = False
     if sam is not None:
@@ -139,7 +149,16 @@ def load(
             )
         model = _from_checkpoint(source)
     model = model.to(device=torch_device, dtype=torch_dtype).eval()
-    return MedPLIB(model, name=source, untrained=untrained, cache=EmbeddingCache(cache_bytes), limits=limits)
+    if quantization is not None:
+        quantize(model, quantization)
+    return MedPLIB(
+        model,
+        name=source,
+        untrained=untrained,
+        cache=EmbeddingCache(cache_bytes),
+        limits=limits,
+        quantization=quantization,
+    )
 
 
 def _from_checkpoint(source: str) -> MedPLIBForCausalLM:
@@ -219,12 +238,14 @@ class MedPLIB:
         untrained: bool = False,
         cache: EmbeddingCache | None = None,
         limits: InferenceLimits = DEFAULT_INFERENCE_LIMITS,
+        quantization: str | None = None,
     ) -> None:
         if model.tokenizer is None:
             raise CheckpointError(f"{name}: the model has no tokenizer")
         self.model = model.eval()
         self.name = name
         self.untrained = untrained
+        self.quantization = quantization  # of the LLM's linear layers; None: full precision
         self.limits = limits
         self.cache = cache if cache is not None else EmbeddingCache()
         config = model.config
@@ -272,10 +293,18 @@ class MedPLIB:
         regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
         *,
         image_options: Mapping[str, Any] | None = None,
+        answer: str = "generate",
         **decoding: Any,
     ) -> GroundingResult:
-        """Segment what `text` names ("the liver lesion"); at least one mask, see `seg_forced`."""
-        return self._single("ground", image, text, regions, image_options, decoding)
+        """Segment what `text` names ("the liver lesion"); at least one mask, see `seg_forced`.
+
+        `answer="template"` skips decoding: the trained answer ("Sure, it is <SEG>.") is prefilled
+        with the question and the `<SEG>` state taken from that one pass; the same mask as
+        "generate" wherever the model would answer with the template (docs/performance.md).
+        """
+        query = {"image": image, "text": text, "task": "ground", "regions": list(regions)}
+        query["image_options"] = dict(image_options or {})
+        return self.answer_batch([query], grounding_answer=answer, **decoding)[0]
 
     def _single(
         self,
@@ -290,10 +319,16 @@ class MedPLIB:
         return self.answer_batch([{**query, "image_options": dict(image_options or {})}], **decoding)[0]
 
     def answer_batch(
-        self, queries: Sequence[Query | Mapping[str, Any]], **decoding: Any
+        self,
+        queries: Sequence[Query | Mapping[str, Any]],
+        *,
+        grounding_answer: str = "generate",
+        **decoding: Any,
     ) -> list[AnswerResult | GroundingResult]:
-        """Several questions and grounding requests as one batch; greedy results equal single calls."""
-        return [result for result, _ in self._batch(queries, decoding, predict_masks=True)]
+        """Several questions and grounding requests as one batch; greedy results equal single calls.
+        `grounding_answer`: as `ground`'s `answer`, for the batch's grounding requests."""
+        batch = self._batch(queries, decoding, predict_masks=True, grounding_answer=grounding_answer)
+        return [result for result, _ in batch]
 
     def generate_batch(
         self, queries: Sequence[Query | Mapping[str, Any]], **decoding: Any
@@ -309,8 +344,12 @@ class MedPLIB:
         decoding: Mapping[str, Any],
         *,
         predict_masks: bool,
+        grounding_answer: str = "generate",
     ) -> list[tuple[AnswerResult | GroundingResult, torch.Tensor]]:
-        return run_to_end(self._batch_steps(queries, decoding, predict_masks=predict_masks))
+        steps = self._batch_steps(
+            queries, decoding, predict_masks=predict_masks, grounding_answer=grounding_answer
+        )
+        return run_to_end(steps)
 
     def _batch_steps(
         self,
@@ -318,10 +357,16 @@ class MedPLIB:
         decoding: Mapping[str, Any],
         *,
         predict_masks: bool,
+        grounding_answer: str = "generate",
     ) -> Generator[torch.Tensor, None, list[tuple[AnswerResult | GroundingResult, torch.Tensor]]]:
         """The batch, yielding each decoding step's tokens (B,); returns every result."""
         start = time.perf_counter()
         settings = self._decoding(decoding)
+        if grounding_answer not in GROUNDING_ANSWER_MODES:
+            raise InvalidInputError(
+                f"unknown grounding answer {grounding_answer!r}; use one of {list(GROUNDING_ANSWER_MODES)}"
+            )
+        template = GROUNDING_ANSWER.format(seg=SEG_TEXT)
         parsed = [parse_model(Query, query, "query") for query in queries]
         self._check_batch(len(parsed))
         prepared = []
@@ -329,19 +374,29 @@ class MedPLIB:
             text = self._text(query.text, "question" if query.task == "answer" else "grounding text")
             question = self._grounding_question(text) if query.task == "ground" else text
             earlier, answers = self._history(query.history)
+            prefilled = grounding_answer == "template" and query.task == "ground"
             prepared.append(
                 self._prepare(
                     query.image,
                     query.image_options,
                     [*earlier, (question, query.regions)],
-                    answers,
+                    [*answers, template] if prefilled else answers,
                     require_seg=query.task == "ground",
                 )
             )
-        conversations = [p.conversation for p in prepared]
-        batch = yield from self._generator.run_steps(conversations, settings, predict_masks=predict_masks)
+        # Rows whose answer is prefilled run apart from those that decode theirs.
+        rows: list[tuple[Generated, BatchGeneration]] = [None] * len(prepared)  # type: ignore[list-item]
+        for answered in (False, True):
+            group = [i for i, p in enumerate(prepared) if p.conversation.answered == answered]
+            if group:
+                conversations = [prepared[i].conversation for i in group]
+                batch = yield from self._generator.run_steps(
+                    conversations, settings, predict_masks=predict_masks
+                )
+                for i, row in zip(group, batch.rows, strict=True):
+                    rows[i] = (row, batch)
         results: list[tuple[AnswerResult | GroundingResult, torch.Tensor]] = []
-        for query, item, row in zip(parsed, prepared, batch.rows, strict=True):
+        for query, item, (row, batch) in zip(parsed, prepared, rows, strict=True):
             if query.task == "ground":
                 result = self._result(
                     GroundingResult, item, row, batch, start, label=query.text, query=query.text
@@ -550,7 +605,8 @@ class MedPLIB:
             masks += [prompt.to_mask(height, width) for prompt in regions]
             answer = answer_parts(answers[index]) if index < len(answers) else None
             turns.append(Turn(question_parts(question, len(regions)), answer))
-        conversation = Conversation(loaded.pixels, turns, masks, require_seg=require_seg)
+        answered = len(answers) == len(questions)  # the last turn's answer is given: prefilled, not decoded
+        conversation = Conversation(loaded.pixels, turns, masks, require_seg=require_seg, answered=answered)
         return _Prepared(conversation, loaded, load_ms, num_regions)
 
     # ---- results --------------------------------------------------------------------------------------

@@ -24,10 +24,11 @@ import torch
 from transformers import DynamicCache
 
 from medplib.core.embedding_cache import CacheKey, EmbeddingCache, image_digest
-from medplib.core.errors import CapacityError
+from medplib.core.errors import CapacityError, InvalidInputError
 from medplib.core.model import MaskPrediction, MedPLIBForCausalLM, MedPLIBProcessor, Request, Turn
-from medplib.core.model.generation import decode_steps, elapsed, run_to_end
+from medplib.core.model.generation import decode_steps, elapsed, prefill_answers, run_to_end
 from medplib.core.model.grounding import sam_input_size
+from medplib.core.model.kv_cache import PrefixKV
 from medplib.core.queries import Decoding
 
 
@@ -39,6 +40,7 @@ class Conversation:
     turns: Sequence[Turn]
     regions: Sequence[np.ndarray] = ()
     require_seg: bool = False  # grounding: the answer must hold a <SEG>
+    answered: bool = False  # the last turn carries a known answer: prefilled with the prompt, not decoded
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ class CachedGenerator:
         encoded = [
             self.processor.encode_request(Request(c.pixels, c.turns, c.regions)) for c in conversations
         ]
+        answer_length = self._answer_length(conversations, [c for c, _ in encoded])
         self._check_length([len(conversation.input_ids) for conversation, _ in encoded], decoding)
         digests = [image_digest(c.pixels) for c in conversations]
         images = {digest: c.pixels for digest, c in zip(digests, conversations, strict=True)}
@@ -107,16 +110,20 @@ class CachedGenerator:
             filler = torch.zeros_like(next(iter(features.values())))
             row_features = torch.stack([features[d] if d in with_regions else filler for d in digests])
         device = self.model.device
-        out = yield from decode_steps(
-            self.model,
-            input_ids.to(device),
-            attention_mask.to(device),
-            region_masks=[masks.to(device) for _, masks in encoded],
-            image_features=row_features,
-            past_key_values=self._batch_cache([prefixes[digest] for digest in digests]),
-            require_seg=torch.tensor([c.require_seg for c in conversations]),
-            **self._sampling(decoding),
-        )
+        inputs = {
+            "input_ids": input_ids.to(device),
+            "attention_mask": attention_mask.to(device),
+            "region_masks": [masks.to(device) for _, masks in encoded],
+            "image_features": row_features,
+            "past_key_values": self._batch_cache([prefixes[digest] for digest in digests]),
+        }
+        if answer_length:  # the known answer is prefilled: one pass, no step to stream
+            out = prefill_answers(self.model, answer_length=answer_length, **inputs)
+        else:
+            require_seg = torch.tensor([c.require_seg for c in conversations])
+            out = yield from decode_steps(
+                self.model, require_seg=require_seg, **inputs, **self._sampling(decoding)
+            )
         ms["prefill"] += 1000 * out.seconds["prefill"]
         ms["decode"] = 1000 * out.seconds["decode"]
         # Without mask prediction every row reads as having no <SEG>: SAM is not touched.
@@ -154,6 +161,21 @@ class CachedGenerator:
         states = [s.to(device=self.model.device, dtype=self.model.dtype) for s in seg_hidden_states]
         predictions, uses = self._masks(states, digests, dict(zip(digests, images, strict=True)), ms)
         return predictions, [uses.get(digest, "unused") for digest in digests], ms
+
+    def _answer_length(self, conversations: Sequence[Conversation], encoded: list) -> int:
+        """Tokens of the known answer every row carries (0: the rows decode theirs)."""
+        if not any(c.answered for c in conversations):
+            return 0
+        if not all(c.answered for c in conversations):
+            raise InvalidInputError("a batch either decodes its answers or prefills known ones, not both")
+        lengths = set()
+        for conversation, full in zip(conversations, encoded, strict=True):
+            *earlier, last = conversation.turns
+            prompt = self.processor.encode_turns([*earlier, Turn(last.user)])
+            lengths.add(len(full.input_ids) - len(prompt.input_ids))
+        if len(lengths) != 1:
+            raise InvalidInputError("prefilled answers must have the same length in every row")
+        return lengths.pop()
 
     def _check_length(self, prompt_lengths: list[int], decoding: Decoding) -> None:
         positions = self.model.config.text_config.max_position_embeddings
@@ -251,9 +273,8 @@ class CachedGenerator:
         layers = torch.stack([torch.stack([layer.keys, layer.values]) for layer in cache.layers])
         return [layers[:, :, row].clone() for row in range(len(features))]
 
-    def _batch_cache(self, kvs: list[torch.Tensor]) -> DynamicCache:
-        stacked = torch.stack(kvs, dim=2)  # (layers, 2, batch, heads, P, head_dim)
-        return DynamicCache([(layer[0], layer[1]) for layer in stacked], config=self.model.config.text_config)
+    def _batch_cache(self, kvs: list[torch.Tensor]) -> PrefixKV:
+        return PrefixKV(kvs)
 
     # ---- helpers ---------------------------------------------------------------------------------------
 

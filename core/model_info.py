@@ -31,6 +31,9 @@ class ModelInfo(BaseModel):
     model: str
     weights: Weights
     parameters: dict[str, int] = Field(description="per component, and 'total'")
+    weights_dtype: str = Field("float32", description="dtype of the weights `bytes` counts")
+    quantization: str | None = Field(None, description="int8 / int4 of the LLM's linear layers, or none")
+    bytes: dict[str, int] = Field(default_factory=dict, description="weights per component, and 'total'")
     special_tokens: dict[str, int] = Field(description="token text -> id")
     config: dict[str, dict[str, Any]]
     experts: list[ExpertSummary]
@@ -40,15 +43,22 @@ class ModelInfo(BaseModel):
     )
 
 
-def model_info(preset_or_path: str | os.PathLike[str]) -> ModelInfo:
+def model_info(
+    preset_or_path: str | os.PathLike[str], *, dtype: str = "float32", quantization: str | None = None
+) -> ModelInfo:
+    """`bytes` counts the weights at `dtype`, the LLM's linear layers at `quantization` if given."""
     import torch
 
+    from medplib.core.assistant import resolve_dtype
     from medplib.core.io.sources import is_uri
     from medplib.core.model import MODEL_PRESETS, MedPLIBConfig, MedPLIBForCausalLM, build_medplib
+    from medplib.core.model.modeling_medplib import COMPONENTS
+    from medplib.core.model.quantization import check_quantization, weight_bytes
     from medplib.core.model.storage import local_folder
     from medplib.core.model.tokenizer import load_tokenizer
 
     source = os.fspath(preset_or_path)
+    torch_dtype, quantization = resolve_dtype(dtype), check_quantization(quantization)
     if source in MODEL_PRESETS:
         model = build_medplib(source, device="meta")
         weights: Weights = "random (seeded)" if model.tokenizer is not None else "none (meta device)"
@@ -80,10 +90,14 @@ def model_info(preset_or_path: str | os.PathLike[str]) -> ModelInfo:
         with torch.device("meta"):
             model = model_class(config)
         weights = "checkpoint"
+    model.to(torch_dtype)  # on the meta device: only the element sizes change
     return ModelInfo(
         model=os.fspath(preset_or_path),
         weights=weights,
         parameters=model.parameter_counts(),
+        weights_dtype=str(torch_dtype).removeprefix("torch."),
+        quantization=quantization,
+        bytes=weight_bytes(model, COMPONENTS, quantization),
         special_tokens=special_tokens(model.config, tokenizer),
         config=config_summary(model.config),
         experts=registered_experts(),
@@ -152,16 +166,18 @@ def registered_experts() -> list[ExpertSummary]:
 def format_info(info: ModelInfo) -> str:
     """The text `medplib info` prints: one block per section, aligned columns."""
     total = info.parameters["total"]
+    weights = info.weights_dtype + (f", LLM linears {info.quantization}" if info.quantization else "")
     lines = [
         f"model     {info.model}",
         f"weights   {info.weights}",
         "",
-        f"{'component':<20} {'parameters':>14} {'share':>7}",
+        f"{'component':<20} {'parameters':>14} {'share':>7} {'MB, ' + weights:>16}",
     ]
+    megabytes = {name: f"{size / 1e6:16,.1f}" for name, size in info.bytes.items()}
     for name, count in info.parameters.items():
         if name != "total":
-            lines.append(f"{name:<20} {count:>14,} {100 * count / total:6.2f}%")
-    lines += [f"{'total':<20} {total:>14,}", "", "special token   id"]
+            lines.append(f"{name:<20} {count:>14,} {100 * count / total:6.2f}% {megabytes.get(name, '')}")
+    lines += [f"{'total':<20} {total:>14,} {'':7} {megabytes.get('total', '')}", "", "special token   id"]
     lines += [f"{token:<15} {token_id:>6}" for token, token_id in info.special_tokens.items()]
     lines.append("")
     for section, values in info.config.items():

@@ -168,19 +168,30 @@ class RoutedMLP(nn.Module):
         for e, part in slices:
             self.experts[e](x[part], {"gate_proj": gate[part], "up_proj": up[part]})
         hidden = self.act_fn(gate) * up
-        down = self.down_proj.weight
         if top_k == 1:  # down is linear, so scaling its (narrower) output equals scaling its input
-            out_rows = F.linear(hidden, down)
+            out_rows = self._down(hidden)
             for e, part in slices:
                 self.experts[e](hidden[part], {"down_proj": out_rows[part]})
             out = out_rows.new_empty(out_rows.shape).index_copy_(0, rows, out_rows.mul_(weights))
         else:
             hidden = hidden * weights
             summed = hidden.new_zeros(num_tokens, hidden.shape[1]).index_add(0, rows, hidden)
-            deltas = hidden.new_zeros(len(rows), down.shape[0])
+            deltas = hidden.new_zeros(len(rows), self.down_proj.out_features)
             for e, part in slices:
                 self.experts[e](hidden[part], {"down_proj": deltas[part]})
-            out = F.linear(summed, down).index_add(0, rows, deltas)
-        if self.down_proj.bias is not None:
-            out = out + routing.weights.sum(dim=-1, keepdim=True) * self.down_proj.bias
+            out = self._down(summed).index_add(0, rows, deltas)
+        bias = _bias(self.down_proj)
+        if bias is not None:
+            out = out + routing.weights.sum(dim=-1, keepdim=True) * bias
         return out
+
+    def _down(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The shared down projection without its bias (added once, scaled by the routing weights);
+        through the module itself when it has none, so a quantised projection runs its own kernel."""
+        bias = _bias(self.down_proj)
+        return self.down_proj(hidden) if bias is None else F.linear(hidden, self.down_proj.weight)
+
+
+def _bias(linear: nn.Module) -> torch.Tensor | None:
+    bias = linear.bias
+    return bias() if callable(bias) else bias  # torch's quantised linears expose it as a method

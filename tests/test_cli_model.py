@@ -102,6 +102,7 @@ BAD = {
     "broken image": (["ask", "{broken}", "What?"], "png"),
     "weights that do not ship": (["ask", "{png}", "What?", "--model", "medplib-7b"], "checkpoint"),
     "unknown model": (["info", "no-such-model"], "neither a preset"),
+    "unknown quantization": (["ask", "{png}", "What?", "--quantization", "int3"], "quantization"),
 }
 
 
@@ -132,6 +133,26 @@ def test_info_7b_counts_the_papers_components() -> None:
     assert {"vision_language", "pixel_grounding"} <= {expert["name"] for expert in described["experts"]}
     text = runner.invoke(app, ["info", "medplib-7b"])
     assert f"total {total:>,}" in " ".join(text.stdout.split()) and "sam_mask_decoder" in text.stdout
+
+
+def test_ask_with_int8_weights_and_info_counts_quantised_bytes(images: dict[str, Path]) -> None:
+    result = runner.invoke(
+        app, ["ask", str(images["png"]), "What?", "--quantization", "int8", "--max-new-tokens", "3", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert AnswerResult.model_validate_json(result.stdout).new_tokens >= 1
+    sizes = {}
+    for mode in ("none", "int8", "int4"):
+        shown = runner.invoke(
+            app, ["info", "medplib-7b", "--dtype", "bfloat16", "--quantization", mode, "--json"]
+        )
+        assert shown.exit_code == 0, shown.output
+        sizes[mode] = json.loads(shown.stdout)["bytes"]
+    llm = {mode: size["language_model"] / 1e9 for mode, size in sizes.items()}
+    # 6.74 B parameters: 13.5 GB in bf16; its linear layers (all but the 0.13 B embeddings) at 1 byte, or
+    # at half a byte plus a bf16 scale and offset per 32 (5 bits in all).
+    assert 13.4 < llm["none"] < 13.6 and 6.8 < llm["int8"] < 7.0 and 4.2 < llm["int4"] < 4.5
+    assert sizes["int4"]["sam_mask_decoder"] == sizes["none"]["sam_mask_decoder"]
 
 
 def test_help_lists_the_model_commands() -> None:

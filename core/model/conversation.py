@@ -58,7 +58,6 @@ def _parts(value: str | Sequence[Part], *, lead: str = "") -> list[Part]:
 class _Encoder:
     def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
         self.tokenizer = tokenizer
-        self.vocab = tokenizer.get_vocab()
         self.input_ids: list[int] = []
         self.labels: list[int] = []
         self.num_regions = 0
@@ -72,7 +71,10 @@ class _Encoder:
             self.ids(tokenize_user_text(self.tokenizer, text), supervised=supervised)
 
     def control(self, *tokens: ControlToken, supervised: bool = False) -> None:
-        self.ids([self.vocab[token.value] for token in tokens], supervised=supervised)
+        # One lookup per token: `get_vocab()` would copy the whole vocabulary for every conversation.
+        self.ids(
+            [self.tokenizer.convert_tokens_to_ids(token.value) for token in tokens], supervised=supervised
+        )
 
     def user_parts(self, parts: Sequence[Part]) -> None:
         for part in parts:

@@ -7,7 +7,9 @@ cache. Placeholder and structural tokens are never generated.
 
 Two entry points serve callers that cache per image: `image_features` replace the CLIP tower, and
 `past_key_values` hold the KV of a prefix of every row (the template up to the image, identical for
-every question about that image), so only the rest of the prompt is prefilled. `require_seg` makes
+every question about that image), so only the rest of the prompt is prefilled. A LLaMA trunk runs
+through `kv_cache.run_trunk` over keys and values allocated once for the whole generation; another
+trunk through transformers' forward and `DynamicCache`. `require_seg` makes
 rows that must yield a mask (grounding) emit `<SEG>` where they would otherwise end.
 """
 
@@ -19,10 +21,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
-from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
 from medplib.core.errors import InvalidInputError
+from medplib.core.model.kv_cache import PrefixKV, trunk_runner
 
 if TYPE_CHECKING:
     from medplib.core.model.modeling_medplib import MedPLIBForCausalLM
@@ -86,7 +88,7 @@ def decode_steps(
     region_masks: list[torch.Tensor] | None = None,
     *,
     image_features: torch.Tensor | None = None,
-    past_key_values: Cache | None = None,
+    past_key_values: Cache | PrefixKV | None = None,
     require_seg: bool | torch.Tensor = False,
     max_new_tokens: int = 64,
     do_sample: bool = False,
@@ -100,7 +102,7 @@ def decode_steps(
     all real tokens.
 
     Rows are left-padded, or padded between a cached prefix and the rest. `past_key_values` covers
-    the first `get_seq_length()` columns of `input_ids` (and is extended in place); only the columns
+    the first `get_seq_length()` columns of `input_ids` (it is read, not extended); only the columns
     after it are embedded and run. `require_seg` (bool, or per row): a row that has produced no
     `<SEG>` gets one instead of its `</s>`, or as its last token, and then ends; `seg_forced` says
     which rows needed that. Under `compat: medplib` nothing is forced (the ids stay MedPLIB's): such a
@@ -122,13 +124,17 @@ def decode_steps(
         never = [config.image_token_id, config.region_token_id]
 
     device = input_ids.device
+    never = torch.tensor(never, device=device)
     start = time.perf_counter()
     past = 0 if past_key_values is None else past_key_values.get_seq_length()
     embeds = model.embed_inputs(input_ids[:, past:], pixel_values, region_masks, image_features)
-    cache = past_key_values if past_key_values is not None else DynamicCache(config=text_config)
+    rows, length = input_ids.shape
+    # The mask of the whole generation, allocated once: the prompt's, then one real column per step.
+    full_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, max_new_tokens)], dim=1)
+    run = trunk_runner(model, past_key_values, rows, length + max_new_tokens, embeds)
     # Positions count real tokens only, so padding (left or after the prefix) shifts nothing.
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    hidden, cache = model.run_language_model(embeds, attention_mask, positions[:, past:], cache)
+    hidden = run(embeds, attention_mask, positions[:, past:])
     seconds = {"prefill": elapsed(start, device)}
     start = time.perf_counter()
     last = hidden[:, -1]
@@ -136,13 +142,13 @@ def decode_steps(
     medplib = config.compat == "medplib"
     before_last = hidden[:, -2] if hidden.shape[1] > 1 else last
     positions = attention_mask.long().sum(dim=1, keepdim=True)  # next position per row
-    rows = len(input_ids)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     require = torch.as_tensor(require_seg, dtype=torch.bool, device=device).expand(rows)
     has_seg = torch.zeros_like(finished)
     forced = torch.zeros_like(finished)
     seg_hidden: list[list[torch.Tensor]] = [[] for _ in range(rows)]
     generated = []
+    embedding = model.get_input_embeddings()
     for step in range(max_new_tokens):
         logits = model.language_model.lm_head(last).float()
         logits[:, never] = float("-inf")
@@ -167,9 +173,7 @@ def decode_steps(
         finished |= (token == eos_id) | force  # a forced <SEG> stands where the answer ended
         if finished.all() or step == max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        step_embeds = model.get_input_embeddings()(token[:, None])
-        hidden, cache = model.run_language_model(step_embeds, attention_mask, positions, cache)
+        hidden = run(embedding(token[:, None]), full_mask[:, : length + step + 1], positions)
         running = ~finished[:, None]
         before_last = torch.where(running, last, before_last)
         last = torch.where(running, hidden[:, -1], last)
@@ -185,4 +189,42 @@ def decode_steps(
         seg_hidden_states=[torch.stack(states) if states else empty for states in seg_hidden],
         seg_forced=forced,
         seconds=seconds,
+    )
+
+
+@torch.no_grad()
+def prefill_answers(
+    model: MedPLIBForCausalLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    answer_length: int,
+    *,
+    region_masks: list[torch.Tensor] | None = None,
+    image_features: torch.Tensor | None = None,
+    past_key_values: Cache | PrefixKV | None = None,
+) -> GenerationOutput:
+    """Teacher-forced, in one pass: the last `answer_length` columns of every row are a known answer
+    (the same in every row, e.g. the grounding template with its `</s>`). Its `<SEG>` hidden states
+    are those decoding that answer would keep, without decoding it token by token. Arguments as
+    `decode`; the answer must lie after the cached prefix.
+    """
+    rows, length = input_ids.shape
+    past = 0 if past_key_values is None else past_key_values.get_seq_length()
+    if not 0 < answer_length < length - past:
+        raise InvalidInputError(f"an answer of {answer_length} tokens does not fit after the prompt")
+    answers = input_ids[:, -answer_length:]
+    if not (answers == answers[:1]).all() or not attention_mask[:, -answer_length:].all():
+        raise InvalidInputError("prefilled answers must be the same real tokens in every row")
+    start = time.perf_counter()
+    embeds = model.embed_inputs(input_ids[:, past:], None, region_masks, image_features)
+    run = trunk_runner(model, past_key_values, rows, length, embeds)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = run(embeds, attention_mask, positions[:, past:])
+    predicting = hidden[:, -answer_length - 1 : -1]  # column c predicts column c + 1
+    is_seg = answers == model.config.seg_token_id
+    return GenerationOutput(
+        sequences=answers,
+        seg_hidden_states=[states[seg] for states, seg in zip(predicting, is_seg, strict=True)],
+        seg_forced=torch.zeros(rows, dtype=torch.bool, device=input_ids.device),
+        seconds={"prefill": elapsed(start, input_ids.device), "decode": 0.0},
     )

@@ -61,9 +61,19 @@ def build_vision_tower(config: CLIPVisionConfig) -> CLIPVisionModel:
 
 
 def select_image_features(tower: CLIPVisionModel, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
-    """Patch features (B, grid*grid, C) from hidden layer `layer` (LLaVA: -2), the CLS token dropped."""
-    outputs = tower(pixel_values, output_hidden_states=True)
-    return outputs.hidden_states[layer][:, 1:]
+    """Patch features (B, grid*grid, C) from hidden layer `layer` (LLaVA: -2), the CLS token dropped.
+
+    `layer` indexes the tower's hidden states as `output_hidden_states` does (0: the embeddings, k:
+    after block k); only the blocks up to it run (LLaVA's -2 skips the last block's work).
+    """
+    vision = getattr(tower, "vision_model", tower)  # transformers 5 flattened CLIPVisionModel
+    blocks = vision.encoder.layers
+    if not -len(blocks) - 1 <= layer <= len(blocks):
+        raise InvalidInputError(f"vision feature layer {layer} is outside the tower's {len(blocks)} blocks")
+    hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
+    for block in blocks[: layer % (len(blocks) + 1)]:
+        hidden = block(hidden, None)
+    return hidden[:, 1:]
 
 
 class MultiModalProjector(nn.Module):

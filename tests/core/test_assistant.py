@@ -58,9 +58,10 @@ def fresh(assistant: MedPLIB) -> Iterator[MedPLIB]:
 
 @pytest.fixture
 def encoder_calls(assistant: MedPLIB) -> Iterator[dict[str, list[int]]]:
-    """Forward calls of the CLIP tower and of SAM's image encoder during the test."""
+    """Forward calls of the CLIP tower (its patch embedding: the features skip the tower's own forward)
+    and of SAM's image encoder during the test."""
     counted: dict[str, list[int]] = {"clip": [], "sam": []}
-    modules = {"clip": assistant.model.vision_tower, "sam": assistant.model.sam.image_encoder}
+    modules = {"clip": assistant.model.vision_tower.embeddings, "sam": assistant.model.sam.image_encoder}
     handles = [
         module.register_forward_hook(lambda *_, name=name: counted[name].append(1))
         for name, module in modules.items()
@@ -380,3 +381,38 @@ def test_a_stage_four_checkpoint_loads_with_its_experts(tiny_moe_checkpoint, ct:
         loaded.answer(ct, question, max_new_tokens=TOKENS).text
         == direct.answer(ct, question, max_new_tokens=TOKENS).text
     )
+
+
+def test_a_prefilled_template_answer_gives_the_mask_its_decoding_gives(
+    fresh: MedPLIB, ct: np.ndarray
+) -> None:
+    from medplib.core.assistant import GROUNDING_ANSWER, GROUNDING_QUESTION
+    from medplib.core.model.conversation import encode_conversation
+    from medplib.trainers.data.templates import GROUNDING_ANSWER as TRAINED_ANSWER
+
+    assert GROUNDING_ANSWER == TRAINED_ANSWER  # the answer the presets learn
+    template = GROUNDING_ANSWER.format(seg="<SEG>")
+    question = GROUNDING_QUESTION.format(text="the lungs")
+    tokens = fresh.model.config.num_image_tokens
+    tokenizer = fresh.model.tokenizer
+    prompt = encode_conversation(tokenizer, [Turn(question)], num_image_tokens=tokens).input_ids
+    full = encode_conversation(tokenizer, [Turn(question, answer_parts(template))], num_image_tokens=tokens)
+    answer_ids = full.input_ids[len(prompt) :]
+    prefilled = fresh.ground(ct, "the lungs", answer="template")
+    assert prefilled.text == template and prefilled.new_tokens == len(answer_ids) and not prefilled.seg_forced
+    # The same answer decoded token by token (the LM head scripted to emit it; the trunk is real).
+    with scripted_head(fresh, answer_ids):
+        decoded = fresh.ground(ct, "the lungs", answer="generate", max_new_tokens=len(answer_ids) + 2)
+    assert decoded.text == template and decoded.cache.prefix == "hit"
+    assert len(prefilled.masks) == len(decoded.masks) == 1
+    assert (
+        prefilled.masks[0].mask == decoded.masks[0].mask
+        and prefilled.masks[0].score == decoded.masks[0].score
+    )
+    # In a batch, only the grounding rows are prefilled; the question still decodes.
+    queries = [{"image": ct, "text": "What is this?"}, {"image": ct, "text": "the lungs", "task": "ground"}]
+    answered, grounded = fresh.answer_batch(queries, grounding_answer="template", max_new_tokens=TOKENS)
+    assert grounded.text == template and grounded.masks[0].mask == prefilled.masks[0].mask
+    assert answered.text == fresh.answer(ct, "What is this?", max_new_tokens=TOKENS).text
+    with pytest.raises(InvalidInputError, match="grounding answer"):
+        fresh.ground(ct, "the lungs", answer="guess")

@@ -70,6 +70,7 @@ def test_overrides_merge_at_any_depth() -> None:
         ),
         ({"deployments": {"grounding": {"resources": {"num_gpus": -1}}}}, "num_gpus"),
         ({"limits": {"max_body_bytes": 10}}, "max_body_bytes"),
+        ({"load": {"quantization": "int3"}}, "load.quantization"),
         ({"http": {"host": "0.0.0.0", "prot": 1}}, "http.prot"),
         ({"limits": {"allowed_uri_prefixes": ["zip://a::s3://b/c.zip"]}}, "allowed_uri_prefixes.*chained"),
         ([1, 2], "mapping"),
@@ -78,6 +79,13 @@ def test_overrides_merge_at_any_depth() -> None:
 def test_a_bad_config_names_the_field(data: object, names: str) -> None:
     with pytest.raises(InvalidInputError, match=names):
         ServeConfig.parse(data)
+
+
+def test_the_load_options_take_a_quantization(tmp_path: Path) -> None:
+    (tmp_path / "int8.yaml").write_text("model: tiny\nload:\n  quantization: int8\n")
+    config = ServeConfig.from_yaml(tmp_path / "int8.yaml")
+    assert config.load.quantization == "int8" and ServeConfig().load.quantization is None
+    assert config.load.model_dump()["quantization"] == "int8"  # what the trunk replica loads with
 
 
 def test_unreadable_yaml_is_one_clear_error(tmp_path: Path) -> None:

@@ -1,0 +1,173 @@
+"""A preallocated KV cache and a lean pass of the LLaMA trunk over it, for generation.
+
+transformers' `LlamaModel.forward` rebuilds the causal mask, dispatches through its attention
+interface and grows a `DynamicCache` by concatenation at every step. At the `small` preset one
+decoded token costs about 3.6 ms of matrix products and as much again of that bookkeeping
+(`benchmarks/peers.py`). `run_trunk` keeps the trunk's own modules (norms, projections, whatever MLP
+sits in a layer: a routed MLP, a peft LoRA or a quantised linear runs unchanged) and its rotary
+embedding, and does the rest directly: keys and values are written into buffers sized once for the
+whole generation, and the mask is one boolean tensor per call.
+
+The arithmetic is the trunk's: positions count real tokens only, a query sees the real keys at or
+before it, and each query also sees its own key, so a padding row attends to something and stays
+finite (its output is never read).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import Cache
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm, apply_rotary_pos_emb
+
+
+class StaticKVCache:
+    """Keys and values per layer, (B, heads_kv, capacity, head_dim), of which `length` columns are filled."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> None:
+        self.keys, self.values, self.length = keys, values, length
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    @classmethod
+    def empty(cls, trunk: nn.Module, batch: int, capacity: int, like: torch.Tensor) -> StaticKVCache:
+        config = trunk.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (batch, config.num_key_value_heads, capacity, head_dim)
+        layers = len(trunk.layers)
+        make = [like.new_empty(shape) for _ in range(2 * layers)]
+        return cls(make[:layers], make[layers:], 0)
+
+    @classmethod
+    def from_cache(
+        cls, cache: Cache | PrefixKV, trunk: nn.Module, capacity: int, like: torch.Tensor
+    ) -> StaticKVCache:
+        """A copy of a cache's keys and values, with room for `capacity` columns in all."""
+        length = cache.get_seq_length()
+        static = cls.empty(trunk, like.shape[0], max(capacity, length), like)
+        if isinstance(cache, PrefixKV):
+            for row, prefix in enumerate(cache.rows):
+                for layer, (keys, values) in enumerate(zip(static.keys, static.values, strict=True)):
+                    keys[row, :, :length] = prefix[layer, 0]
+                    values[row, :, :length] = prefix[layer, 1]
+        else:
+            for layer, keys, values in zip(cache.layers, static.keys, static.values, strict=True):
+                keys[:, :, :length] = layer.keys
+                values[:, :, :length] = layer.values
+        static.length = length
+        return static
+
+
+class PrefixKV:
+    """Per row, the keys and values of a prefix all rows share in length, each (layers, 2, heads_kv,
+    P, head_dim): `past_key_values` that generation copies once, straight into its preallocated cache
+    (a transformers cache built from them would concatenate every layer first)."""
+
+    def __init__(self, rows: list[torch.Tensor]) -> None:
+        self.rows = rows
+
+    def get_seq_length(self) -> int:
+        return self.rows[0].shape[3]
+
+    def to_dynamic(self, config: Any) -> DynamicCache:
+        stacked = torch.stack(self.rows, dim=2)  # (layers, 2, batch, heads, P, head_dim)
+        return DynamicCache([(layer[0], layer[1]) for layer in stacked], config=config)
+
+
+def supports_static_cache(trunk: nn.Module) -> bool:
+    """Whether `run_trunk` knows every layer's attention (LLaMA's); else transformers' forward runs."""
+    return all(isinstance(getattr(layer, "self_attn", None), LlamaAttention) for layer in trunk.layers)
+
+
+def run_trunk(
+    trunk: nn.Module,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache: StaticKVCache,
+) -> torch.Tensor:
+    """The trunk (`LlamaModel`) on T new embeddings (B, T, hidden) after `cache.length` cached columns.
+
+    `attention_mask` (B, cache.length + T) marks the real columns; the new keys and values are written
+    into the cache, whose `length` grows by T. Returns the final-norm hidden states (B, T, hidden).
+    """
+    batch, steps, _ = inputs_embeds.shape
+    start, end = cache.length, cache.length + steps
+    if end > cache.capacity:
+        raise RuntimeError(f"the KV cache holds {cache.capacity} columns, {end} needed")
+    allowed = _attention_mask(attention_mask, start, steps)
+    hidden = inputs_embeds
+    cos, sin = trunk.rotary_emb(hidden, position_ids)
+    for layer, keys, values in zip(trunk.layers, cache.keys, cache.values, strict=True):
+        attention = layer.self_attn
+        shape = (batch, steps, -1, attention.head_dim)
+        normed = _rms_norm(layer.input_layernorm, hidden)
+        query = attention.q_proj(normed).view(shape).transpose(1, 2)
+        key = attention.k_proj(normed).view(shape).transpose(1, 2)
+        value = attention.v_proj(normed).view(shape).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        keys[:, :, start:end] = key
+        values[:, :, start:end] = value
+        attended = F.scaled_dot_product_attention(
+            query,
+            keys[:, :, :end],
+            values[:, :, :end],
+            attn_mask=allowed,
+            scale=attention.scaling,
+            enable_gqa=attention.num_key_value_groups > 1,
+        )
+        hidden = hidden + attention.o_proj(attended.transpose(1, 2).reshape(batch, steps, -1))
+        hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
+    cache.length = end
+    return _rms_norm(trunk.norm, hidden)
+
+
+def _attention_mask(attention_mask: torch.Tensor, start: int, steps: int) -> torch.Tensor | None:
+    """allowed (B, 1, T, start + T): key j is real and not after query t; each query always sees itself.
+    None where that is every key (one new token per row and no padding): sdpa then needs no mask."""
+    real = attention_mask.bool()
+    if steps == 1:
+        return None if real.all() else real[:, None, None, :]
+    columns = torch.arange(start + steps, device=real.device)
+    query_columns = torch.arange(start, start + steps, device=real.device)[:, None]
+    allowed = (real[:, None, :] & (columns <= query_columns)) | (columns == query_columns)
+    return allowed[:, None]
+
+
+def _rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """LLaMA's RMSNorm (in float32, back to the input's dtype, times the weight) as torch's fused op."""
+    if not isinstance(norm, LlamaRMSNorm):
+        return norm(hidden)
+    if hidden.dtype == torch.float32 == norm.weight.dtype:  # one kernel, the same products in order
+        return F.rms_norm(hidden, (hidden.shape[-1],), norm.weight, eps=norm.variance_epsilon)
+    normed = F.rms_norm(hidden.float(), (hidden.shape[-1],), eps=norm.variance_epsilon)
+    return norm.weight * normed.to(hidden.dtype)
+
+
+TrunkRunner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def trunk_runner(
+    model: Any, past_key_values: Cache | PrefixKV | None, rows: int, capacity: int, like: torch.Tensor
+) -> TrunkRunner:
+    """`run(embeds, attention_mask, position_ids) -> hidden` for one generation of `rows` rows and at
+    most `capacity` columns, continuing `past_key_values`: over a `StaticKVCache` for a LLaMA trunk,
+    else through `model.run_language_model` and a `DynamicCache`."""
+    trunk = model.language_model.model
+    if not supports_static_cache(trunk):
+        cache = past_key_values if past_key_values is not None else DynamicCache(config=trunk.config)
+        if isinstance(cache, PrefixKV):
+            cache = cache.to_dynamic(trunk.config)
+        return lambda embeds, mask, positions: model.run_language_model(embeds, mask, positions, cache)[0]
+    if past_key_values is None:
+        static = StaticKVCache.empty(trunk, rows, capacity, like)
+    else:
+        static = StaticKVCache.from_cache(past_key_values, trunk, capacity, like)
+    return lambda embeds, mask, positions: run_trunk(trunk, embeds, mask, positions, static)

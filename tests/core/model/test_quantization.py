@@ -1,0 +1,114 @@
+"""Quantised weights: which layers get quantised, outputs close to full precision, bytes per component."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+from medplib.core.errors import InvalidInputError
+from medplib.core.expert_spec import ExpertSpec, LoraSpec
+from medplib.core.model import MedPLIBForCausalLM, Request, Turn, build_medplib
+from medplib.core.model.modeling_medplib import COMPONENTS
+from medplib.core.model.quantization import (
+    Int4Linear,
+    check_quantization,
+    int4_group,
+    quantize,
+    quantized_linear_names,
+    weight_bytes,
+)
+
+
+def _hidden(model: MedPLIBForCausalLM, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(
+            **{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+        ).last_hidden_state
+
+
+def _quantized_copy(quantization: str) -> MedPLIBForCausalLM:
+    torch.manual_seed(0)
+    model = build_medplib("tiny").eval()
+    quantize(model, quantization)
+    return model
+
+
+@pytest.mark.parametrize(("quantization", "kind"), [("int8", DynamicInt8Linear), ("int4", Int4Linear)])
+def test_the_llms_linear_layers_are_quantised_and_the_rest_is_not(
+    tiny_model, processor, image, quantization, kind
+) -> None:
+    names = quantized_linear_names(tiny_model)
+    layers = tiny_model.config.text_config.num_hidden_layers
+    clip_layers = tiny_model.config.vision_config.num_hidden_layers
+    assert len(names) == 7 * layers + 1 + 6 * clip_layers and "language_model.lm_head" in names
+    assert "vision_tower.encoder.layers.0.mlp.fc1" in names
+    batch = processor([Request(image, [Turn("What modality is this?")])])
+    expected = _hidden(tiny_model, batch)
+    model = _quantized_copy(quantization)
+    assert all(isinstance(model.get_submodule(name), kind) for name in names)
+    for kept in ("seg_head.fc1", "projector.linear_1", "sam.mask_decoder.iou_prediction_head.layers.0"):
+        assert type(model.get_submodule(kept)) is nn.Linear
+    hidden = _hidden(model, batch)
+    similarity = torch.nn.functional.cosine_similarity(hidden, expected, dim=-1)
+    assert similarity.min() > (0.99 if quantization == "int8" else 0.95)
+    assert not torch.equal(hidden, expected)
+
+
+def test_a_routed_mlp_keeps_its_gate_and_lora_factors_in_full_precision(processor, image) -> None:
+    from medplib.router import compose
+
+    torch.manual_seed(0)
+    model = build_medplib("tiny").eval()
+    specs = [ExpertSpec(name=f"e{i}", capabilities=("vqa",), adapter=LoraSpec(r=4, alpha=8)) for i in (0, 1)]
+    compose(model, specs)
+    batch = processor([Request(image, [Turn("What modality is this?")])])
+    expected = _hidden(model, batch)
+    names = quantize(model, "int8")
+    assert "language_model.model.layers.0.mlp.down_proj" in names
+    assert not any(name.endswith("router") or "lora_" in name for name in names)
+    assert type(model.get_submodule("language_model.model.layers.0.mlp.router")) is nn.Linear
+    similarity = torch.nn.functional.cosine_similarity(_hidden(model, batch), expected, dim=-1)
+    assert similarity.min() > 0.99
+
+
+def test_int4_codes_round_the_weight_to_its_group_grid() -> None:
+    linear = nn.Linear(64, 8)
+    packed = Int4Linear(linear)
+    assert packed.packed.dtype == torch.uint8 and packed.packed.shape == (8, 32)
+    error = (packed.dequantized(torch.float32) - linear.weight).abs()
+    step = packed.scale.float().repeat_interleave(32, dim=1)
+    assert (error <= step / 2 + 1e-2 * step).all()
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(
+        packed(x), nn.functional.linear(x, packed.dequantized(torch.float32), linear.bias)
+    )
+    assert Int4Linear(nn.Linear(40, 8)).group == 8
+    with pytest.raises(InvalidInputError, match="odd"):
+        Int4Linear(nn.Linear(41, 8))
+
+
+def test_bytes_per_component_count_the_quantised_weights() -> None:
+    model = build_medplib("tiny", device="meta")
+    full = weight_bytes(model, COMPONENTS, None)
+    assert full["total"] == 4 * sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers()
+    )
+    linears = [model.get_submodule(name) for name in quantized_linear_names(model)]
+    weights = sum(linear.weight.numel() for linear in linears)
+    groups = sum(linear.weight.numel() // int4_group(linear.in_features) for linear in linears)
+    outputs = sum(linear.out_features for linear in linears)
+    int8, int4 = weight_bytes(model, COMPONENTS, "int8"), weight_bytes(model, COMPONENTS, "int4")
+    saved = {name: full[name] - int8[name] for name in ("language_model", "vision_tower")}
+    assert sum(saved.values()) == 3 * weights - 4 * outputs
+    saved = {name: full[name] - int4[name] for name in ("language_model", "vision_tower")}
+    assert sum(saved.values()) == 3.5 * weights - 4 * groups
+    for component in ("projector", "seg_head", "sam_mask_decoder"):
+        assert full[component] == int8[component] == int4[component]
+
+
+def test_unknown_quantization_is_refused() -> None:
+    assert check_quantization(None) is None and check_quantization("int8") == "int8"
+    with pytest.raises(InvalidInputError, match="unknown quantization 'int3'"):
+        check_quantization("int3")
