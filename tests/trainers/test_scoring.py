@@ -103,3 +103,28 @@ def test_plot_draws_a_log_with_routing(tmp_path: Path) -> None:
     log.write_text("")
     with pytest.raises(InvalidInputError):
         plot_log(log, tmp_path / "empty.png")
+
+
+def test_swap_check_by_hand() -> None:
+    from medplib.trainers.scoring import swap_check
+
+    left, right = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
+    left[:, :2], right[:, 1:] = True, True  # overlap 4 px, union 16 px
+    masks = {
+        ("a.png", "left hemisphere"): left,
+        ("a.png", "right hemisphere"): right,
+        ("b.png", "left hemisphere"): left,
+        ("b.png", "right hemisphere"): left,  # the same mask for both requests
+        ("c.png", "grey matter"): np.zeros((4, 4), bool),
+        ("c.png", "white matter"): np.zeros((4, 4), bool),  # two empty masks are the same mask
+        ("d.png", "grey matter"): left,  # no white-matter request on d: not compared
+    }
+    check = swap_check(masks)
+    hemispheres = check["left hemisphere / right hemisphere"]
+    assert hemispheres["images"] == 2 and hemispheres["max_iou"] == 1.0
+    assert hemispheres["mean_iou"] == pytest.approx((0.25 + 1.0) / 2) and not hemispheres["met"]
+    tissue = check["grey matter / white matter"]
+    assert tissue["images"] == 1 and tissue["max_iou"] == 1.0 and tissue["goal_max_iou"] == 0.3
+    assert swap_check({("a.png", "left hemisphere"): left, ("a.png", "right hemisphere"): ~left})[
+        "left hemisphere / right hemisphere"
+    ]["met"]
