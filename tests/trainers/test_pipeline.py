@@ -62,12 +62,16 @@ def test_a_stage_folder_loads_as_the_model_it_trained(chain: Path) -> None:
     assert expert.peft is not None and any(".lora_" in name for name, _ in expert.model.named_parameters())
 
 
-def test_the_demo_asks_the_trained_model_three_questions(
+def test_the_demo_asks_the_trained_model_its_questions(
     chain: Path, built_dataset: Path, tmp_path: Path
 ) -> None:
     asked = ask_questions(chain / "4", built_dataset, tmp_path)
-    assert [item["kind"] for item in asked] == ["VQA", "region", "grounding"]
+    assert [item["kind"] for item in asked] == ["VQA", "region", "grounding", "grounding", "grounding"]
     assert "{region}" in asked[1]["question"] and 0.0 <= asked[2]["dice"] <= 1.0
+    left, right = asked[3], asked[4]
+    assert (left["structure"], right["structure"]) == ("left hemisphere", "right hemisphere")
+    assert left["image"] == right["image"] and 0.0 <= left["iou_with_right_hemisphere"] <= 1.0
+    assert len({item["overlay"] for item in asked[1:]}) == 4  # one overlay each, none overwritten
     assert "overlay" not in asked[0]  # a plain question has nothing to draw
     for item in asked[1:]:
         assert Image.open(tmp_path / item["overlay"]).mode == "RGB"

@@ -14,7 +14,14 @@ from medplib.core.errors import InvalidInputError
 from medplib.core.model import MedPLIBProcessor, build_medplib
 from medplib.trainers.collate import Collator, ExampleStore
 from medplib.trainers.plot import plot_log
-from medplib.trainers.report import GOALS, build_report, format_table
+from medplib.trainers.report import (
+    GOALS,
+    SWAP_GOAL_NAMES,
+    build_report,
+    build_seed_report,
+    format_seed_table,
+    format_table,
+)
 from medplib.trainers.scoring import evaluate, trivial_baselines
 
 
@@ -52,9 +59,45 @@ def test_trivial_baselines_answer_without_looking(splits) -> None:
     assert baseline["mdice_per_structure"]["cell nuclei"] < 0.5
 
 
-def _metrics(accuracy: float, recall: float, dice: float) -> dict:
+def _metrics(accuracy: float, recall: float, dice: float, swap: float = 0.1) -> dict:
     per = {"grey matter": dice, "white matter": dice, "cell nuclei": dice}
-    return {"closed_accuracy": accuracy, "region_recall": recall, "mdice": dice, "mdice_per_structure": per}
+    per |= {"left hemisphere": dice, "right hemisphere": dice}
+    swaps = {
+        "left hemisphere / right hemisphere": {"max_iou": swap},
+        "grey matter / white matter": {"max_iou": swap},
+    }
+    return {
+        "closed_accuracy": accuracy,
+        "region_recall": recall,
+        "mdice": dice,
+        "mdice_per_structure": per,
+        "swap_iou": swaps,
+    }
+
+
+def test_seed_report_gives_each_seed_its_mean_and_worst() -> None:
+    def seed_report(dice: float, swap: float, accuracy: float) -> dict:
+        final = _metrics(accuracy, 0.7, dice, swap)
+        records = {key: {"metrics": final} for key in ("1", "2", "3", "4", "joint")}
+        report = build_report(records, _metrics(0.5, 0.3, 0.2), wall_minutes=9.0, load_average=(1, 2, 3))
+        return report | {"setup": {"load_average": (1.0, 2.0, 3.0)}}
+
+    report = build_seed_report({0: seed_report(0.90, 0.05, 0.80), 1: seed_report(0.84, 0.25, 0.76)})
+    hemisphere = report["goals"]["mdice_per_structure.left hemisphere"]
+    assert hemisphere["per_seed"] == {"0": 0.90, "1": 0.84} and hemisphere["worst"] == 0.84
+    assert hemisphere["mean"] == pytest.approx(0.87) and not hemisphere["met"]  # the worst seed misses 0.85
+    assert report["goals"]["mdice_per_structure.cell nuclei"]["met"]
+    swap = report["goals"]["swap_iou.left hemisphere / right hemisphere"]
+    assert swap["worst"] == 0.25 and not swap["met"]  # the worst swap is the largest IoU
+    assert report["goals"]["swap_iou.grey matter / white matter"]["met"]  # 0.25 <= 0.3
+    assert (
+        report["vqa_floors"]["closed_accuracy"]["worst"] == 0.76
+        and report["vqa_floors"]["closed_accuracy"]["met"]
+    )
+    table = format_seed_table(report)
+    assert "| Dice left hemisphere | >= 0.85 | 0.900 | 0.840 | 0.870 | 0.840 | **no** |" in table
+    assert "swap IoU (largest) left hemisphere / right hemisphere | <= 0.20" in table
+    json.dumps(report)
 
 
 def test_report_checks_goals_and_the_paper_claim() -> None:
@@ -68,7 +111,7 @@ def test_report_checks_goals_and_the_paper_claim() -> None:
     report = build_report(records, _metrics(0.5, 0.3, 0.2), wall_minutes=12.3, schedule="tiny")
     assert report["mdice"] == 0.86 and report["wall_minutes"] == 12.3
     assert report["goals"]["closed_accuracy"]["met"] and not report["goals"]["region_recall"]["met"]
-    assert set(report["goals"]) == set(GOALS)
+    assert set(report["goals"]) == set(GOALS) | set(SWAP_GOAL_NAMES)
     assert [row["stage"] for row in report["comparison"]] == ["2", "3", "joint", "4"]
     keeps = report["moe_keeps_expert_skill"]
     assert keeps["closed_accuracy"]["kept"] and keeps["mdice"]["kept"] and not keeps["region_recall"]["kept"]
