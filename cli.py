@@ -442,6 +442,7 @@ def pipeline(
     ),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads per process"),
     sequential: bool = typer.Option(False, "--sequential", help="train the joint baseline after, not beside"),
+    joint: bool = typer.Option(True, "--joint/--no-joint", help="also train the joint-training baseline"),
 ) -> None:
     """Run stages I -> IV and the joint baseline, score each on the test split, write the report."""
     from medplib.core.errors import InvalidInputError
@@ -453,6 +454,7 @@ def pipeline(
     seeds = [*seed, *map(int, ctx.args)]
     schedule = schedule or ("tiny" if preset == "tiny" else "paper")
     options = {"preset": preset, "schedule": schedule, "threads": threads, "parallel": not sequential}
+    options["joint"] = joint
     if len(seeds) == 1:
         typer.echo(format_table(run_pipeline(data, out, seed=seeds[0], **options)))
     else:

@@ -80,7 +80,11 @@ def build_report(records: dict[str, dict], baselines: dict, *, wall_minutes: flo
     for name, maximum in SWAP_GOAL_NAMES.items():
         found = metric(final, name)
         goals[name] = {"goal_max": maximum, "value": found, "met": found is not None and found <= maximum}
-    comparison = [{"row": label, "stage": key, **_headline(records[key]["metrics"])} for key, label in ROWS]
+    comparison = [
+        {"row": label, "stage": key, **_headline(records[key]["metrics"])}
+        for key, label in ROWS
+        if key in records
+    ]
     moe = records["4"]["metrics"]
     keeps = {}
     for name, (expert, tolerance) in SKILLS.items():
@@ -91,8 +95,10 @@ def build_report(records: dict[str, dict], baselines: dict, *, wall_minutes: flo
             "moe_value": ours,
             "kept": ours is not None and theirs is not None and ours >= theirs - tolerance,
         }
-    joint = records["joint"]["metrics"]
-    beats = [name for name in SKILLS if (metric(moe, name) or 0) > (metric(joint, name) or 0)]
+    beats = None  # no joint baseline trained: nothing to compare with
+    if "joint" in records:
+        joint = records["joint"]["metrics"]
+        beats = [name for name in SKILLS if (metric(moe, name) or 0) > (metric(joint, name) or 0)]
     return {
         "wall_minutes": round(wall_minutes, 2),
         **_headline(final),
@@ -139,10 +145,13 @@ def format_table(report: dict) -> str:
     for name, goal in report["goals"].items():
         mark = "yes" if goal["met"] else "**no**"
         lines.append(f"| {goal_label(name)} | {goal_bound(goal)} | {cell(goal['value'])} | {mark} |")
-    lines.append(
-        f"\nwall time {report['wall_minutes']:.1f} min; MoE beats joint training on: "
-        f"{', '.join(report['moe_beats_joint_on']) or 'nothing'}"
+    beats = report["moe_beats_joint_on"]
+    versus = (
+        "no joint baseline"
+        if beats is None
+        else f"MoE beats joint training on: {', '.join(beats) or 'nothing'}"
     )
+    lines.append(f"\nwall time {report['wall_minutes']:.1f} min; {versus}")
     return "\n".join(lines)
 
 

@@ -171,3 +171,11 @@ def test_swap_check_by_hand() -> None:
     assert swap_check({("a.png", "left hemisphere"): left, ("a.png", "right hemisphere"): ~left})[
         "left hemisphere / right hemisphere"
     ]["met"]
+
+
+def test_report_without_the_joint_baseline() -> None:
+    records = {key: {"metrics": _metrics(0.8, 0.7, 0.86)} for key in ("1", "2", "3", "4")}
+    report = build_report(records, _metrics(0.5, 0.3, 0.2), wall_minutes=5.0, joint=False)
+    assert [row["stage"] for row in report["comparison"]] == ["2", "3", "4"]
+    assert report["moe_beats_joint_on"] is None
+    assert "no joint baseline" in format_table(report)
