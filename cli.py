@@ -578,26 +578,38 @@ def info(
     typer.echo(described.model_dump_json(indent=2) if as_json else format_info(described))
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True})
 @user_errors
 def pipeline(
+    ctx: typer.Context,
     data: Path = typer.Option(..., "--data", help="dataset folder in the MeCoVQA format"),
     out: Path = typer.Option(..., "--out", help="folder for every stage, report.json and report.md"),
     preset: str = typer.Option("tiny", "--preset", help="model preset the pipeline starts from"),
     schedule: str | None = typer.Option(None, "--schedule", help="tiny or paper (default: tiny for tiny)"),
-    seed: int = typer.Option(0, "--seed", help="seed of initialisation, data order and dropout"),
+    seed: list[int] = typer.Option(
+        [0],
+        "--seed",
+        help="seed(s) of initialisation, data order and dropout: --seed 0 1 2 runs each in OUT/seed-N",
+    ),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads per process"),
     sequential: bool = typer.Option(False, "--sequential", help="train the joint baseline after, not beside"),
+    joint: bool = typer.Option(True, "--joint/--no-joint", help="also train the joint-training baseline"),
 ) -> None:
     """Run stages I -> IV and the joint baseline, score each on the test split, write the report."""
-    from medplib.trainers.pipeline import run_pipeline
-    from medplib.trainers.report import format_table
+    from medplib.core.errors import InvalidInputError
+    from medplib.trainers.pipeline import run_pipeline, run_seeds
+    from medplib.trainers.report import format_seed_table, format_table
 
+    if not all(arg.isdigit() for arg in ctx.args):
+        raise InvalidInputError(f"unexpected arguments {ctx.args}; more seeds follow --seed as integers")
+    seeds = [*seed, *map(int, ctx.args)]
     schedule = schedule or ("tiny" if preset == "tiny" else "paper")
-    report = run_pipeline(
-        data, out, preset=preset, schedule=schedule, seed=seed, threads=threads, parallel=not sequential
-    )
-    typer.echo(format_table(report))
+    options = {"preset": preset, "schedule": schedule, "threads": threads, "parallel": not sequential}
+    options["joint"] = joint
+    if len(seeds) == 1:
+        typer.echo(format_table(run_pipeline(data, out, seed=seeds[0], **options)))
+    else:
+        typer.echo(format_seed_table(run_seeds(data, out, seeds, **options)))
     typer.echo(f"\nwrote {out / 'report.json'}")
 
 

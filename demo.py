@@ -131,12 +131,15 @@ def ensure_trained(data: Path, folder: Path) -> dict:
     return run_pipeline(data, folder)
 
 
-# (question kind, structure, label): a VQA question, a region question and a grounding request, each
-# about the first axial test slice that has one.
+# (question kind, structure, label): a VQA question, a region question and grounding requests, each
+# about the first axial test slice that has one. Left and right hemisphere are asked on one slice: a
+# model that reads its request gives two different masks (`swap_iou` in the demo's output).
 QUESTIONS = (
     ("modality", None, "VQA"),
     ("region_name", "white matter", "region"),
     ("segment", "grey matter", "grounding"),
+    ("segment", "left hemisphere", "grounding"),
+    ("segment", "right hemisphere", "grounding"),
 )
 
 
@@ -167,7 +170,12 @@ def ask_questions(stage_folder: Path, data: Path, out: Path) -> list[dict]:
         if example.targets:
             result = assistant.ground(image, f"the {structure}")
             made = result.masks[0].mask.to_array() if result.masks else np.zeros_like(example.targets[0])
-            entry = {"dice": mask_scores(made, example.targets[0]).dice, "seg_forced": result.seg_forced}
+            entry = {
+                "structure": structure,
+                "dice": mask_scores(made, example.targets[0]).dice,
+                "seg_forced": result.seg_forced,
+                "mask": made,
+            }
             drawn = [example.targets[0], made]  # reference first, the prediction drawn over it
         else:
             regions = list(example.request.regions)
@@ -180,13 +188,25 @@ def ask_questions(stage_folder: Path, data: Path, out: Path) -> list[dict]:
             {"kind": label, "image": example.image, "question": question, "answer": result.text} | entry
         )
         if drawn:
-            asked[-1]["overlay"] = f"{label}_{Path(image).stem}.png"
+            named = f"{label}_{structure.replace(' ', '_')}" if example.targets else label
+            asked[-1]["overlay"] = f"{named}_{Path(image).stem}.png"
             save_png(overlay(example.request.pixels, drawn), out / asked[-1]["overlay"])
+    masks = {(item["image"], item.get("structure")): item.pop("mask") for item in asked if "mask" in item}
+    for item in asked:
+        other = masks.get((item["image"], "right hemisphere"))
+        if item.get("structure") == "left hemisphere" and other is not None:
+            mine = masks[(item["image"], "left hemisphere")]
+            union = np.logical_or(mine, other).sum()
+            item["iou_with_right_hemisphere"] = (
+                float(np.logical_and(mine, other).sum() / union) if union else 1.0
+            )
     return asked
 
 
 def _describe(item: dict) -> str:
     check = f"reference: {item['reference']}" if "reference" in item else f"Dice {item['dice']:.3f}"
+    if "iou_with_right_hemisphere" in item:
+        check += f", IoU with the right-hemisphere mask {item['iou_with_right_hemisphere']:.3f}"
     return f"[{item['kind']}] {item['image']}: {item['question']}\n  -> {item['answer']}   ({check})"
 
 

@@ -170,6 +170,10 @@ class Collator:
             batch = self.processor([example.question_only() for example in examples], padding_side="left")
         # What each sample is, for losses that depend on it (stage IV's routing targets).
         batch["samples"] = [(example.task, example.answer_type, example.modality) for example in examples]
+        # (image, structure) of each grounding request, for losses that compare requests on one image.
+        batch["pair_keys"] = [
+            (example.image, example.structure or "") if example.targets else None for example in examples
+        ]
         batch["mask_targets"] = [
             torch.from_numpy(np.stack(example.targets)) if example.targets else None for example in examples
         ]

@@ -43,9 +43,11 @@ from medplib.trainers.losses import (
     add_load_balancing,
     answer_cross_entropy,
     combine_losses,
+    pair_contrast,
     routing_loss,
     supervised_positions,
 )
+from medplib.trainers.sampling import PairKey, paired_order
 from medplib.trainers.stage_folder import Prepared
 from medplib.trainers.stages import StageSpec
 
@@ -89,10 +91,22 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def step_samples(step: int, num_examples: int, global_batch: int, per_epoch: int, seed: int) -> np.ndarray:
-    """Indices of the global batch of optimizer step `step`."""
+def step_samples(
+    step: int,
+    num_examples: int,
+    global_batch: int,
+    per_epoch: int,
+    seed: int,
+    pair_keys: Sequence[PairKey] | None = None,
+    preferred_pairs: Sequence[tuple[str, str]] = (),
+) -> np.ndarray:
+    """Indices of the global batch of optimizer step `step`; with `pair_keys`, requests about one
+    image come in pairs (`sampling.paired_order`)."""
     epoch, offset = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    rng = np.random.default_rng([seed, epoch])
+    order = (
+        rng.permutation(num_examples) if pair_keys is None else paired_order(pair_keys, rng, preferred_pairs)
+    )
     return order[offset * global_batch : (offset + 1) * global_batch]
 
 
@@ -140,7 +154,22 @@ def forward_losses(
             expert_targets(prepared.moe, batch["samples"]).to(hidden.device),
             answer_side(batch["input_ids"], batch["attention_mask"], model.config.im_end_token_id),
         )
-    loss = combine_losses(ce, mask_logits, targets, spec.loss, global_batch, routing, spec.routing_weight)
+    contrast = None
+    if spec.contrast is not None and spec.contrast.weight > 0:
+        contrast = pair_contrast(
+            mask_logits, targets, batch["pair_keys"], spec.contrast.pairs, spec.contrast.margin
+        )
+    loss = combine_losses(
+        ce,
+        mask_logits,
+        targets,
+        spec.loss,
+        global_batch,
+        routing,
+        spec.routing_weight,
+        contrast,
+        spec.contrast.weight if spec.contrast is not None else 0.0,
+    )
     if prepared.moe is not None and spec.router.load_balancing_weight > 0:
         loss = add_load_balancing(loss, prepared.moe.load_balancing_loss(), len(hidden), global_batch)
     return loss, int(batch["attention_mask"].sum())
@@ -256,13 +285,17 @@ def train(
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     )
+    pair_keys = [_pair_key(e) for e in examples] if spec.same_image_pairs else None
+    preferred = spec.contrast.pairs if spec.contrast is not None else ()
     result = LoopResult(steps=total)
     began = time.perf_counter()
     bar = _progress(total, start, options.progress and options.rank == 0, spec.title)
     with bar:
         for step in range(start, total):
             tick = time.perf_counter()
-            chosen = step_samples(step, len(examples), global_batch, per_epoch, options.seed)
+            chosen = step_samples(
+                step, len(examples), global_batch, per_epoch, options.seed, pair_keys, preferred
+            )
             mine = chosen[options.rank :: options.world]
             micro = [mine[i : i + opt.batch_size] for i in range(0, len(mine), opt.batch_size)]
             # Per part (sum, count), summed over workers so the log shows the global batch's values.
@@ -303,6 +336,10 @@ def train(
                 _checkpoint(checkpoints, done, per_epoch, global_batch, named, optimizer, scheduler, options)
     result.seconds = time.perf_counter() - began
     return result
+
+
+def _pair_key(example: Example) -> PairKey:
+    return (example.image, example.structure or "") if example.targets else None
 
 
 def _tracked_forward(

@@ -77,6 +77,35 @@ def focal_loss(
 MASK_LOSSES = {"bce": bce_loss, "dice": dice_loss, "focal": focal_loss}
 
 
+def pair_contrast(
+    mask_logits: Sequence[torch.Tensor | None],
+    mask_targets: Sequence[torch.Tensor | None],
+    keys: Sequence[tuple[str, str] | None],
+    pairs: Sequence[tuple[str, str]],
+    margin: float,
+) -> torch.Tensor:
+    """Per anchor, relu(margin + softDice(pred_A, target_B) - softDice(pred_A, target_A)) (n_anchors,).
+
+    An anchor is a sample A of structure a whose batch also holds a sample B about the same image
+    (`keys`: (image, structure), None for no grounding) with the partner structure b, (a, b) or
+    (b, a) in `pairs`. The first mask of each sample is used. It is zero once A's mask is closer to
+    its own target than to the partner's by the margin, so it only acts while the two masks are alike.
+    """
+    partners = {(a, b) for a, b in pairs} | {(b, a) for a, b in pairs}
+    found = {key: i for i, key in enumerate(keys) if key is not None and mask_logits[i] is not None}
+    terms = []
+    for (image, structure), anchor in found.items():
+        for partner_structure in (b for a, b in partners if a == structure):
+            partner = found.get((image, partner_structure))
+            if partner is None or mask_targets[anchor] is None or mask_targets[partner] is None:
+                continue
+            logits = mask_logits[anchor][:1].float()
+            own = 1 - dice_loss(logits, mask_targets[anchor][:1].float())
+            other = 1 - dice_loss(logits, mask_targets[partner][:1].float())
+            terms.append(F.relu(margin + other - own)[0])
+    return torch.stack(terms) if terms else torch.zeros(0)
+
+
 def routing_loss(
     layer_logits: Sequence[torch.Tensor], targets: torch.Tensor, tokens: torch.Tensor
 ) -> torch.Tensor:
@@ -123,9 +152,11 @@ def combine_losses(
     global_batch: int,
     routing: torch.Tensor | None = None,
     routing_weight: float = 0.0,
+    contrast: torch.Tensor | None = None,
+    contrast_weight: float = 0.0,
 ) -> BatchLoss:
     """The batch loss from per-sample CE (batch,) and each sample's predicted and target masks, plus
-    (stage IV) the per-sample routing loss.
+    (stage IV) the per-sample routing loss and the pair contrast per anchor (`pair_contrast`).
 
     Mask parts are each sample's mean over its masks; parts whose weight is 0 are not computed.
     """
@@ -136,6 +167,10 @@ def combine_losses(
         total = total + routing_weight * routing.sum()
         parts["router"] = float(routing.detach().mean())
         counts["router"] = len(routing)
+    if contrast is not None and len(contrast) and contrast_weight > 0:
+        total = total + contrast_weight * contrast.sum()
+        parts["contrast"] = float(contrast.detach().mean())
+        counts["contrast"] = len(contrast)
     used = [name for name in MASK_PARTS if getattr(weights, name) > 0]
     per_part: dict[str, list[torch.Tensor]] = {name: [] for name in used}
     for logits, target in zip(mask_logits, mask_targets, strict=True):

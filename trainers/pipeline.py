@@ -9,7 +9,9 @@ MoE after alignment: as many optimizer steps as stages II, III and IV together.
 Every stage writes its folder under OUT (`stage1/`, `stage2/`, `stage3/`, `stage4/`, `joint/`) with
 its model, adapters, metrics log, `eval.json` and `metrics.png`; OUT gets `report.json` and
 `report.md`. A finished stage folder is reused and an unfinished one resumed from its last
-checkpoint, so a killed pipeline continues where it stopped.
+checkpoint, so a killed pipeline continues where it stopped. With several seeds (`run_seeds`) each
+seed's pipeline runs in OUT/seed-N, one after the other, and OUT's report holds every seed's numbers
+with their mean and worst.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from pathlib import Path
 
 import torch
 
+from medplib.core.errors import InvalidInputError
 from medplib.core.model import MedPLIBProcessor
 from medplib.trainers.collate import Collator, Example, ExampleStore
 from medplib.trainers.loop import schedule_lengths
-from medplib.trainers.report import build_report, format_table
+from medplib.trainers.report import build_report, build_seed_report, format_seed_table, format_table
 from medplib.trainers.scoring import evaluate, trivial_baselines
 from medplib.trainers.stage_folder import STAGE_FILE, Prepared, load_stage_model, read_record
 from medplib.trainers.stages import stage_spec
@@ -93,9 +96,14 @@ def run_pipeline(
     threads: int | None = 1,
     parallel: bool = True,
     progress: bool = True,
+    joint: bool = True,
 ) -> dict:
-    """Run I -> IV and the joint baseline into `out`; returns the report (also written to disk)."""
+    """Run I -> IV and (`joint`) the joint baseline into `out`; returns the report (also written to disk).
+
+    Without the joint baseline the pipeline costs about half the CPU time; the report then has no
+    joint-training row and compares the MoE with the experts only."""
     began = time.perf_counter()
+    load_at_start = os.getloadavg()
     out.mkdir(parents=True, exist_ok=True)
     train = ExampleStore.open(data, split="train").examples()
     test = ExampleStore.open(data, split="test").examples()
@@ -114,20 +122,20 @@ def run_pipeline(
 
     records = {"1": run_and_score(stage_run("1", preset), str(data), threads)}
     joint_steps = sum(planned_steps(stage, schedule, train) for stage in ("2", "3", "4"))
-    joint = replace(stage_run("joint", str(out / FOLDERS["1"])), steps=joint_steps, progress=False)
+    baseline = replace(stage_run("joint", str(out / FOLDERS["1"])), steps=joint_steps, progress=False)
     pool = None
-    if parallel:
+    if parallel and joint:
         # spawn, not fork: the parent's torch thread pool and Ray/tokenizer state must not be copied.
         pool = multiprocessing.get_context("spawn").Pool(1)
-        pending = pool.apply_async(run_and_score, (joint, str(data), threads))
+        pending = pool.apply_async(run_and_score, (baseline, str(data), threads))
     for previous, stage in itertools.pairwise(CHAIN):
         records[stage] = run_and_score(stage_run(stage, str(out / FOLDERS[previous])), str(data), threads)
     if pool is not None:
         records["joint"] = pending.get()
         pool.close()
         pool.join()
-    else:
-        records["joint"] = run_and_score(joint, str(data), threads)
+    elif joint:
+        records["joint"] = run_and_score(baseline, str(data), threads)
     report = build_report(
         records,
         trivial_baselines(train, test),
@@ -136,8 +144,23 @@ def run_pipeline(
         schedule=schedule,
         threads=threads,
         parallel=parallel,
+        joint=joint,
         cpus=os.cpu_count(),
+        seed=seed,
+        # Other jobs on the machine slow the pipeline: the 1/5/15-minute load averages, start and end.
+        load_average={"start": load_at_start, "end": os.getloadavg()},
     )
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(format_table(report) + "\n")
+    return report
+
+
+def run_seeds(data: Path, out: Path, seeds: list[int], **options: object) -> dict:
+    """`run_pipeline` once per seed into OUT/seed-N; OUT's report holds each seed, the mean and the worst."""
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise InvalidInputError(f"seeds must be distinct and at least one, got {seeds}")
+    reports = {seed: run_pipeline(data, out / f"seed-{seed}", seed=seed, **options) for seed in seeds}
+    report = build_seed_report(reports)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(format_seed_table(report) + "\n")
     return report

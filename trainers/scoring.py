@@ -10,7 +10,9 @@ The headline numbers (`closed_accuracy`, `region_recall`, `mdice`, `mdice_per_st
 - `closed_accuracy`: exact match over the complex-VQA (C) closed questions;
 - `region_recall`: token recall over every region (R) question, open (what is marked) and closed
   (which hemisphere);
-- `mdice`: mean per-image Dice over all grounding (G) samples, also per structure and modality.
+- `mdice`: mean per-image Dice over all grounding (G) samples, also per structure and modality;
+- `swap_iou`: per structure pair (left / right hemisphere, grey / white matter), the IoU of the two
+  masks the model predicts on each test image that asks for both (`swap_check`).
 
 `parts` holds every metric of each part (closed accuracy; open recall, precision, F1, BLEU-1..4;
 mIoU and mDice overall, per modality and per structure) and `by_kind` the answer metrics per
@@ -44,6 +46,32 @@ from medplib.core.model import MedPLIBForCausalLM
 from medplib.trainers.collate import Collator, Example
 
 MAX_NEW_TOKENS = 32
+# The request-swap check: two requests about one image must give different masks. Per structure
+# pair, the largest IoU allowed between the two predicted masks on any test image that asks both.
+SWAP_GOALS = {("left hemisphere", "right hemisphere"): 0.2, ("grey matter", "white matter"): 0.3}
+
+
+def swap_check(masks: dict[tuple[str, str], np.ndarray]) -> dict[str, dict]:
+    """IoU of the masks predicted for the two structures of each `SWAP_GOALS` pair, per image that
+    has a request for both; `masks` maps (image, structure) to the predicted mask. Two empty masks
+    count as the same mask (IoU 1)."""
+    report = {}
+    for (first, second), goal in SWAP_GOALS.items():
+        ious = []
+        for (image, structure), mask in sorted(masks.items()):
+            other = masks.get((image, second))
+            if structure != first or other is None:
+                continue
+            union = np.logical_or(mask, other).sum()
+            ious.append(float(np.logical_and(mask, other).sum() / union) if union else 1.0)
+        report[f"{first} / {second}"] = {
+            "images": len(ious),
+            "mean_iou": _mean(ious),
+            "max_iou": max(ious) if ious else None,
+            "goal_max_iou": goal,
+            "met": bool(ious) and max(ious) <= goal,
+        }
+    return report
 
 
 def _headline(answers: dict[str, list[Answered]], masks: list[ScoredMask]) -> dict:
@@ -134,6 +162,7 @@ def evaluate(
     device = next(model.parameters()).device
     answers: dict[str, list] = {"vqa": [], "region_vqa": []}
     masks: list[ScoredMask] = []
+    made_masks: dict[tuple[str, str], np.ndarray] = {}  # (image, structure) -> mask, for the swap check
     predictions = []
     bar = tqdm(
         total=len(examples),
@@ -174,6 +203,7 @@ def evaluate(
                 mask = made[0].cpu().numpy() if len(made) else np.zeros_like(target)
                 score = mask_scores(mask, target)
                 masks.append(ScoredMask(score, example.modality, example.structure))
+                made_masks[(example.image, example.structure or "")] = mask
                 entry["dice"] = score.dice
                 if keep_masks:
                     entry["mask"] = Mask.from_array(mask).model_dump()
@@ -183,7 +213,7 @@ def evaluate(
         bar.update(len(chunk))
     bar.close()
     model.train(was_training)
-    return _headline(answers, masks) | {"predictions": predictions}
+    return _headline(answers, masks) | {"swap_iou": swap_check(made_masks), "predictions": predictions}
 
 
 def trivial_baselines(train: Sequence[Example], test: Sequence[Example]) -> dict:

@@ -100,6 +100,10 @@ class MedPLIBConfig(PreTrainedConfig):
     # preset's image tokens grew to 100-700 times the norm of its word embeddings, and its attention
     # stayed diffuse (plane and which-half questions near chance). Off for LLaVA checkpoints.
     visual_token_norm: bool = False
+    # The `<SEG>` prompt also modulates SAM's dense prompt (`grounding.DensePromptFiLM`). A SAM trained
+    # from scratch has no absolute position in its mask features and learns to ignore a sparse prompt;
+    # the tiny and small presets need it to tell left from right. Off for SAM checkpoints.
+    seg_dense_film: bool = False
     image_token_id: int = -1
     im_start_token_id: int = -1
     im_end_token_id: int = -1

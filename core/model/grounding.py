@@ -23,17 +23,61 @@ from medplib.core.model.configuration_medplib import MedPLIBSamConfig
 from medplib.core.model.sam_med2d import add_adapters
 
 
-class GroundingHead(nn.Module):
-    """LLM hidden state -> SAM sparse prompt embedding."""
+class FiLMLinear(nn.Linear):
+    """A linear map with N(0, 1/width) weights and zero bias: unit-variance inputs give unit-variance
+    modulation from the first step. Its own `reset_parameters`, so every init path (construction,
+    transformers' guarded init of missing weights) gives the same."""
 
-    def __init__(self, hidden_size: int, prompt_embed_dim: int) -> None:
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.in_features**-0.5)
+        nn.init.zeros_(self.bias)
+
+
+class DensePromptFiLM(nn.Module):
+    """The `<SEG>` prompt also conditions SAM's dense prompt, FiLM-style (`MedPLIBConfig.seg_dense_film`).
+
+    dense = no-mask embedding + PE + scale(q) * PE + shift(q), q the layer-normalised sparse prompt and
+    PE SAM's dense positional encoding (C, g, g). A randomly initialised SAM's mask features carry no
+    absolute position, and its decoder learns to ignore its sparse prompt within a few steps; added
+    here, the prompt modulates the positional features every mask pixel is computed from, which the
+    decoder cannot route around, so left and right of a symmetric image become separable.
+    """
+
+    def __init__(self, prompt_embed_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(prompt_embed_dim, elementwise_affine=False)
+        self.scale = FiLMLinear(prompt_embed_dim, prompt_embed_dim)
+        self.shift = FiLMLinear(prompt_embed_dim, prompt_embed_dim)
+
+    def forward(self, prompts: torch.Tensor, no_mask: torch.Tensor, positional: torch.Tensor) -> torch.Tensor:
+        """(n, C) prompts, (C,) no-mask embedding, (C, g, g) PE -> (n, C, g, g) dense prompts."""
+        q = self.norm(prompts)
+        scale, shift = self.scale(q)[..., None, None], self.shift(q)[..., None, None]
+        return no_mask[:, None, None] + positional + scale * positional + shift
+
+
+class GroundingHead(nn.Module):
+    """LLM hidden state -> SAM sparse prompt embedding (and, with `dense_film`, its dense prompt)."""
+
+    def __init__(self, hidden_size: int, prompt_embed_dim: int, dense_film: bool = False) -> None:
         super().__init__()
         self.fc1 = nn.Linear(hidden_size, hidden_size)
         self.act = nn.ReLU()
         self.fc2 = nn.Linear(hidden_size, prompt_embed_dim)
+        self.dense_film = DensePromptFiLM(prompt_embed_dim) if dense_film else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(hidden_states)))
+
+    def dense_prompts(self, prompts: torch.Tensor, prompt_encoder: PromptEncoder) -> torch.Tensor | None:
+        """The dense prompts (n, C, g, g) for sparse `prompts` (n, C); None: SAM's no-mask embedding."""
+        if self.dense_film is None:
+            return None
+        dtype = prompts.dtype
+        # segment-anything builds its positional encoding in float32, as `SamGrounding.decode` notes.
+        with torch.autocast(prompts.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            positional = prompt_encoder.get_dense_pe()[0].to(dtype)
+        return self.dense_film(prompts, prompt_encoder.no_mask_embed.weight[0], positional)
 
 
 class SamGrounding(nn.Module):
@@ -53,13 +97,14 @@ class SamGrounding(nn.Module):
         self.medplib_postprocess = False  # `MedPLIBSamConfig.mask_postprocess`
 
     def decode(
-        self, image_embedding: torch.Tensor, prompts: torch.Tensor
+        self, image_embedding: torch.Tensor, prompts: torch.Tensor, dense: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One image's embedding (1, C, g, g) and n prompts (n, C) -> low-res mask logits (n, 4g, 4g) and
-        SAM's predicted IoU of each mask (n,)."""
+        SAM's predicted IoU of each mask (n,). `dense` (n, C, g, g) defaults to the no-mask embedding."""
         sparse = prompts[:, None, :]
-        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        dense = dense.expand(len(prompts), -1, *self.prompt_encoder.image_embedding_size)
+        if dense is None:
+            dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+            dense = dense.expand(len(prompts), -1, *self.prompt_encoder.image_embedding_size)
         dtype = dense.dtype
         # segment-anything builds its positional encoding in float32; autocast bridges a half-precision SAM.
         with torch.autocast(image_embedding.device.type, dtype=dtype, enabled=dtype != torch.float32):

@@ -17,8 +17,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from segment_anything.modeling import ImageEncoderViT
+from segment_anything.modeling.common import LayerNorm2d
+from segment_anything.modeling.image_encoder import Attention as SamAttention
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaForCausalLM, PreTrainedModel
+from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
@@ -71,6 +75,26 @@ class MedPLIBPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
 
+    def _init_weights(self, module: nn.Module) -> None:
+        """SAM and the `<SEG>` head start from their modules' own defaults, the rest as transformers does.
+
+        transformers' generic N(0, 0.02) would give SAM's mask and IoU tokens (embeddings, N(0, 1) by
+        default) a norm of 0.2 instead of about 11 and leave its token attention uniform. Runs under
+        transformers' init guard: a weight loaded from a checkpoint is never re-initialised.
+        """
+        if id(module) not in getattr(self, "_module_default_init", ()):
+            super()._init_weights(module)
+        elif hasattr(module, "reset_parameters"):  # Linear, Conv, LayerNorm, Embedding
+            module.reset_parameters()
+        elif isinstance(module, ImageEncoderViT) and module.pos_embed is not None:
+            init.zeros_(module.pos_embed)
+        elif isinstance(module, SamAttention) and module.use_rel_pos:
+            init.zeros_(module.rel_pos_h)
+            init.zeros_(module.rel_pos_w)
+        elif isinstance(module, LayerNorm2d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
 
 class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
     def __init__(self, config: MedPLIBConfig) -> None:
@@ -86,8 +110,11 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
             norm=config.visual_token_norm,
             medplib_sampling=config.compat == "medplib",
         )
-        self.seg_head = GroundingHead(text_width, config.sam_config.prompt_embed_dim)
+        self.seg_head = GroundingHead(
+            text_width, config.sam_config.prompt_embed_dim, dense_film=config.seg_dense_film
+        )
         self.sam = build_sam(config.sam_config)
+        self._module_default_init = {id(m) for part in (self.sam, self.seg_head) for m in part.modules()}
         self.tokenizer = None  # set by the builders and by from_pretrained; saved with the weights
         self.post_init()
 
@@ -258,7 +285,8 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
                 predictions.append(none)
                 continue
             prompts = self.seg_head(states).to(sam_dtype)
-            low_res, scores = self.sam.decode(embeddings[i][None], prompts)
+            dense = self.seg_head.dense_prompts(prompts, self.sam.prompt_encoder)
+            low_res, scores = self.sam.decode(embeddings[i][None], prompts, dense)
             logits = self.sam.postprocess(low_res, tuple(sam_input_sizes[i]), (height, width))
             masks = logits > self.config.sam_config.mask_threshold
             predictions.append(MaskPrediction(logits=logits, masks=masks, scores=scores))

@@ -28,7 +28,8 @@ LLAVA_VOCAB_SIZE = 32000
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "tokenizer": "trained",
-        "config": {"visual_token_norm": True},  # trained from scratch: see MedPLIBConfig
+        # trained from scratch: see MedPLIBConfig
+        "config": {"visual_token_norm": True, "seg_dense_film": True},
         "vision_config": {
             "image_size": 112,
             "patch_size": 14,
@@ -61,7 +62,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     },
     "small": {
         "tokenizer": "trained",
-        "config": {"visual_token_norm": True},
+        "config": {"visual_token_norm": True, "seg_dense_film": True},
         "vision_config": {
             "image_size": 224,
             "patch_size": 16,

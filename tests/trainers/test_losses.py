@@ -103,3 +103,51 @@ def test_routing_loss_counts_only_marked_tokens_of_samples_with_an_expert() -> N
     assert per_sample.tolist() == pytest.approx([expected, 0.0], rel=1e-5)
     # Two identical layers average to the same loss.
     assert routing_loss([logits, logits], targets, tokens).tolist() == pytest.approx(per_sample.tolist())
+
+
+def test_pair_contrast_by_hand() -> None:
+    """relu(margin + softDice(pred_A, target_B) - softDice(pred_A, target_A)) for each anchor."""
+    from medplib.trainers.losses import pair_contrast
+
+    left = torch.tensor([[[1.0, 1.0, 0.0, 0.0]]])
+    right = torch.tensor([[[0.0, 0.0, 1.0, 1.0]]])
+    # Both requests predict the same mask: probability 0.5 everywhere (logit 0).
+    same = torch.zeros(1, 1, 4)
+    keys = [("slice", "left hemisphere"), ("slice", "right hemisphere"), None]
+    pairs = [("left hemisphere", "right hemisphere")]
+    terms = pair_contrast([same, same, None], [left, right, None], keys, pairs, margin=0.3)
+    # softDice(p, t) = (2 * 1 + 1) / (2 + 2 + 1) = 0.6 against either target: the term is the margin.
+    assert terms.tolist() == pytest.approx([0.3, 0.3])
+    # A left mask that is right: softDice own (2*2+1)/(2+2+1) = 1, other (0+1)/(2+2+1) = 0.2.
+    sharp = torch.tensor([[[20.0, 20.0, -20.0, -20.0]]])
+    terms = pair_contrast([sharp, same], [left, right], keys[:2], pairs, margin=0.3)
+    assert terms[0].item() == pytest.approx(0.0, abs=1e-6)  # relu(0.3 + 0.2 - 1)
+    assert terms[1].item() == pytest.approx(0.3)  # the right request still gives the blurred mask
+    # Other images or other structure pairs are no partners.
+    assert (
+        len(
+            pair_contrast(
+                [same, same], [left, right], [("a", "left hemisphere"), ("b", "right hemisphere")], pairs, 0.3
+            )
+        )
+        == 0
+    )
+    assert (
+        len(
+            pair_contrast(
+                [same, same], [left, right], [("a", "grey matter"), ("a", "white matter")], pairs, 0.3
+            )
+        )
+        == 0
+    )
+
+
+def test_combine_losses_adds_the_weighted_contrast_per_global_batch() -> None:
+    ce = torch.tensor([1.0, 2.0])
+    plain = combine_losses(ce, [None, None], [None, None], LossWeights(ce=1.0), global_batch=4)
+    contrast = torch.tensor([0.3, 0.1])
+    both = combine_losses(
+        ce, [None, None], [None, None], LossWeights(ce=1.0), 4, contrast=contrast, contrast_weight=3.0
+    )
+    assert both.total.item() == pytest.approx(plain.total.item() + 3.0 * 0.4 / 4)
+    assert both.parts["contrast"] == pytest.approx(0.2) and both.counts["contrast"] == 2

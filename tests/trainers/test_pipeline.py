@@ -85,21 +85,34 @@ def test_medplib_info_describes_a_stage_folder(chain: Path) -> None:
     assert result.exit_code == 0 and "checkpoint" in result.output, result.output
 
 
-def test_the_demo_asks_the_trained_model_three_questions(
+def test_the_demo_asks_the_trained_model_its_questions(
     chain: Path, built_dataset: Path, tmp_path: Path
 ) -> None:
     asked = ask_questions(chain / "4", built_dataset, tmp_path)
-    assert [item["kind"] for item in asked] == ["VQA", "region", "grounding"]
+    assert [item["kind"] for item in asked] == ["VQA", "region", "grounding", "grounding", "grounding"]
     assert "{region}" in asked[1]["question"]
-    # The Dice reported is that of the model's mask against the reference (greedy: asked again, the same)
+    assert len({item["overlay"] for item in asked[1:]}) == 4  # one overlay each, none overwritten
+    # Each Dice reported is that of the model's mask against the reference (greedy: asked again, the
+    # same), and the left/right IoU that of the two hemisphere masks of one slice.
     store = ExampleStore.open(built_dataset, split="test")
-    structure = asked[2]["question"].removeprefix("segment the ")
-    example = next(
-        e for e in store.examples() if e.image == asked[2]["image"] and e.structure == structure and e.targets
+    assistant = medplib.load(chain / "4")
+    masks = {}
+    for item in asked[2:]:
+        example = next(
+            e
+            for e in store.examples()
+            if e.image == item["image"] and e.structure == item["structure"] and e.targets
+        )
+        again = assistant.ground(str(store.loaded.path(example.image)), f"the {item['structure']}")
+        masks[item["structure"]] = again.masks[0].mask.to_array()
+        expected = mask_scores(masks[item["structure"]], example.targets[0]).dice
+        assert item["dice"] == pytest.approx(expected) and item["seg_forced"] == again.seg_forced
+    left, right = asked[3], asked[4]
+    assert (left["structure"], right["structure"]) == ("left hemisphere", "right hemisphere")
+    assert left["image"] == right["image"]
+    assert left["iou_with_right_hemisphere"] == pytest.approx(
+        mask_scores(masks["left hemisphere"], masks["right hemisphere"]).iou
     )
-    again = medplib.load(chain / "4").ground(str(store.loaded.path(example.image)), f"the {structure}")
-    expected = mask_scores(again.masks[0].mask.to_array(), example.targets[0]).dice
-    assert asked[2]["dice"] == pytest.approx(expected) and asked[2]["seg_forced"] == again.seg_forced
     assert "overlay" not in asked[0]  # a plain question has nothing to draw
     for item in asked[1:]:
         assert Image.open(tmp_path / item["overlay"]).mode == "RGB"

@@ -16,7 +16,14 @@ from medplib.core.metrics import mask_scores, token_scores
 from medplib.core.model import MedPLIBProcessor, build_medplib
 from medplib.trainers.collate import Collator, ExampleStore
 from medplib.trainers.plot import plot_log
-from medplib.trainers.report import GOALS, build_report, format_table
+from medplib.trainers.report import (
+    GOALS,
+    SWAP_GOAL_NAMES,
+    build_report,
+    build_seed_report,
+    format_seed_table,
+    format_table,
+)
 from medplib.trainers.scoring import evaluate, trivial_baselines
 
 
@@ -66,9 +73,45 @@ def test_trivial_baselines_answer_without_looking(splits) -> None:
     assert baseline["mdice_per_structure"]["cell nuclei"] < 0.5
 
 
-def _metrics(accuracy: float, recall: float, dice: float) -> dict:
+def _metrics(accuracy: float, recall: float, dice: float, swap: float = 0.1) -> dict:
     per = {"grey matter": dice, "white matter": dice, "cell nuclei": dice}
-    return {"closed_accuracy": accuracy, "region_recall": recall, "mdice": dice, "mdice_per_structure": per}
+    per |= {"left hemisphere": dice, "right hemisphere": dice}
+    swaps = {
+        "left hemisphere / right hemisphere": {"max_iou": swap},
+        "grey matter / white matter": {"max_iou": swap},
+    }
+    return {
+        "closed_accuracy": accuracy,
+        "region_recall": recall,
+        "mdice": dice,
+        "mdice_per_structure": per,
+        "swap_iou": swaps,
+    }
+
+
+def test_seed_report_gives_each_seed_its_mean_and_worst() -> None:
+    def seed_report(dice: float, swap: float, accuracy: float) -> dict:
+        final = _metrics(accuracy, 0.7, dice, swap)
+        records = {key: {"metrics": final} for key in ("1", "2", "3", "4", "joint")}
+        report = build_report(records, _metrics(0.5, 0.3, 0.2), wall_minutes=9.0, load_average=(1, 2, 3))
+        return report | {"setup": {"load_average": (1.0, 2.0, 3.0)}}
+
+    report = build_seed_report({0: seed_report(0.90, 0.05, 0.80), 1: seed_report(0.84, 0.25, 0.76)})
+    hemisphere = report["goals"]["mdice_per_structure.left hemisphere"]
+    assert hemisphere["per_seed"] == {"0": 0.90, "1": 0.84} and hemisphere["worst"] == 0.84
+    assert hemisphere["mean"] == pytest.approx(0.87) and not hemisphere["met"]  # the worst seed misses 0.85
+    assert report["goals"]["mdice_per_structure.cell nuclei"]["met"]
+    swap = report["goals"]["swap_iou.left hemisphere / right hemisphere"]
+    assert swap["worst"] == 0.25 and not swap["met"]  # the worst swap is the largest IoU
+    assert report["goals"]["swap_iou.grey matter / white matter"]["met"]  # 0.25 <= 0.3
+    assert (
+        report["vqa_floors"]["closed_accuracy"]["worst"] == 0.76
+        and report["vqa_floors"]["closed_accuracy"]["met"]
+    )
+    table = format_seed_table(report)
+    assert "| Dice left hemisphere | >= 0.85 | 0.900 | 0.840 | 0.870 | 0.840 | **no** |" in table
+    assert "swap IoU (largest) left hemisphere / right hemisphere | <= 0.20" in table
+    json.dumps(report)
 
 
 def test_report_checks_goals_and_the_paper_claim() -> None:
@@ -82,7 +125,7 @@ def test_report_checks_goals_and_the_paper_claim() -> None:
     report = build_report(records, _metrics(0.5, 0.3, 0.2), wall_minutes=12.3, schedule="tiny")
     assert report["mdice"] == 0.86 and report["wall_minutes"] == 12.3
     assert report["goals"]["closed_accuracy"]["met"] and not report["goals"]["region_recall"]["met"]
-    assert set(report["goals"]) == set(GOALS)
+    assert set(report["goals"]) == set(GOALS) | set(SWAP_GOAL_NAMES)
     assert [row["stage"] for row in report["comparison"]] == ["2", "3", "joint", "4"]
     keeps = report["moe_keeps_expert_skill"]
     assert keeps["closed_accuracy"]["kept"] and keeps["mdice"]["kept"] and not keeps["region_recall"]["kept"]
@@ -117,3 +160,36 @@ def test_plot_draws_a_log_with_routing(tmp_path: Path) -> None:
     log.write_text("")
     with pytest.raises(InvalidInputError):
         plot_log(log, tmp_path / "empty.png")
+
+
+def test_swap_check_by_hand() -> None:
+    from medplib.trainers.scoring import swap_check
+
+    left, right = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
+    left[:, :2], right[:, 1:] = True, True  # overlap 4 px, union 16 px
+    masks = {
+        ("a.png", "left hemisphere"): left,
+        ("a.png", "right hemisphere"): right,
+        ("b.png", "left hemisphere"): left,
+        ("b.png", "right hemisphere"): left,  # the same mask for both requests
+        ("c.png", "grey matter"): np.zeros((4, 4), bool),
+        ("c.png", "white matter"): np.zeros((4, 4), bool),  # two empty masks are the same mask
+        ("d.png", "grey matter"): left,  # no white-matter request on d: not compared
+    }
+    check = swap_check(masks)
+    hemispheres = check["left hemisphere / right hemisphere"]
+    assert hemispheres["images"] == 2 and hemispheres["max_iou"] == 1.0
+    assert hemispheres["mean_iou"] == pytest.approx((0.25 + 1.0) / 2) and not hemispheres["met"]
+    tissue = check["grey matter / white matter"]
+    assert tissue["images"] == 1 and tissue["max_iou"] == 1.0 and tissue["goal_max_iou"] == 0.3
+    assert swap_check({("a.png", "left hemisphere"): left, ("a.png", "right hemisphere"): ~left})[
+        "left hemisphere / right hemisphere"
+    ]["met"]
+
+
+def test_report_without_the_joint_baseline() -> None:
+    records = {key: {"metrics": _metrics(0.8, 0.7, 0.86)} for key in ("1", "2", "3", "4")}
+    report = build_report(records, _metrics(0.5, 0.3, 0.2), wall_minutes=5.0, joint=False)
+    assert [row["stage"] for row in report["comparison"]] == ["2", "3", "4"]
+    assert report["moe_beats_joint_on"] is None
+    assert "no joint baseline" in format_table(report)
