@@ -214,7 +214,7 @@ def test_weights_come_from_the_checkpoints(llava, sam: Sam, sam_file: Path) -> N
     adapter = state["region_encoder.adapter.weight"]
     assert torch.isfinite(adapter).all() and 0 < adapter.std() < 0.1
     head = state["seg_head.fc2.weight"]
-    assert 0 < head.std() and head.abs().max() <= head.shape[1] ** -0.5
+    assert head.std() > 0 and head.abs().max() <= head.shape[1] ** -0.5
 
 
 def test_loaded_model_runs_end_to_end(llava, sam_file: Path) -> None:
