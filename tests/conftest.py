@@ -17,6 +17,19 @@ from medplib.core import plugins
 from medplib.trainers import registry_data
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`):
+    tiny-preset ops are too small to gain from threads, and spinning OpenMP threads stall whenever the
+    shared machine's other core is busy."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def dicom_file() -> Callable[[str], Path]:
     """A DICOM test file of pydicom or pydicom-data by its full name, e.g. 'CT_small.dcm'; never downloads."""
@@ -90,18 +103,6 @@ def register_plugin(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[objec
     for plugin, name in registered:
         if plugins.pm.get_plugin(name) is plugin:
             plugins.pm.unregister(plugin)
-
-
-@pytest.fixture
-def one_torch_thread() -> Iterator[None]:
-    """torch on one thread for the test: on tiny tensors a second OpenMP thread only adds
-    synchronisation, which costs ten times the work on a busy 2-CPU machine."""
-    import torch  # deferred: most tests never need torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

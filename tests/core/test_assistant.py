@@ -28,14 +28,7 @@ from medplib.trainers.registry_data import dicom_file
 TOKENS = 5  # new tokens per answer: enough to compare paths, cheap on two cores
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny-preset ops are too small to gain from threads, and spinning OpenMP threads stall whenever
-    the shared machine's other core is busy: one thread keeps these tests fast under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,8 @@ come one decoding step at a time and join to exactly the answer the non-streamed
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
-import torch
 
 from medplib.core.assistant import MedPLIB, load
 from medplib.core.errors import InvalidInputError
@@ -19,12 +16,7 @@ from medplib.trainers.registry_data import dicom_file
 TOKENS = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,11 @@ affine anywhere shows as voxels off the ball. The tiny model (random weights) ch
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from medplib.core.assistant import MedPLIB, load
 from medplib.core.errors import InvalidInputError
@@ -28,12 +26,7 @@ from medplib.core.volume_results import VolumeGroundingResult, compact_ranges
 TOKENS = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,7 @@ from medplib.trainers.stage_folder import Source, prepare
 from medplib.trainers.stages import stage_spec
 from medplib.trainers.train import stage_examples
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices on a shared 2-core machine: a second thread only waits
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

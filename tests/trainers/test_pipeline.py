@@ -18,13 +18,7 @@ from medplib.trainers.registry_data import dicom_file
 from medplib.trainers.stage_folder import load_source, load_stage_model, read_record
 from medplib.trainers.train import StageRun, run_stage
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

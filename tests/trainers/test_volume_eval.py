@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from medplib.core.assistant import load
 from medplib.core.errors import InvalidInputError
@@ -20,13 +18,7 @@ from medplib.trainers.eval_report import format_report
 from medplib.trainers.registry_data import mni152_file
 from medplib.trainers.volume_eval import evaluate_volumes
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import torch
 from ray import serve
 from ray.exceptions import ActorDiedError
 
@@ -33,12 +32,7 @@ CT = base64.b64encode(dicom_file("CT_small.dcm").read_bytes()).decode()
 DECODING = {"max_new_tokens": 3}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)
@@ -301,6 +295,7 @@ def test_ground_volume_over_http(replicas: tuple[Any, Any], tmp_path: Any, make_
         assert bad.status_code == 400 and bad.json()["error"] == "invalid_input"
         assert "/v1/ground_volume" in client.get("/openapi.json").json()["paths"]
 
+
 async def test_a_streamed_request_comes_token_by_token(replicas: tuple[Any, Any]) -> None:
     ingress, generate, decode = service(replicas)
     longer = VQARequest(image={"base64": CT}, question="What is this?", decoding={"max_new_tokens": 8})
@@ -336,6 +331,8 @@ def test_the_serve_app_serves_the_page(replicas: tuple[Any, Any]) -> None:
         assert client.get("/ui/app.js").status_code == 200
         rendered = client.post("/v1/render", json={"image": {"base64": CT}})
         assert rendered.status_code == 200 and rendered.json()["modality"] == "CT"
+
+
 # ---- what a request may read: the image `uri` and a mask region's `source`, through the HTTP app ----
 
 
