@@ -73,10 +73,10 @@ class GroundingHead(nn.Module):
         """The dense prompts (n, C, g, g) for sparse `prompts` (n, C); None: SAM's no-mask embedding."""
         if self.dense_film is None:
             return None
-        dtype = prompts.dtype
-        # segment-anything builds its positional encoding in float32, as `SamGrounding.decode` notes.
-        with torch.autocast(prompts.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            positional = prompt_encoder.get_dense_pe()[0].to(dtype)
+        # segment-anything builds its positional encoding in float32; autocast bridges a half-precision SAM.
+        half = prompts.dtype != torch.float32
+        with torch.autocast(prompts.device.type, dtype=prompts.dtype, enabled=half):
+            positional = prompt_encoder.get_dense_pe()[0].to(prompts.dtype)
         return self.dense_film(prompts, prompt_encoder.no_mask_embed.weight[0], positional)
 
 

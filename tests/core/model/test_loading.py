@@ -210,11 +210,11 @@ def test_weights_come_from_the_checkpoints(llava, sam: Sam, sam_file: Path) -> N
         else:
             assert torch.equal(ours, value), key
     # New in MedPLIB, initialised (not garbage): the region adapter (transformers' N(0, 0.02)) and the
-    # <SEG> head (nn.Linear's own default, uniform within 1/sqrt(fan_in)).
+    # <SEG> head (nn.Linear's own init, uniform within 1/sqrt(fan_in), as LISA's head starts).
     adapter = state["region_encoder.adapter.weight"]
     assert torch.isfinite(adapter).all() and 0 < adapter.std() < 0.1
     head = state["seg_head.fc2.weight"]
-    assert head.std() > 0 and head.abs().max() <= head.shape[1] ** -0.5
+    assert torch.isfinite(head).all() and head.std() > 0 and head.abs().max() <= head.shape[1] ** -0.5
 
 
 def test_loaded_model_runs_end_to_end(llava, sam_file: Path) -> None:
