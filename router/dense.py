@@ -55,6 +55,12 @@ class Float32Gate(nn.Linear):
         return nn.functional.linear(x.float(), self.weight)
 
 
+def release_routing(logits: torch.Tensor, top_k: int, forced_expert: int | None) -> Routing:
+    """A released checkpoint's routing: top-k of the fp32 gate with no capacity limit (the converter
+    refuses capacities that would drop tokens), or every token to `forced_expert` with weight 1."""
+    return route(logits, top_k) if forced_expert is None else forced_routing(logits, forced_expert)
+
+
 class DenseRoutedMLP(nn.Module):
     """Drop-in replacement of a LLaMA MLP: K full MLP experts and a float32 gate (`router`)."""
 
@@ -71,11 +77,7 @@ class DenseRoutedMLP(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         logits = self.router(flat)
-        if self.forced_expert is None:
-            routing = route(logits, self.top_k)
-        else:
-            routing = forced_routing(logits, self.forced_expert)
-        self.last_routing = routing
+        routing = self.last_routing = release_routing(logits, self.top_k, self.forced_expert)
         out = torch.zeros_like(flat)
         for expert_index, expert in enumerate(self.experts):
             rows, choice = torch.nonzero(routing.experts == expert_index, as_tuple=True)
@@ -112,11 +114,7 @@ class FactoredRoutedMLP(RoutedMLP):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         logits = self.router(flat)
-        if self.forced_expert is None:
-            routing = route(logits, self.top_k)
-        else:
-            routing = forced_routing(logits, self.forced_expert)
-        self.last_routing = routing
+        routing = self.last_routing = release_routing(logits, self.top_k, self.forced_expert)
         mixed = Routing(routing.logits, routing.experts, routing.weights.to(flat.dtype), routing.kept)
         return self.mix(flat, mixed).reshape(hidden_states.shape)
 
