@@ -22,7 +22,8 @@ from medplib.core.lazy import lazy_exports
 
 # Public names whose modules import torch: resolved on first use (PEP 562), so `import medplib` stays cheap.
 _LAZY = {
-    "load": "medplib.core.assistant",
+    "load": "medplib.loading",
+    "load_model": "medplib.loading",
     "MedPLIB": "medplib.core.assistant",
     "Query": "medplib.core.queries",
     "ChatMessage": "medplib.core.queries",
@@ -52,4 +53,5 @@ __all__ = [
     "UnsupportedFormatError",
     "__version__",
     "load",
+    "load_model",
 ]

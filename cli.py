@@ -572,7 +572,8 @@ def info(
     quantization: str | None = typer.Option(None, "--quantization", help="int8 or int4, for the bytes"),
 ) -> None:
     """Describe a model without loading its weights: components, parameters and bytes, tokens, experts."""
-    from medplib.core.model_info import format_info, model_info
+    from medplib.core.model_info import format_info
+    from medplib.loading import model_info
 
     described = model_info(model, dtype=dtype, quantization=quantization)
     typer.echo(described.model_dump_json(indent=2) if as_json else format_info(described))

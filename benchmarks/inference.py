@@ -40,9 +40,10 @@ from pathlib import Path
 
 import torch
 
-from medplib.core.assistant import MedPLIB, load
+from medplib.core.assistant import MedPLIB
 from medplib.core.io import load_image
 from medplib.core.model import MedPLIBProcessor, Request, Turn, tokenize_user_text
+from medplib.loading import load
 from medplib.trainers.data.templates import GROUNDING_ANSWER
 from medplib.trainers.registry_data import DICOM_FILES, dicom_file
 

@@ -37,9 +37,10 @@ from pathlib import Path
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from medplib.core.assistant import MedPLIB, load
+from medplib.core.assistant import MedPLIB
 from medplib.core.io import load_image
 from medplib.core.model import MedPLIBProcessor, Request, Turn
+from medplib.loading import load
 from medplib.trainers.registry_data import DICOM_FILES, dicom_file
 
 QUESTION = "What modality is this image?"

@@ -31,7 +31,7 @@ MODES = ("fp32", "int8", "int4")
 RSS_PROBE = """
 import resource, sys, torch
 torch.set_num_threads(1)
-from medplib.core.assistant import load
+from medplib.loading import load
 from medplib.core.io import load_image
 from medplib.trainers.registry_data import dicom_file
 mode = sys.argv[1]
@@ -47,12 +47,12 @@ def quality(stage4: Path, data: Path) -> dict:
     from medplib.core.model import MedPLIBProcessor
     from medplib.core.model.quantization import quantize
     from medplib.trainers.collate import Collator
-    from medplib.trainers.evaluation import load_model, split_examples
+    from medplib.trainers.evaluation import load_for_evaluation, split_examples
 
     examples, _ = split_examples(data, "test")
     runs = {}
     for mode in MODES:
-        model = load_model(str(stage4), device="cpu").model
+        model = load_for_evaluation(str(stage4), device="cpu").model
         if mode != "fp32":
             quantize(model, mode)
         from medplib.trainers.scoring import evaluate
@@ -79,7 +79,7 @@ def quality(stage4: Path, data: Path) -> dict:
 
 
 def weight_bytes() -> dict:
-    from medplib.core.model_info import model_info
+    from medplib.loading import model_info
 
     out = {}
     for dtype, quantization in (

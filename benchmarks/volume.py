@@ -52,9 +52,9 @@ BATCH_SIZES = (1, 4, 8, 16)
 
 def load_assistant(location: str) -> MedPLIB:
     from medplib.core.embedding_cache import EmbeddingCache
-    from medplib.trainers.evaluation import load_model
+    from medplib.trainers.evaluation import load_for_evaluation
 
-    loaded = load_model(location, device="cpu")
+    loaded = load_for_evaluation(location, device="cpu")
     return MedPLIB(loaded.model, name=location, untrained=loaded.untrained, cache=EmbeddingCache())
 
 
@@ -292,9 +292,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from medplib.trainers.evaluation import load_model
+    from medplib.trainers.evaluation import load_for_evaluation
 
-    kind = load_model(args.model, device="cpu").kind
+    kind = load_for_evaluation(args.model, device="cpu").kind
     assistant = load_assistant(args.model)
     tokens = answer_tokens(assistant)
     volume = load_volume(mni152_file("t1"))

@@ -1,4 +1,4 @@
-"""The assistant: `medplib.load(...)` gives a `MedPLIB` that answers, grounds and chats about images.
+"""The assistant: `medplib.load(...)` (in `loading.py`) gives a `MedPLIB` that answers, grounds and chats.
 
     import medplib
     model = medplib.load("tiny")                     # a preset, a save_pretrained folder or fsspec URI
@@ -20,36 +20,28 @@ Grounding asks for a mask, so one is always produced: if the model would end its
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from medplib.core.embedding_cache import DEFAULT_MAX_BYTES, CacheStats, EmbeddingCache
+from medplib.core.embedding_cache import CacheStats, EmbeddingCache
 from medplib.core.errors import CapacityError, CheckpointError, InvalidInputError, RegionError
 from medplib.core.image import MedicalImage
 from medplib.core.inference import BatchGeneration, CachedGenerator, Conversation, Generated
 from medplib.core.io import load_image
-from medplib.core.io.sources import is_uri
 from medplib.core.masks import Mask, SegmentationResult
 from medplib.core.model import (
-    MODEL_PRESETS,
     ControlToken,
     MaskPrediction,
     MedPLIBForCausalLM,
     Turn,
-    build_medplib,
-    load_llava_and_sam,
 )
 from medplib.core.model.generation import run_to_end
-from medplib.core.model.medplib_release import convert_hint, is_release_config
-from medplib.core.model.quantization import check_quantization, quantize
 from medplib.core.queries import (
     DEFAULT_INFERENCE_LIMITS,
     REGION_PLACEHOLDER,
@@ -107,116 +99,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load(
-    preset_or_path: str | os.PathLike[str] = "tiny",
-    *,
-    sam: str | os.PathLike[str] | None = None,
-    device: str | torch.device = "auto",
-    dtype: str | torch.dtype = "float32",
-    cache_bytes: int = DEFAULT_MAX_BYTES,
-    seed: int = 0,
-    limits: InferenceLimits = DEFAULT_INFERENCE_LIMITS,
-    quantization: str | None = None,
-) -> MedPLIB:
-    """A ready assistant from a preset (`tiny`, `small`), a `save_pretrained` folder or fsspec URI (a
-    stage IV one loads with its mixture of experts), a training stage's folder (`medplib train --out`),
-    or, with `sam=`, a LLaVA-1.5 folder plus a SAM checkpoint. `seed` seeds a preset's random weights.
-    `quantization` ("int8", "int4") stores the LLM's linear layers in 8 or 4 bits
-    (`core/model/quantization.py`)."""
-    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
-    quantization = check_quantization(quantization)
-    source = os.fspath(preset_or_path)
-    untrained = False
-    if sam is not None:
-        model = load_llava_and_sam(source, sam, dtype=torch_dtype)
-    elif source in MODEL_PRESETS:
-        if MODEL_PRESETS[source]["tokenizer"] != "trained":
-            raise CheckpointError(
-                f"the {source} preset has no weights in medplib (it builds on the meta device to count "
-                "parameters): pass a checkpoint folder saved by save_pretrained (a path or fsspec URI), "
-                "or a LLaVA-1.5 folder with sam=SAM_CHECKPOINT"
-            )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = build_medplib(source)
-        untrained = True
-    elif _is_stage_folder(source):
-        model = _from_stage_folder(source)
-    else:
-        if not is_uri(source) and not os.path.isdir(os.path.expanduser(source)):
-            raise CheckpointError(
-                f"{source} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a checkpoint folder"
-            )
-        model = _from_checkpoint(source)
-    model = model.to(device=torch_device, dtype=torch_dtype).eval()
-    if quantization is not None:
-        quantize(model, quantization)
-    return MedPLIB(
-        model,
-        name=source,
-        untrained=untrained,
-        cache=EmbeddingCache(cache_bytes),
-        limits=limits,
-        quantization=quantization,
-    )
-
-
-def _from_checkpoint(source: str) -> MedPLIBForCausalLM:
-    """The model of a checkpoint folder; a stage IV folder (`moe.safetensors`) with its experts composed,
-    a converted MedPLIB folder with its routed experts; MedPLIB's unconverted release is refused."""
-    # router builds on core, so core reaches it only here, when a checkpoint needs it.
-    from medplib.router.dense import MedPLIBWithRoutedExperts
-    from medplib.router.moe import MOE_FILE, MixtureOfExperts
-
-    if _has_file(source, MOE_FILE):
-        return MixtureOfExperts.from_pretrained(source, model_class=MedPLIBForCausalLM).model
-    config = _folder_config(source)
-    if is_release_config(config):
-        raise CheckpointError(convert_hint(source))
-    if config.get("routed_experts"):
-        return MedPLIBWithRoutedExperts.from_pretrained(source)
-    return MedPLIBForCausalLM.from_pretrained(source)
-
-
-def _is_stage_folder(source: str) -> bool:
-    from medplib.trainers.stage_folder import STAGE_FILE
-
-    return not is_uri(source) and os.path.isfile(os.path.join(os.path.expanduser(source), STAGE_FILE))
-
-
-def _from_stage_folder(source: str) -> MedPLIBForCausalLM:
-    """The model a training stage's folder answers with (its active expert's adapter, or its MoE),
-    as `medplib eval` reads it. trainers builds on core: core reaches it only here, for such a folder."""
-    from medplib.trainers.stage_folder import load_stage_model
-
-    return load_stage_model(Path(os.path.expanduser(source))).model
-
-
-def _has_file(folder: str, name: str) -> bool:
-    import fsspec  # deferred: fsspec pulls in a lot at import time
-
-    try:
-        fs, root = fsspec.core.url_to_fs(folder if is_uri(folder) else os.path.expanduser(folder))
-    except (ValueError, ImportError):  # unknown protocol: from_pretrained names the problem
-        return False
-    return fs.isfile(f"{root.rstrip('/')}/{name}")
-
-
-def _folder_config(folder: str) -> dict:
-    """A checkpoint folder's config.json as a dict ({} when unreadable: from_pretrained names the problem)."""
-    import json
-
-    import fsspec  # deferred: fsspec pulls in a lot at import time
-
-    try:
-        fs, root = fsspec.core.url_to_fs(folder if is_uri(folder) else os.path.expanduser(folder))
-        with fs.open(f"{root.rstrip('/')}/config.json") as handle:
-            config = json.load(handle)
-    except (OSError, ValueError, ImportError):
-        return {}
-    return config if isinstance(config, dict) else {}
-
-
 @dataclass(frozen=True)
 class _Prepared:
     conversation: Conversation
@@ -227,8 +109,6 @@ class _Prepared:
 
 class MedPLIB:
     """A loaded model with its image cache; `answer`, `ground`, `chat` and `answer_batch`."""
-
-    load = staticmethod(load)
 
     def __init__(
         self,

@@ -53,3 +53,13 @@ def validation_message(exc: ValidationError) -> str:
         message = error["msg"].removeprefix("Value error, ")
         parts.append(f"{where}: {message}" if where else message)
     return "; ".join(parts)
+
+
+def describe_key_problems(source: object, problems: dict[str, list], limit: int = 50) -> str:
+    """An error message that lists missing / unexpected / mismatched keys (the first `limit` of each)."""
+    lines = [f"{source}: the checkpoint does not match the model"]
+    for kind, keys in problems.items():
+        shown = ", ".join(str(k) for k in keys[:limit])
+        more = f" … and {len(keys) - limit} more" if len(keys) > limit else ""
+        lines.append(f"{kind.replace('_', ' ')} ({len(keys)}): {shown}{more}")
+    return "\n".join(lines)

@@ -1,5 +1,6 @@
 """What a model is made of, without loading its weights: components and their parameter counts,
-special tokens and their ids, a summary of the config, and the registered experts (`medplib info`).
+special tokens and their ids, a summary of the config, and the registered experts (`medplib info`;
+`medplib.loading.model_info` reads them from any form of model it recognises).
 
 A preset builds on the meta device (no memory, no time: `medplib-7b` counts its 7 billion parameters
 in a second); a checkpoint folder or URI is read for its config and tokenizer only.
@@ -7,12 +8,9 @@ in a second); a checkpoint folder or URI is read for its config and tokenizer on
 
 from __future__ import annotations
 
-import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
-
-from medplib.core.errors import CheckpointError
 
 Weights = Literal[
     "random (seeded)", "none (meta device)", "checkpoint", "MedPLIB release (convert it before loading)"
@@ -40,68 +38,6 @@ class ModelInfo(BaseModel):
     routed_experts: dict[str, Any] | None = Field(
         None,
         description="experts stored in the checkpoint's routed MLPs (a MedPLIB release or its conversion)",
-    )
-
-
-def model_info(
-    preset_or_path: str | os.PathLike[str], *, dtype: str = "float32", quantization: str | None = None
-) -> ModelInfo:
-    """`bytes` counts the weights at `dtype`, the LLM's linear layers at `quantization` if given."""
-    import torch
-
-    from medplib.core.assistant import resolve_dtype
-    from medplib.core.io.sources import is_uri
-    from medplib.core.model import MODEL_PRESETS, MedPLIBConfig, MedPLIBForCausalLM, build_medplib
-    from medplib.core.model.modeling_medplib import COMPONENTS
-    from medplib.core.model.quantization import check_quantization, weight_bytes
-    from medplib.core.model.storage import local_folder
-    from medplib.core.model.tokenizer import load_tokenizer
-
-    source = os.fspath(preset_or_path)
-    torch_dtype, quantization = resolve_dtype(dtype), check_quantization(quantization)
-    if source in MODEL_PRESETS:
-        model = build_medplib(source, device="meta")
-        weights: Weights = "random (seeded)" if model.tokenizer is not None else "none (meta device)"
-        tokenizer = model.tokenizer
-    else:
-        if not is_uri(source) and not os.path.isdir(os.path.expanduser(source)):
-            raise CheckpointError(
-                f"{source} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a checkpoint folder"
-            )
-        from medplib.trainers.stage_folder import (
-            STAGE_FILE,
-        )  # a stage folder: describe its model, as load does
-
-        if not is_uri(source) and os.path.isfile(os.path.join(os.path.expanduser(source), STAGE_FILE)):
-            source = os.path.join(os.path.expanduser(source), "model")
-        with local_folder(source) as folder:
-            from medplib.core.model.medplib_release import read_release_config, release_info
-
-            if read_release_config(folder) is not None:
-                return release_info(source, folder, registered_experts())
-            try:
-                config = MedPLIBConfig.from_pretrained(folder)
-            except (OSError, ValueError) as exc:
-                raise CheckpointError(f"{source}: not a medplib checkpoint ({exc})") from None
-            tokenizer = load_tokenizer(folder)
-        model_class = MedPLIBForCausalLM
-        if config.routed_experts:  # router builds on core: reached only for such a checkpoint
-            from medplib.router.dense import MedPLIBWithRoutedExperts as model_class
-        with torch.device("meta"):
-            model = model_class(config)
-        weights = "checkpoint"
-    model.to(torch_dtype)  # on the meta device: only the element sizes change
-    return ModelInfo(
-        model=os.fspath(preset_or_path),
-        weights=weights,
-        parameters=model.parameter_counts(),
-        weights_dtype=str(torch_dtype).removeprefix("torch."),
-        quantization=quantization,
-        bytes=weight_bytes(model, COMPONENTS, quantization),
-        special_tokens=special_tokens(model.config, tokenizer),
-        config=config_summary(model.config),
-        experts=registered_experts(),
-        routed_experts=model.config.routed_experts,
     )
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from medplib.core.errors import CheckpointError, InvalidInputError
+from medplib.core.errors import CheckpointError, InvalidInputError, describe_key_problems
 from medplib.core.model.compat import SPIECE_FILE
 from medplib.core.model.configuration_medplib import MedPLIBConfig
 from medplib.core.model.medplib_release import (
@@ -39,7 +39,6 @@ from medplib.core.model.medplib_release import (
     text_config_from,
     vision_config_from,
 )
-from medplib.core.model.modeling_medplib import describe_key_problems
 from medplib.core.model.tokenizer import add_control_tokens
 from medplib.router.factor_experts import EXPERT_KEY, LayerFactorizer, factored_shapes
 

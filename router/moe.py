@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from medplib.core.errors import CheckpointError, InvalidInputError
+from medplib.core.errors import CheckpointError, InvalidInputError, describe_key_problems
 from medplib.core.expert_spec import ExpertSpec
 from medplib.core.model.storage import local_folder, writable_folder
 from medplib.core.plugins import ENV_VAR, get_experts, require_experts
@@ -225,8 +225,6 @@ class MixtureOfExperts:
         }
 
     def load_routed_state_dict(self, state: dict[str, torch.Tensor], source: object = "state dict") -> None:
-        from medplib.core.model.modeling_medplib import describe_key_problems
-
         current = self.routed_state_dict()
         problems = {
             "missing_keys": sorted(current.keys() - state.keys()),

@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from medplib.core.errors import InvalidInputError
-from medplib.trainers.stage_folder import read_record
+from medplib.loading import read_record
 from medplib.trainers.train import StageRun, run_stage
 
 

@@ -18,47 +18,33 @@ import json
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from medplib.core.assistant import resolve_device
 from medplib.core.errors import InvalidInputError
-from medplib.core.io.sources import is_uri
-from medplib.core.model import MedPLIBForCausalLM, MedPLIBProcessor
+from medplib.core.model import MedPLIBProcessor
+from medplib.loading import LoadedModel, load_model
 from medplib.trainers.collate import Collator, Example, ExampleStore
 from medplib.trainers.data.mecovqa import split_files
 from medplib.trainers.eval_report import format_report
 from medplib.trainers.gallery import write_gallery
 from medplib.trainers.scoring import MAX_NEW_TOKENS, constant_mask_baselines, evaluate, trivial_baselines
-from medplib.trainers.stage_folder import STAGE_FILE, read_record
 from medplib.trainers.volume_eval import evaluate_volumes
 
 METRICS_FILE, REPORT_FILE, GALLERY_FOLDER = "metrics.json", "report.md", "gallery"
 TRAIN_SPLIT = "train"  # what the trivial baselines learn their answers and mean masks from
 
 
-@dataclass(frozen=True)
-class LoadedModel:
-    model: MedPLIBForCausalLM
-    kind: str  # how MODEL was read, for the report: preset, checkpoint or stage folder
-    untrained: bool
-
-
-def load_model(
+def load_for_evaluation(
     location: str, *, device: str = "auto", seed: int = 0, progress: bool | None = None
 ) -> LoadedModel:
     """The model MODEL names, in eval mode on `device`; every weight of a checkpoint loaded."""
-    import medplib
-
     with _quiet_transformers(progress):
-        assistant = medplib.load(location, device=device, seed=seed)
-    if not is_uri(location) and (Path(location) / STAGE_FILE).is_file():
-        record = read_record(Path(location))
-        kind = f"stage {record.get('stage')} folder, answers with {record.get('active') or 'the trunk'}"
-    else:
-        kind = f"preset, seed {seed}" if assistant.untrained else "checkpoint"
-    return LoadedModel(assistant.model, kind, assistant.untrained)
+        loaded = load_model(location, seed=seed)
+    loaded.model.to(resolve_device(device)).eval()
+    return loaded
 
 
 @contextlib.contextmanager
@@ -147,7 +133,7 @@ def run_evaluation(
     began = time.perf_counter()
     examples, malformed = split_examples(data, split)  # bad data fails before the model loads
     scored = spread_subset(examples, limit)
-    loaded = load_model(model, device=device, seed=seed, progress=progress)
+    loaded = load_for_evaluation(model, device=device, seed=seed, progress=progress)
     collator = Collator(MedPLIBProcessor(loaded.model.config, loaded.model.tokenizer))
     metrics = evaluate(
         loaded.model,

@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 
 from medplib.core.errors import InvalidInputError
-from medplib.core.model import MedPLIBProcessor
+from medplib.core.model import MedPLIBForCausalLM, MedPLIBProcessor
+from medplib.loading import STAGE_FILE, load_model, read_record
 from medplib.trainers.collate import Collator, Example, ExampleStore
 from medplib.trainers.loop import schedule_lengths
 from medplib.trainers.report import build_report, build_seed_report, format_seed_table, format_table
 from medplib.trainers.scoring import evaluate, trivial_baselines
-from medplib.trainers.stage_folder import STAGE_FILE, Prepared, load_stage_model, read_record
 from medplib.trainers.stages import stage_spec
 from medplib.trainers.train import StageRun, run_stage, stage_examples
 
@@ -46,14 +46,13 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def score(prepared: Prepared, test: list[Example]) -> dict:
-    model = prepared.model
+def score(model: MedPLIBForCausalLM, test: list[Example]) -> dict:
     return evaluate(model, test, Collator(MedPLIBProcessor(model.config, model.tokenizer)))
 
 
 def evaluate_stage(folder: Path, data: Path) -> dict:
     """Score a finished stage folder on the test split; writes `eval.json` beside its model."""
-    metrics = score(load_stage_model(folder), ExampleStore.open(data, split="test").examples())
+    metrics = score(load_model(folder).model, ExampleStore.open(data, split="test").examples())
     (folder / EVAL_FILE).write_text(json.dumps(metrics, indent=1))
     return metrics
 
@@ -74,7 +73,7 @@ def run_and_score(run: StageRun, test_data: str, threads: int | None) -> dict:
             return read_record(folder) | {"metrics": json.loads((folder / EVAL_FILE).read_text())}
         return read_record(folder) | {"metrics": evaluate_stage(folder, Path(test_data))}
     outcome = run_stage(replace(run, resume=True))
-    metrics = score(outcome.prepared, ExampleStore.open(Path(test_data), split="test").examples())
+    metrics = score(outcome.prepared.model, ExampleStore.open(Path(test_data), split="test").examples())
     (folder / EVAL_FILE).write_text(json.dumps(metrics, indent=1))
     _plot(folder)
     return read_record(folder) | {"metrics": metrics}

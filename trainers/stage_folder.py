@@ -19,26 +19,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, set_peft_model_state_dict
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from peft import PeftModel
 
-from medplib.core.errors import CheckpointError, InvalidInputError
+from medplib.core.errors import InvalidInputError
 from medplib.core.expert_spec import ExpertSpec
-from medplib.core.model import MODEL_PRESETS, MedPLIBForCausalLM, build_medplib
-from medplib.core.model.modeling_medplib import describe_key_problems
+from medplib.core.model import MedPLIBForCausalLM
 from medplib.core.plugins import get_experts, require_experts
-from medplib.router import MixtureOfExperts, attach_expert_adapter, compose
-from medplib.router.moe import MOE_FILE
+from medplib.loading import STAGE_FILE, attach_lora, load_model
+from medplib.router import MixtureOfExperts, compose
 from medplib.trainers.stages import DEFAULT_EXPERTS, StageSpec
-
-STAGE_FILE = "stage.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass
@@ -63,32 +56,16 @@ class Prepared:
         return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
 
 
-def read_record(folder: Path) -> dict:
-    try:
-        return json.loads((folder / STAGE_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{folder} is not a stage folder: {exc}") from None
-
-
 def load_source(location: str, seed: int = 0) -> Source:
-    """The trunk and adapters a stage starts from: a preset (seeded random init) or a folder."""
-    if location in MODEL_PRESETS:
-        torch.manual_seed(seed)
-        return Source(location, build_medplib(location))
-    folder = Path(location)
-    if (folder / STAGE_FILE).is_file():
-        record = read_record(folder)
-        if (folder / "model" / MOE_FILE).is_file():
-            raise InvalidInputError(f"{location} holds a composed model (stage IV); no stage starts from one")
-        specs = {name: ExpertSpec.model_validate(spec) for name, spec in record.get("specs", {}).items()}
-        adapters = {name: folder / path for name, path in record.get("adapters", {}).items()}
-        return Source(location, MedPLIBForCausalLM.from_pretrained(folder / "model"), adapters, specs)
-    if (folder / "config.json").is_file():
-        return Source(location, MedPLIBForCausalLM.from_pretrained(folder))
-    raise InvalidInputError(
-        f"--model {location!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a stage or "
-        "checkpoint folder"
-    )
+    """The trunk and adapters a stage starts from: a preset (seeded random init), a stage folder's trunk
+    and adapters, or any other form `medplib.loading` recognises but a composed model."""
+    loaded = load_model(location, seed=seed, active_adapter=False)
+    record = loaded.record
+    if loaded.moe is not None or record.get("active") == "moe":
+        raise InvalidInputError(f"{location} holds a composed model (stage IV); no stage starts from one")
+    specs = {name: ExpertSpec.model_validate(spec) for name, spec in record.get("specs", {}).items()}
+    adapters = {name: Path(location, path) for name, path in record.get("adapters", {}).items()}
+    return Source(location, loaded.model, adapters, specs)
 
 
 def prepare(spec: StageSpec, source: Source, seed: int = 0) -> Prepared:
@@ -97,7 +74,7 @@ def prepare(spec: StageSpec, source: Source, seed: int = 0) -> Prepared:
     torch.manual_seed(seed)  # fresh LoRA factors and router weights start the same on every worker
     prepared = Prepared(model)
     if spec.setup == "adapter":
-        prepared.peft = _attach(model, spec.expert)
+        prepared.peft = attach_lora(model, spec.expert)
     elif spec.setup == "compose":
         specs = _composed_experts(source)
         adapters = [source.adapters.get(s.name) for s in specs]
@@ -117,12 +94,6 @@ def prepare(spec: StageSpec, source: Source, seed: int = 0) -> Prepared:
     return prepared
 
 
-def _attach(model: MedPLIBForCausalLM, expert: ExpertSpec) -> PeftModel:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # peft calls a transformers 5 deprecated alias
-        return attach_expert_adapter(model, expert)
-
-
 def _composed_experts(source: Source) -> list[ExpertSpec]:
     """The experts stage IV composes: every adapter the source carries, in training order.
 
@@ -139,24 +110,6 @@ def save_adapter(peft: PeftModel, folder: Path) -> None:
     """peft's own adapter folder (`adapter_config.json`, `adapter_model.safetensors`), as `compose` reads."""
     folder.mkdir(parents=True, exist_ok=True)
     peft.save_pretrained(str(folder))
-
-
-def attach_adapter(model: MedPLIBForCausalLM, expert: ExpertSpec, folder: Path) -> PeftModel:
-    """Attach `expert`'s LoRA to the model and load its trained weights from `folder`."""
-    LoraConfig.from_pretrained(str(folder))  # refuses a folder that is not an adapter
-    peft = _attach(model, expert)
-    try:
-        state = load_file(str(folder / ADAPTER_WEIGHTS))
-    except (OSError, SafetensorError) as exc:
-        raise CheckpointError(f"adapter {folder}: unreadable {ADAPTER_WEIGHTS} ({exc})") from None
-    result = set_peft_model_state_dict(peft, state)
-    # The trunk's own weights are "missing" from any adapter file; its LoRA factors must all be there.
-    missing = sorted(key for key in result.missing_keys if ".lora_" in key)
-    found = (("missing_keys", missing), ("unexpected_keys", sorted(result.unexpected_keys)))
-    problems = {kind: keys for kind, keys in found if keys}
-    if problems:
-        raise CheckpointError(describe_key_problems(f"adapter {folder}", problems, limit=5))
-    return peft
 
 
 def trunk_state_dict(model: MedPLIBForCausalLM) -> dict[str, torch.Tensor]:
@@ -194,17 +147,3 @@ def save_stage(out: Path, spec: StageSpec, prepared: Prepared, source: Source, r
     full = {"stage": spec.key, "title": spec.title, "source": source.location, "adapters": carried}
     full |= {"specs": {name: specs[name] for name in carried}, "active": active, **record}
     (out / STAGE_FILE).write_text(json.dumps(full, indent=1))
-
-
-def load_stage_model(folder: Path) -> Prepared:
-    """The model a stage folder answers with: the trunk with its active adapter, or the composed MoE."""
-    record = read_record(folder)
-    active = record.get("active")
-    if active == "moe":
-        moe = MixtureOfExperts.from_pretrained(folder / "model", model_class=MedPLIBForCausalLM)
-        return Prepared(moe.model, moe=moe)
-    model = MedPLIBForCausalLM.from_pretrained(folder / "model")
-    if active is None:
-        return Prepared(model)
-    expert = ExpertSpec.model_validate(record["specs"][active])
-    return Prepared(model, peft=attach_adapter(model, expert, folder / record["adapters"][active]))

@@ -17,10 +17,11 @@ from pydantic import ValidationError
 
 from medplib.core.errors import InvalidInputError, validation_message
 from medplib.core.model import MedPLIBProcessor
+from medplib.loading import STAGE_FILE
 from medplib.router.config import RouterConfig
 from medplib.trainers.collate import Collator, Example, ExampleStore, caption_examples
 from medplib.trainers.loop import LoopOptions, train
-from medplib.trainers.stage_folder import STAGE_FILE, Prepared, load_source, prepare, save_stage
+from medplib.trainers.stage_folder import Prepared, load_source, prepare, save_stage
 from medplib.trainers.stages import StageSpec, stage_spec
 
 

@@ -26,7 +26,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
-from medplib.core.errors import CheckpointError, InvalidInputError
+from medplib.core.errors import CheckpointError, InvalidInputError, describe_key_problems
 from medplib.core.model.configuration_medplib import MedPLIBConfig
 from medplib.core.model.conversation import IGNORE_INDEX
 from medplib.core.model.generation import GenerationOutput, decode
@@ -370,16 +370,6 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
         if problems:
             raise CheckpointError(describe_key_problems(source, problems))
         return model
-
-
-def describe_key_problems(source: object, problems: dict[str, list], limit: int = 50) -> str:
-    """An error message that lists missing / unexpected / mismatched keys (the first `limit` of each)."""
-    lines = [f"{source}: the checkpoint does not match the model"]
-    for kind, keys in problems.items():
-        shown = ", ".join(str(k) for k in keys[:limit])
-        more = f" … and {len(keys) - limit} more" if len(keys) > limit else ""
-        lines.append(f"{kind.replace('_', ' ')} ({len(keys)}): {shown}{more}")
-    return "\n".join(lines)
 
 
 AutoConfig.register(MedPLIBConfig.model_type, MedPLIBConfig, exist_ok=True)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import medplib
-from medplib.core.assistant import MedPLIB, answer_parts, load, question_parts
+from medplib.core.assistant import MedPLIB, answer_parts, question_parts
 from medplib.core.embedding_cache import EmbeddingCache
 from medplib.core.errors import CapacityError, CheckpointError, InvalidInputError, RegionError
 from medplib.core.io import load_image
@@ -22,6 +22,7 @@ from medplib.core.model import ControlToken, MedPLIBForCausalLM, MedPLIBProcesso
 from medplib.core.queries import InferenceLimits
 from medplib.core.regions import BoxPrompt, MaskPrompt, PointPrompt
 from medplib.core.results import STAGES, AnswerResult, ChatResult, GroundingResult
+from medplib.loading import load
 from medplib.router import MixtureOfExperts
 from medplib.trainers.registry_data import dicom_file
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medplib.core.assistant import MedPLIB, load
+from medplib.core.assistant import MedPLIB
 from medplib.core.errors import InvalidInputError
 from medplib.core.io import load_image
 from medplib.core.regions import BoxPrompt
 from medplib.core.results import AnswerResult, ChatResult, GroundingResult, TextDelta
+from medplib.loading import load
 from medplib.trainers.registry_data import dicom_file
 
 TOKENS = 12

@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medplib.core.assistant import MedPLIB, load
+from medplib.core.assistant import MedPLIB
 from medplib.core.errors import InvalidInputError
 from medplib.core.io import load_volume, slice_volume
 from medplib.core.io.volume import place_plane
@@ -22,6 +22,7 @@ from medplib.core.io.volume_writers import canonical_mask, dicom_seg, orthogonal
 from medplib.core.masks import Mask, SegmentationResult
 from medplib.core.volume_grounding import SlicePlan, VolumeMaskBuilder, keep_largest_component, parse_slices
 from medplib.core.volume_results import VolumeGroundingResult, compact_ranges
+from medplib.loading import load
 
 TOKENS = 2
 

@@ -21,8 +21,8 @@ import medplib
 from medplib.core.errors import CheckpointError
 from medplib.core.model.compat import model_input_ids
 from medplib.core.model.medplib_release import ReleaseCheckpoint
-from medplib.core.model_info import model_info
 from medplib.core.regions import BoxPrompt
+from medplib.loading import model_info
 from medplib.router import dense
 from medplib.router.convert_medplib import convert_medplib
 from medplib.router.dense import MedPLIBWithRoutedExperts

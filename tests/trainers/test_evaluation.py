@@ -16,11 +16,12 @@ from typer.testing import CliRunner
 
 from medplib.cli import app
 from medplib.core.model import build_medplib
+from medplib.loading import ADAPTER_WEIGHTS
 from medplib.router.moe import MOE_FILE
 from medplib.trainers.collate import ExampleStore
-from medplib.trainers.evaluation import load_model
+from medplib.trainers.evaluation import load_for_evaluation
 from medplib.trainers.gallery import GAP, panel_scale, ranked_cases
-from medplib.trainers.stage_folder import ADAPTER_WEIGHTS, load_source, prepare, save_stage
+from medplib.trainers.stage_folder import load_source, prepare, save_stage
 from medplib.trainers.stages import stage_spec
 
 runner = CliRunner()
@@ -127,7 +128,7 @@ def model_folder(weights: Path, kind: str) -> Path:
 
 @pytest.mark.parametrize("kind", ["trunk", "moe", "adapter"])
 def test_every_kind_of_checkpoint_loads_whole(checkpoints: dict[str, Path], kind: str) -> None:
-    loaded = load_model(str(model_folder(checkpoints[kind], kind)), device="cpu")
+    loaded = load_for_evaluation(str(model_folder(checkpoints[kind], kind)), device="cpu")
     assert not loaded.untrained and not loaded.model.training
 
 

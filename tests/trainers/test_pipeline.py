@@ -12,10 +12,11 @@ from PIL import Image
 import medplib
 from medplib.core.metrics import mask_scores
 from medplib.demo import ask_questions
+from medplib.loading import load_model, read_record
 from medplib.router import MixtureOfExperts
 from medplib.trainers.collate import ExampleStore
 from medplib.trainers.registry_data import dicom_file
-from medplib.trainers.stage_folder import load_source, load_stage_model, read_record
+from medplib.trainers.stage_folder import load_source
 from medplib.trainers.train import StageRun, run_stage
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -54,16 +55,16 @@ def test_each_stage_carries_the_experts_forward(chain: Path) -> None:
 
 
 def test_a_stage_folder_loads_as_the_model_it_trained(chain: Path) -> None:
-    moe = load_stage_model(chain / "4").moe
+    moe = load_model(chain / "4").moe
     assert isinstance(moe, MixtureOfExperts) and moe.expert_names == ("vision_language", "pixel_grounding")
-    expert = load_stage_model(chain / "2")
+    expert = load_model(chain / "2")
     assert expert.peft is not None and any(".lora_" in name for name, _ in expert.model.named_parameters())
 
 
 @pytest.mark.parametrize("stage", ["2", "4"])
 def test_medplib_load_takes_a_stage_folder_as_eval_does(chain: Path, stage: str) -> None:
     assistant = medplib.load(chain / stage)
-    expected = load_stage_model(chain / stage).model.state_dict()
+    expected = load_model(chain / stage).model.state_dict()
     loaded = assistant.model.state_dict()
     assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
     assert not assistant.untrained

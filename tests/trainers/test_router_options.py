@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from medplib.cli import app
-from medplib.trainers.stage_folder import load_stage_model, read_record
+from medplib.loading import load_model, read_record
 from medplib.trainers.train import StageRun, run_stage
 
 OPTIONS = {
@@ -48,7 +48,7 @@ def stage_four(built_dataset: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def routed(folder: Path) -> dict[str, torch.Tensor]:
-    return load_stage_model(folder).moe.routed_state_dict()
+    return load_model(folder).moe.routed_state_dict()
 
 
 @pytest.mark.parametrize("name", ["top_k", "capacity", "balancing"])
@@ -58,7 +58,7 @@ def test_each_option_changes_the_trained_router_and_experts(stage_four: dict[str
     assert any(not torch.equal(baseline[key], changed[key]) for key in baseline if ".router." in key)
     record = read_record(stage_four[name])["spec"]["router"]
     assert all(record[field] == value for field, value in OPTIONS[name].items())
-    assert load_stage_model(stage_four[name]).moe.config.model_dump() == record
+    assert load_model(stage_four[name]).moe.config.model_dump() == record
 
 
 def test_the_balancing_loss_is_trained_and_logged_only_when_weighted(stage_four: dict[str, Path]) -> None:
@@ -69,8 +69,8 @@ def test_the_balancing_loss_is_trained_and_logged_only_when_weighted(stage_four:
 
 
 def test_routed_layers_choose_which_mlps_are_routed(stage_four: dict[str, Path]) -> None:
-    assert set(load_stage_model(stage_four["layers"]).moe.layers) == {0}
-    assert len(load_stage_model(stage_four["default"]).moe.layers) > 1
+    assert set(load_model(stage_four["layers"]).moe.layers) == {0}
+    assert len(load_model(stage_four["default"]).moe.layers) > 1
     assert read_record(stage_four["layers"])["spec"]["router"]["layers"] == [0]
 
 

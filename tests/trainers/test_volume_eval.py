@@ -9,9 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medplib.core.assistant import load
 from medplib.core.errors import InvalidInputError
 from medplib.core.io import load_volume
+from medplib.loading import load
 from medplib.trainers.data.sources.mni152 import SPLIT
 from medplib.trainers.data.volumes import VOLUMES_FOLDER, volume_samples, write_mni152_test_volumes
 from medplib.trainers.eval_report import format_report

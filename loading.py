@@ -1,0 +1,346 @@
+"""The one way in: every form of model a user hands medplib is recognised here, and loaded here.
+
+    model = medplib.load("tiny")                # the assistant (`MedPLIB`) around `load_model`'s model
+    loaded = load_model("runs/stage4")          # the model and its handles (peft adapter, mixture)
+
+Each form has one recogniser, tried in this order (the first that matches loads the source):
+
+- `llava+sam`: a LLaVA-1.5 folder, given with `sam=` a SAM checkpoint (`core/model/loading.py`);
+- `preset`: `tiny`, `small` (seeded random weights); `medplib-7b` has none and is refused;
+- `stage folder`: a training stage's output (`stage.json`): the model as it answers (its active
+  adapter, or its mixture of experts), or, for the next stage, the trunk and its adapters;
+- `moe folder`: a stage IV `save_pretrained` folder or URI (`moe.safetensors`): its experts composed;
+- `medplib release`: MedPLIB's released checkpoint, recognised and refused: convert it first;
+- `converted release`: a `medplib convert` output (its config declares `routed_experts`);
+- `checkpoint`: any other `save_pretrained` folder or fsspec URI.
+
+`model_info` describes the same forms without loading their weights (`medplib info`).
+
+The CLI, `eval`, training, Serve and the tools all come through here; this module sits above `core/`
+and `router/` and is the only one that knows all the forms.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, set_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from medplib.core.assistant import MedPLIB, resolve_device, resolve_dtype
+from medplib.core.embedding_cache import DEFAULT_MAX_BYTES, EmbeddingCache
+from medplib.core.errors import CheckpointError, describe_key_problems
+from medplib.core.expert_spec import ExpertSpec
+from medplib.core.io.sources import is_uri
+from medplib.core.model import MODEL_PRESETS, MedPLIBForCausalLM, build_medplib, load_llava_and_sam
+from medplib.core.model.configuration_medplib import MedPLIBConfig
+from medplib.core.model.medplib_release import (
+    convert_hint,
+    is_release_config,
+    read_release_config,
+    release_info,
+)
+from medplib.core.model.modeling_medplib import COMPONENTS
+from medplib.core.model.quantization import check_quantization, quantize, weight_bytes
+from medplib.core.model.storage import local_folder
+from medplib.core.model.tokenizer import load_tokenizer
+from medplib.core.model_info import ModelInfo, Weights, config_summary, registered_experts, special_tokens
+from medplib.core.queries import DEFAULT_INFERENCE_LIMITS, InferenceLimits
+from medplib.router import MixtureOfExperts, attach_expert_adapter
+from medplib.router.dense import MedPLIBWithRoutedExperts
+from medplib.router.moe import MOE_FILE
+
+STAGE_FILE = "stage.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model, which form it came in, and the handles loading it made."""
+
+    model: MedPLIBForCausalLM
+    form: str
+    untrained: bool = False  # a preset's random weights
+    peft: PeftModel | None = None  # a stage folder's active adapter
+    moe: MixtureOfExperts | None = None
+    record: dict[str, Any] = field(default_factory=dict)  # a stage folder's stage.json
+    seed: int | None = None  # a preset's
+
+    @property
+    def kind(self) -> str:
+        """How the model was read, in words (for reports)."""
+        if self.form == "stage folder":
+            active = self.record.get("active") or "the trunk"
+            return f"stage {self.record.get('stage')} folder, answers with {active}"
+        return f"preset, seed {self.seed}" if self.form == "preset" else self.form
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    source: str
+    sam: str | None = None
+    seed: int = 0
+    dtype: torch.dtype | None = None  # the LLaVA + SAM weights are read at this dtype
+    active_adapter: bool = True  # a stage folder: with its active adapter / mixture, or the bare trunk
+
+
+@dataclass(frozen=True)
+class Form:
+    name: str
+    matches: Callable[[LoadRequest], bool]
+    load: Callable[[LoadRequest], LoadedModel]
+
+
+def load(
+    preset_or_path: str | os.PathLike[str] = "tiny",
+    *,
+    sam: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "float32",
+    cache_bytes: int = DEFAULT_MAX_BYTES,
+    seed: int = 0,
+    limits: InferenceLimits = DEFAULT_INFERENCE_LIMITS,
+    quantization: str | None = None,
+) -> MedPLIB:
+    """A ready assistant from any form `load_model` recognises. `seed` seeds a preset's random weights.
+    `quantization` ("int8", "int4") stores the LLM's linear layers in 8 or 4 bits
+    (`core/model/quantization.py`)."""
+    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    quantization = check_quantization(quantization)
+    source = os.fspath(preset_or_path)
+    loaded = load_model(source, sam=sam, seed=seed, dtype=torch_dtype)
+    model = loaded.model.to(device=torch_device, dtype=torch_dtype).eval()
+    if quantization is not None:
+        quantize(model, quantization)
+    return MedPLIB(
+        model,
+        name=source,
+        untrained=loaded.untrained,
+        cache=EmbeddingCache(cache_bytes),
+        limits=limits,
+        quantization=quantization,
+    )
+
+
+def load_model(
+    source: str | os.PathLike[str],
+    *,
+    sam: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    active_adapter: bool = True,
+) -> LoadedModel:
+    """The model `source` holds, in whichever form it comes (see the module's list)."""
+    request = LoadRequest(
+        os.fspath(source), None if sam is None else os.fspath(sam), seed, dtype, active_adapter
+    )
+    return recognise(request).load(request)
+
+
+def recognise(request: LoadRequest) -> Form:
+    """The form of `request.source`; CheckpointError when it is none of them."""
+    for form in FORMS:
+        if form.matches(request):
+            return form
+    raise CheckpointError(
+        f"{request.source} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a checkpoint folder"
+    )
+
+
+def model_info(
+    preset_or_path: str | os.PathLike[str], *, dtype: str = "float32", quantization: str | None = None
+) -> ModelInfo:
+    """What the model `preset_or_path` holds, read without its weights (`medplib info`): a preset built on
+    the meta device, a folder's config and tokenizer. `bytes` counts the weights at `dtype`, the LLM's
+    linear layers at `quantization` if given."""
+    source = os.fspath(preset_or_path)
+    torch_dtype, quantization = resolve_dtype(dtype), check_quantization(quantization)
+    form = recognise(LoadRequest(source)).name
+    if form == "preset":
+        model = build_medplib(source, device="meta")
+        weights: Weights = "random (seeded)" if model.tokenizer is not None else "none (meta device)"
+        tokenizer = model.tokenizer
+    else:
+        if form == "stage folder":  # describe its model, as load does
+            source = os.path.join(os.path.expanduser(source), "model")
+        with local_folder(source) as folder:
+            if read_release_config(folder) is not None:
+                return release_info(source, folder, registered_experts())
+            try:
+                config = MedPLIBConfig.from_pretrained(folder)
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"{source}: not a medplib checkpoint ({exc})") from None
+            tokenizer = load_tokenizer(folder)
+        model_class = MedPLIBWithRoutedExperts if config.routed_experts else MedPLIBForCausalLM
+        with torch.device("meta"):
+            model = model_class(config)
+        weights = "checkpoint"
+    model.to(torch_dtype)  # on the meta device: only the element sizes change
+    return ModelInfo(
+        model=os.fspath(preset_or_path),
+        weights=weights,
+        parameters=model.parameter_counts(),
+        weights_dtype=str(torch_dtype).removeprefix("torch."),
+        quantization=quantization,
+        bytes=weight_bytes(model, COMPONENTS, quantization),
+        special_tokens=special_tokens(model.config, tokenizer),
+        config=config_summary(model.config),
+        experts=registered_experts(),
+        routed_experts=model.config.routed_experts,
+    )
+
+
+# ---- presets and LLaVA + SAM ---------------------------------------------------------------------------
+
+
+def _load_preset(request: LoadRequest) -> LoadedModel:
+    if MODEL_PRESETS[request.source]["tokenizer"] != "trained":
+        raise CheckpointError(
+            f"the {request.source} preset has no weights in medplib (it builds on the meta device to count "
+            "parameters): pass a checkpoint folder saved by save_pretrained (a path or fsspec URI), "
+            "or a LLaVA-1.5 folder with sam=SAM_CHECKPOINT"
+        )
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
+        torch.manual_seed(request.seed)
+        model = build_medplib(request.source)
+    return LoadedModel(model, "preset", untrained=True, seed=request.seed)
+
+
+def _load_llava_and_sam(request: LoadRequest) -> LoadedModel:
+    return LoadedModel(load_llava_and_sam(request.source, request.sam, dtype=request.dtype), "llava+sam")
+
+
+# ---- stage folders ------------------------------------------------------------------------------------
+
+
+def stage_folder(source: str) -> Path | None:
+    """The local stage folder `source` names, or None when it is not one."""
+    if is_uri(source):
+        return None
+    folder = Path(os.path.expanduser(source))
+    return folder if (folder / STAGE_FILE).is_file() else None
+
+
+def read_record(folder: Path) -> dict:
+    """A stage folder's `stage.json`."""
+    try:
+        return json.loads((folder / STAGE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder} is not a stage folder: {exc}") from None
+
+
+def _load_stage_folder(request: LoadRequest) -> LoadedModel:
+    """The model a stage folder answers with: the trunk with its active adapter, or the composed MoE
+    (with `active_adapter` False: the trunk alone, as the next stage starts from it)."""
+    folder = stage_folder(request.source)
+    assert folder is not None  # the recogniser matched
+    record = read_record(folder)
+    active = record.get("active") if request.active_adapter else None
+    if active == "moe":
+        moe = MixtureOfExperts.from_pretrained(folder / "model", model_class=MedPLIBForCausalLM)
+        return LoadedModel(moe.model, "stage folder", moe=moe, record=record)
+    model = MedPLIBForCausalLM.from_pretrained(folder / "model")
+    if active is None:
+        return LoadedModel(model, "stage folder", record=record)
+    expert = ExpertSpec.model_validate(record["specs"][active])
+    peft = attach_adapter(model, expert, folder / record["adapters"][active])
+    return LoadedModel(model, "stage folder", peft=peft, record=record)
+
+
+def attach_adapter(model: MedPLIBForCausalLM, expert: ExpertSpec, folder: Path) -> PeftModel:
+    """Attach `expert`'s LoRA to the model and load its trained weights from `folder`."""
+    LoraConfig.from_pretrained(str(folder))  # refuses a folder that is not an adapter
+    peft = attach_lora(model, expert)
+    try:
+        state = load_file(str(folder / ADAPTER_WEIGHTS))
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(f"adapter {folder}: unreadable {ADAPTER_WEIGHTS} ({exc})") from None
+    result = set_peft_model_state_dict(peft, state)
+    # The trunk's own weights are "missing" from any adapter file; its LoRA factors must all be there.
+    missing = sorted(key for key in result.missing_keys if ".lora_" in key)
+    found = (("missing_keys", missing), ("unexpected_keys", sorted(result.unexpected_keys)))
+    problems = {kind: keys for kind, keys in found if keys}
+    if problems:
+        raise CheckpointError(describe_key_problems(f"adapter {folder}", problems, limit=5))
+    return peft
+
+
+def attach_lora(model: MedPLIBForCausalLM, expert: ExpertSpec) -> PeftModel:
+    """A fresh LoRA of `expert` on the model."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft calls a transformers 5 deprecated alias
+        return attach_expert_adapter(model, expert)
+
+
+# ---- save_pretrained folders and URIs -------------------------------------------------------------------
+
+
+def _load_moe_folder(request: LoadRequest) -> LoadedModel:
+    moe = MixtureOfExperts.from_pretrained(request.source, model_class=MedPLIBForCausalLM)
+    return LoadedModel(moe.model, "moe folder", moe=moe)
+
+
+def _refuse_release(request: LoadRequest) -> LoadedModel:
+    raise CheckpointError(convert_hint(request.source))
+
+
+def _load_converted_release(request: LoadRequest) -> LoadedModel:
+    return LoadedModel(MedPLIBWithRoutedExperts.from_pretrained(request.source), "converted release")
+
+
+def _load_checkpoint(request: LoadRequest) -> LoadedModel:
+    return LoadedModel(MedPLIBForCausalLM.from_pretrained(request.source), "checkpoint")
+
+
+def _is_folder(source: str) -> bool:
+    return is_uri(source) or os.path.isdir(os.path.expanduser(source))
+
+
+def _has_file(folder: str, name: str) -> bool:
+    import fsspec  # deferred: fsspec pulls in a lot at import time
+
+    try:
+        fs, root = fsspec.core.url_to_fs(folder if is_uri(folder) else os.path.expanduser(folder))
+    except (ValueError, ImportError):  # unknown protocol: from_pretrained names the problem
+        return False
+    return fs.isfile(f"{root.rstrip('/')}/{name}")
+
+
+def folder_config(folder: str) -> dict:
+    """A checkpoint folder's config.json as a dict ({} when unreadable: from_pretrained names the problem)."""
+    import fsspec  # deferred: fsspec pulls in a lot at import time
+
+    try:
+        fs, root = fsspec.core.url_to_fs(folder if is_uri(folder) else os.path.expanduser(folder))
+        with fs.open(f"{root.rstrip('/')}/config.json") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError, ImportError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+FORMS = (
+    Form("llava+sam", lambda r: r.sam is not None, _load_llava_and_sam),
+    Form("preset", lambda r: r.source in MODEL_PRESETS, _load_preset),
+    Form("stage folder", lambda r: stage_folder(r.source) is not None, _load_stage_folder),
+    Form("moe folder", lambda r: _is_folder(r.source) and _has_file(r.source, MOE_FILE), _load_moe_folder),
+    Form(
+        "medplib release",
+        lambda r: _is_folder(r.source) and is_release_config(folder_config(r.source)),
+        _refuse_release,
+    ),
+    Form(
+        "converted release",
+        lambda r: _is_folder(r.source) and bool(folder_config(r.source).get("routed_experts")),
+        _load_converted_release,
+    ),
+    Form("checkpoint", lambda r: _is_folder(r.source), _load_checkpoint),
+)
