@@ -34,7 +34,9 @@ CHROMIUM ?= /usr/bin/chromium
 $(CHROMIUM):
 	apt-get install -y chromium || (apt-get update && apt-get install -y chromium)
 
+# lint-imports keeps DESIGN.md's layers (pyproject.toml's [tool.importlinter]); a broken contract fails.
 test: lint $(CHROMIUM)
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest
 
 wheel: $(STAMP)

@@ -24,6 +24,7 @@ from medplib.cli_volume import (
     SeriesOption,
     SkipForcedOption,
     SlicesOption,
+    parse_window,
     run_volume,
     wants_volume,
 )
@@ -89,18 +90,6 @@ WindowOption = typer.Option(
     None, "--window", help="intensity window: a preset (brain, lung, bone, ...), 'minmax', or CENTER,WIDTH"
 )
 VolumeOption = typer.Option(None, "--volume", help="volume index of a 4-D NIfTI")
-
-
-def parse_window(text: str | None) -> str | tuple[float, float] | None:
-    if text is None or "," not in text:
-        return text
-    from medplib.core.errors import InvalidInputError
-
-    try:
-        center, width = (float(part) for part in text.split(","))
-    except ValueError:
-        raise InvalidInputError(f"window {text!r} is not CENTER,WIDTH or a preset name") from None
-    return center, width
 
 
 @app.command()

@@ -62,8 +62,6 @@ def run_volume(task: str, *, image: str, question: str, **options: Any) -> None:
         raise InvalidInputError(f"{', '.join(unused)}: not for a volume request (--slices, --out, a folder)")
     if task == "answer" and options.get("out"):
         raise InvalidInputError("--out writes a mask: use it with `medplib ground`")
-    from medplib.cli import parse_window
-
     volume = load_volume(image, volume_index=options.get("volume"), series_uid=options.get("series"))
     if options.get("out"):
         from medplib.core.io.volume_writers import mask_format
@@ -134,3 +132,15 @@ def progress_bar(enabled: bool | None, task: str) -> Iterator[Callable[[int, int
     finally:
         for bar in bars:
             bar.close()
+
+
+def parse_window(text: str | None) -> str | tuple[float, float] | None:
+    if text is None or "," not in text:
+        return text
+    from medplib.core.errors import InvalidInputError
+
+    try:
+        center, width = (float(part) for part in text.split(","))
+    except ValueError:
+        raise InvalidInputError(f"window {text!r} is not CENTER,WIDTH or a preset name") from None
+    return center, width
