@@ -112,7 +112,7 @@ def save_checkpoint(
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(partial / "optimizer.safetensors"))
     state = {
         "position": asdict(position),
-        "scheduler": scheduler.state_dict(),  # a LambdaLR keeps its lambda out: [None] here
+        "scheduler": scheduler.state_dict(),  # a LambdaLR keeps its lambda out: its step only
         "param_groups": groups,
     }
     (partial / STATE_FILE).write_text(json.dumps(state, default=_to_list))

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from transformers import get_linear_schedule_with_warmup
 
 from medplib.router import MixtureOfExperts
 from medplib.router.statistics import RoutingStatistics
@@ -82,13 +83,6 @@ def schedule_lengths(spec: StageSpec, num_examples: int, world: int) -> tuple[in
     per_epoch = math.ceil(num_examples / global_batch)
     warmup = max(1, round(spec.optim.warmup_fraction * per_epoch))
     return global_batch, per_epoch, warmup
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up to the peak over `warmup` steps, then linear decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
 
 
 def step_samples(
@@ -267,7 +261,8 @@ def train(
     )
     global_batch, per_epoch, warmup = schedule_lengths(spec, len(examples), options.world)
     total = options.steps or max(1, round(opt.epochs * per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
+    # From 0 up to the peak over `warmup` steps, then down to 0 at `total`; its state resumes exactly.
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
     if options.world > 1:  # every worker builds the same model; broadcasting makes sure of it
         for p in parameters:
             dist.broadcast(p.data, src=0)

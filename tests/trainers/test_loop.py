@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import get_linear_schedule_with_warmup
 
 from medplib.core.model import MedPLIBProcessor, build_medplib
 from medplib.trainers.checkpoint import (
@@ -20,7 +21,7 @@ from medplib.trainers.checkpoint import (
 )
 from medplib.trainers.collate import Collator, ExampleStore
 from medplib.trainers.encoder_cache import FrozenEncoderCache
-from medplib.trainers.loop import LOG_FILE, LoopOptions, forward_losses, lr_factor, step_samples, train
+from medplib.trainers.loop import LOG_FILE, LoopOptions, forward_losses, step_samples, train
 from medplib.trainers.stage_folder import Source, prepare
 from medplib.trainers.stages import stage_spec
 from medplib.trainers.train import stage_examples
@@ -31,11 +32,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def examples(built_dataset: Path):
     return ExampleStore.open(built_dataset, split="train").examples()
-
-
-def test_warmup_then_linear_decay() -> None:
-    factors = [lr_factor(step, warmup=2, total=6) for step in range(6)]
-    assert factors == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
 
 
 def test_every_step_takes_a_seeded_global_batch_and_workers_share_it_out() -> None:
@@ -60,6 +56,10 @@ def test_a_short_run_lowers_the_loss_and_logs_every_step(examples, tmp_path: Pat
     assert np.mean(result.losses[-3:]) < 0.7 * np.mean(result.losses[:3])
     records = [json.loads(line) for line in (tmp_path / LOG_FILE).read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 13))
+    # Warm-up from 0 to the peak (one step here), then linear decay towards 0 at step 12.
+    rates = [r["lr"] for r in records]
+    assert rates[0] == 0 and rates[1] == pytest.approx(2e-3)
+    assert np.diff(rates[1:]) == pytest.approx(np.full(10, -2e-3 / 11))
     assert {"loss", "ce", "bce", "dice", "lr", "grad_norm", "samples_per_s", "tokens_per_s"} <= set(
         records[-1]
     )
@@ -91,7 +91,7 @@ def _state(seed: int) -> tuple[list, torch.optim.Optimizer, torch.optim.lr_sched
     layer = torch.nn.Linear(3, 2)
     named = list(layer.named_parameters())
     optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, 1, 10))
+    scheduler = get_linear_schedule_with_warmup(optimizer, 1, 10)
     return named, optimizer, scheduler
 
 
