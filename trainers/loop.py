@@ -4,8 +4,9 @@ Per optimizer step the loop takes the next *global* batch of the epoch's seeded 
 each worker its share (`rank::world`) in micro-batches, backpropagates each micro-batch's loss
 (normalised by the global batch, see `losses.py`), sums the gradients over workers, clips the global
 norm and steps. The data position is a pure function of the step, so a checkpoint's step says where
-the data resumes. Logits are computed only where an answer token is predicted, since the LM head
-over every image and prompt position would cost a third of a tiny model's step for nothing.
+the data resumes. The loss is the model's own (`model(**model_inputs(...)).loss`), with logits only
+where an answer token is predicted, since the LM head over every image and prompt position would
+cost a third of a tiny model's step for nothing.
 
 On CUDA the forward runs under bf16 autocast (weights and optimizer stay fp32); on CPU in fp32.
 Each step appends one JSON line to the metrics log: loss parts, learning rate, gradient norm,
@@ -39,15 +40,7 @@ from medplib.trainers.checkpoint import (
 )
 from medplib.trainers.collate import Collator, Example
 from medplib.trainers.encoder_cache import FrozenEncoderCache
-from medplib.trainers.losses import (
-    BatchLoss,
-    add_load_balancing,
-    answer_cross_entropy,
-    combine_losses,
-    pair_contrast,
-    routing_loss,
-    supervised_positions,
-)
+from medplib.trainers.losses import BatchLoss, add_load_balancing, combine_losses, pair_contrast, routing_loss
 from medplib.trainers.sampling import PairKey, paired_order
 from medplib.trainers.stage_folder import Prepared
 from medplib.trainers.stages import StageSpec
@@ -104,6 +97,21 @@ def step_samples(
     return order[offset * global_batch : (offset + 1) * global_batch]
 
 
+def model_inputs(
+    batch: dict, spec: StageSpec, global_batch: int, cache: FrozenEncoderCache | None = None
+) -> dict:
+    """The keyword arguments of `MedPLIBForCausalLM.forward` for a collated micro-batch: its tensors,
+    the stage's loss weights over the global batch, the frozen encoders' cached outputs, and logits
+    only where an answer token is predicted."""
+    inputs = {key: value for key, value in batch.items() if key not in ("samples", "pair_keys")}
+    grounding = any(t is not None for t in batch["mask_targets"])
+    if cache is not None:
+        inputs["image_features"] = cache.clip_features(batch["pixel_values"])
+        if grounding:
+            inputs["sam_image_embeddings"] = cache.sam_embeddings(batch["sam_pixel_values"])
+    return inputs | {"loss_weights": spec.loss, "loss_samples": global_batch, "logits_to_keep": "supervised"}
+
+
 def forward_losses(
     prepared: Prepared,
     batch: dict,
@@ -111,53 +119,35 @@ def forward_losses(
     global_batch: int,
     cache: FrozenEncoderCache | None = None,
 ) -> tuple[BatchLoss, int]:
-    """One micro-batch through the model: its loss (normalised by the global batch) and token count.
-
-    The model's own pieces in the order `forward` runs them, with two differences: frozen encoders'
-    outputs come from `cache`, and the LM head runs only where an answer token is predicted.
-    """
+    """One micro-batch through the model's `forward`: the loss it trains (normalised by the global
+    batch) plus the stage's router and contrast terms, and the token count."""
     model = prepared.model
     targets = batch["mask_targets"]
-    features = cache.clip_features(batch["pixel_values"]) if cache is not None else None
-    embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["region_masks"], features)
     with (
         prepared.moe.padding(batch["attention_mask"])
         if prepared.moe is not None
         else contextlib.nullcontext()
     ):
-        hidden, _ = model.run_language_model(embeds, batch["attention_mask"])
-    rows, positions, labels = supervised_positions(batch["labels"])
-    logits = model.language_model.lm_head(hidden[rows, positions])
-    ce = answer_cross_entropy(logits, labels, rows, len(hidden))
-    mask_logits: list[torch.Tensor | None] = [None] * len(hidden)
-    if any(t is not None for t in targets):
-        seg_hidden = model.seg_hidden_states(batch["input_ids"], hidden, batch["attention_mask"])
-        sam_pixels = batch["sam_pixel_values"]
-        predictions = model.predict_masks(
-            seg_hidden,
-            sam_pixels,
-            batch["sam_input_sizes"],
-            batch["original_sizes"],
-            image_embeddings=cache.sam_embeddings(sam_pixels) if cache is not None else None,
-        )
-        mask_logits = [p.logits if t is not None else None for p, t in zip(predictions, targets, strict=True)]
+        out = model(**model_inputs(batch, spec, global_batch, cache))
     routing = None
     if prepared.moe is not None and spec.routing_weight > 0:
         routing = routing_loss(
             list(prepared.moe.router_logits().values()),
-            expert_targets(prepared.moe, batch["samples"]).to(hidden.device),
+            expert_targets(prepared.moe, batch["samples"]).to(out.last_hidden_state.device),
             answer_side(batch["input_ids"], batch["attention_mask"], model.config.im_end_token_id),
         )
     contrast = None
     if spec.contrast is not None and spec.contrast.weight > 0:
+        mask_logits = [
+            p.logits if p is not None and t is not None else None
+            for p, t in zip(out.pred_masks or [None] * len(targets), targets, strict=True)
+        ]
         contrast = pair_contrast(
             mask_logits, targets, batch["pair_keys"], spec.contrast.pairs, spec.contrast.margin
         )
     loss = combine_losses(
-        ce,
-        mask_logits,
-        targets,
-        spec.loss,
+        out.loss,
+        out.loss_parts,
         global_batch,
         routing,
         spec.routing_weight,
@@ -165,7 +155,7 @@ def forward_losses(
         spec.contrast.weight if spec.contrast is not None else 0.0,
     )
     if prepared.moe is not None and spec.router.load_balancing_weight > 0:
-        loss = add_load_balancing(loss, prepared.moe.load_balancing_loss(), len(hidden), global_batch)
+        loss = add_load_balancing(loss, prepared.moe.load_balancing_loss(), len(targets), global_batch)
     return loss, int(batch["attention_mask"].sum())
 
 

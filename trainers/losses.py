@@ -1,12 +1,8 @@
-"""The training losses: cross-entropy on answer tokens, and BCE, Dice and focal loss on masks.
+"""The stage's additions to the model's loss (`core/model/losses.py`), and the batch loss the loop logs.
 
-Every loss is computed per sample and the batch loss is their weighted sum divided by the size of
-the *global* batch (all micro-batches of all workers in one optimizer step). That normalisation is
-what makes gradient accumulation and data parallelism exact: the sum of the workers' micro-batch
-losses is the loss of one process that saw the whole batch. A sample's CE is the mean over its own
-answer tokens, so a one-word closed answer counts as much as a long description; a sample without a
-mask adds nothing to the mask losses. Masks are scored at the image's original size, where the
-metrics score them, not at SAM's low resolution.
+The model's own loss (answer CE, mask BCE, Dice, focal; `MedPLIBForCausalLM.forward`) is already
+divided by the global batch; a stage adds, on the same scale, the router's supervision and load
+balancing (stage IV) and the pair contrast of the grounding recipe.
 """
 
 from __future__ import annotations
@@ -17,64 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from medplib.core.expert_spec import LossWeights
-from medplib.core.model.conversation import IGNORE_INDEX
-
-MASK_PARTS = ("bce", "dice", "focal")
-
-
-def answer_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, batch: int
-) -> torch.Tensor:
-    """Per-sample mean CE (batch,) from the logits of the supervised positions only.
-
-    `logits` (N, V) are the predictions of `labels` (N,), flattened over the batch; `rows` (N,) says
-    which sample each belongs to. A sample without supervised tokens gets 0.
-    """
-    token_loss = F.cross_entropy(logits.float(), labels, reduction="none")
-    sums = token_loss.new_zeros(batch).index_add(0, rows, token_loss)
-    counts = torch.bincount(rows, minlength=batch).clamp(min=1)
-    return sums / counts
-
-
-def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Where the next token is supervised: (row, position) of each predicting position, and its label.
-
-    Position t predicts label t + 1; only answers (and their `</s>`) carry labels.
-    """
-    targets = labels[:, 1:]
-    rows, positions = torch.nonzero(targets != IGNORE_INDEX, as_tuple=True)
-    return rows, positions, targets[rows, positions]
-
-
-def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-mask mean binary cross-entropy: (n, H, W) logits and 0/1 targets -> (n,)."""
-    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1)
-
-
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Per-mask soft Dice loss 1 - (2 |P T| + s) / (|P| + |T| + s), P = sigmoid(logits) -> (n,).
-
-    The smoothing `s` (in pixels) keeps an empty target finite: predicting nothing scores 0 there.
-    """
-    probs = logits.sigmoid().flatten(1)
-    target = target.flatten(1)
-    overlap = (probs * target).sum(1)
-    return 1 - (2 * overlap + smooth) / (probs.sum(1) + target.sum(1) + smooth)
-
-
-def focal_loss(
-    logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
-) -> torch.Tensor:
-    """Per-mask mean sigmoid focal loss (Lin et al. 2017, as torchvision's `sigmoid_focal_loss`) -> (n,)."""
-    probs = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    p_t = probs * target + (1 - probs) * (1 - target)
-    alpha_t = alpha * target + (1 - alpha) * (1 - target)
-    return (alpha_t * ce * (1 - p_t) ** gamma).flatten(1).mean(1)
-
-
-MASK_LOSSES = {"bce": bce_loss, "dice": dice_loss, "focal": focal_loss}
+from medplib.core.model.losses import dice_loss
 
 
 def pair_contrast(
@@ -145,44 +84,28 @@ def add_load_balancing(
 
 
 def combine_losses(
-    ce: torch.Tensor,
-    mask_logits: Sequence[torch.Tensor | None],
-    mask_targets: Sequence[torch.Tensor | None],
-    weights: LossWeights,
+    model_loss: torch.Tensor,
+    model_parts: dict[str, torch.Tensor],
     global_batch: int,
     routing: torch.Tensor | None = None,
     routing_weight: float = 0.0,
     contrast: torch.Tensor | None = None,
     contrast_weight: float = 0.0,
 ) -> BatchLoss:
-    """The batch loss from per-sample CE (batch,) and each sample's predicted and target masks, plus
-    (stage IV) the per-sample routing loss and the pair contrast per anchor (`pair_contrast`).
-
-    Mask parts are each sample's mean over its masks; parts whose weight is 0 are not computed.
-    """
-    total = weights.ce * ce.sum()
-    parts = {"ce": float(ce.detach().mean())}
-    counts = {"ce": len(ce)}
+    """The batch loss: the model's (`MedPLIBOutput.loss`, already over the global batch, and its
+    per-sample `loss_parts`) plus (stage IV) the per-sample routing loss and the pair contrast per
+    anchor (`pair_contrast`)."""
+    parts = {name: float(values.mean()) for name, values in model_parts.items()}
+    counts = {name: len(values) for name, values in model_parts.items()}
+    added = None
     if routing is not None and routing_weight > 0:
-        total = total + routing_weight * routing.sum()
+        added = routing_weight * routing.sum()
         parts["router"] = float(routing.detach().mean())
         counts["router"] = len(routing)
     if contrast is not None and len(contrast) and contrast_weight > 0:
-        total = total + contrast_weight * contrast.sum()
+        weighted = contrast_weight * contrast.sum()
+        added = weighted if added is None else added + weighted
         parts["contrast"] = float(contrast.detach().mean())
         counts["contrast"] = len(contrast)
-    used = [name for name in MASK_PARTS if getattr(weights, name) > 0]
-    per_part: dict[str, list[torch.Tensor]] = {name: [] for name in used}
-    for logits, target in zip(mask_logits, mask_targets, strict=True):
-        if target is None or logits is None:
-            continue
-        target = target.to(logits.dtype)
-        for name in used:
-            per_part[name].append(MASK_LOSSES[name](logits.float(), target.float()).mean())
-    for name, values in per_part.items():
-        if values:
-            summed = torch.stack(values).sum()
-            total = total + getattr(weights, name) * summed
-            parts[name] = float(summed.detach()) / len(values)
-            counts[name] = len(values)
-    return BatchLoss(total / global_batch, parts, counts)
+    total = model_loss if added is None else model_loss + added / global_batch
+    return BatchLoss(total, parts, counts)

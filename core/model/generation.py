@@ -9,7 +9,8 @@ Two entry points serve callers that cache per image: `image_features` replace th
 `past_key_values` hold the KV of a prefix of every row (the template up to the image, identical for
 every question about that image), so only the rest of the prompt is prefilled. A LLaMA trunk runs
 through `kv_cache.run_trunk` over keys and values allocated once for the whole generation; another
-trunk through transformers' forward and `DynamicCache`. `require_seg` makes
+trunk through transformers' forward and `DynamicCache`. Every pass, the prompt's and each step's, is
+`MedPLIBForCausalLM.forward` over that cache, the pass training and scoring run too. `require_seg` makes
 rows that must yield a mask (grounding) emit `<SEG>` where they would otherwise end.
 """
 
@@ -24,7 +25,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from medplib.core.errors import InvalidInputError
-from medplib.core.model.kv_cache import PrefixKV, trunk_runner
+from medplib.core.model.kv_cache import PrefixKV, generation_cache
 
 if TYPE_CHECKING:
     from medplib.core.model.modeling_medplib import MedPLIBForCausalLM
@@ -131,10 +132,17 @@ def decode_steps(
     rows, length = input_ids.shape
     # The mask of the whole generation, allocated once: the prompt's, then one real column per step.
     full_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, max_new_tokens)], dim=1)
-    run = trunk_runner(model, past_key_values, rows, length + max_new_tokens, embeds)
+    cache = generation_cache(model, past_key_values, rows, length + max_new_tokens, embeds)
     # Positions count real tokens only, so padding (left or after the prefix) shifts nothing.
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    hidden = run(embeds, attention_mask, positions[:, past:])
+    out = model(
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        position_ids=positions[:, past:],
+        past_key_values=cache,
+        logits_to_keep=1,
+    )
+    hidden, logits = out.last_hidden_state, out.logits[:, -1]
     seconds = {"prefill": elapsed(start, device)}
     start = time.perf_counter()
     last = hidden[:, -1]
@@ -150,7 +158,7 @@ def decode_steps(
     generated = []
     embedding = model.get_input_embeddings()
     for step in range(max_new_tokens):
-        logits = model.language_model.lm_head(last).float()
+        logits = logits.float()
         logits[:, never] = float("-inf")
         token = _pick(
             logits,
@@ -173,7 +181,14 @@ def decode_steps(
         finished |= (token == eos_id) | force  # a forced <SEG> stands where the answer ended
         if finished.all() or step == max_new_tokens - 1:
             break
-        hidden = run(embedding(token[:, None]), full_mask[:, : length + step + 1], positions)
+        out = model(
+            inputs_embeds=embedding(token[:, None]),
+            attention_mask=full_mask[:, : length + step + 1],
+            position_ids=positions,
+            past_key_values=cache,
+            logits_to_keep=1,
+        )
+        hidden, logits = out.last_hidden_state, out.logits[:, -1]
         running = ~finished[:, None]
         before_last = torch.where(running, last, before_last)
         last = torch.where(running, hidden[:, -1], last)
@@ -217,9 +232,14 @@ def prefill_answers(
         raise InvalidInputError("prefilled answers must be the same real tokens in every row")
     start = time.perf_counter()
     embeds = model.embed_inputs(input_ids[:, past:], None, region_masks, image_features)
-    run = trunk_runner(model, past_key_values, rows, length, embeds)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    hidden = run(embeds, attention_mask, positions[:, past:])
+    hidden = model(
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        position_ids=positions[:, past:],
+        past_key_values=generation_cache(model, past_key_values, rows, length, embeds),
+        logits_to_keep=None,
+    ).last_hidden_state
     predicting = hidden[:, -answer_length - 1 : -1]  # column c predicts column c + 1
     is_seg = answers == model.config.seg_token_id
     return GenerationOutput(

@@ -15,7 +15,6 @@ finite (its output is never read).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -151,23 +150,16 @@ def _rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return norm.weight * normed.to(hidden.dtype)
 
 
-TrunkRunner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def trunk_runner(
+def generation_cache(
     model: Any, past_key_values: Cache | PrefixKV | None, rows: int, capacity: int, like: torch.Tensor
-) -> TrunkRunner:
-    """`run(embeds, attention_mask, position_ids) -> hidden` for one generation of `rows` rows and at
-    most `capacity` columns, continuing `past_key_values`: over a `StaticKVCache` for a LLaMA trunk,
-    else through `model.run_language_model` and a `DynamicCache`."""
+) -> StaticKVCache | Cache:
+    """The cache one generation of `rows` rows and at most `capacity` columns runs over, continuing
+    `past_key_values`: a `StaticKVCache` for a LLaMA trunk (`run_trunk`), else a transformers cache.
+    `MedPLIBForCausalLM.forward` takes either as `past_key_values`."""
     trunk = model.language_model.model
     if not supports_static_cache(trunk):
         cache = past_key_values if past_key_values is not None else DynamicCache(config=trunk.config)
-        if isinstance(cache, PrefixKV):
-            cache = cache.to_dynamic(trunk.config)
-        return lambda embeds, mask, positions: model.run_language_model(embeds, mask, positions, cache)[0]
+        return cache.to_dynamic(trunk.config) if isinstance(cache, PrefixKV) else cache
     if past_key_values is None:
-        static = StaticKVCache.empty(trunk, rows, capacity, like)
-    else:
-        static = StaticKVCache.from_cache(past_key_values, trunk, capacity, like)
-    return lambda embeds, mask, positions: run_trunk(trunk, embeds, mask, positions, static)
+        return StaticKVCache.empty(trunk, rows, capacity, like)
+    return StaticKVCache.from_cache(past_key_values, trunk, capacity, like)

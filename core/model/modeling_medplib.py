@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT
 from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.image_encoder import Attention as SamAttention
@@ -27,10 +26,12 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from medplib.core.errors import CheckpointError, InvalidInputError, describe_key_problems
+from medplib.core.expert_spec import LossWeights
 from medplib.core.model.configuration_medplib import MedPLIBConfig
-from medplib.core.model.conversation import IGNORE_INDEX
 from medplib.core.model.generation import GenerationOutput, decode
 from medplib.core.model.grounding import GroundingHead, build_sam
+from medplib.core.model.kv_cache import StaticKVCache, run_trunk
+from medplib.core.model.losses import answer_cross_entropy, supervised_positions, weighted_loss
 from medplib.core.model.region_encoder import RegionEncoder
 from medplib.core.model.storage import local_folder, writable_folder
 from medplib.core.model.tokenizer import control_token_ids, load_tokenizer
@@ -65,6 +66,8 @@ class MedPLIBOutput(ModelOutput):
     last_hidden_state: torch.Tensor | None = None
     seg_hidden_states: list[torch.Tensor] | None = None  # per sample (n_seg, hidden)
     pred_masks: list[MaskPrediction] | None = None  # per sample, given SAM inputs
+    loss_parts: dict[str, torch.Tensor] | None = None  # per part ("ce", "bce", ...), per-sample values
+    past_key_values: Any = None  # the cache the pass extended (generation)
 
 
 class MedPLIBPreTrainedModel(PreTrainedModel):
@@ -187,12 +190,20 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None = None,
-        cache: Cache | None = None,
-    ) -> tuple[torch.Tensor, Cache | None]:
-        """The LLM trunk on embeddings: last hidden states (B, T, hidden) and the cache."""
+        cache: Cache | StaticKVCache | None = None,
+    ) -> tuple[torch.Tensor, Cache | StaticKVCache | None]:
+        """The LLM trunk on embeddings: last hidden states (B, T, hidden) and the cache.
+
+        A `StaticKVCache` (`kv_cache.generation_cache`) runs the lean `run_trunk`; a transformers cache
+        or none, transformers' forward.
+        """
         if position_ids is None and attention_mask is not None:
             # Left padding must not shift positions: count only real tokens.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if isinstance(cache, StaticKVCache):
+            return run_trunk(
+                self.language_model.model, inputs_embeds, attention_mask, position_ids, cache
+            ), cache
         outputs = self.language_model.model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -204,7 +215,7 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         region_masks: list[torch.Tensor] | None = None,
@@ -212,28 +223,91 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
         sam_input_sizes: list[tuple[int, int]] | None = None,
         original_sizes: list[tuple[int, int]] | None = None,
         labels: torch.Tensor | None = None,
+        *,
+        mask_targets: list[torch.Tensor | None] | None = None,
+        loss_weights: LossWeights | None = None,
+        loss_samples: int | None = None,
+        image_features: torch.Tensor | None = None,
+        sam_image_embeddings: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Cache | StaticKVCache | None = None,
+        logits_to_keep: int | Literal["supervised"] | None = 0,
     ) -> MedPLIBOutput:
-        """Teacher-forced pass; with SAM inputs and sizes, every `<SEG>` in `input_ids` gets a mask."""
-        embeds = self.embed_inputs(input_ids, pixel_values, region_masks)
-        hidden, _ = self.run_language_model(embeds, attention_mask)
-        logits = self.language_model.lm_head(hidden)
-        loss = None
+        """The one pass of the model, for training, scoring and generation alike.
+
+        Teacher-forced: with `labels`, `loss` is the objective trained: per sample the mean CE over
+        its answer tokens, plus, for samples with a `mask_targets` entry, the mask losses of its
+        `<SEG>`s, weighted by `loss_weights` (default: CE alone), summed and divided by
+        `loss_samples` (default: the batch; in training the global batch, see `losses.py`);
+        `loss_parts` holds each part's per-sample values. With SAM inputs and sizes every `<SEG>` in
+        `input_ids` gets a mask (given `mask_targets`, only when some sample has a target).
+
+        Cached encoders: `image_features` (CLIP, as `embed_inputs` takes them) and
+        `sam_image_embeddings` stand in for running the frozen towers. Generation: `inputs_embeds`
+        instead of `input_ids`, `position_ids`, and `past_key_values` (a `StaticKVCache` or a
+        transformers cache) that the new columns extend; `attention_mask` then covers the cached
+        columns too. `logits_to_keep`: 0 every position, k the last k, "supervised" only the positions
+        that predict a label (N, V) in `supervised_positions` order, None none.
+        """
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, region_masks, image_features)
+        hidden, cache = self.run_language_model(inputs_embeds, attention_mask, position_ids, past_key_values)
+        lm_head = self.language_model.lm_head
+        supervised = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-            )
-        seg_hidden = self.seg_hidden_states(input_ids, hidden, attention_mask)
+            rows, positions, targets = supervised_positions(labels)
+            supervised = lm_head(hidden[rows, positions])
+        if logits_to_keep is None:
+            logits = None
+        elif logits_to_keep == "supervised":
+            if supervised is None:
+                raise InvalidInputError('logits_to_keep="supervised" needs labels')
+            logits = supervised
+        elif logits_to_keep == 1:
+            logits = lm_head(hidden[:, -1])[:, None]  # (B, 1, V) by one (B, hidden) product
+        else:
+            logits = lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        # `<SEG>` hidden states come from the tokens in view: none for a continuation of a cache.
+        seg_hidden = None
+        if input_ids is not None and past_key_values is None:
+            seg_hidden = self.seg_hidden_states(input_ids, hidden, attention_mask)
         pred_masks = None
-        if sam_pixel_values is not None:
+        wants_masks = mask_targets is None or any(t is not None for t in mask_targets)
+        if (
+            seg_hidden is not None
+            and wants_masks
+            and (sam_pixel_values is not None or sam_image_embeddings is not None)
+        ):
             if sam_input_sizes is None or original_sizes is None:
-                raise InvalidInputError("sam_pixel_values need sam_input_sizes and original_sizes")
-            pred_masks = self.predict_masks(seg_hidden, sam_pixel_values, sam_input_sizes, original_sizes)
+                raise InvalidInputError("SAM inputs need sam_input_sizes and original_sizes")
+            pred_masks = self.predict_masks(
+                seg_hidden,
+                sam_pixel_values,
+                sam_input_sizes,
+                original_sizes,
+                image_embeddings=sam_image_embeddings,
+            )
+        loss = loss_parts = None
+        if supervised is not None:
+            ce = answer_cross_entropy(supervised, targets, rows, len(hidden))
+            targets_per_row = mask_targets if mask_targets is not None else [None] * len(hidden)
+            mask_logits = [
+                p.logits if p is not None and t is not None else None
+                for p, t in zip(pred_masks or [None] * len(hidden), targets_per_row, strict=True)
+            ]
+            summed, loss_parts = weighted_loss(
+                ce, mask_logits, targets_per_row, loss_weights or LossWeights()
+            )
+            loss = summed / (loss_samples or len(hidden))
         return MedPLIBOutput(
             loss=loss,
             logits=logits,
             last_hidden_state=hidden,
             seg_hidden_states=seg_hidden,
             pred_masks=pred_masks,
+            loss_parts=loss_parts,
+            past_key_values=cache,
         )
 
     def seg_hidden_states(

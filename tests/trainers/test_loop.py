@@ -86,6 +86,28 @@ def test_cached_frozen_encoders_give_the_same_losses(examples) -> None:
     assert len(cache.clip.table) == len(cache.sam.table) == len({id(e.request.pixels) for e in chosen})
 
 
+@pytest.mark.parametrize("stage", ["3", "4"])
+def test_the_loops_loss_is_the_models_own(examples, stage: str) -> None:
+    """`model(**batch).loss`, all positions' logits and no cache, is what the loop trains (no router or
+    contrast term in the paper schedule): CE, BCE, Dice (and focal in III) over the batch."""
+    torch.manual_seed(0)
+    spec = stage_spec(stage, "paper")
+    prepared = prepare(spec, Source("tiny", build_medplib("tiny")))
+    collator = Collator(MedPLIBProcessor(prepared.model.config, prepared.model.tokenizer))
+    chosen = [e for e in examples if e.task == "grounding"][:2] + [e for e in examples if e.task == "vqa"][:1]
+    batch = collator(chosen)
+    prepared.model.eval()  # no LoRA dropout: both passes compute the same function
+    with torch.no_grad():
+        trained, _ = forward_losses(prepared, batch, spec, len(chosen))
+        inputs = {key: value for key, value in batch.items() if key not in ("samples", "pair_keys")}
+        out = prepared.model(**inputs, loss_weights=spec.loss)
+    assert out.logits.shape[:2] == batch["input_ids"].shape
+    assert trained.total.item() == pytest.approx(out.loss.item(), abs=1e-6)
+    masks = {"bce", "dice"} | ({"focal"} if spec.loss.focal else set())
+    assert set(out.loss_parts) == {"ce"} | masks and set(trained.parts) == set(out.loss_parts)
+    assert trained.counts == {"ce": 3} | dict.fromkeys(masks, 2)
+
+
 def _state(seed: int) -> tuple[list, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     torch.manual_seed(seed)
     layer = torch.nn.Linear(3, 2)

@@ -16,16 +16,14 @@ def _inputs(batch: dict) -> dict:
 
 
 def _greedy_without_cache(model: MedPLIBForCausalLM, batch: dict) -> list[int]:
-    """The reference: the whole sequence recomputed at every step, no cache."""
+    """The reference: the whole sequence recomputed by `forward` at every step, no cache."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     never = [v for k, v in model.config.control_token_ids.items() if k != "seg_token_id"]
     never += [model.config.text_config.pad_token_id, model.config.text_config.bos_token_id]
     tokens = []
     with torch.no_grad():
         for _ in range(STEPS):
-            embeds = model.embed_inputs(ids, batch["pixel_values"], batch["region_masks"])
-            hidden, _ = model.run_language_model(embeds, mask)
-            logits = model.language_model.lm_head(hidden[:, -1])
+            logits = model(ids, mask, batch["pixel_values"], batch["region_masks"]).logits[:, -1]
             logits[:, never] = float("-inf")
             token = logits.argmax(dim=-1)
             tokens.append(token.item())
@@ -99,7 +97,7 @@ class _ScriptedHead(torch.nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = torch.zeros(*hidden.shape[:-1], self.vocab_size)
         for row, token in enumerate(self.script[self.step]):
-            logits[row, token] = 1.0
+            logits[row, ..., token] = 1.0
         self.step += 1
         return logits
 
