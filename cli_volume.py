@@ -97,8 +97,7 @@ def run_volume(task: str, *, image: str, question: str, **options: Any) -> None:
 
         written.append(save_mask(options["out"], result, volume))
     if task == "ground" and options.get("overlay_path"):
-        from medplib.core.io.volume_writers import orthogonal_views
-        from medplib.core.masks import save_png
+        from medplib.core.masks import orthogonal_views, save_png
 
         save_png(orthogonal_views(volume, result), options["overlay_path"])
         written.append(options["overlay_path"])

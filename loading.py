@@ -42,17 +42,19 @@ from medplib.core.expert_spec import ExpertSpec
 from medplib.core.io.sources import is_uri
 from medplib.core.model import MODEL_PRESETS, MedPLIBForCausalLM, build_medplib, load_llava_and_sam
 from medplib.core.model.configuration_medplib import MedPLIBConfig
-from medplib.core.model.medplib_release import (
-    convert_hint,
-    is_release_config,
-    read_release_config,
-    release_info,
-)
+from medplib.core.model.medplib_release import convert_hint, is_release_config, read_release_config
 from medplib.core.model.modeling_medplib import COMPONENTS
 from medplib.core.model.quantization import check_quantization, quantize, weight_bytes
 from medplib.core.model.storage import local_folder
 from medplib.core.model.tokenizer import load_tokenizer
-from medplib.core.model_info import ModelInfo, Weights, config_summary, registered_experts, special_tokens
+from medplib.core.model_info import (
+    ModelInfo,
+    Weights,
+    config_summary,
+    registered_experts,
+    release_info,
+    special_tokens,
+)
 from medplib.core.queries import DEFAULT_INFERENCE_LIMITS, InferenceLimits
 from medplib.router import MixtureOfExperts, attach_expert_adapter
 from medplib.router.dense import MedPLIBWithRoutedExperts

@@ -104,7 +104,7 @@ async def _ground(
 async def _load(
     request: GroundVolumeRequest, allowed: Callable[[str, str], str], limits: ServeLimits
 ) -> MedicalVolume:
-    from medplib.agents.ingress import decode_base64  # the ingress imports this module
+    from medplib.agents.schemas import decode_base64
 
     spec = request.volume
     source: Any

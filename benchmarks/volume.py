@@ -118,8 +118,7 @@ def measure_axes(
         }
         print(f"{axis}: {rows[axis]}", flush=True)
         if views is not None and axis == "axial":
-            from medplib.core.io.volume_writers import orthogonal_views
-            from medplib.core.masks import save_png
+            from medplib.core.masks import orthogonal_views, save_png
 
             save_png(orthogonal_views(volume, result, height=300), views)
     return rows

@@ -10,6 +10,7 @@ import io
 import numbers
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
@@ -18,6 +19,11 @@ from medplib.core.errors import InvalidInputError
 from medplib.core.image import DEFAULT_LIMITS, ImageLimits
 from medplib.core.io.raster import decode_raster
 from medplib.core.io.sources import Source, describe_source, is_uri, read_source
+
+if TYPE_CHECKING:
+    from medplib.core.io.intensity import Window
+    from medplib.core.io.volume import MedicalVolume
+    from medplib.core.volume_results import VolumeGroundingResult
 
 Color = tuple[int, int, int]
 
@@ -297,3 +303,31 @@ class SegmentationResult(BaseModel):
             share = "<0.1%" if percent < 0.05 else f"{percent:.1f}%"
             text = f"{share} of the image, {_describe_location(mask)}"
         return f"{self.label}: {text}" if self.label else text
+
+
+def orthogonal_views(
+    volume: MedicalVolume, result: VolumeGroundingResult, *, window: Window = None, height: int = 256
+) -> np.ndarray:
+    """Sagittal, coronal and axial planes through the mask's centre (the volume's, if empty), the mask
+    blended in, side by side as one RGB image; each plane resized to its true aspect in mm."""
+    from PIL import Image
+
+    from medplib.core.io.volume import AXES, MedicalVolume, slice_volume, volume_plane
+    from medplib.core.io.volume_writers import canonical_mask
+
+    mask = canonical_mask(result, volume)
+    found = np.argwhere(mask)
+    centre = found.mean(axis=0).round().astype(int) if len(found) else np.array(volume.shape) // 2
+    window = window if window is not None else result.options.get("window")
+    masks = MedicalVolume(mask, volume.affine, volume.zooms, volume.meta)  # sliced as the image is
+    panels = []
+    for number, axis in enumerate(AXES):
+        index = int(centre[number])
+        image = slice_volume(volume, axis=axis, index=index, window=window)
+        drawn = overlay(image.pixels, [volume_plane(masks, axis=axis, index=index)])
+        row_mm, column_mm = image.meta.spacing or (1.0, 1.0)
+        rows, columns = drawn.shape[:2]
+        width = max(1, round(height * (columns * column_mm) / (rows * row_mm)))
+        panels.append(np.asarray(Image.fromarray(drawn).resize((width, height), Image.Resampling.BILINEAR)))
+    gap = np.zeros((height, 4, 3), dtype=np.uint8)
+    return np.concatenate([part for panel in panels for part in (panel, gap)][:-1], axis=1)

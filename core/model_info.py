@@ -8,6 +8,7 @@ in a second); a checkpoint folder or URI is read for its config and tokenizer on
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -38,6 +39,47 @@ class ModelInfo(BaseModel):
     routed_experts: dict[str, Any] | None = Field(
         None,
         description="experts stored in the checkpoint's routed MLPs (a MedPLIB release or its conversion)",
+    )
+
+
+def release_info(source: str, folder: str | os.PathLike[str], experts: list) -> ModelInfo:
+    """`medplib info` of an unconverted release: its config and parameters per component, from shapes."""
+    from medplib.core.model.medplib_release import ReleaseCheckpoint, release_key
+    from medplib.core.model.modeling_medplib import COMPONENTS
+
+    release = ReleaseCheckpoint.open(folder)
+    parameters = dict.fromkeys(COMPONENTS, 0)
+    prefixes = sorted(((path + ".", name) for name, path in COMPONENTS.items()), key=lambda p: -len(p[0]))
+    experts_total = 0
+    for key, (shape, _) in release.shapes().items():
+        target = release_key(key)
+        if target is None:
+            continue
+        count = 1
+        for size in shape:
+            count *= size
+        parameters[next(name for prefix, name in prefixes if target.startswith(prefix))] += count
+        experts_total += count if ".mlp.experts." in target else 0
+    parameters["total"] = sum(parameters.values())
+    source_config, moe = release.config, release.routed_experts()
+    return ModelInfo(
+        model=source,
+        weights="MedPLIB release (convert it before loading)",
+        parameters=parameters,
+        special_tokens={},
+        config={
+            "language": {
+                key: source_config.get(key)
+                for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+            },
+            "vision": {
+                "tower": source_config.get("mm_vision_tower"),
+                "feature_layer": source_config.get("mm_vision_select_layer"),
+            },
+            "format": {"kind": release.kind, "shards": len(release.shards), "keys": len(release.keys)},
+        },
+        experts=experts,
+        routed_experts=moe | {"parameters": experts_total},
     )
 
 

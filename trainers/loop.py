@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from transformers import get_linear_schedule_with_warmup
 
+from medplib.core.model.losses import targeted_mask_logits
 from medplib.router import MixtureOfExperts
 from medplib.router.statistics import RoutingStatistics
 from medplib.trainers.checkpoint import (
@@ -138,12 +139,12 @@ def forward_losses(
         )
     contrast = None
     if spec.contrast is not None and spec.contrast.weight > 0:
-        mask_logits = [
-            p.logits if p is not None and t is not None else None
-            for p, t in zip(out.pred_masks or [None] * len(targets), targets, strict=True)
-        ]
         contrast = pair_contrast(
-            mask_logits, targets, batch["pair_keys"], spec.contrast.pairs, spec.contrast.margin
+            targeted_mask_logits(out.pred_masks, targets),
+            targets,
+            batch["pair_keys"],
+            spec.contrast.pairs,
+            spec.contrast.margin,
         )
     loss = combine_losses(
         out.loss,

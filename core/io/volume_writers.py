@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 
 from medplib.core.errors import InvalidInputError, UnsupportedFormatError
-from medplib.core.io.intensity import Window
-from medplib.core.io.volume import AXES, MedicalVolume, canonical_grid, slice_volume, volume_plane
+from medplib.core.io.volume import MedicalVolume, canonical_grid
 from medplib.core.volume_results import VolumeGroundingResult
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -131,33 +130,6 @@ def canonical_mask(result: VolumeGroundingResult, volume: MedicalVolume) -> np.n
     """The result's mask (input grid) back on `volume`'s RAS+ grid, where its planes are cut."""
     mask = _mask(result)
     return mask if volume.file_affine is None else canonical_grid(mask, volume.file_affine)[0]
-
-
-def orthogonal_views(
-    volume: MedicalVolume, result: VolumeGroundingResult, *, window: Window = None, height: int = 256
-) -> np.ndarray:
-    """Sagittal, coronal and axial planes through the mask's centre (the volume's, if empty), the mask
-    blended in, side by side as one RGB image; each plane resized to its true aspect in mm."""
-    from PIL import Image
-
-    from medplib.core.masks import overlay
-
-    mask = canonical_mask(result, volume)
-    found = np.argwhere(mask)
-    centre = found.mean(axis=0).round().astype(int) if len(found) else np.array(volume.shape) // 2
-    window = window if window is not None else result.options.get("window")
-    masks = MedicalVolume(mask, volume.affine, volume.zooms, volume.meta)  # sliced as the image is
-    panels = []
-    for number, axis in enumerate(AXES):
-        index = int(centre[number])
-        image = slice_volume(volume, axis=axis, index=index, window=window)
-        drawn = overlay(image.pixels, [volume_plane(masks, axis=axis, index=index)])
-        row_mm, column_mm = image.meta.spacing or (1.0, 1.0)
-        rows, columns = drawn.shape[:2]
-        width = max(1, round(height * (columns * column_mm) / (rows * row_mm)))
-        panels.append(np.asarray(Image.fromarray(drawn).resize((width, height), Image.Resampling.BILINEAR)))
-    gap = np.zeros((height, 4, 3), dtype=np.uint8)
-    return np.concatenate([part for panel in panels for part in (panel, gap)][:-1], axis=1)
 
 
 def _mask(result: VolumeGroundingResult) -> np.ndarray:

@@ -12,6 +12,7 @@ image's original size, where the metrics score them, not at SAM's low resolution
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,17 @@ def focal_loss(
 
 
 MASK_LOSSES = {"bce": bce_loss, "dice": dice_loss, "focal": focal_loss}
+
+
+def targeted_mask_logits(
+    predictions: Sequence[Any] | None, mask_targets: Sequence[torch.Tensor | None]
+) -> list[torch.Tensor | None]:
+    """Per sample, its predicted masks' logits (`MaskPrediction.logits`) where it has a target mask."""
+    predictions = predictions or [None] * len(mask_targets)
+    return [
+        p.logits if p is not None and t is not None else None
+        for p, t in zip(predictions, mask_targets, strict=True)
+    ]
 
 
 def weighted_loss(

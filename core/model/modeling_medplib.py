@@ -31,7 +31,12 @@ from medplib.core.model.configuration_medplib import MedPLIBConfig
 from medplib.core.model.generation import GenerationOutput, decode
 from medplib.core.model.grounding import GroundingHead, build_sam
 from medplib.core.model.kv_cache import StaticKVCache, run_trunk
-from medplib.core.model.losses import answer_cross_entropy, supervised_positions, weighted_loss
+from medplib.core.model.losses import (
+    answer_cross_entropy,
+    supervised_positions,
+    targeted_mask_logits,
+    weighted_loss,
+)
 from medplib.core.model.region_encoder import RegionEncoder
 from medplib.core.model.storage import local_folder, writable_folder
 from medplib.core.model.tokenizer import control_token_ids, load_tokenizer
@@ -292,10 +297,7 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
         if supervised is not None:
             ce = answer_cross_entropy(supervised, targets, rows, len(hidden))
             targets_per_row = mask_targets if mask_targets is not None else [None] * len(hidden)
-            mask_logits = [
-                p.logits if p is not None and t is not None else None
-                for p, t in zip(pred_masks or [None] * len(hidden), targets_per_row, strict=True)
-            ]
+            mask_logits = targeted_mask_logits(pred_masks, targets_per_row)
             summed, loss_parts = weighted_loss(
                 ce, mask_logits, targets_per_row, loss_weights or LossWeights()
             )

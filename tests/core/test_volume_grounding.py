@@ -18,8 +18,8 @@ from medplib.core.assistant import MedPLIB
 from medplib.core.errors import InvalidInputError
 from medplib.core.io import load_volume, slice_volume
 from medplib.core.io.volume import place_plane
-from medplib.core.io.volume_writers import canonical_mask, dicom_seg, orthogonal_views, save_mask
-from medplib.core.masks import Mask, SegmentationResult
+from medplib.core.io.volume_writers import canonical_mask, dicom_seg, save_mask
+from medplib.core.masks import Mask, SegmentationResult, orthogonal_views
 from medplib.core.volume_grounding import SlicePlan, VolumeMaskBuilder, keep_largest_component, parse_slices
 from medplib.core.volume_results import VolumeGroundingResult, compact_ranges
 from medplib.loading import load
