@@ -14,7 +14,8 @@ Each form has one recogniser, tried in this order (the first that matches loads 
 - `converted release`: a `medplib convert` output (its config declares `routed_experts`);
 - `checkpoint`: any other `save_pretrained` folder or fsspec URI.
 
-`model_info` describes the same forms without loading their weights (`medplib info`).
+`model_info` and `model_config` describe the same forms without loading their weights (`medplib info`,
+Serve's grounding deployment).
 
 The CLI, `eval`, training, Serve and the tools all come through here; this module sits above `core/`
 and `router/` and is the only one that knows all the forms.
@@ -34,13 +35,20 @@ import torch
 from peft import LoraConfig, PeftModel, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from transformers import AutoConfig
 
 from medplib.core.assistant import MedPLIB, resolve_device, resolve_dtype
 from medplib.core.embedding_cache import DEFAULT_MAX_BYTES, EmbeddingCache
 from medplib.core.errors import CheckpointError, describe_key_problems
 from medplib.core.expert_spec import ExpertSpec
 from medplib.core.io.sources import is_uri
-from medplib.core.model import MODEL_PRESETS, MedPLIBForCausalLM, build_medplib, load_llava_and_sam
+from medplib.core.model import (
+    MODEL_PRESETS,
+    MedPLIBForCausalLM,
+    build_config,
+    build_medplib,
+    load_llava_and_sam,
+)
 from medplib.core.model.configuration_medplib import MedPLIBConfig
 from medplib.core.model.medplib_release import convert_hint, is_release_config, read_release_config
 from medplib.core.model.modeling_medplib import COMPONENTS
@@ -198,6 +206,19 @@ def model_info(
         experts=registered_experts(),
         routed_experts=model.config.routed_experts,
     )
+
+
+def model_config(source: str | os.PathLike[str]) -> MedPLIBConfig:
+    """The config of the model `source` holds, without its weights: a preset's, or a folder's
+    config.json (a stage folder's model's)."""
+    source = os.fspath(source)
+    form = recognise(LoadRequest(source)).name
+    if form == "preset":
+        return build_config(source)
+    if form == "stage folder":
+        source = os.path.join(os.path.expanduser(source), "model")
+    with local_folder(source) as folder:
+        return AutoConfig.from_pretrained(folder, local_files_only=True)
 
 
 # ---- presets and LLaVA + SAM ---------------------------------------------------------------------------

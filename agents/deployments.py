@@ -247,6 +247,7 @@ class ExpertHead:
 
     def __init__(self, spec: ExpertSpec, config: ServeConfig) -> None:
         from medplib.core.assistant import resolve_device
+        from medplib.loading import model_config
 
         self.name = spec.name
         self.device = resolve_device(config.load.device)
@@ -274,17 +275,3 @@ def keep_only(model: nn.Module, names: Sequence[str]) -> None:
     for name, _ in list(model.named_children()):
         if name not in names:
             delattr(model, name)
-
-
-def model_config(source: str) -> Any:
-    """The composed model's config, without its weights: from a preset, or a checkpoint's config.json."""
-    from medplib.core.model import MODEL_PRESETS, build_config
-
-    if source in MODEL_PRESETS:
-        return build_config(source)
-    from transformers import AutoConfig
-
-    from medplib.core.model.storage import local_folder
-
-    with local_folder(source) as folder:
-        return AutoConfig.from_pretrained(folder, local_files_only=True)
