@@ -24,11 +24,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def chain(built_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Stages II, III and IV, one step each, from the tiny preset: the folders a pipeline leaves."""
+    """Stages II, III and IV, two steps each (warm-up starts at learning rate 0), from the tiny preset:
+    the folders a pipeline leaves."""
     root = tmp_path_factory.mktemp("chain")
     source = "tiny"
     for stage in ("2", "3", "4"):
-        run = StageRun(stage=stage, model=source, data=str(built_dataset), out=str(root / stage), steps=1)
+        run = StageRun(stage=stage, model=source, data=str(built_dataset), out=str(root / stage), steps=2)
         run_stage(StageRun(**{**run.__dict__, "batch_size": 2, "progress": False}))
         source = str(root / stage)
     return root

@@ -28,7 +28,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def stage_four(built_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One optimizer step of stage IV from the tiny preset per option set, same seed and data."""
+    """Two optimizer steps of stage IV (the first at learning rate 0) from the tiny preset per option
+    set, same seed and data."""
     folders = {}
     for name, router in OPTIONS.items():
         out = tmp_path_factory.mktemp(f"stage4-{name}")
@@ -37,7 +38,7 @@ def stage_four(built_dataset: Path, tmp_path_factory: pytest.TempPathFactory) ->
             model="tiny",
             data=str(built_dataset),
             out=str(out),
-            steps=1,
+            steps=2,
             batch_size=2,
             progress=False,
             router=router or None,
