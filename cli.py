@@ -597,8 +597,8 @@ def pipeline(
 ) -> None:
     """Run stages I -> IV and the joint baseline, score each on the test split, write the report."""
     from medplib.core.errors import InvalidInputError
+    from medplib.trainers.eval.pipeline_report import format_seed_table, format_table
     from medplib.trainers.pipeline import run_pipeline, run_seeds
-    from medplib.trainers.report import format_seed_table, format_table
 
     if not all(arg.isdigit() for arg in ctx.args):
         raise InvalidInputError(f"unexpected arguments {ctx.args}; more seeds follow --seed as integers")
@@ -638,10 +638,10 @@ def evaluate_model(
     ),
 ) -> None:
     """Score a model on a dataset split as MedPLIB does, against trivial baselines; write a report."""
-    from medplib.trainers.eval_report import headline_table
-    from medplib.trainers.evaluation import default_out, run_evaluation
+    from medplib.trainers.eval.eval_markdown import headline_table
+    from medplib.trainers.eval.evaluate import default_out, run_evaluation
+    from medplib.trainers.eval.volumes import volume_table
     from medplib.trainers.pipeline import set_threads
-    from medplib.trainers.volume_eval import volume_table
 
     set_threads(threads)
     out = out or default_out(model, split)
@@ -673,7 +673,7 @@ def plot(
     out: Path | None = typer.Option(None, "--out", help="PNG to write (default: beside the log)"),
 ) -> None:
     """Plot a training metrics log (loss parts, learning rate, throughput, routing shares) to PNG."""
-    from medplib.trainers.plot import plot_log
+    from medplib.trainers.eval.training_plot import plot_log
 
     typer.echo(f"wrote {plot_log(log, out or log.with_suffix('.png'))}")
 
@@ -693,7 +693,7 @@ def serve(
     detach: bool = typer.Option(False, "--detach", help="with --address: deploy, then return"),
 ) -> None:
     """Serve VQA, region VQA and grounding over HTTP with Ray Serve, until Ctrl-C."""
-    from medplib.agents.serve_config import ServeConfig
+    from medplib.agents.serve.config import ServeConfig
 
     if detach and address is None:
         from medplib.core.errors import InvalidInputError
@@ -708,7 +708,7 @@ def serve(
     import ray
     from ray import serve as ray_serve
 
-    from medplib.agents.app import deploy
+    from medplib.agents.serve.app import deploy
 
     url = deploy(settings, address=address, ray_init={"include_dashboard": False} if address is None else {})
     key = "yes" if settings.resolved_api_key() else "none"
@@ -742,7 +742,7 @@ def ui(
 ) -> None:
     """Serve the web page and the /v1 API with the model in this process (no Ray), until Ctrl-C.
     Set MEDPLIB_API_KEY to make the API ask for a key."""
-    from medplib.agents.ui.server import serve_ui
+    from medplib.agents.serve.ui.server import serve_ui
 
     serve_ui(model, host=host, port=port, device=device, max_body_bytes=max_body_mb << 20)
 

@@ -60,7 +60,7 @@ def test_wheel_holds_the_package_without_tests(tmp_path: Path) -> None:
         "medplib/cli.py",
         "medplib/core/errors.py",
         "medplib/core/io/raster.py",
-        *(f"medplib/agents/ui/static/{name}" for name in ("index.html", "app.js", "app.css")),
+        *(f"medplib/agents/serve/ui/static/{name}" for name in ("index.html", "app.js", "app.css")),
     ):
         assert module in names
     assert not [name for name in names if name.startswith(("medplib/tests", "tests/"))]

@@ -1,6 +1,6 @@
 """A Python client of the medplib HTTP API (`medplib serve`), sync and async, on httpx.
 
-    from medplib.agents.client import MedPLIBClient
+    from medplib.agents.serve.client import MedPLIBClient
     client = MedPLIBClient("http://127.0.0.1:8000", api_key=None, timeout=120)
     client.vqa(Path("scan.dcm"), "What modality is this?", max_new_tokens=32)   # a local file: uploaded
     client.vqa("s3://bucket/scan.dcm", "What is in {region}?", [BoxPrompt(box=(10, 10, 60, 60))])
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from medplib.agents.schemas import (
+from medplib.agents.serve.schemas import (
     ExpertsResponse,
     GroundVolumeResponse,
     HealthResponse,
@@ -42,7 +42,7 @@ from medplib.agents.schemas import (
     VolumeInput,
     error_from_response,
 )
-from medplib.agents.sse import EventReader, stream_item
+from medplib.agents.serve.sse import EventReader, stream_item
 from medplib.core.errors import InvalidInputError, validation_message
 from medplib.core.image import DEFAULT_LIMITS
 from medplib.core.io.sources import read_source
