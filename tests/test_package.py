@@ -61,6 +61,7 @@ def test_wheel_holds_the_package_without_tests(tmp_path: Path) -> None:
         "medplib/core/errors.py",
         "medplib/core/io/raster.py",
         *(f"medplib/agents/serve/ui/static/{name}" for name in ("index.html", "app.js", "app.css")),
+        "medplib/core/model/tiny_tokenizer.json",
     ):
         assert module in names
     assert not [name for name in names if name.startswith(("medplib/tests", "tests/"))]
