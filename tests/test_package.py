@@ -57,7 +57,7 @@ def test_wheel_holds_the_package_without_tests(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     for module in (
         "medplib/__init__.py",
-        "medplib/cli.py",
+        "medplib/cli/__init__.py",
         "medplib/core/errors.py",
         "medplib/core/io/raster.py",
         *(f"medplib/agents/serve/ui/static/{name}" for name in ("index.html", "app.js", "app.css")),
