@@ -10,8 +10,10 @@ A checkpoint is a folder `checkpoints/step-000120/` holding
 - `state.json`: step, data position (epoch and index into that epoch's seeded permutation), the
   scheduler's state and the optimizer's hyper-parameters.
 
-It is written into a hidden sibling folder and renamed into place (`os.replace`), so a run killed
-mid-write leaves no folder that looks complete; `latest_checkpoint` only ever sees finished ones.
+In-process it is written into a hidden sibling folder and renamed into place (`os.replace`), so a
+run killed mid-write leaves no folder that looks complete; `latest_checkpoint` only ever sees finished
+ones. Under Ray Train the same files go to Ray's storage instead (`distributed.py`): each worker
+reports its part and Ray registers the checkpoint once every part has arrived.
 Nothing is unpickled: tensors are safetensors, the rest JSON.
 """
 
@@ -92,6 +94,30 @@ def partial_folder(root: Path, step: int) -> Path:
     return root / f".step-{step:06d}.partial"
 
 
+def write_training_state(
+    folder: Path,
+    position: Position,
+    named_parameters: list[tuple[str, torch.nn.Parameter]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> None:
+    """Rank 0's part of a checkpoint (all but the generators) into `folder`, as is: no publishing."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [name for name, _ in named_parameters]
+    save_file(
+        {name: p.detach().contiguous().cpu() for name, p in named_parameters},
+        str(folder / "trainable.safetensors"),
+    )
+    tensors, groups = _optimizer_tensors(optimizer, names)
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(folder / "optimizer.safetensors"))
+    state = {
+        "position": asdict(position),
+        "scheduler": scheduler.state_dict(),  # a LambdaLR keeps its lambda out: [None] here
+        "param_groups": groups,
+    }
+    (folder / STATE_FILE).write_text(json.dumps(state, default=_to_list))
+
+
 def save_checkpoint(
     root: Path,
     position: Position,
@@ -102,20 +128,7 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint atomically (after every rank's `write_rng`) and drop all but the newest `keep`."""
     partial = partial_folder(root, position.step)
-    partial.mkdir(parents=True, exist_ok=True)
-    names = [name for name, _ in named_parameters]
-    save_file(
-        {name: p.detach().contiguous().cpu() for name, p in named_parameters},
-        str(partial / "trainable.safetensors"),
-    )
-    tensors, groups = _optimizer_tensors(optimizer, names)
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(partial / "optimizer.safetensors"))
-    state = {
-        "position": asdict(position),
-        "scheduler": scheduler.state_dict(),  # a LambdaLR keeps its lambda out: [None] here
-        "param_groups": groups,
-    }
-    (partial / STATE_FILE).write_text(json.dumps(state, default=_to_list))
+    write_training_state(partial, position, named_parameters, optimizer, scheduler)
     for path in partial.iterdir():
         _fsync(path)
     final = step_folder(root, position.step)

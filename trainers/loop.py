@@ -17,10 +17,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -35,6 +38,7 @@ from medplib.trainers.checkpoint import (
     partial_folder,
     save_checkpoint,
     write_rng,
+    write_training_state,
 )
 from medplib.trainers.collate import Collator, Example
 from medplib.trainers.encoder_cache import FrozenEncoderCache
@@ -54,6 +58,19 @@ from medplib.trainers.stages import StageSpec
 LOG_FILE = "metrics.jsonl"
 
 
+class Session(Protocol):
+    """An engine that keeps a run's checkpoints and restarts failed workers from them (Ray Train:
+    `distributed.RayTrainSession`); without one the loop checkpoints into the stage folder."""
+
+    def restored(self) -> AbstractContextManager[Path | None]:
+        """The checkpoint folder to continue from, if the engine holds one."""
+        ...
+
+    def report(self, record: dict, checkpoint: Path | None) -> None:
+        """One step's metrics, with this worker's part of a checkpoint when one is due."""
+        ...
+
+
 @dataclass(frozen=True)
 class LoopOptions:
     """How to run a stage (not what it learns: that is the `StageSpec`)."""
@@ -67,11 +84,13 @@ class LoopOptions:
     progress: bool = True
     rank: int = 0
     world: int = 1
+    session: Session | None = None  # Ray Train: checkpoints go to it and resume from it
 
 
 @dataclass
 class LoopResult:
     steps: int
+    started_at: int = 0  # the step this run began from: > 0 when it resumed from a checkpoint
     losses: list[float] = field(default_factory=list)  # per step, this run's (resumed runs: from there)
     seconds: float = 0.0
 
@@ -203,19 +222,18 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 class MetricsLog:
-    """The JSONL metrics log; a resumed run first drops the lines after its checkpoint."""
+    """The JSONL metrics log; a run that starts at step N (resumed, or restarted by Ray) first drops
+    the lines after N, which a killed attempt wrote past its last checkpoint."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
+    def __init__(self, path: Path, enabled: bool, start: int) -> None:
         self.path, self.enabled = path, enabled
         if not enabled:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
-        if resume_step is not None and path.is_file():
+        if path.is_file():
             kept = [
-                line
-                for line in path.read_text().splitlines()
-                if json.loads(line).get("step", 0) <= resume_step
+                line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= start
             ]
         path.write_text("".join(line + "\n" for line in kept))
 
@@ -274,10 +292,14 @@ def train(
     torch.manual_seed(options.seed * 7919 + options.rank + 1)  # each worker's own dropout stream
     checkpoints = options.out / "checkpoints"
     start = 0
-    found = latest_checkpoint(checkpoints) if options.resume else None
-    if found is not None:
-        start = load_checkpoint(found, named, optimizer, scheduler, options.rank).step
-    log = MetricsLog(options.out / LOG_FILE, options.rank == 0, start if options.resume else None)
+    with (
+        options.session.restored()
+        if options.session is not None
+        else contextlib.nullcontext(latest_checkpoint(checkpoints) if options.resume else None)
+    ) as found:
+        if found is not None:
+            start = load_checkpoint(found, named, optimizer, scheduler, options.rank).step
+    log = MetricsLog(options.out / LOG_FILE, options.rank == 0, start)
     grounds = any(e.targets for e in examples)  # SAM runs only for samples with a mask
     cache = FrozenEncoderCache(model, clip=spec.caches_clip, sam=spec.caches_sam and grounds)
     if cache.clip is not None or cache.sam is not None:
@@ -287,7 +309,7 @@ def train(
     )
     pair_keys = [_pair_key(e) for e in examples] if spec.same_image_pairs else None
     preferred = spec.contrast.pairs if spec.contrast is not None else ()
-    result = LoopResult(steps=total)
+    result = LoopResult(steps=total, started_at=start)
     began = time.perf_counter()
     bar = _progress(total, start, options.progress and options.rank == 0, spec.title)
     with bar:
@@ -332,8 +354,13 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
             done = step + 1
-            if options.checkpoint_every and done % options.checkpoint_every == 0 and done < total:
-                _checkpoint(checkpoints, done, per_epoch, global_batch, named, optimizer, scheduler, options)
+            due = bool(options.checkpoint_every) and done % options.checkpoint_every == 0 and done < total
+            epoch, offset = divmod(done, per_epoch)
+            position = Position(step=done, epoch=epoch, index=offset * global_batch) if due else None
+            if options.session is not None:
+                _report(options.session, record, position, named, optimizer, scheduler, options.rank)
+            elif position is not None:
+                _checkpoint(checkpoints, position, named, optimizer, scheduler, options)
     result.seconds = time.perf_counter() - began
     return result
 
@@ -381,19 +408,37 @@ def _step_record(tally: dict[str, list[float]], tokens: int, world: int) -> dict
     return record
 
 
+def _report(
+    session: Session,
+    record: dict,
+    position: Position | None,
+    named: list,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    rank: int,
+) -> None:
+    """Every worker reports every step (Ray's report is a barrier); at a checkpoint each hands over
+    its part, rank 0 the training state and every rank its generators, which Ray merges into one."""
+    if position is None:
+        session.report(record, None)
+        return
+    with tempfile.TemporaryDirectory(prefix="medplib-checkpoint-") as staging:
+        folder = Path(staging)
+        if rank == 0:
+            write_training_state(folder, position, named, optimizer, scheduler)
+        write_rng(folder, rank)
+        session.report(record, folder)
+
+
 def _checkpoint(
     root: Path,
-    done: int,
-    per_epoch: int,
-    global_batch: int,
+    position: Position,
     named: list,
     optimizer: torch.optim.Optimizer,
     scheduler,
     options: LoopOptions,
 ) -> None:
-    epoch, offset = divmod(done, per_epoch)
-    position = Position(step=done, epoch=epoch, index=offset * global_batch)
-    write_rng(partial_folder(root, done), options.rank)
+    write_rng(partial_folder(root, position.step), options.rank)
     if options.world > 1:
         dist.barrier()  # every worker's generator state is in the folder before it is published
     if options.rank == 0:

@@ -16,14 +16,6 @@ from medplib.trainers.train import StageRun, run_stage
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_two_workers_match_one_process(ray_cluster, built_dataset: Path, tmp_path: Path) -> None:
     # Stage I has no dropout, so one process and two workers see the very same computation.
     run = StageRun(
