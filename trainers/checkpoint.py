@@ -23,11 +23,15 @@ import json
 import os
 import re
 import shutil
+import tempfile
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from medplib.core.errors import CheckpointError
@@ -177,6 +181,64 @@ def load_checkpoint(
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(rng)
     return Position(**state["position"])
+
+
+class Session(Protocol):
+    """An engine that keeps a run's checkpoints and restarts failed workers from them (Ray Train:
+    `distributed.RayTrainSession`); without one a run checkpoints into its stage folder."""
+
+    def restored(self) -> AbstractContextManager[Path | None]:
+        """The checkpoint folder to continue from, if the engine holds one."""
+        ...
+
+    def report(self, record: dict, checkpoint: Path | None) -> None:
+        """One step's metrics, with this worker's part of a checkpoint when one is due."""
+        ...
+
+
+Parameters = list[tuple[str, torch.nn.Parameter]]
+
+
+def report_step(
+    session: Session,
+    record: dict,
+    position: Position | None,
+    named_parameters: Parameters,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    rank: int,
+) -> None:
+    """Every worker reports every step (Ray's report is a barrier); at a checkpoint each hands over
+    its part, rank 0 the training state and every rank its generators, which the engine merges."""
+    if position is None:
+        session.report(record, None)
+        return
+    with tempfile.TemporaryDirectory(prefix="medplib-checkpoint-") as staging:
+        folder = Path(staging)
+        if rank == 0:
+            write_training_state(folder, position, named_parameters, optimizer, scheduler)
+        write_rng(folder, rank)
+        session.report(record, folder)
+
+
+def checkpoint_step(
+    root: Path,
+    position: Position,
+    named_parameters: Parameters,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    rank: int = 0,
+    world: int = 1,
+    keep: int = 2,
+) -> None:
+    """A checkpoint into the stage folder, from every worker of a run without a `Session`."""
+    write_rng(partial_folder(root, position.step), rank)
+    if world > 1:
+        dist.barrier()  # every worker's generator state is in the folder before it is published
+    if rank == 0:
+        save_checkpoint(root, position, named_parameters, optimizer, scheduler, keep=keep)
+    if world > 1:
+        dist.barrier()
 
 
 def _fsync(path: Path) -> None:

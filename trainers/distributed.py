@@ -2,8 +2,10 @@
 
 Ray starts the workers and their torch process group (gloo on CPU, nccl on GPU); each worker runs
 `run_stage` with its rank, and every worker takes the `rank::world` share of each global batch (a
-deterministic sharding of one seeded permutation, as `DistributedSampler` does), so N workers with
-micro-batch B train as one process with batch N * B.
+deterministic sharding of one seeded permutation, as `DistributedSampler` does); torch DDP sums the
+gradients (`data_parallel.py`), so N workers with micro-batch B train as one process with batch N * B.
+The loop wraps DDP itself rather than through `ray.train.torch.prepare_model`, because it also runs
+in-process and DDP must wrap the loss computation (`MicroBatchLoss`), not the model's `forward`.
 
 Ray Train is the engine, not only the launcher: every step is reported with `ray.train.report`, and
 every `--checkpoint-every` steps with a checkpoint in the stage's own format (`checkpoint.py`): rank 0

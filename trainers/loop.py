@@ -2,14 +2,16 @@
 
 Per optimizer step the loop takes the next *global* batch of the epoch's seeded permutation, gives
 each worker its share (`rank::world`) in micro-batches, backpropagates each micro-batch's loss
-(normalised by the global batch, see `losses.py`), sums the gradients over workers, clips the global
-norm and steps. The data position is a pure function of the step, so a checkpoint's step says where
-the data resumes. Logits are computed only where an answer token is predicted, since the LM head
-over every image and prompt position would cost a third of a tiny model's step for nothing.
+(normalised by the global batch, see `losses.py`), sums the gradients over workers (torch DDP,
+`data_parallel.py`), clips the global norm and steps. The data position is a pure function of the
+step, so a checkpoint's step says where the data resumes. Logits are computed only where an answer
+token is predicted, since the LM head over every image and prompt position would cost a third of a
+tiny model's step for nothing.
 
 On CUDA the forward runs under bf16 autocast (weights and optimizer stay fp32); on CPU in fp32.
 Each step appends one JSON line to the metrics log: loss parts, learning rate, gradient norm,
-throughput and, in stage IV, the routing shares per layer.
+throughput and, in stage IV, the routing shares per layer. Under Ray Train (`options.session`) each
+step is also reported to Ray, and checkpoints go to Ray and come back from it after a restart.
 """
 
 from __future__ import annotations
@@ -17,32 +19,36 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import tempfile
 import time
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from medplib.router import MixtureOfExperts
 from medplib.router.statistics import RoutingStatistics
 from medplib.trainers.checkpoint import (
     Position,
+    Session,
+    checkpoint_step,
     latest_checkpoint,
     load_checkpoint,
-    partial_folder,
-    save_checkpoint,
-    write_rng,
-    write_training_state,
+    report_step,
 )
 from medplib.trainers.collate import Collator, Example
+from medplib.trainers.data_parallel import (
+    MicroBatchLoss,
+    broadcast_trained,
+    data_parallel,
+    fill_missing_gradients,
+    sum_over_workers,
+    syncing,
+)
 from medplib.trainers.encoder_cache import FrozenEncoderCache
 from medplib.trainers.losses import (
+    LOSS_PARTS,
     BatchLoss,
     add_load_balancing,
     answer_cross_entropy,
@@ -56,19 +62,6 @@ from medplib.trainers.stage_folder import Prepared
 from medplib.trainers.stages import StageSpec
 
 LOG_FILE = "metrics.jsonl"
-
-
-class Session(Protocol):
-    """An engine that keeps a run's checkpoints and restarts failed workers from them (Ray Train:
-    `distributed.RayTrainSession`); without one the loop checkpoints into the stage folder."""
-
-    def restored(self) -> AbstractContextManager[Path | None]:
-        """The checkpoint folder to continue from, if the engine holds one."""
-        ...
-
-    def report(self, record: dict, checkpoint: Path | None) -> None:
-        """One step's metrics, with this worker's part of a checkpoint when one is due."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -251,26 +244,6 @@ def _progress(total: int, initial: int, enabled: bool, title: str):
     )
 
 
-def _sum_over_workers(values: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
-
-
-def _sync_gradients(parameters: Sequence[torch.nn.Parameter], world: int) -> None:
-    """Sum gradients over workers in one flat all-reduce; a parameter no micro-batch reached counts 0."""
-    for p in parameters:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    if world > 1:
-        flat = torch.cat([p.grad.flatten() for p in parameters])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        offset = 0
-        for p in parameters:
-            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
-
-
 def train(
     prepared: Prepared, examples: Sequence[Example], spec: StageSpec, collator: Collator, options: LoopOptions
 ) -> LoopResult:
@@ -286,9 +259,7 @@ def train(
     global_batch, per_epoch, warmup = schedule_lengths(spec, len(examples), options.world)
     total = options.steps or max(1, round(opt.epochs * per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
-    if options.world > 1:  # every worker builds the same model; broadcasting makes sure of it
-        for p in parameters:
-            dist.broadcast(p.data, src=0)
+    broadcast_trained(parameters, options.world)  # every worker builds the same model; this makes sure
     torch.manual_seed(options.seed * 7919 + options.rank + 1)  # each worker's own dropout stream
     checkpoints = options.out / "checkpoints"
     start = 0
@@ -307,6 +278,10 @@ def train(
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     )
+    runner = data_parallel(
+        MicroBatchLoss(model, lambda batch, *args: _tracked_forward(prepared, batch, spec, *args, cache)),
+        options.world,
+    )
     pair_keys = [_pair_key(e) for e in examples] if spec.same_image_pairs else None
     preferred = spec.contrast.pairs if spec.contrast is not None else ()
     result = LoopResult(steps=total, started_at=start)
@@ -320,22 +295,29 @@ def train(
             )
             mine = chosen[options.rank :: options.world]
             micro = [mine[i : i + opt.batch_size] for i in range(0, len(mine), opt.batch_size)]
+            # A worker whose share of an epoch's short last batch is empty still joins DDP's all-reduce:
+            # with one sample at weight 0.
+            weight = 1.0 if micro else 0.0
+            micro = micro or [chosen[:1]]
             # Per part (sum, count), summed over workers so the log shows the global batch's values.
             tally: dict[str, list[float]] = {}
             tokens = 0
             statistics = RoutingStatistics(prepared.moe.expert_names) if prepared.moe is not None else None
-            for indices in micro:
+            for number, indices in enumerate(micro, start=1):
                 batch = _to_device(collator([examples[i] for i in indices]), device)
-                with autocast:
-                    loss, count = _tracked_forward(prepared, batch, spec, len(chosen), statistics, cache)
-                loss.total.backward()
+                with syncing(runner, number == len(micro)):  # gradients are summed once per step
+                    with autocast:
+                        loss, count = runner(batch, len(chosen), statistics if weight else None)
+                    (loss.total * weight).backward()
+                if not weight:
+                    continue
                 tokens += count
                 tally.setdefault("loss", [0.0, 0.0])[0] += float(loss.total.detach())
                 for name, value in loss.parts.items():
                     entry = tally.setdefault(name, [0.0, 0.0])
                     entry[0] += value * loss.counts[name]
                     entry[1] += loss.counts[name]
-            _sync_gradients(parameters, options.world)
+            fill_missing_gradients(parameters)
             norm = torch.nn.utils.clip_grad_norm_(parameters, opt.grad_clip or float("inf"))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -358,9 +340,12 @@ def train(
             epoch, offset = divmod(done, per_epoch)
             position = Position(step=done, epoch=epoch, index=offset * global_batch) if due else None
             if options.session is not None:
-                _report(options.session, record, position, named, optimizer, scheduler, options.rank)
+                report_step(options.session, record, position, named, optimizer, scheduler, options.rank)
             elif position is not None:
-                _checkpoint(checkpoints, position, named, optimizer, scheduler, options)
+                checkpoint_step(
+                    checkpoints, position, named, optimizer, scheduler,
+                    options.rank, options.world, options.keep_checkpoints,
+                )  # fmt: skip
     result.seconds = time.perf_counter() - began
     return result
 
@@ -397,51 +382,14 @@ def _tracked_forward(
 
 
 def _step_record(tally: dict[str, list[float]], tokens: int, world: int) -> dict:
-    names = list(tally)
-    values = torch.tensor([v for name in names for v in tally[name]] + [tokens], dtype=torch.float64)
-    values = _sum_over_workers(values, world).tolist()
+    """The step's log values over all workers. Every worker sends every part, in one order: a
+    worker's share may lack some (no mask in it), and the all-reduce needs equal tensors."""
+    names = ("loss", *LOSS_PARTS)
+    values = [v for name in names for v in tally.get(name, (0.0, 0.0))] + [tokens]
+    values = sum_over_workers(torch.tensor(values, dtype=torch.float64), world).tolist()
     record: dict[str, float] = {"loss": values[0], "tokens": values[-1]}
     for i, name in enumerate(names[1:], start=1):
         total, count = values[2 * i], values[2 * i + 1]
         if count:
             record[name] = total / count
     return record
-
-
-def _report(
-    session: Session,
-    record: dict,
-    position: Position | None,
-    named: list,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    rank: int,
-) -> None:
-    """Every worker reports every step (Ray's report is a barrier); at a checkpoint each hands over
-    its part, rank 0 the training state and every rank its generators, which Ray merges into one."""
-    if position is None:
-        session.report(record, None)
-        return
-    with tempfile.TemporaryDirectory(prefix="medplib-checkpoint-") as staging:
-        folder = Path(staging)
-        if rank == 0:
-            write_training_state(folder, position, named, optimizer, scheduler)
-        write_rng(folder, rank)
-        session.report(record, folder)
-
-
-def _checkpoint(
-    root: Path,
-    position: Position,
-    named: list,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    options: LoopOptions,
-) -> None:
-    write_rng(partial_folder(root, position.step), options.rank)
-    if options.world > 1:
-        dist.barrier()  # every worker's generator state is in the folder before it is published
-    if options.rank == 0:
-        save_checkpoint(root, position, named, optimizer, scheduler, keep=options.keep_checkpoints)
-    if options.world > 1:
-        dist.barrier()

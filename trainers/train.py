@@ -18,8 +18,9 @@ from pydantic import ValidationError
 from medplib.core.errors import InvalidInputError, validation_message
 from medplib.core.model import MedPLIBProcessor
 from medplib.router.config import RouterConfig
+from medplib.trainers.checkpoint import Session
 from medplib.trainers.collate import Collator, Example, ExampleStore, caption_examples
-from medplib.trainers.loop import LoopOptions, Session, train
+from medplib.trainers.loop import LoopOptions, train
 from medplib.trainers.stage_folder import STAGE_FILE, Prepared, load_source, prepare, save_stage
 from medplib.trainers.stages import StageSpec, stage_spec
 
