@@ -18,6 +18,9 @@ def train(
     data: Path = typer.Option(..., "--data", help="dataset folder in the MeCoVQA format (its train split)"),
     out: Path = typer.Option(..., "--out", help="folder for the stage: model, adapters, checkpoints, log"),
     workers: int = typer.Option(1, "--workers", help="Ray Train workers (1: train in this process)"),
+    max_failures: int = typer.Option(
+        3, "--max-failures", help="--workers: restarts after a worker dies (-1: no limit)"
+    ),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in --out"),
     schedule: str = typer.Option("tiny", "--schedule", help="tiny (CPU, random init) or paper"),
     expert: str | None = typer.Option(None, "--expert", help="stages 2/3: train this registered expert"),
@@ -62,7 +65,7 @@ def train(
         router=router_options(router_top_k, capacity_factor, load_balancing_weight, routed_layers),
     )
     run.spec()  # an unknown stage, schedule, expert or router option fails here, before any data is read
-    record = launch(run, workers)
+    record = launch(run, workers, max_failures)
     typer.echo(f"stage {record['stage']} ({record['title']}): {record['steps']} steps, {record['seconds']} s")
     if evaluate:
         import json

@@ -21,6 +21,7 @@ from medplib.core.expert_spec import LossWeights
 from medplib.core.model.conversation import IGNORE_INDEX
 
 MASK_PARTS = ("bce", "dice", "focal")
+LOSS_PARTS = ("ce", *MASK_PARTS, "router", "contrast", "balance")  # every part a `BatchLoss` may log
 
 
 def answer_cross_entropy(
