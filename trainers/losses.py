@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from medplib.core.model.losses import dice_loss
+from medplib.core.model.losses import MASK_PARTS, dice_loss
+
+LOSS_PARTS = ("ce", *MASK_PARTS, "router", "contrast", "balance")  # every part a `BatchLoss` may log
 
 
 def pair_contrast(

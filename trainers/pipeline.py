@@ -30,9 +30,14 @@ from medplib.core.errors import InvalidInputError
 from medplib.core.model import MedPLIBForCausalLM, MedPLIBProcessor
 from medplib.loading import STAGE_FILE, load_model, read_record
 from medplib.trainers.collate import Collator, Example, ExampleStore
+from medplib.trainers.eval.pipeline_report import (
+    build_report,
+    build_seed_report,
+    format_seed_table,
+    format_table,
+)
+from medplib.trainers.eval.scoring import evaluate, trivial_baselines
 from medplib.trainers.loop import schedule_lengths
-from medplib.trainers.report import build_report, build_seed_report, format_seed_table, format_table
-from medplib.trainers.scoring import evaluate, trivial_baselines
 from medplib.trainers.stages import stage_spec
 from medplib.trainers.train import StageRun, run_stage, stage_examples
 
@@ -80,7 +85,7 @@ def run_and_score(run: StageRun, test_data: str, threads: int | None) -> dict:
 
 
 def _plot(folder: Path) -> None:
-    from medplib.trainers.plot import plot_log
+    from medplib.trainers.eval.training_plot import plot_log
 
     plot_log(folder / "metrics.jsonl", folder / "metrics.png")
 

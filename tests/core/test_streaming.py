@@ -9,10 +9,10 @@ import pytest
 from medplib.core.assistant import MedPLIB
 from medplib.core.errors import InvalidInputError
 from medplib.core.io import load_image
+from medplib.core.io.registry_data import dicom_file
 from medplib.core.regions import BoxPrompt
 from medplib.core.results import AnswerResult, ChatResult, GroundingResult, TextDelta
 from medplib.loading import load
-from medplib.trainers.registry_data import dicom_file
 
 TOKENS = 12
 

@@ -19,8 +19,8 @@ from medplib.core.model import build_medplib
 from medplib.loading import ADAPTER_WEIGHTS
 from medplib.router.moe import MOE_FILE
 from medplib.trainers.collate import ExampleStore
-from medplib.trainers.evaluation import load_for_evaluation
-from medplib.trainers.gallery import GAP, panel_scale, ranked_cases
+from medplib.trainers.eval.evaluate import load_for_evaluation
+from medplib.trainers.eval.gallery import GAP, panel_scale, ranked_cases
 from medplib.trainers.stage_folder import load_source, prepare, save_stage
 from medplib.trainers.stages import stage_spec
 

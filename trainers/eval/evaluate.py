@@ -28,10 +28,10 @@ from medplib.core.model import MedPLIBProcessor
 from medplib.loading import LoadedModel, load_model
 from medplib.trainers.collate import Collator, Example, ExampleStore
 from medplib.trainers.data.mecovqa import split_files
-from medplib.trainers.eval_report import format_report
-from medplib.trainers.gallery import write_gallery
-from medplib.trainers.scoring import MAX_NEW_TOKENS, constant_mask_baselines, evaluate, trivial_baselines
-from medplib.trainers.volume_eval import evaluate_volumes
+from medplib.trainers.eval.eval_markdown import format_report
+from medplib.trainers.eval.gallery import write_gallery
+from medplib.trainers.eval.scoring import MAX_NEW_TOKENS, constant_mask_baselines, evaluate, trivial_baselines
+from medplib.trainers.eval.volumes import evaluate_volumes
 
 METRICS_FILE, REPORT_FILE, GALLERY_FOLDER = "metrics.json", "report.md", "gallery"
 TRAIN_SPLIT = "train"  # what the trivial baselines learn their answers and mean masks from
