@@ -118,11 +118,12 @@ def test_a_plugin_expert_trains_like_the_grounding_expert(register_plugin) -> No
             register(spec)
 
     register_plugin(Plugin(), "modality-test-plugin")
-    stage = stage_spec("3", expert="modality_test")
+    stage = stage_spec("expert", expert="modality_test")
     assert stage.tasks.accepts("vqa", "closed") and not stage.tasks.accepts("vqa", "open")
-    names = trainable("3", "paper", expert="modality_test")
+    names = trainable("expert", "paper", expert="modality_test")
     lora = {n for n in names if ".lora_" in n}
     assert lora and all(".mlp.up_proj.lora_" in n for n in lora)  # the plugin's own LoRA targets
+    assert names == lora  # no head, no tokens: its LoRA alone, never the shared embeddings
 
 
 @pytest.mark.parametrize(
@@ -131,7 +132,10 @@ def test_a_plugin_expert_trains_like_the_grounding_expert(register_plugin) -> No
         (("5",), InvalidInputError),
         (("2", "fast"), InvalidInputError),
         (("4", "tiny", "vision_language"), InvalidInputError),
-        (("2", "tiny", "no_such_expert"), PluginError),
+        (("expert", "tiny", "no_such_expert"), PluginError),
+        (("2", "tiny", "vision_language"), InvalidInputError),  # stages 2 and 3 are the paper's recipe
+        (("3", "tiny", "pixel_grounding"), InvalidInputError),
+        (("expert", "tiny", None), InvalidInputError),
     ],
 )
 def test_bad_stage_arguments_are_refused(args: tuple, error: type) -> None:
