@@ -389,15 +389,15 @@ class MedPLIB:
             question = self._grounding_question(text) if query.task == "ground" else text
             earlier, answers = self._history(query.history)
             prefilled = grounding_answer == "template" and query.task == "ground"
-            required = capability_token(self.model, query.capability)
+            token, at_start = capability_token(self.model, query.capability) or (None, False)
             prepared.append(
                 self._prepare(
                     query.image,
                     query.image_options,
                     [*earlier, (question, query.regions)],
                     [*answers, template] if prefilled else answers,
-                    require_seg=query.task == "ground" or required == self.model.config.seg_token_id,
-                    require_token=required,
+                    require_seg=query.task == "ground" or token == self.model.config.seg_token_id,
+                    require_token=(token, at_start) if token is not None else None,
                 )
             )
         # Rows whose answer is prefilled run apart from those that decode theirs.
@@ -601,7 +601,7 @@ class MedPLIB:
         answers: Sequence[str],
         *,
         require_seg: bool,
-        require_token: int | None = None,
+        require_token: tuple[int, bool] | None = None,
     ) -> _Prepared:
         """Load the image, turn every region prompt into a mask on its grid and lay out the turns."""
         num_regions = sum(len(regions) for _, regions in questions)
@@ -623,8 +623,9 @@ class MedPLIB:
             answer = answer_parts(answers[index]) if index < len(answers) else None
             turns.append(Turn(question_parts(question, len(regions)), answer))
         answered = len(answers) == len(questions)  # the last turn's answer is given: prefilled, not decoded
+        token, at_start = require_token or (None, False)
         conversation = Conversation(
-            loaded.pixels, turns, masks, require_seg, require_token=require_token, answered=answered
+            loaded.pixels, turns, masks, require_seg, token, at_start, answered=answered
         )
         return _Prepared(conversation, loaded, load_ms, num_regions)
 

@@ -100,7 +100,7 @@ def test_a_capability_forces_its_token_and_says_so(modality_model) -> None:
         IMAGE, "Which modality is this?", capability="modality_classification", max_new_tokens=3
     )
     assert "modality" not in plain.outputs and not plain.forced
-    assert asked.forced and not asked.seg_forced and asked.text.endswith("<MOD>")
+    assert asked.forced and not asked.seg_forced and asked.text.startswith("<MOD>")
     assert len(asked.outputs["modality"]) == 1
     grounded = assistant.answer(IMAGE, "Where is it?", capability="grounding", max_new_tokens=3)
     assert (
