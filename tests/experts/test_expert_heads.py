@@ -125,3 +125,17 @@ def test_experts_lists_what_the_model_holds(modality_model) -> None:
         medplib.MedPLIB(build_medplib("tiny"), name="tiny").answer(
             IMAGE, "?", capability="modality_classification"
         )
+
+
+def test_an_earlier_answer_keeps_its_expert_tokens_as_tokens() -> None:
+    from medplib.core.assistant import answer_parts
+    from medplib.core.model import ControlToken
+    from medplib.core.model.conversation import ExpertToken
+
+    assert answer_parts("<MOD> MRI, see <SEG>.", ["<SEG>", "<MOD>"]) == [
+        ExpertToken("<MOD>"),
+        " MRI, see ",
+        ControlToken.SEG,
+        ".",
+    ]
+    assert answer_parts("<MOD> MRI.") == ["<MOD> MRI."]  # a model without the expert: plain text
