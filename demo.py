@@ -19,9 +19,9 @@ import numpy as np
 
 from medplib.core.image import MedicalImage
 from medplib.core.io import load_image, load_volume, slice_volume, volume_plane
+from medplib.core.io.registry_data import DICOM_FILES, dicom_file, mni152_file
 from medplib.core.masks import Mask, overlay, save_png
 from medplib.core.regions import BoxPrompt, PointPrompt, PolygonPrompt, RegionPrompt, ScribblePrompt
-from medplib.trainers.registry_data import DICOM_FILES, dicom_file, mni152_file
 
 if TYPE_CHECKING:
     from medplib.trainers.collate import Example
@@ -153,9 +153,9 @@ def ask_questions(stage_folder: Path, data: Path, out: Path) -> list[dict]:
     """Ask the model in `stage_folder` about test images it never saw, through the assistant API;
     the region and the predicted mask (beside the reference) are drawn into PNGs in `out`."""
     import medplib
-    from medplib.core.metrics import mask_scores
     from medplib.core.regions import MaskPrompt
     from medplib.trainers.collate import ExampleStore
+    from medplib.trainers.eval.metrics import mask_scores
 
     assistant = medplib.load(stage_folder)  # a stage folder loads as the model it trained
     store = ExampleStore.open(data, split="test")
@@ -212,7 +212,7 @@ def _describe(item: dict) -> str:
 
 def run_demo(out: Path) -> dict:
     """The whole main job; a second run reuses the dataset and the trained pipeline under `out`."""
-    from medplib.trainers.report import format_table
+    from medplib.trainers.eval.pipeline_report import format_table
 
     inputs = inspect_real_data(out / "inputs")
     data = ensure_dataset(out / "dataset")

@@ -42,9 +42,9 @@ import torch
 
 from medplib.core.assistant import MedPLIB, load
 from medplib.core.io import load_image
+from medplib.core.io.registry_data import DICOM_FILES, dicom_file
 from medplib.core.model import MedPLIBProcessor, Request, Turn, tokenize_user_text
 from medplib.trainers.data.templates import GROUNDING_ANSWER
-from medplib.trainers.registry_data import DICOM_FILES, dicom_file
 
 QUESTIONS = [
     "What modality is this image?",

@@ -27,7 +27,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from medplib.core.expert_spec import ExpertSpec, LoraSpec
-from medplib.core.model import build_config, build_medplib, train_tiny_tokenizer
+from medplib.core.model import build_config, build_medplib, tiny_tokenizer
 from medplib.core.plugins import get_experts
 from medplib.router import compose, merge_expert, new_expert_adapter
 from medplib.router.adapters import routable_mlps
@@ -111,7 +111,7 @@ def meta_param_ratios(text_config: LlamaConfig, specs: list[ExpertSpec], suffix:
 def run(tokens: int, rounds: int, threads: int) -> dict[str, object]:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    tokenizer = train_tiny_tokenizer()
+    tokenizer = tiny_tokenizer()
     small = build_config("small", tokenizer).text_config
     trunk = LlamaForCausalLM(small).eval()
     registered = get_experts()

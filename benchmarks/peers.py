@@ -39,8 +39,8 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from medplib.core.assistant import MedPLIB, load
 from medplib.core.io import load_image
+from medplib.core.io.registry_data import DICOM_FILES, dicom_file
 from medplib.core.model import MedPLIBProcessor, Request, Turn
-from medplib.trainers.registry_data import DICOM_FILES, dicom_file
 
 QUESTION = "What modality is this image?"
 BATCH_QUESTIONS = [

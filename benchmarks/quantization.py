@@ -4,7 +4,7 @@
         [--data demo-output/data] [--out benchmarks/results]
 
 1. Quality: trained stage folders of the tiny pipeline (`make demo` trains them; default stage IV)
-   scored on the test split in fp32, int8 and int4 (`trainers.scoring.evaluate`: greedy answers,
+   scored on the test split in fp32, int8 and int4 (`trainers.eval.scoring.evaluate`: greedy answers,
    grounding by the model's own `<SEG>`); the share of answers identical to fp32's, and each mode's
    closed accuracy, region recall and mDice. A stage folder that does not exist is reported as such.
 2. Weight bytes of `medplib-7b` per component on the meta device (`medplib info`): bf16 and fp32
@@ -33,7 +33,7 @@ import resource, sys, torch
 torch.set_num_threads(1)
 from medplib.core.assistant import load
 from medplib.core.io import load_image
-from medplib.trainers.registry_data import dicom_file
+from medplib.core.io.registry_data import dicom_file
 mode = sys.argv[1]
 assistant = load("small", device="cpu", quantization=None if mode == "fp32" else mode)
 assistant.answer(load_image(dicom_file("mr_abdomen_lesion")), "What modality is this?", max_new_tokens=16)
@@ -47,7 +47,7 @@ def quality(stage4: Path, data: Path) -> dict:
     from medplib.core.model import MedPLIBProcessor
     from medplib.core.model.quantization import quantize
     from medplib.trainers.collate import Collator
-    from medplib.trainers.evaluation import load_model, split_examples
+    from medplib.trainers.eval.evaluate import load_model, split_examples
 
     examples, _ = split_examples(data, "test")
     runs = {}
@@ -55,7 +55,7 @@ def quality(stage4: Path, data: Path) -> dict:
         model = load_model(str(stage4), device="cpu").model
         if mode != "fp32":
             quantize(model, mode)
-        from medplib.trainers.scoring import evaluate
+        from medplib.trainers.eval.scoring import evaluate
 
         started = time.perf_counter()
         metrics = evaluate(model, examples, Collator(MedPLIBProcessor(model.config, model.tokenizer)))

@@ -38,9 +38,9 @@ import ray
 import torch
 
 import medplib
-from medplib.agents.app import deploy
-from medplib.agents.serve_config import ServeConfig
-from medplib.trainers.registry_data import dicom_file
+from medplib.agents.serve.app import deploy
+from medplib.agents.serve.config import ServeConfig
+from medplib.core.io.registry_data import dicom_file
 
 ROOT = Path(__file__).parents[1]
 IMAGES = ["CT_small.dcm", "MR_small.dcm", "MR-SIEMENS-DICOM-WithOverlays.dcm", "emri_small.dcm"]

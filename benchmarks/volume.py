@@ -38,12 +38,12 @@ import torch
 
 from medplib.core.assistant import MedPLIB
 from medplib.core.io import load_volume, slice_volume
+from medplib.core.io.registry_data import mni152_file
 from medplib.core.io.volume import AXES
 from medplib.core.model import tokenize_user_text
 from medplib.core.volume_grounding import BATCH_STAGES, SlicePlan
 from medplib.trainers.data.sources.mni152 import SPLIT
 from medplib.trainers.data.templates import GROUNDING_ANSWER, STRUCTURES
-from medplib.trainers.registry_data import mni152_file
 
 TARGET = STRUCTURES["grey_matter"].segmented
 SLAB = "78:110"  # 32 axial slices through the ventricles and cortex
@@ -52,7 +52,7 @@ BATCH_SIZES = (1, 4, 8, 16)
 
 def load_assistant(location: str) -> MedPLIB:
     from medplib.core.embedding_cache import EmbeddingCache
-    from medplib.trainers.evaluation import load_model
+    from medplib.trainers.eval.evaluate import load_model
 
     loaded = load_model(location, device="cpu")
     return MedPLIB(loaded.model, name=location, untrained=loaded.untrained, cache=EmbeddingCache())
@@ -292,7 +292,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from medplib.trainers.evaluation import load_model
+    from medplib.trainers.eval.evaluate import load_model
 
     kind = load_model(args.model, device="cpu").kind
     assistant = load_assistant(args.model)

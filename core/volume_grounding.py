@@ -15,7 +15,7 @@ The LLM's cached prefix (system prompt, `USER:`, the image tokens) holds the ima
 its own; the question's words follow the image and so cannot be shared across slices in a causal LM.
 
 One `SlicePlan` and one `VolumeMaskBuilder` serve the in-process path here and the HTTP ingress
-(`agents/ingress.py`), which sends the planes through its own batched deployments.
+(`agents/serve/ingress.py`), which sends the planes through its own batched deployments.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from medplib.core import plugins
-from medplib.trainers import registry_data
+from medplib.core.io import registry_data
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from medplib.cli import app
-from medplib.trainers.registry_data import dicom_file, mni152_file
+from medplib.core.io.registry_data import dicom_file, mni152_file
 
 runner = CliRunner()
 

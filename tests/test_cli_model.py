@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from medplib.cli import app
 from medplib.core.io import load_image
+from medplib.core.io.registry_data import dicom_file
 from medplib.core.masks import save_png
 from medplib.core.results import AnswerResult, GroundingResult
-from medplib.trainers.registry_data import dicom_file
 
 runner = CliRunner()
 # What the public components of the paper's model add up to: CLIP ViT-L/14-336, LLaMA-7B, SAM ViT-B

@@ -57,10 +57,11 @@ def test_wheel_holds_the_package_without_tests(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     for module in (
         "medplib/__init__.py",
-        "medplib/cli.py",
+        "medplib/cli/__init__.py",
         "medplib/core/errors.py",
         "medplib/core/io/raster.py",
-        *(f"medplib/agents/ui/static/{name}" for name in ("index.html", "app.js", "app.css")),
+        *(f"medplib/agents/serve/ui/static/{name}" for name in ("index.html", "app.js", "app.css")),
+        "medplib/core/model/tiny_tokenizer.json",
     ):
         assert module in names
     assert not [name for name in names if name.startswith(("medplib/tests", "tests/"))]

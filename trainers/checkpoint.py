@@ -10,8 +10,10 @@ A checkpoint is a folder `checkpoints/step-000120/` holding
 - `state.json`: step, data position (epoch and index into that epoch's seeded permutation), the
   scheduler's state and the optimizer's hyper-parameters.
 
-It is written into a hidden sibling folder and renamed into place (`os.replace`), so a run killed
-mid-write leaves no folder that looks complete; `latest_checkpoint` only ever sees finished ones.
+In-process it is written into a hidden sibling folder and renamed into place (`os.replace`), so a
+run killed mid-write leaves no folder that looks complete; `latest_checkpoint` only ever sees finished
+ones. Under Ray Train the same files go to Ray's storage instead (`distributed.py`): each worker
+reports its part and Ray registers the checkpoint once every part has arrived.
 Nothing is unpickled: tensors are safetensors, the rest JSON.
 """
 
@@ -21,11 +23,15 @@ import json
 import os
 import re
 import shutil
+import tempfile
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from medplib.core.errors import CheckpointError
@@ -92,6 +98,30 @@ def partial_folder(root: Path, step: int) -> Path:
     return root / f".step-{step:06d}.partial"
 
 
+def write_training_state(
+    folder: Path,
+    position: Position,
+    named_parameters: list[tuple[str, torch.nn.Parameter]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> None:
+    """Rank 0's part of a checkpoint (all but the generators) into `folder`, as is: no publishing."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [name for name, _ in named_parameters]
+    save_file(
+        {name: p.detach().contiguous().cpu() for name, p in named_parameters},
+        str(folder / "trainable.safetensors"),
+    )
+    tensors, groups = _optimizer_tensors(optimizer, names)
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(folder / "optimizer.safetensors"))
+    state = {
+        "position": asdict(position),
+        "scheduler": scheduler.state_dict(),  # a LambdaLR keeps its lambda out: [None] here
+        "param_groups": groups,
+    }
+    (folder / STATE_FILE).write_text(json.dumps(state, default=_to_list))
+
+
 def save_checkpoint(
     root: Path,
     position: Position,
@@ -102,20 +132,7 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint atomically (after every rank's `write_rng`) and drop all but the newest `keep`."""
     partial = partial_folder(root, position.step)
-    partial.mkdir(parents=True, exist_ok=True)
-    names = [name for name, _ in named_parameters]
-    save_file(
-        {name: p.detach().contiguous().cpu() for name, p in named_parameters},
-        str(partial / "trainable.safetensors"),
-    )
-    tensors, groups = _optimizer_tensors(optimizer, names)
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(partial / "optimizer.safetensors"))
-    state = {
-        "position": asdict(position),
-        "scheduler": scheduler.state_dict(),  # a LambdaLR keeps its lambda out: [None] here
-        "param_groups": groups,
-    }
-    (partial / STATE_FILE).write_text(json.dumps(state, default=_to_list))
+    write_training_state(partial, position, named_parameters, optimizer, scheduler)
     for path in partial.iterdir():
         _fsync(path)
     final = step_folder(root, position.step)
@@ -164,6 +181,64 @@ def load_checkpoint(
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(rng)
     return Position(**state["position"])
+
+
+class Session(Protocol):
+    """An engine that keeps a run's checkpoints and restarts failed workers from them (Ray Train:
+    `distributed.RayTrainSession`); without one a run checkpoints into its stage folder."""
+
+    def restored(self) -> AbstractContextManager[Path | None]:
+        """The checkpoint folder to continue from, if the engine holds one."""
+        ...
+
+    def report(self, record: dict, checkpoint: Path | None) -> None:
+        """One step's metrics, with this worker's part of a checkpoint when one is due."""
+        ...
+
+
+Parameters = list[tuple[str, torch.nn.Parameter]]
+
+
+def report_step(
+    session: Session,
+    record: dict,
+    position: Position | None,
+    named_parameters: Parameters,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    rank: int,
+) -> None:
+    """Every worker reports every step (Ray's report is a barrier); at a checkpoint each hands over
+    its part, rank 0 the training state and every rank its generators, which the engine merges."""
+    if position is None:
+        session.report(record, None)
+        return
+    with tempfile.TemporaryDirectory(prefix="medplib-checkpoint-") as staging:
+        folder = Path(staging)
+        if rank == 0:
+            write_training_state(folder, position, named_parameters, optimizer, scheduler)
+        write_rng(folder, rank)
+        session.report(record, folder)
+
+
+def checkpoint_step(
+    root: Path,
+    position: Position,
+    named_parameters: Parameters,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    rank: int = 0,
+    world: int = 1,
+    keep: int = 2,
+) -> None:
+    """A checkpoint into the stage folder, from every worker of a run without a `Session`."""
+    write_rng(partial_folder(root, position.step), rank)
+    if world > 1:
+        dist.barrier()  # every worker's generator state is in the folder before it is published
+    if rank == 0:
+        save_checkpoint(root, position, named_parameters, optimizer, scheduler, keep=keep)
+    if world > 1:
+        dist.barrier()
 
 
 def _fsync(path: Path) -> None:

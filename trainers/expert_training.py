@@ -50,8 +50,8 @@ def head_losses(
     weight: float,
     global_batch: int,
 ) -> BatchLoss:
-    """`loss` plus every generic head's loss on its trigger tokens (logged as 'head:<expert>'), each
-    sample's mean over its triggers, summed over samples and divided by the global batch."""
+    """`loss` plus every generic head's loss on its trigger tokens (logged as 'head'), each sample's
+    mean over its triggers of each head, summed over samples and divided by the global batch."""
     if weight <= 0:
         return loss
     examples = batch["examples"]
@@ -60,20 +60,22 @@ def head_losses(
         target = model.expert_heads[name].target(examples[row])
         if target is not None:
             per_expert.setdefault(name, []).append((row, hidden[row, position], target))
-    total, parts, counts = loss.total, dict(loss.parts), dict(loss.counts)
+    if not per_expert:
+        return loss
+    per_sample = hidden.new_zeros(len(hidden), dtype=torch.float32)
+    used = torch.zeros(len(hidden), dtype=torch.bool, device=hidden.device)
     for name, items in per_expert.items():
         head = model.expert_heads[name]
         rows = torch.tensor([row for row, _, _ in items], device=hidden.device)
         states = torch.stack([state for _, state, _ in items])
         targets = torch.stack([target for _, _, target in items]).to(hidden.device)
         values = head.loss(head(states), targets)
-        sums = values.new_zeros(len(hidden)).index_add(0, rows, values)
-        per_sample = sums / torch.bincount(rows, minlength=len(hidden)).clamp(min=1)
-        used = torch.bincount(rows, minlength=len(hidden)) > 0
-        total = total + weight * per_sample.sum() / global_batch
-        parts[f"head:{name}"] = float(per_sample[used].detach().mean())
-        counts[f"head:{name}"] = int(used.sum())
-    return BatchLoss(total, parts, counts)
+        sums = values.float().new_zeros(len(hidden)).index_add(0, rows, values.float())
+        per_sample = per_sample + sums / torch.bincount(rows, minlength=len(hidden)).clamp(min=1)
+        used |= torch.bincount(rows, minlength=len(hidden)) > 0
+    total = loss.total + weight * per_sample.sum() / global_batch
+    parts = {**loss.parts, "head": float(per_sample[used].detach().mean())}
+    return BatchLoss(total, parts, {**loss.counts, "head": int(used.sum())})
 
 
 def routing_targets(experts: Sequence[ExpertSpec], examples: Sequence[Example], model: Any) -> torch.Tensor:

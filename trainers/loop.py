@@ -2,14 +2,16 @@
 
 Per optimizer step the loop takes the next *global* batch of the epoch's seeded permutation, gives
 each worker its share (`rank::world`) in micro-batches, backpropagates each micro-batch's loss
-(normalised by the global batch, see `losses.py`), sums the gradients over workers, clips the global
-norm and steps. The data position is a pure function of the step, so a checkpoint's step says where
-the data resumes. Logits are computed only where an answer token is predicted, since the LM head
-over every image and prompt position would cost a third of a tiny model's step for nothing.
+(normalised by the global batch, see `losses.py`), sums the gradients over workers (torch DDP,
+`data_parallel.py`), clips the global norm and steps. The data position is a pure function of the
+step, so a checkpoint's step says where the data resumes. Logits are computed only where an answer
+token is predicted, since the LM head over every image and prompt position would cost a third of a
+tiny model's step for nothing.
 
 On CUDA the forward runs under bf16 autocast (weights and optimizer stay fp32); on CPU in fp32.
 Each step appends one JSON line to the metrics log: loss parts, learning rate, gradient norm,
-throughput and, in stage IV, the routing shares per layer.
+throughput and, in stage IV, the routing shares per layer. Under Ray Train (`options.session`) each
+step is also reported to Ray, and checkpoints go to Ray and come back from it after a restart.
 """
 
 from __future__ import annotations
@@ -24,21 +26,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from medplib.router.statistics import RoutingStatistics
 from medplib.trainers.checkpoint import (
     Position,
+    Session,
+    checkpoint_step,
     latest_checkpoint,
     load_checkpoint,
-    partial_folder,
-    save_checkpoint,
-    write_rng,
+    report_step,
 )
 from medplib.trainers.collate import Collator, Example
+from medplib.trainers.data_parallel import (
+    MicroBatchLoss,
+    broadcast_trained,
+    data_parallel,
+    fill_missing_gradients,
+    sum_over_workers,
+    syncing,
+)
 from medplib.trainers.encoder_cache import FrozenEncoderCache
 from medplib.trainers.expert_training import head_losses, routing_targets
 from medplib.trainers.losses import (
+    LOSS_PARTS,
     BatchLoss,
     add_load_balancing,
     answer_cross_entropy,
@@ -67,11 +77,13 @@ class LoopOptions:
     progress: bool = True
     rank: int = 0
     world: int = 1
+    session: Session | None = None  # Ray Train: checkpoints go to it and resume from it
 
 
 @dataclass
 class LoopResult:
     steps: int
+    started_at: int = 0  # the step this run began from: > 0 when it resumed from a checkpoint
     losses: list[float] = field(default_factory=list)  # per step, this run's (resumed runs: from there)
     seconds: float = 0.0
 
@@ -195,19 +207,18 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 class MetricsLog:
-    """The JSONL metrics log; a resumed run first drops the lines after its checkpoint."""
+    """The JSONL metrics log; a run that starts at step N (resumed, or restarted by Ray) first drops
+    the lines after N, which a killed attempt wrote past its last checkpoint."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
+    def __init__(self, path: Path, enabled: bool, start: int) -> None:
         self.path, self.enabled = path, enabled
         if not enabled:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
-        if resume_step is not None and path.is_file():
+        if path.is_file():
             kept = [
-                line
-                for line in path.read_text().splitlines()
-                if json.loads(line).get("step", 0) <= resume_step
+                line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= start
             ]
         path.write_text("".join(line + "\n" for line in kept))
 
@@ -225,26 +236,6 @@ def _progress(total: int, initial: int, enabled: bool, title: str):
     )
 
 
-def _sum_over_workers(values: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
-
-
-def _sync_gradients(parameters: Sequence[torch.nn.Parameter], world: int) -> None:
-    """Sum gradients over workers in one flat all-reduce; a parameter no micro-batch reached counts 0."""
-    for p in parameters:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    if world > 1:
-        flat = torch.cat([p.grad.flatten() for p in parameters])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        offset = 0
-        for p in parameters:
-            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
-
-
 def train(
     prepared: Prepared, examples: Sequence[Example], spec: StageSpec, collator: Collator, options: LoopOptions
 ) -> LoopResult:
@@ -260,16 +251,18 @@ def train(
     global_batch, per_epoch, warmup = schedule_lengths(spec, len(examples), options.world)
     total = options.steps or max(1, round(opt.epochs * per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
-    if options.world > 1:  # every worker builds the same model; broadcasting makes sure of it
-        for p in parameters:
-            dist.broadcast(p.data, src=0)
+    broadcast_trained(parameters, options.world)  # every worker builds the same model; this makes sure
     torch.manual_seed(options.seed * 7919 + options.rank + 1)  # each worker's own dropout stream
     checkpoints = options.out / "checkpoints"
     start = 0
-    found = latest_checkpoint(checkpoints) if options.resume else None
-    if found is not None:
-        start = load_checkpoint(found, named, optimizer, scheduler, options.rank).step
-    log = MetricsLog(options.out / LOG_FILE, options.rank == 0, start if options.resume else None)
+    with (
+        options.session.restored()
+        if options.session is not None
+        else contextlib.nullcontext(latest_checkpoint(checkpoints) if options.resume else None)
+    ) as found:
+        if found is not None:
+            start = load_checkpoint(found, named, optimizer, scheduler, options.rank).step
+    log = MetricsLog(options.out / LOG_FILE, options.rank == 0, start)
     grounds = any(e.targets for e in examples)  # SAM runs only for samples with a mask
     cache = FrozenEncoderCache(model, clip=spec.caches_clip, sam=spec.caches_sam and grounds)
     if cache.clip is not None or cache.sam is not None:
@@ -277,9 +270,13 @@ def train(
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     )
+    runner = data_parallel(
+        MicroBatchLoss(model, lambda batch, *args: _tracked_forward(prepared, batch, spec, *args, cache)),
+        options.world,
+    )
     pair_keys = [_pair_key(e) for e in examples] if spec.same_image_pairs else None
     preferred = spec.contrast.pairs if spec.contrast is not None else ()
-    result = LoopResult(steps=total)
+    result = LoopResult(steps=total, started_at=start)
     began = time.perf_counter()
     bar = _progress(total, start, options.progress and options.rank == 0, spec.title)
     with bar:
@@ -290,22 +287,29 @@ def train(
             )
             mine = chosen[options.rank :: options.world]
             micro = [mine[i : i + opt.batch_size] for i in range(0, len(mine), opt.batch_size)]
+            # A worker whose share of an epoch's short last batch is empty still joins DDP's all-reduce:
+            # with one sample at weight 0.
+            weight = 1.0 if micro else 0.0
+            micro = micro or [chosen[:1]]
             # Per part (sum, count), summed over workers so the log shows the global batch's values.
             tally: dict[str, list[float]] = {}
             tokens = 0
             statistics = RoutingStatistics(prepared.moe.expert_names) if prepared.moe is not None else None
-            for indices in micro:
+            for number, indices in enumerate(micro, start=1):
                 batch = _to_device(collator([examples[i] for i in indices]), device)
-                with autocast:
-                    loss, count = _tracked_forward(prepared, batch, spec, len(chosen), statistics, cache)
-                loss.total.backward()
+                with syncing(runner, number == len(micro)):  # gradients are summed once per step
+                    with autocast:
+                        loss, count = runner(batch, len(chosen), statistics if weight else None)
+                    (loss.total * weight).backward()
+                if not weight:
+                    continue
                 tokens += count
                 tally.setdefault("loss", [0.0, 0.0])[0] += float(loss.total.detach())
                 for name, value in loss.parts.items():
                     entry = tally.setdefault(name, [0.0, 0.0])
                     entry[0] += value * loss.counts[name]
                     entry[1] += loss.counts[name]
-            _sync_gradients(parameters, options.world)
+            fill_missing_gradients(parameters)
             norm = torch.nn.utils.clip_grad_norm_(parameters, opt.grad_clip or float("inf"))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -324,8 +328,16 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
             done = step + 1
-            if options.checkpoint_every and done % options.checkpoint_every == 0 and done < total:
-                _checkpoint(checkpoints, done, per_epoch, global_batch, named, optimizer, scheduler, options)
+            due = bool(options.checkpoint_every) and done % options.checkpoint_every == 0 and done < total
+            epoch, offset = divmod(done, per_epoch)
+            position = Position(step=done, epoch=epoch, index=offset * global_batch) if due else None
+            if options.session is not None:
+                report_step(options.session, record, position, named, optimizer, scheduler, options.rank)
+            elif position is not None:
+                checkpoint_step(
+                    checkpoints, position, named, optimizer, scheduler,
+                    options.rank, options.world, options.keep_checkpoints,
+                )  # fmt: skip
     result.seconds = time.perf_counter() - began
     return result
 
@@ -362,33 +374,14 @@ def _tracked_forward(
 
 
 def _step_record(tally: dict[str, list[float]], tokens: int, world: int) -> dict:
-    names = list(tally)
-    values = torch.tensor([v for name in names for v in tally[name]] + [tokens], dtype=torch.float64)
-    values = _sum_over_workers(values, world).tolist()
+    """The step's log values over all workers. Every worker sends every part, in one order: a
+    worker's share may lack some (no mask in it), and the all-reduce needs equal tensors."""
+    names = ("loss", *LOSS_PARTS)
+    values = [v for name in names for v in tally.get(name, (0.0, 0.0))] + [tokens]
+    values = sum_over_workers(torch.tensor(values, dtype=torch.float64), world).tolist()
     record: dict[str, float] = {"loss": values[0], "tokens": values[-1]}
     for i, name in enumerate(names[1:], start=1):
         total, count = values[2 * i], values[2 * i + 1]
         if count:
             record[name] = total / count
     return record
-
-
-def _checkpoint(
-    root: Path,
-    done: int,
-    per_epoch: int,
-    global_batch: int,
-    named: list,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    options: LoopOptions,
-) -> None:
-    epoch, offset = divmod(done, per_epoch)
-    position = Position(step=done, epoch=epoch, index=offset * global_batch)
-    write_rng(partial_folder(root, done), options.rank)
-    if options.world > 1:
-        dist.barrier()  # every worker's generator state is in the folder before it is published
-    if options.rank == 0:
-        save_checkpoint(root, position, named, optimizer, scheduler, keep=options.keep_checkpoints)
-    if options.world > 1:
-        dist.barrier()

@@ -21,6 +21,8 @@ from medplib.core.expert_spec import LossWeights
 from medplib.core.model.conversation import IGNORE_INDEX
 
 MASK_PARTS = ("bce", "dice", "focal")
+# every part a `BatchLoss` may log ("head": the expert heads' own losses, `expert_training.head_losses`)
+LOSS_PARTS = ("ce", *MASK_PARTS, "router", "contrast", "balance", "head")
 
 
 def answer_cross_entropy(

@@ -29,9 +29,14 @@ import torch
 from medplib.core.errors import InvalidInputError
 from medplib.core.model import MedPLIBProcessor
 from medplib.trainers.collate import Collator, Example, ExampleStore
+from medplib.trainers.eval.pipeline_report import (
+    build_report,
+    build_seed_report,
+    format_seed_table,
+    format_table,
+)
+from medplib.trainers.eval.scoring import evaluate, trivial_baselines
 from medplib.trainers.loop import schedule_lengths
-from medplib.trainers.report import build_report, build_seed_report, format_seed_table, format_table
-from medplib.trainers.scoring import evaluate, trivial_baselines
 from medplib.trainers.stage_folder import STAGE_FILE, Prepared, load_stage_model, read_record
 from medplib.trainers.stages import stage_spec
 from medplib.trainers.train import StageRun, run_stage, stage_examples
@@ -81,7 +86,7 @@ def run_and_score(run: StageRun, test_data: str, threads: int | None) -> dict:
 
 
 def _plot(folder: Path) -> None:
-    from medplib.trainers.plot import plot_log
+    from medplib.trainers.eval.training_plot import plot_log
 
     plot_log(folder / "metrics.jsonl", folder / "metrics.png")
 

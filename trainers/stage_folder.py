@@ -201,7 +201,6 @@ def save_stage(out: Path, spec: StageSpec, prepared: Prepared, source: Source, r
     if prepared.moe is not None:
         prepared.moe.save_pretrained(out / "model")
         active = "moe"
-        record = {**record, "experts": [expert.name for expert in prepared.moe.experts]}
     else:
         prepared.model.save_pretrained(out / "model", state_dict=trunk_state_dict(prepared.model))
     if prepared.peft is not None:

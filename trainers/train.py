@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from medplib.core.errors import InvalidInputError, validation_message
 from medplib.core.model import MedPLIBProcessor
 from medplib.router.config import RouterConfig
+from medplib.trainers.checkpoint import Session
 from medplib.trainers.collate import Collator, Example, ExampleStore, caption_examples
 from medplib.trainers.expert_training import plugin_examples
 from medplib.trainers.loop import LoopOptions, train
@@ -98,9 +99,15 @@ class StageOutcome:
 
 
 def run_stage(
-    run: StageRun, *, rank: int = 0, world: int = 1, device: torch.device | None = None
+    run: StageRun,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    device: torch.device | None = None,
+    session: Session | None = None,
 ) -> StageOutcome:
-    """Train one stage and (rank 0) write its stage folder."""
+    """Train one stage and (rank 0) write its stage folder; under Ray Train, `session` keeps the
+    checkpoints and says where a restarted worker group continues from."""
     out = Path(run.out)
     spec = run.spec()
     store = ExampleStore.open(Path(run.data), split="train")
@@ -127,6 +134,7 @@ def run_stage(
         progress=run.progress,
         rank=rank,
         world=world,
+        session=session,
     )
     began = time.perf_counter()
     result = train(prepared, examples, spec, Collator(processor), options)
@@ -136,9 +144,11 @@ def run_stage(
         "workers": world,
         "examples": len(examples),
         "steps": result.steps,
+        "started_at_step": result.started_at,  # > 0: resumed (or restarted by Ray) from a checkpoint
         "seconds": round(time.perf_counter() - began, 1),
         "final_loss": result.losses[-1] if result.losses else None,
         "spec": spec.model_dump(mode="json"),
+        "experts": [e.name for e in experts] if prepared.moe is not None else None,
     }
     if rank == 0:
         save_stage(out, spec, prepared, source, record)

@@ -11,7 +11,7 @@ from medplib.core.model.loading import load_llava_and_sam
 from medplib.core.model.modeling_medplib import MaskPrediction, MedPLIBForCausalLM, MedPLIBOutput
 from medplib.core.model.presets import MODEL_PRESETS, build_config, build_medplib
 from medplib.core.model.processing import MedPLIBProcessor, Request
-from medplib.core.model.tokenizer import ControlToken, tokenize_user_text, train_tiny_tokenizer
+from medplib.core.model.tokenizer import ControlToken, tiny_tokenizer, tokenize_user_text
 
 __all__ = [
     "MODEL_PRESETS",
@@ -30,6 +30,6 @@ __all__ = [
     "decode_answer",
     "encode_conversation",
     "load_llava_and_sam",
+    "tiny_tokenizer",
     "tokenize_user_text",
-    "train_tiny_tokenizer",
 ]

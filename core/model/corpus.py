@@ -1,15 +1,19 @@
-"""The project's own text, on which the tiny and small presets' tokenizer is trained.
+"""The project's own text, from which the tiny and small presets' tokenizer (package data) is built.
 
 Medical VQA vocabulary (modalities, anatomy, structures, findings) and the question and answer
 phrasings of MeCoVQA-style data, expanded deterministically from templates, so that the text the
 project trains and evaluates on tokenises into few tokens. The control tokens (`<SEG>`, `<image>`, …)
 never appear here: they are added to the tokenizer afterwards, outside the learned vocabulary.
+
+Run `python -m medplib.core.model.corpus` after editing it: that retrains and rewrites `tiny_tokenizer.json`.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 MODALITIES = (
     "CT",
@@ -495,3 +499,28 @@ def corpus_lines() -> Iterator[str]:
             yield _fill(question, combo)
             yield f"USER: {_fill(question, combo)} ASSISTANT: {_fill(answer, combo)}"
         yield from (_fill(answer, combo) for answer in ANSWERS)
+
+
+TINY_VOCAB_SIZE = 2048
+
+
+def build_tiny_tokenizer_json(vocab_size: int = TINY_VOCAB_SIZE) -> str:
+    """The tiny presets' BPE trained on `corpus_lines` (deterministic: same corpus, same ids)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus_lines(), trainer)
+    return tokenizer.to_str()
+
+
+if __name__ == "__main__":  # rebuild the shipped tokenizer after editing the corpus
+    from medplib.core.model.tokenizer import TINY_TOKENIZER_FILE
+
+    TINY_TOKENIZER_FILE.write_text(build_tiny_tokenizer_json(), encoding="utf-8")
+    print(f"wrote {TINY_TOKENIZER_FILE}")

@@ -7,7 +7,7 @@
   32000 tokens plus `<pad>` and the control tokens, SAM ViT-B at 256 px. Build it on the meta device
   to count parameters; real weights come from `loading.load_llava_and_sam`.
 
-`tiny` and `small` use the tokenizer trained on the project's corpus (`train_tiny_tokenizer`); the
+`tiny` and `small` use the tokenizer trained on the project's corpus (`tiny_tokenizer`); the
 7B preset's ids are LLaVA-1.5's (`<image>` 32000, `<pad>` 32001, then the other control tokens).
 """
 
@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerFast
 from medplib.core.errors import InvalidInputError
 from medplib.core.model.configuration_medplib import MedPLIBConfig
 from medplib.core.model.modeling_medplib import MedPLIBForCausalLM
-from medplib.core.model.tokenizer import ControlToken, add_control_tokens, train_tiny_tokenizer
+from medplib.core.model.tokenizer import ControlToken, add_control_tokens, tiny_tokenizer
 
 LLAVA_VOCAB_SIZE = 32000
 
@@ -130,7 +130,7 @@ def _spec(preset: str) -> dict[str, Any]:
 
 def preset_tokenizer(preset: str) -> PreTrainedTokenizerFast | None:
     """The trained tokenizer for `tiny` and `small`; None for presets whose tokenizer is a checkpoint's."""
-    return train_tiny_tokenizer() if _spec(preset)["tokenizer"] == "trained" else None
+    return tiny_tokenizer() if _spec(preset)["tokenizer"] == "trained" else None
 
 
 def build_config(preset: str, tokenizer: PreTrainedTokenizerFast | None = None) -> MedPLIBConfig:

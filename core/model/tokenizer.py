@@ -11,12 +11,12 @@ from __future__ import annotations
 import enum
 import functools
 import os
+from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from medplib.core.errors import CheckpointError, InvalidInputError
-from medplib.core.model.corpus import corpus_lines
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
@@ -37,31 +37,22 @@ class ControlToken(enum.Enum):
         return f"{self.name.lower()}_token_id"
 
 
-TINY_VOCAB_SIZE = 2048
+# The tiny presets' byte-level BPE, trained once on the project's corpus and shipped as package data;
+# `python -m medplib.core.model.corpus` rebuilds it (a test checks the shipped file is what it builds).
+TINY_TOKENIZER_FILE = Path(__file__).with_name("tiny_tokenizer.json")
 
 
 @functools.cache
-def _tiny_tokenizer_json(vocab_size: int) -> str:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(corpus_lines(), trainer)
-    return tokenizer.to_str()
+def _tiny_tokenizer_json() -> str:
+    return TINY_TOKENIZER_FILE.read_text(encoding="utf-8")
 
 
-def train_tiny_tokenizer(vocab_size: int = TINY_VOCAB_SIZE) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on the project's corpus, with BOS/EOS/PAD and the control tokens.
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny and small presets' tokenizer: the shipped BPE with BOS/EOS/PAD and the control tokens.
 
-    Deterministic: the same corpus and size always give the same vocabulary and ids. Training runs
-    once per process; each call returns a fresh tokenizer object.
+    Each call returns a fresh tokenizer object (callers add tokens to their own copy).
     """
-    backend = Tokenizer.from_str(_tiny_tokenizer_json(vocab_size))
+    backend = Tokenizer.from_str(_tiny_tokenizer_json())
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD)
     add_control_tokens(tokenizer)
     return tokenizer

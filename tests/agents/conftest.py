@@ -11,7 +11,7 @@ import pytest
 import medplib
 from medplib.agents import MedPLIBToolkit
 from medplib.core.assistant import MedPLIB
-from medplib.trainers.registry_data import dicom_file
+from medplib.core.io.registry_data import dicom_file
 
 TOKENS = 3  # new tokens per answer: the tiny model's answers are noise, and two cores are shared
 

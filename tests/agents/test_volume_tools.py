@@ -14,8 +14,8 @@ import pytest
 from langchain_core.messages import ToolMessage
 
 from medplib.agents import MedPLIBToolkit
-from medplib.agents.client import HTTPBackend, MedPLIBClient
-from medplib.agents.schemas import GroundVolumeResponse
+from medplib.agents.serve.client import HTTPBackend, MedPLIBClient
+from medplib.agents.serve.schemas import GroundVolumeResponse
 from medplib.agents.volume_tools import MedicalVolumeGroundingTool
 from medplib.core.assistant import MedPLIB
 from medplib.core.io.volume_writers import mask_nifti_bytes

@@ -18,12 +18,12 @@ from medplib.core.assistant import MedPLIB, answer_parts, load, question_parts
 from medplib.core.embedding_cache import EmbeddingCache
 from medplib.core.errors import CapacityError, CheckpointError, InvalidInputError, RegionError
 from medplib.core.io import load_image
+from medplib.core.io.registry_data import dicom_file
 from medplib.core.model import ControlToken, MedPLIBForCausalLM, MedPLIBProcessor, Request, Turn
 from medplib.core.queries import InferenceLimits
 from medplib.core.regions import BoxPrompt, MaskPrompt, PointPrompt
 from medplib.core.results import STAGES, AnswerResult, ChatResult, GroundingResult
 from medplib.router import MixtureOfExperts
-from medplib.trainers.registry_data import dicom_file
 
 TOKENS = 5  # new tokens per answer: enough to compare paths, cheap on two cores
 

@@ -15,8 +15,8 @@ from medplib.core.errors import ImageTooLargeError, InvalidInputError, Unsupport
 from medplib.core.image import ImageLimits
 from medplib.core.io import dicom_series as series_module
 from medplib.core.io import load_volume, volume_plane
+from medplib.core.io.registry_data import dicom_file
 from medplib.core.io.volume import canonical_grid, place_plane, to_file_grid
-from medplib.trainers.registry_data import dicom_file
 
 
 def rotation(ax: float, az: float) -> np.ndarray:

@@ -44,7 +44,7 @@ def liver_mr() -> tuple[np.ndarray, np.ndarray]:
     """A real abdominal MR slice and its overlay plane (0x6000), a binary ring around a liver lesion."""
     import pydicom
 
-    from medplib.trainers.registry_data import dicom_file
+    from medplib.core.io.registry_data import dicom_file
 
     dataset = pydicom.dcmread(dicom_file("mr_abdomen_lesion"))
     pixels = dataset.pixel_array.astype(np.float64)

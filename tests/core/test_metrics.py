@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from medplib.core.errors import InvalidInputError
-from medplib.core.metrics import (
+from medplib.trainers.eval.metrics import (
     MaskScore,
     ScoredAnswer,
     ScoredMask,

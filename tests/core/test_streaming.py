@@ -9,9 +9,9 @@ import pytest
 from medplib.core.assistant import MedPLIB, load
 from medplib.core.errors import InvalidInputError
 from medplib.core.io import load_image
+from medplib.core.io.registry_data import dicom_file
 from medplib.core.regions import BoxPrompt
 from medplib.core.results import AnswerResult, ChatResult, GroundingResult, TextDelta
-from medplib.trainers.registry_data import dicom_file
 
 TOKENS = 12
 

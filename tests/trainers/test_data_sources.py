@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from medplib.core.errors import InvalidInputError
+from medplib.core.io.registry_data import dicom_file, skimage_file, stardist_file
 from medplib.trainers.data.marks import mark_region
 from medplib.trainers.data.sources.common import RegionLabel, fit_image, fit_mask, with_article
 from medplib.trainers.data.sources.dicom import _lesion_mask, _plane
 from medplib.trainers.data.splits import PositionSplit
-from medplib.trainers.registry_data import dicom_file, skimage_file, stardist_file
 
 
 def test_position_split_drops_a_margin_around_each_change_of_split() -> None:

@@ -18,8 +18,8 @@ from medplib.cli import app
 from medplib.core.model import build_medplib
 from medplib.router.moe import MOE_FILE
 from medplib.trainers.collate import ExampleStore
-from medplib.trainers.evaluation import load_model
-from medplib.trainers.gallery import GAP, panel_scale, ranked_cases
+from medplib.trainers.eval.evaluate import load_model
+from medplib.trainers.eval.gallery import GAP, panel_scale, ranked_cases
 from medplib.trainers.stage_folder import ADAPTER_WEIGHTS, load_source, prepare, save_stage
 from medplib.trainers.stages import stage_spec
 

@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 import medplib
-from medplib.core.metrics import mask_scores
+from medplib.core.io.registry_data import dicom_file
 from medplib.demo import ask_questions
 from medplib.router import MixtureOfExperts
 from medplib.trainers.collate import ExampleStore
-from medplib.trainers.registry_data import dicom_file
+from medplib.trainers.eval.metrics import mask_scores
 from medplib.trainers.stage_folder import load_source, load_stage_model, read_record
 from medplib.trainers.train import StageRun, run_stage
 

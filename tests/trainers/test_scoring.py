@@ -12,11 +12,10 @@ from PIL import Image
 
 from medplib.core.errors import InvalidInputError
 from medplib.core.masks import Mask
-from medplib.core.metrics import mask_scores, token_scores
 from medplib.core.model import MedPLIBProcessor, build_medplib
 from medplib.trainers.collate import Collator, ExampleStore
-from medplib.trainers.plot import plot_log
-from medplib.trainers.report import (
+from medplib.trainers.eval.metrics import mask_scores, token_scores
+from medplib.trainers.eval.pipeline_report import (
     GOALS,
     SWAP_GOAL_NAMES,
     build_report,
@@ -24,7 +23,8 @@ from medplib.trainers.report import (
     format_seed_table,
     format_table,
 )
-from medplib.trainers.scoring import evaluate, trivial_baselines
+from medplib.trainers.eval.scoring import evaluate, trivial_baselines
+from medplib.trainers.eval.training_plot import plot_log
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_plot_draws_a_log_with_routing(tmp_path: Path) -> None:
 
 
 def test_swap_check_by_hand() -> None:
-    from medplib.trainers.scoring import swap_check
+    from medplib.trainers.eval.scoring import swap_check
 
     left, right = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
     left[:, :2], right[:, 1:] = True, True  # overlap 4 px, union 16 px

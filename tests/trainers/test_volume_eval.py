@@ -12,11 +12,11 @@ import pytest
 from medplib.core.assistant import load
 from medplib.core.errors import InvalidInputError
 from medplib.core.io import load_volume
+from medplib.core.io.registry_data import mni152_file
 from medplib.trainers.data.sources.mni152 import SPLIT
 from medplib.trainers.data.volumes import VOLUMES_FOLDER, volume_samples, write_mni152_test_volumes
-from medplib.trainers.eval_report import format_report
-from medplib.trainers.registry_data import mni152_file
-from medplib.trainers.volume_eval import evaluate_volumes
+from medplib.trainers.eval.eval_markdown import format_report
+from medplib.trainers.eval.volumes import evaluate_volumes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

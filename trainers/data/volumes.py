@@ -59,9 +59,9 @@ def volume_samples(root: Path, split: str) -> list[VolumeSample]:
 def write_mni152_test_volumes(root: Path) -> int:
     """Write the MNI152 test slabs and their masks under `root`; the number of samples written."""
     from medplib.core.io import load_volume
+    from medplib.core.io.registry_data import mni152_file
     from medplib.trainers.data.sources.mni152 import SPLIT
     from medplib.trainers.data.templates import STRUCTURES
-    from medplib.trainers.registry_data import mni152_file
 
     t1 = load_volume(mni152_file("t1"))
     masks = _structure_masks(

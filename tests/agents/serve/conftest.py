@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from medplib.agents.client import MedPLIBClient
-from medplib.agents.serve_config import ServeConfig
-from medplib.trainers.registry_data import dicom_file
+from medplib.agents.serve.client import MedPLIBClient
+from medplib.agents.serve.config import ServeConfig
+from medplib.core.io.registry_data import dicom_file
 
 EXAMPLES = Path(__file__).parents[3] / "examples" / "serve"
 API_KEY = "test-key"
@@ -65,7 +65,7 @@ def ray_cluster() -> Iterator[None]:
 @pytest.fixture(scope="package")
 def served(ray_cluster: None) -> Served:
     """The CPU example config on a free loopback port, with an API key and small limits to hit."""
-    from medplib.agents.app import deploy
+    from medplib.agents.serve.app import deploy
 
     config = ServeConfig.from_yaml(EXAMPLES / "cpu.yaml").with_overrides(
         http={"port": free_port()},

@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from medplib.agents.client import HTTPBackend, MedPLIBClient, image_input
 from medplib.agents.image_store import StoredImage
-from medplib.agents.schemas import ServeError
+from medplib.agents.serve.client import HTTPBackend, MedPLIBClient, image_input
+from medplib.agents.serve.schemas import ServeError
 from medplib.core.errors import InvalidInputError, RegionError
 from medplib.core.regions import BoxPrompt, MaskPrompt
 

@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from medplib.agents.app import build_app, check_model_source, check_resources, deployment_plan, expert_catalog
-from medplib.agents.serve_config import API_KEY_ENV, ServeConfig
+from medplib.agents.serve.app import (
+    build_app,
+    check_model_source,
+    check_resources,
+    deployment_plan,
+    expert_catalog,
+)
+from medplib.agents.serve.config import API_KEY_ENV, ServeConfig
 from medplib.core.errors import CapacityError, CheckpointError, InvalidInputError, PluginError
 from medplib.core.expert_spec import ExpertSpec, Resources
 from medplib.core.hookspecs import hookimpl

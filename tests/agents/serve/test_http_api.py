@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from medplib.agents.http_api import create_api
-from medplib.agents.schemas import (
+from medplib.agents.serve.http_api import create_api
+from medplib.agents.serve.schemas import (
     ERROR_KINDS,
     ExpertsResponse,
     GroundRequest,
@@ -20,7 +20,7 @@ from medplib.agents.schemas import (
     error_from_response,
     error_kind,
 )
-from medplib.agents.sse import parse_events
+from medplib.agents.serve.sse import parse_events
 from medplib.core.errors import CapacityError, ImageTooLargeError, InvalidInputError, RegionError
 from medplib.core.results import AnswerResult, CacheHits, TextDelta
 

@@ -19,13 +19,13 @@ import pytest
 from ray import serve
 from ray.exceptions import ActorDiedError
 
-from medplib.agents.deployments import GroundingDecoder, Trunk
-from medplib.agents.ingress import IngressService
-from medplib.agents.schemas import ExpertsResponse, GroundRequest, ServeError, VQARequest
-from medplib.agents.serve_config import ServeConfig
+from medplib.agents.serve.config import ServeConfig
+from medplib.agents.serve.deployments import GroundingDecoder, Trunk
+from medplib.agents.serve.ingress import IngressService
+from medplib.agents.serve.schemas import ExpertsResponse, GroundRequest, ServeError, VQARequest
 from medplib.core.errors import InvalidInputError, RegionError
+from medplib.core.io.registry_data import dicom_file
 from medplib.core.results import AnswerResult, GroundingResult, TextDelta
-from medplib.trainers.registry_data import dicom_file
 
 CONFIG = ServeConfig().with_overrides(load={"device": "cpu"}, retries={"backoff_s": 0.01})
 CT = base64.b64encode(dicom_file("CT_small.dcm").read_bytes()).decode()
@@ -178,7 +178,7 @@ async def test_allowed_prefixes_limit_what_a_request_may_read(
 
 
 async def test_the_replica_batcher_merges_what_waits_while_it_runs() -> None:
-    from medplib.agents.deployments import ReplicaBatcher
+    from medplib.agents.serve.deployments import ReplicaBatcher
 
     runs: list[tuple[object, list[int]]] = []
 
@@ -226,7 +226,7 @@ async def test_ground_volume_equals_the_in_process_result(
 ) -> None:
     import numpy as np
 
-    from medplib.agents.schemas import GroundVolumeRequest
+    from medplib.agents.serve.schemas import GroundVolumeRequest
 
     path = ball_nifti(tmp_path, make_sphere)
     ingress, generate, _ = service(replicas)
@@ -252,7 +252,7 @@ async def test_ground_volume_equals_the_in_process_result(
 async def test_ground_volume_limits_come_before_any_batch(
     replicas: tuple[Any, Any], tmp_path: Any, make_sphere: Any
 ) -> None:
-    from medplib.agents.schemas import GroundVolumeRequest
+    from medplib.agents.serve.schemas import GroundVolumeRequest
     from medplib.core.errors import CapacityError, ImageTooLargeError
 
     path = ball_nifti(tmp_path, make_sphere)
@@ -275,8 +275,8 @@ async def test_ground_volume_limits_come_before_any_batch(
 def test_ground_volume_over_http(replicas: tuple[Any, Any], tmp_path: Any, make_sphere: Any) -> None:
     from fastapi.testclient import TestClient
 
-    from medplib.agents.http_api import create_api
-    from medplib.agents.schemas import GroundVolumeResponse
+    from medplib.agents.serve.http_api import create_api
+    from medplib.agents.serve.schemas import GroundVolumeResponse
 
     path = ball_nifti(tmp_path, make_sphere)
     ingress, _, _ = service(replicas)
@@ -321,7 +321,7 @@ async def test_a_streamed_request_comes_token_by_token(replicas: tuple[Any, Any]
 def test_the_serve_app_serves_the_page(replicas: tuple[Any, Any]) -> None:
     from fastapi.testclient import TestClient
 
-    from medplib.agents.ingress import Ingress
+    from medplib.agents.serve.ingress import Ingress
 
     ingress, _, _ = service(replicas)
     app = Ingress.func_or_class.__serve_build_asgi_app__(ingress)  # what the replica builds
@@ -356,7 +356,7 @@ def files(tmp_path: Any) -> Any:
 def http(replicas: tuple[Any, Any], files: Any) -> Iterator[Any]:
     from fastapi.testclient import TestClient
 
-    from medplib.agents.http_api import create_api
+    from medplib.agents.serve.http_api import create_api
 
     limits = {"allowed_uri_prefixes": [str(files / "data"), "s3://scans"]}
     ingress, _, _ = service(replicas, CONFIG.with_overrides(limits=limits))

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from ray import serve
 
-from medplib.agents.app import build_app, check_resources
-from medplib.agents.serve_config import ServeConfig
+from medplib.agents.serve.app import build_app, check_resources
+from medplib.agents.serve.config import ServeConfig
 from medplib.core.expert_spec import ExpertSpec, Resources
 from medplib.core.hookspecs import hookimpl
 

@@ -16,14 +16,14 @@ import pytest
 import torch
 
 import medplib
-from medplib.agents.deployments import GROUNDING_MODULES, GroundingDecoder, GroundingItem, Trunk
-from medplib.agents.serve_config import ServeConfig
+from medplib.agents.serve.config import ServeConfig
+from medplib.agents.serve.deployments import GROUNDING_MODULES, GroundingDecoder, GroundingItem, Trunk
 from medplib.core.assistant import MedPLIB
 from medplib.core.errors import RegionError
 from medplib.core.io import load_image
+from medplib.core.io.registry_data import dicom_file
 from medplib.core.queries import Query
 from medplib.core.regions import BoxPrompt, PointPrompt
-from medplib.trainers.registry_data import dicom_file
 
 TOKENS = 4
 CONFIG = ServeConfig().with_overrides(load={"device": "cpu"})
@@ -141,7 +141,7 @@ def test_a_query_the_trunk_refuses_fails_alone(trunk: Any, ct: np.ndarray) -> No
 
 
 async def test_a_plugin_experts_head_runs_in_its_deployment_class(reference: MedPLIB) -> None:
-    from medplib.agents.deployments import ExpertHead
+    from medplib.agents.serve.deployments import ExpertHead
     from medplib.core.expert_spec import ExpertSpec
 
     spec = ExpertSpec(

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from medplib.core.errors import InvalidInputError
-from medplib.core.model import MODEL_PRESETS, build_config, build_medplib, train_tiny_tokenizer
+from medplib.core.model import MODEL_PRESETS, build_config, build_medplib, tiny_tokenizer
 
 CLIP_L14_336 = 303_507_456
 LLAMA_7B = 6_738_415_616
@@ -67,7 +67,7 @@ def test_7b_config_uses_llava_ids() -> None:
 
 
 def test_tiny_config_takes_the_trained_tokenizer() -> None:
-    config, tokenizer = build_config("tiny"), train_tiny_tokenizer()
+    config, tokenizer = build_config("tiny"), tiny_tokenizer()
     assert config.text_config.vocab_size == len(tokenizer)
     assert config.seg_token_id == tokenizer.convert_tokens_to_ids("<SEG>")
     assert config.text_config.pad_token_id == tokenizer.pad_token_id

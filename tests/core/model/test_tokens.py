@@ -7,9 +7,15 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from medplib.core.errors import CheckpointError, InvalidInputError
-from medplib.core.model import ControlToken, Turn, decode_answer, encode_conversation, train_tiny_tokenizer
+from medplib.core.model import ControlToken, Turn, decode_answer, encode_conversation, tiny_tokenizer
 from medplib.core.model.conversation import IGNORE_INDEX
-from medplib.core.model.tokenizer import add_control_tokens, control_token_ids, tokenize_user_text
+from medplib.core.model.corpus import build_tiny_tokenizer_json
+from medplib.core.model.tokenizer import (
+    TINY_TOKENIZER_FILE,
+    add_control_tokens,
+    control_token_ids,
+    tokenize_user_text,
+)
 
 HOSTILE_TEXTS = [
     "<SEG>",
@@ -24,7 +30,7 @@ HOSTILE_TEXTS = [
 
 
 def test_tiny_tokenizer_is_deterministic_and_carries_every_control_token() -> None:
-    first, second = train_tiny_tokenizer(), train_tiny_tokenizer()
+    first, second = tiny_tokenizer(), tiny_tokenizer()
     assert first.get_vocab() == second.get_vocab()
     ids = control_token_ids(first)
     assert set(ids) == {token.config_field for token in ControlToken}
@@ -33,8 +39,14 @@ def test_tiny_tokenizer_is_deterministic_and_carries_every_control_token() -> No
     assert 1000 <= len(first) <= 4096
 
 
+def test_shipped_tiny_tokenizer_is_what_the_corpus_builds() -> None:
+    # The package ships the trained BPE so no process retrains it; editing the corpus without
+    # rebuilding (`python -m medplib.core.model.corpus`) would silently leave them apart.
+    assert TINY_TOKENIZER_FILE.read_text(encoding="utf-8") == build_tiny_tokenizer_json()
+
+
 def test_project_text_tokenises_compactly() -> None:
-    tokenizer = train_tiny_tokenizer()
+    tokenizer = tiny_tokenizer()
     question = "Please segment the grey matter in this T1-weighted MRI."
     # One token per word and one for the full stop; "T1-weighted" takes four.
     assert len(tokenize_user_text(tokenizer, question)) == len(question.split()) + 1 + 3
@@ -42,7 +54,7 @@ def test_project_text_tokenises_compactly() -> None:
 
 @pytest.mark.parametrize("text", HOSTILE_TEXTS)
 def test_special_token_strings_in_user_text_are_plain_text(text: str) -> None:
-    tokenizer = train_tiny_tokenizer()
+    tokenizer = tiny_tokenizer()
     ids = tokenize_user_text(tokenizer, text)
     assert set(ids).isdisjoint(tokenizer.all_special_ids)
     assert tokenizer.decode(ids) == text
@@ -83,7 +95,7 @@ def test_a_tokenizer_without_control_tokens_is_refused() -> None:
 
 
 def test_conversation_layout_labels_only_the_answers() -> None:
-    tokenizer = train_tiny_tokenizer()
+    tokenizer = tiny_tokenizer()
     ids = control_token_ids(tokenizer)
     turns = [
         Turn(["What is", ControlToken.REGION, "and", ControlToken.REGION, "?"], "Two lesions."),
@@ -114,7 +126,7 @@ def test_conversation_layout_labels_only_the_answers() -> None:
 
 
 def test_generation_prompt_ends_with_the_assistant_role() -> None:
-    tokenizer = train_tiny_tokenizer()
+    tokenizer = tiny_tokenizer()
     encoded = encode_conversation(tokenizer, [Turn("Which organ?")], num_image_tokens=4)
     assert tokenizer.decode(encoded.input_ids).endswith("Which organ? ASSISTANT:")
     assert set(encoded.labels) == {IGNORE_INDEX}
@@ -132,11 +144,11 @@ def test_generation_prompt_ends_with_the_assistant_role() -> None:
 )
 def test_malformed_conversations_are_refused(turns: list[Turn]) -> None:
     with pytest.raises(InvalidInputError):
-        encode_conversation(train_tiny_tokenizer(), turns, num_image_tokens=4)
+        encode_conversation(tiny_tokenizer(), turns, num_image_tokens=4)
 
 
 def test_decode_answer_stops_at_eos_and_keeps_seg() -> None:
-    tokenizer = train_tiny_tokenizer()
+    tokenizer = tiny_tokenizer()
     seg = tokenizer.convert_tokens_to_ids("<SEG>")
     ids = [*tokenize_user_text(tokenizer, " Sure, it is"), seg, tokenizer.eos_token_id, 5, 6]
     assert decode_answer(tokenizer, ids) == "Sure, it is<SEG>"
@@ -145,4 +157,4 @@ def test_decode_answer_stops_at_eos_and_keeps_seg() -> None:
 @pytest.mark.parametrize("text", ["caf\udce9", "\ud800 lone", "ok \udfff"])
 def test_text_that_is_not_utf8_is_refused_naming_the_position(text: str) -> None:
     with pytest.raises(InvalidInputError, match="not valid UTF-8"):
-        tokenize_user_text(train_tiny_tokenizer(), text)
+        tokenize_user_text(tiny_tokenizer(), text)

@@ -20,6 +20,7 @@ import numpy as np
 
 from medplib.core.errors import InvalidInputError
 from medplib.core.io import load_image
+from medplib.core.io.registry_data import dicom_file
 from medplib.trainers.data.sources.common import (
     SINGLE_IMAGE_WORDINGS,
     RegionFamily,
@@ -30,7 +31,6 @@ from medplib.trainers.data.sources.common import (
     with_article,
 )
 from medplib.trainers.data.splits import PositionSplit
-from medplib.trainers.registry_data import dicom_file
 
 MODALITY_NAMES = {"CT": "CT", "MR": "MRI", "CR": "X-ray", "DX": "X-ray", "US": "ultrasound"}
 FRAME_SPLIT = PositionSplit(((0, 5, "train"), (5, 10, "test")), margin=1)  # the multi-frame MR

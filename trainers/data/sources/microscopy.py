@@ -19,10 +19,10 @@ import numpy as np
 from medplib.core.image import DEFAULT_LIMITS
 from medplib.core.io import load_image
 from medplib.core.io.raster import decode_raster
+from medplib.core.io.registry_data import stardist_file
 from medplib.core.io.sources import read_source
 from medplib.trainers.data.sources.common import RegionFamily, RegionLabel, SourceImage
 from medplib.trainers.data.splits import PositionSplit
-from medplib.trainers.registry_data import stardist_file
 
 TILE = 128
 SPLIT = PositionSplit(((0, 352, "train"), (352, 512, "test")), margin=32)

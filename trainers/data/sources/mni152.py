@@ -25,11 +25,11 @@ from collections.abc import Iterator
 import numpy as np
 
 from medplib.core.io import MedicalVolume, load_volume, slice_volume, volume_plane
+from medplib.core.io.registry_data import mni152_file
 from medplib.core.io.volume import AXES
 from medplib.trainers.data.sources.common import RegionFamily, RegionLabel, SourceImage
 from medplib.trainers.data.splits import PositionSplit
 from medplib.trainers.data.templates import STRUCTURES
-from medplib.trainers.registry_data import mni152_file
 
 SPLIT = PositionSplit.repeating(
     length=240, block=12, pattern=("train", "train", "val", "train", "train", "test"), margin=2

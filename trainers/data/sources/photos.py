@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from medplib.core.io import load_image
+from medplib.core.io.registry_data import skimage_file
 from medplib.trainers.data.sources.common import SINGLE_IMAGE_WORDINGS, SourceImage, fit_image
-from medplib.trainers.registry_data import skimage_file
 
 PHOTOS = {  # name in SKIMAGE_FILES: (modality, body region, subject)
     "retina": ("fundus photography", "eye", "a fundus photograph of a normal left eye"),

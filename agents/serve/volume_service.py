@@ -16,8 +16,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from medplib.agents.schemas import GroundVolumeRequest, GroundVolumeResponse, ServeError, SliceMask
-from medplib.agents.serve_config import ServeLimits
+from medplib.agents.serve.config import ServeLimits
+from medplib.agents.serve.schemas import GroundVolumeRequest, GroundVolumeResponse, ServeError, SliceMask
 from medplib.core.errors import CapacityError, MedplibError
 from medplib.core.io import load_volume, volume_plane
 from medplib.core.io.volume import MedicalVolume
@@ -104,7 +104,7 @@ async def _ground(
 async def _load(
     request: GroundVolumeRequest, allowed: Callable[[str, str], str], limits: ServeLimits
 ) -> MedicalVolume:
-    from medplib.agents.ingress import decode_base64  # the ingress imports this module
+    from medplib.agents.serve.ingress import decode_base64  # the ingress imports this module
 
     spec = request.volume
     source: Any

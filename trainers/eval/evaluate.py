@@ -28,11 +28,11 @@ from medplib.core.io.sources import is_uri
 from medplib.core.model import MedPLIBForCausalLM, MedPLIBProcessor
 from medplib.trainers.collate import Collator, Example, ExampleStore
 from medplib.trainers.data.mecovqa import split_files
-from medplib.trainers.eval_report import format_report
-from medplib.trainers.gallery import write_gallery
-from medplib.trainers.scoring import MAX_NEW_TOKENS, constant_mask_baselines, evaluate, trivial_baselines
+from medplib.trainers.eval.eval_markdown import format_report
+from medplib.trainers.eval.gallery import write_gallery
+from medplib.trainers.eval.scoring import MAX_NEW_TOKENS, constant_mask_baselines, evaluate, trivial_baselines
+from medplib.trainers.eval.volumes import evaluate_volumes
 from medplib.trainers.stage_folder import STAGE_FILE, read_record
-from medplib.trainers.volume_eval import evaluate_volumes
 
 METRICS_FILE, REPORT_FILE, GALLERY_FOLDER = "metrics.json", "report.md", "gallery"
 TRAIN_SPLIT = "train"  # what the trivial baselines learn their answers and mean masks from

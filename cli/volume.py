@@ -1,6 +1,6 @@
 """`medplib ground` and `medplib ask` on volumes: a slab or a whole volume, slice by slice.
 
-`cli.py` hands a call here when it names a volume request: `--out`, `--slices` or `--series` given,
+`cli/ask.py` hands a call here when it names a volume request: `--out`, `--slices` or `--series` given,
 or the input is a folder (a DICOM series).
 
     medplib ground ct.nii.gz "the liver" --out liver.nii.gz          # every axial slice
@@ -13,9 +13,15 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+from medplib.cli.common import parse_window
+
+if TYPE_CHECKING:
+    from medplib.cli.ask import CliQuery
 
 SlicesOption = typer.Option(
     None, "--slices", help="volume mode: slice indices START:STOP along --axis (default: every slice)"
@@ -39,72 +45,83 @@ ProgressOption = typer.Option(
 )
 
 
-def wants_volume(image: str, options: dict[str, Any]) -> bool:
-    from medplib.core.io.dicom_series import is_folder
+@dataclass(frozen=True)
+class VolumeMode:
+    """The options that only a volume request reads; any of them (or a folder) makes one."""
 
-    return bool(options.get("slices") or options.get("out") or options.get("series") or is_folder(image))
+    slices: str | None = None
+    batch_size: int = 8
+    series: str | None = None
+    progress: bool | None = None
+    out: str | None = None
+    min_score: float | None = None
+    skip_forced: bool = False
+    largest_component: bool = False
+
+    def wanted(self, image: str) -> bool:
+        from medplib.core.io.dicom_series import is_folder
+
+        return bool(self.slices or self.out or self.series or is_folder(image))
 
 
-def run_volume(task: str, *, image: str, question: str, **options: Any) -> None:
+def run_volume(query: CliQuery) -> None:
     """Ground through (or ask about) the slices of a volume; print the summary or its JSON."""
     from medplib.core.errors import InvalidInputError
     from medplib.core.io import load_volume
 
-    flags = {
-        "slice_index": "--slice",
-        "frame": "--frame",
-        "point": "--point",
-        "box": "--box",
-        "region": "--region",
+    mode = query.volume_mode
+    given = {
+        "--slice": query.slice_index is not None,
+        "--frame": query.frame is not None,
+        "--point": bool(query.points),
+        "--box": bool(query.boxes),
+        "--region": bool(query.regions),
     }
-    unused = [flag for name, flag in flags.items() if options.get(name)]
+    unused = [flag for flag, is_given in given.items() if is_given]
     if unused:
         raise InvalidInputError(f"{', '.join(unused)}: not for a volume request (--slices, --out, a folder)")
-    if task == "answer" and options.get("out"):
+    if query.task == "answer" and mode.out:
         raise InvalidInputError("--out writes a mask: use it with `medplib ground`")
-    from medplib.cli import parse_window
-
-    volume = load_volume(image, volume_index=options.get("volume"), series_uid=options.get("series"))
-    if options.get("out"):
+    volume = load_volume(query.image, volume_index=query.volume, series_uid=mode.series)
+    if mode.out:
         from medplib.core.io.volume_writers import mask_format
 
-        mask_format(options["out"], volume)  # a wrong name fails now, not after the grounding
-    decoding = {k: options[k] for k in ("max_new_tokens", "temperature", "seed")}
+        mask_format(mode.out, volume)  # a wrong name fails now, not after the grounding
     common = {
-        "axis": options["axis"],
-        "slices": options.get("slices"),
-        "batch_size": options["batch_size"],
-        "window": parse_window(options.get("window")),
+        "axis": query.axis,
+        "slices": mode.slices,
+        "batch_size": mode.batch_size,
+        "window": parse_window(query.window),
     }
-    import medplib
-
-    assistant = medplib.load(options["model"], device=options["device"], dtype=options["dtype"])
-    with progress_bar(options.get("progress"), task) as progress:
-        if task == "ground":
+    assistant = query.load()
+    with progress_bar(mode.progress, query.task) as progress:
+        if query.task == "ground":
             result = assistant.ground_volume(
                 volume,
-                question,
-                min_score=options.get("min_score"),
-                skip_forced=options.get("skip_forced", False),
-                largest_component=options.get("largest_component", False),
+                query.text,
+                min_score=mode.min_score,
+                skip_forced=mode.skip_forced,
+                largest_component=mode.largest_component,
                 progress=progress,
                 **common,
-                **decoding,
+                **query.decoding,
             )
         else:
-            result = assistant.answer_volume(volume, question, progress=progress, **common, **decoding)
+            result = assistant.answer_volume(
+                volume, query.text, progress=progress, **common, **query.decoding
+            )
     written = []
-    if task == "ground" and options.get("out"):
+    if query.task == "ground" and mode.out:
         from medplib.core.io.volume_writers import save_mask
 
-        written.append(save_mask(options["out"], result, volume))
-    if task == "ground" and options.get("overlay_path"):
+        written.append(save_mask(mode.out, result, volume))
+    if query.task == "ground" and query.overlay_path:
         from medplib.core.io.volume_writers import orthogonal_views
         from medplib.core.masks import save_png
 
-        save_png(orthogonal_views(volume, result), options["overlay_path"])
-        written.append(options["overlay_path"])
-    if options["as_json"]:
+        save_png(orthogonal_views(volume, result), query.overlay_path)
+        written.append(query.overlay_path)
+    if query.as_json:
         typer.echo(result.model_dump_json(indent=2))
         return
     if assistant.untrained:

@@ -13,16 +13,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medplib.agents.client import MedPLIBClient
+from medplib.agents.serve.client import MedPLIBClient
 from medplib.core.errors import InvalidInputError, RegionError
 from medplib.core.io import load_volume
+from medplib.core.io.registry_data import dicom_file, mni152_file
 from medplib.core.masks import Mask
 from medplib.core.regions import BoxPrompt
 from medplib.core.results import AnswerResult, GroundingResult, TextDelta
-from medplib.trainers.registry_data import dicom_file, mni152_file
 
 if TYPE_CHECKING:
-    from tests.agents.ui.conftest import UiServer
+    from tests.agents.serve.ui.conftest import UiServer
 
 TOKENS = 12
 

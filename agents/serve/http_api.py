@@ -5,11 +5,11 @@
     POST /v1/ground_volume  GroundVolumeRequest -> GroundVolumeResponse  (NIfTI or per-slice RLE)
     GET  /v1/experts                -> ExpertsResponse   (the experts and the deployments hosting them)
     GET  /v1/health                 -> HealthResponse    (503 while a deployment has no running replica)
-    "stream": true on /v1/vqa and /v1/ground: server-sent events instead (see `agents/sse.py`)
+    "stream": true on /v1/vqa and /v1/ground: server-sent events instead (see `agents/serve/sse.py`)
     GET  /openapi.json, /docs                            (the schema, and a page to try it)
 
 The app does no inference itself: `create_api` wires the routes to an `ApiService` (the Ray Serve
-ingress in `agents/ingress.py`). Checks that need no model run here, before the body is parsed where
+ingress in `agents/serve/ingress.py`). Checks that need no model run here, before the body is parsed where
 they can: the API key (`Authorization: Bearer KEY` or `X-API-Key: KEY`; health and the schema stay
 open), then the body size (Content-Length, and the streamed bytes, capped). Every error is
 `{"error": kind, "message": ...}` with the status `schemas.ERROR_KINDS` gives the kind.
@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from medplib import __version__
-from medplib.agents.schemas import (
+from medplib.agents.serve.schemas import (
     ErrorResponse,
     ExpertsResponse,
     GroundRequest,
@@ -40,7 +40,7 @@ from medplib.agents.schemas import (
     VQARequest,
     error_kind,
 )
-from medplib.agents.sse import MEDIA_TYPE, encode_event
+from medplib.agents.serve.sse import MEDIA_TYPE, encode_event
 from medplib.core.errors import MedplibError
 from medplib.core.results import AnswerResult, GroundingResult, TextDelta
 

@@ -34,9 +34,10 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from medplib.agents.deployments import GroundingItem, GroundingOutput, TrunkOutput, replica_info
-from medplib.agents.http_api import create_api
-from medplib.agents.schemas import (
+from medplib.agents.serve.config import Batching, ServeConfig
+from medplib.agents.serve.deployments import GroundingItem, GroundingOutput, TrunkOutput, replica_info
+from medplib.agents.serve.http_api import create_api
+from medplib.agents.serve.schemas import (
     ExpertsResponse,
     GroundRequest,
     GroundVolumeRequest,
@@ -47,8 +48,7 @@ from medplib.agents.schemas import (
     VQARequest,
     decode_base64,
 )
-from medplib.agents.serve_config import Batching, ServeConfig
-from medplib.agents.volume_service import ground_volume_request
+from medplib.agents.serve.volume_service import ground_volume_request
 from medplib.core.embedding_cache import CacheKey, EmbeddingCache
 from medplib.core.errors import CapacityError, MedplibError
 from medplib.core.image import MedicalImage
@@ -215,7 +215,7 @@ class IngressService:
         return result
 
     async def ground_volume(self, request: GroundVolumeRequest) -> GroundVolumeResponse:
-        """A volume grounded slice by slice through `infer`: see `agents/volume_service.py`."""
+        """A volume grounded slice by slice through `infer`: see `agents/serve/volume_service.py`."""
         return await ground_volume_request(
             request,
             infer=self.infer,
@@ -327,7 +327,7 @@ class IngressService:
 class Ingress(IngressService):
     def __serve_build_asgi_app__(self) -> Any:
         """The FastAPI app, built in the replica: its limits and key come from this replica's config."""
-        from medplib.agents.ui.page import add_page
+        from medplib.agents.serve.ui.page import add_page
 
         app = create_api(
             self, max_body_bytes=self.limits.max_body_bytes, api_key=self.config.resolved_api_key()

@@ -18,8 +18,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from medplib.core.metrics import mask_scores
 from medplib.trainers.data.volumes import VolumeSample, volume_samples
+from medplib.trainers.eval.metrics import mask_scores
 
 BATCH = 8
 

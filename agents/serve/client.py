@@ -1,6 +1,6 @@
 """A Python client of the medplib HTTP API (`medplib serve`), sync and async, on httpx.
 
-    from medplib.agents.client import MedPLIBClient
+    from medplib.agents.serve.client import MedPLIBClient
     client = MedPLIBClient("http://127.0.0.1:8000", api_key=None, timeout=120)
     client.vqa(Path("scan.dcm"), "What modality is this?", max_new_tokens=32)   # a local file: uploaded
     client.vqa("s3://bucket/scan.dcm", "What is in {region}?", [BoxPrompt(box=(10, 10, 60, 60))])
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import itertools
 import os
 import time
 import weakref
@@ -32,8 +31,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    Retrying,
+    retry_if_result,
+    stop_after_attempt,
+    stop_before_delay,
+)
 
-from medplib.agents.schemas import (
+from medplib.agents.serve.schemas import (
     ExpertsResponse,
     GroundVolumeResponse,
     HealthResponse,
@@ -42,7 +49,7 @@ from medplib.agents.schemas import (
     VolumeInput,
     error_from_response,
 )
-from medplib.agents.sse import EventReader, stream_item
+from medplib.agents.serve.sse import EventReader, stream_item
 from medplib.core.errors import InvalidInputError, validation_message
 from medplib.core.image import DEFAULT_LIMITS
 from medplib.core.io.sources import read_source
@@ -57,6 +64,13 @@ if TYPE_CHECKING:
 M = TypeVar("M", bound=BaseModel)
 RETRY_STATUSES = (502, 503)
 RETRY_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
+
+
+def _retryable(outcome: httpx.Response | Exception) -> bool:
+    # Our own timeout is final: its time is spent.
+    if isinstance(outcome, httpx.Response):
+        return outcome.status_code in RETRY_STATUSES
+    return isinstance(outcome, RETRY_ERRORS)
 
 
 def image_input(image: ImageInput | bytes | str | os.PathLike[str], **options: Any) -> ImageInput:
@@ -204,18 +218,14 @@ class MedPLIBClient:
         accept: tuple[int, ...] = (),
     ) -> M:
         deadline = time.monotonic() + self.timeout
-        for attempt in itertools.count():
+
+        def attempt() -> httpx.Response | Exception:
             try:
-                outcome: httpx.Response | Exception = self._sync.request(
-                    method, path, json=body, timeout=_left(deadline)
-                )
+                return self._sync.request(method, path, json=body, timeout=_left(deadline))
             except (*RETRY_ERRORS, httpx.TimeoutException) as exc:
-                outcome = exc
-            pause = self._retry_pause(outcome, attempt, retry, deadline)
-            if pause is None:
-                return self._result(outcome, model, accept)
-            time.sleep(pause)
-        raise AssertionError("unreachable")
+                return exc
+
+        return self._result(Retrying(**self._retry_policy(retry))(attempt), model, accept)
 
     # ---- async -----------------------------------------------------------------------------------------
 
@@ -309,18 +319,14 @@ class MedPLIBClient:
     ) -> M:
         client = self._async_client()
         deadline = time.monotonic() + self.timeout
-        for attempt in itertools.count():
+
+        async def attempt() -> httpx.Response | Exception:
             try:
-                outcome: httpx.Response | Exception = await client.request(
-                    method, path, json=body, timeout=_left(deadline)
-                )
+                return await client.request(method, path, json=body, timeout=_left(deadline))
             except (*RETRY_ERRORS, httpx.TimeoutException) as exc:
-                outcome = exc
-            pause = self._retry_pause(outcome, attempt, retry, deadline)
-            if pause is None:
-                return self._result(outcome, model, accept)
-            await asyncio.sleep(pause)
-        raise AssertionError("unreachable")
+                return exc
+
+        return self._result(await AsyncRetrying(**self._retry_policy(retry))(attempt), model, accept)
 
     def _async_client(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
@@ -333,22 +339,25 @@ class MedPLIBClient:
 
     # ---- shared ----------------------------------------------------------------------------------------
 
-    def _retry_pause(
-        self, outcome: httpx.Response | Exception, attempt: int, retry: bool, deadline: float
-    ) -> float | None:
-        """How long to wait before sending again, or None when `outcome` is final. Connection failures
-        and 502/503 are retried (exponential backoff, or a shorter Retry-After) within the timeout."""
-        if isinstance(outcome, httpx.Response):
-            if outcome.status_code not in RETRY_STATUSES:
-                return None
-        elif not isinstance(outcome, RETRY_ERRORS):  # our own timeout: the time is spent
-            return None
-        pause = self.backoff_s * 2**attempt
-        if isinstance(outcome, httpx.Response) and outcome.headers.get("retry-after", "").isdigit():
-            pause = min(pause, float(outcome.headers["retry-after"]))
-        if not retry or attempt + 1 >= self.retries or time.monotonic() + pause >= deadline:
-            return None
-        return pause
+    def _retry_policy(self, retry: bool) -> dict[str, Any]:
+        """One retry policy for sync and async (tenacity): connection failures and 502/503 are sent
+        again with exponential backoff (or a shorter Retry-After), `retries` attempts in all, never past
+        the timeout. Each attempt returns its outcome (a response or the exception) instead of raising,
+        so the last one is reported as any other."""
+
+        def wait(state: RetryCallState) -> float:
+            pause = self.backoff_s * 2 ** (state.attempt_number - 1)
+            outcome = state.outcome.result() if state.outcome is not None else None
+            if isinstance(outcome, httpx.Response) and outcome.headers.get("retry-after", "").isdigit():
+                pause = min(pause, float(outcome.headers["retry-after"]))
+            return pause
+
+        return {
+            "retry": retry_if_result(_retryable),
+            "wait": wait,
+            "stop": stop_after_attempt(self.retries if retry else 1) | stop_before_delay(self.timeout),
+            "retry_error_callback": lambda state: state.outcome.result(),
+        }
 
     def _result(self, outcome: httpx.Response | Exception, model: type[M], accept: tuple[int, ...]) -> M:
         if isinstance(outcome, httpx.TimeoutException) and not isinstance(outcome, RETRY_ERRORS):

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from medplib.agents.schemas import error_from_response
+from medplib.agents.serve.schemas import error_from_response
 from medplib.core.results import TextDelta
 
 M = TypeVar("M", bound=BaseModel)

@@ -12,7 +12,7 @@ import platform
 
 import torch
 
-from medplib.trainers.scoring import SWAP_GOALS
+from medplib.trainers.eval.scoring import SWAP_GOALS
 from medplib.trainers.stages import TINY_NOTES
 
 HEADLINE = (

@@ -1,6 +1,6 @@
 """The Ray Serve application built from a `ServeConfig`, and deploying it on a Ray cluster.
 
-    from medplib.agents.app import build_app, deploy
+    from medplib.agents.serve.app import build_app, deploy
     app = build_app(ServeConfig())        # serve.Application: Ingress -> Trunk, GroundingDecoder, experts
     url = deploy(ServeConfig(), address="auto")  # joins (or starts) Ray, starts Serve, runs the app
 
@@ -18,10 +18,10 @@ from typing import Any
 
 from ray import serve
 
-from medplib.agents.deployments import ExpertHead, GroundingDecoder, Trunk
-from medplib.agents.ingress import Ingress
-from medplib.agents.schemas import DeploymentInfo, ExpertsResponse, HostedExpert
-from medplib.agents.serve_config import ROLE_DEFAULTS, DeploymentConfig, RoleDefaults, ServeConfig
+from medplib.agents.serve.config import ROLE_DEFAULTS, DeploymentConfig, RoleDefaults, ServeConfig
+from medplib.agents.serve.deployments import ExpertHead, GroundingDecoder, Trunk
+from medplib.agents.serve.ingress import Ingress
+from medplib.agents.serve.schemas import DeploymentInfo, ExpertsResponse, HostedExpert
 from medplib.core import plugins
 from medplib.core.errors import CapacityError, CheckpointError, PluginError
 from medplib.core.expert_spec import ExpertSpec, Resources

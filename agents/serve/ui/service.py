@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from medplib.agents.backends import model_guard
-from medplib.agents.schemas import (
+from medplib.agents.serve.schemas import (
     DeploymentInfo,
     ExpertsResponse,
     GroundRequest,

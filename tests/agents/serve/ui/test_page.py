@@ -19,12 +19,12 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page, Request, Route
 
-from medplib.agents.sse import parse_events
+from medplib.agents.serve.sse import parse_events
+from medplib.core.io.registry_data import dicom_file, mni152_file
 from medplib.core.masks import Mask
-from medplib.trainers.registry_data import dicom_file, mni152_file
 
 if TYPE_CHECKING:
-    from tests.agents.ui.conftest import UiServer
+    from tests.agents.serve.ui.conftest import UiServer
 
 TOKENS = "12"
 

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from medplib.agents.http_api import create_api
-from medplib.agents.serve_config import API_KEY_ENV, ServeLimits
-from medplib.agents.ui.page import add_page
-from medplib.agents.ui.service import InProcessService
+from medplib.agents.serve.config import API_KEY_ENV, ServeLimits
+from medplib.agents.serve.http_api import create_api
+from medplib.agents.serve.ui.page import add_page
+from medplib.agents.serve.ui.service import InProcessService
 
 if TYPE_CHECKING:
     from medplib.core.assistant import MedPLIB

@@ -25,9 +25,9 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from medplib.agents.schemas import ImageInput
-from medplib.agents.serve_config import ServeLimits
-from medplib.agents.ui.service import image_bytes
+from medplib.agents.serve.config import ServeLimits
+from medplib.agents.serve.schemas import ImageInput
+from medplib.agents.serve.ui.service import image_bytes
 from medplib.core.errors import InvalidInputError, MedplibError
 from medplib.core.image import MedicalImage
 from medplib.core.io import load_image, load_volume

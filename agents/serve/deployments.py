@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from ray import serve
 
-from medplib.agents.serve_config import ServeConfig
+from medplib.agents.serve.config import ServeConfig
 from medplib.core.errors import MedplibError
 from medplib.core.expert_spec import ExpertSpec
 from medplib.core.masks import SegmentationResult

@@ -1,7 +1,7 @@
 """Scoring a model on a split: it answers every question by generation, and is scored as MedPLIB is.
 
 The model sees each sample's question without its answer and generates (greedy, KV cache). Closed
-questions score exact match, open ones token recall / F1 / BLEU (`core.metrics`). A grounding answer
+questions score exact match, open ones token recall / F1 / BLEU (`trainers.eval.metrics`). A grounding answer
 is scored by the mask of the first `<SEG>` the model itself generates; an answer without one scores
 as an empty mask (Dice 0 against any structure), which is what a user of that model would get.
 
@@ -34,7 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from medplib.core.masks import Mask
-from medplib.core.metrics import (
+from medplib.core.model import MedPLIBForCausalLM
+from medplib.trainers.collate import Collator, Example
+from medplib.trainers.eval.metrics import (
     ScoredMask,
     exact_match,
     mask_scores,
@@ -42,8 +44,6 @@ from medplib.core.metrics import (
     summarize_masks,
     token_scores,
 )
-from medplib.core.model import MedPLIBForCausalLM
-from medplib.trainers.collate import Collator, Example
 
 MAX_NEW_TOKENS = 32
 # The request-swap check: two requests about one image must give different masks. Per structure

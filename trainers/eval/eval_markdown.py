@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from medplib.trainers.report import cell, value
-from medplib.trainers.volume_eval import volume_table
+from medplib.trainers.eval.pipeline_report import cell, value
+from medplib.trainers.eval.volumes import volume_table
 
 # key in the evaluation's baselines -> its column title in the headline table, in the grounding tables
 BASELINES = {

@@ -3,7 +3,7 @@
     config = ServeConfig.from_yaml("examples/serve/cpu.yaml")     # or ServeConfig() for the defaults
     config = config.with_overrides(model="small", http={"port": 8080})
 
-Four deployments host the model (see `agents/deployments.py`): `ingress` (HTTP, validation, batching,
+Four deployments host the model (see `agents/serve/deployments.py`): `ingress` (HTTP, validation, batching,
 routing), `trunk` (CLIP, LLM with its routed experts, region encoder), `grounding` (SAM's image encoder
 and mask decoder, fed `<SEG>` hidden states) and one per hosted plugin expert. Each has its own
 replicas or autoscaling, resources (fractions of a GPU included) and concurrency; the model

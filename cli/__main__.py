@@ -1,0 +1,3 @@
+from medplib.cli import main
+
+main()
