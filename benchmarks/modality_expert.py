@@ -33,11 +33,11 @@ import torch
 
 from medplib.core import plugins
 from medplib.core.assistant import MedPLIB
-from medplib.core.metrics import exact_match
 from medplib.core.model import MedPLIBProcessor
 from medplib.router.statistics import RoutingStatistics
 from medplib.trainers.collate import Collator, ExampleStore
 from medplib.trainers.data.builder import build_dataset
+from medplib.trainers.eval.metrics import exact_match
 from medplib.trainers.expert_training import plugin_examples
 from medplib.trainers.loop import answer_side
 from medplib.trainers.stage_folder import load_stage_model
