@@ -20,6 +20,7 @@ Grounding asks for a mask, so one is always produced: if the model would end its
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Generator, Iterator, Mapping, Sequence
@@ -31,6 +32,7 @@ import torch
 
 from medplib.core.embedding_cache import CacheStats, EmbeddingCache
 from medplib.core.errors import CapacityError, CheckpointError, InvalidInputError, RegionError
+from medplib.core.expert_heads import capability_token, expert_infos
 from medplib.core.image import MedicalImage
 from medplib.core.inference import BatchGeneration, CachedGenerator, Conversation, Generated
 from medplib.core.io import load_image
@@ -41,6 +43,7 @@ from medplib.core.model import (
     MedPLIBForCausalLM,
     Turn,
 )
+from medplib.core.model.conversation import ExpertToken
 from medplib.core.model.generation import run_to_end
 from medplib.core.queries import (
     DEFAULT_INFERENCE_LIMITS,
@@ -56,6 +59,7 @@ from medplib.core.results import (
     AnswerResult,
     CacheHits,
     ChatResult,
+    ExpertInfo,
     GroundingResult,
     InferenceResult,
     TextDelta,
@@ -161,10 +165,22 @@ class MedPLIB:
         regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
         *,
         image_options: Mapping[str, Any] | None = None,
+        capability: str | None = None,
         **decoding: Any,
     ) -> AnswerResult:
-        """Answer `question` about `image`; `decoding` takes `Decoding`'s fields (max_new_tokens, ...)."""
-        return self._single("answer", image, question, regions, image_options, decoding)
+        """Answer `question` about `image`; `decoding` takes `Decoding`'s fields (max_new_tokens, ...).
+
+        `capability` (e.g. "modality_classification", see `experts()`) steers the answer to that
+        expert's trigger token, forced where the model would end without it (`forced`); its head's
+        outputs are in `outputs[expert]`."""
+        query = {"image": image, "text": question, "task": "answer", "regions": list(regions)}
+        query |= {"image_options": dict(image_options or {}), "capability": capability}
+        return self.answer_batch([query], **decoding)[0]
+
+    def experts(self) -> list[ExpertInfo]:
+        """The installed experts, each with its capabilities, trigger tokens, output schema and whether
+        this model holds it (`trained`)."""
+        return expert_infos(self.model)
 
     def ground(
         self,
@@ -255,13 +271,15 @@ class MedPLIB:
             question = self._grounding_question(text) if query.task == "ground" else text
             earlier, answers = self._history(query.history)
             prefilled = grounding_answer == "template" and query.task == "ground"
+            token, at_start = capability_token(self.model, query.capability) or (None, False)
             prepared.append(
                 self._prepare(
                     query.image,
                     query.image_options,
                     [*earlier, (question, query.regions)],
                     [*answers, template] if prefilled else answers,
-                    require_seg=query.task == "ground",
+                    require_seg=query.task == "ground" or token == self.model.config.seg_token_id,
+                    require_token=(token, at_start) if token is not None else None,
                 )
             )
         # Rows whose answer is prefilled run apart from those that decode theirs.
@@ -465,6 +483,7 @@ class MedPLIB:
         answers: Sequence[str],
         *,
         require_seg: bool,
+        require_token: tuple[int, bool] | None = None,
     ) -> _Prepared:
         """Load the image, turn every region prompt into a mask on its grid and lay out the turns."""
         num_regions = sum(len(regions) for _, regions in questions)
@@ -483,10 +502,14 @@ class MedPLIB:
         turns = []
         for index, (question, regions) in enumerate(questions):
             masks += [prompt.to_mask(height, width) for prompt in regions]
-            answer = answer_parts(answers[index]) if index < len(answers) else None
+            expert_tokens = list(self.model.config.expert_token_ids)
+            answer = answer_parts(answers[index], expert_tokens) if index < len(answers) else None
             turns.append(Turn(question_parts(question, len(regions)), answer))
         answered = len(answers) == len(questions)  # the last turn's answer is given: prefilled, not decoded
-        conversation = Conversation(loaded.pixels, turns, masks, require_seg=require_seg, answered=answered)
+        token, at_start = require_token or (None, False)
+        conversation = Conversation(
+            loaded.pixels, turns, masks, require_seg, token, at_start, answered=answered
+        )
         return _Prepared(conversation, loaded, load_ms, num_regions)
 
     # ---- results --------------------------------------------------------------------------------------
@@ -504,11 +527,16 @@ class MedPLIB:
     ) -> Any:
         masks = segmentations(row.masks, label)
         timings = {"load": item.load_ms, **batch.milliseconds, "total": 1000 * (time.perf_counter() - start)}
+        outputs = dict(row.outputs)
+        if masks:  # the grounding head's outputs are its masks, decoded on the image
+            outputs["pixel_grounding"] = [mask.model_dump(mode="json") for mask in masks]
         return cls(
             model=self.name,
             text=row.text,
             masks=masks,
-            seg_forced=row.seg_forced,
+            seg_forced=row.seg_forced and item.conversation.require_seg,
+            outputs=outputs,
+            forced=row.seg_forced,
             image_size=item.image.size,
             image_source=item.image.meta.source,
             num_regions=item.num_regions,
@@ -548,12 +576,16 @@ def question_parts(text: str, num_regions: int) -> list[str | ControlToken]:
     return [part for part in parts if part != ""]
 
 
-def answer_parts(text: str) -> list[str | ControlToken]:
-    """An earlier answer's parts: `<SEG>` where the assistant made a mask, text elsewhere."""
-    parts: list[str | ControlToken] = []
-    for index, piece in enumerate(text.split(SEG_TEXT)):
-        if index:
+def answer_parts(text: str, expert_tokens: Sequence[str] = ()) -> list[str | ControlToken | ExpertToken]:
+    """An earlier answer's parts: `<SEG>` where the assistant made a mask, an expert's token (e.g.
+    `<MOD>`, of `expert_tokens`) where its head ran, text elsewhere; as the assistant wrote them."""
+    tokens = [SEG_TEXT, *(token for token in expert_tokens if token != SEG_TEXT)]
+    parts: list[str | ControlToken | ExpertToken] = []
+    for piece in re.split(f"({'|'.join(re.escape(token) for token in tokens)})", text):
+        if piece == SEG_TEXT:
             parts.append(ControlToken.SEG)
-        if piece:
+        elif piece in tokens:
+            parts.append(ExpertToken(piece))
+        elif piece:
             parts.append(piece)
     return parts

@@ -29,7 +29,6 @@ import torch
 from transformers import get_linear_schedule_with_warmup
 
 from medplib.core.model.losses import targeted_mask_logits
-from medplib.router import MixtureOfExperts
 from medplib.router.statistics import RoutingStatistics
 from medplib.trainers.checkpoint import (
     Position,
@@ -39,7 +38,7 @@ from medplib.trainers.checkpoint import (
     load_checkpoint,
     report_step,
 )
-from medplib.trainers.collate import Collator, Example
+from medplib.trainers.collate import LOSS_ONLY_KEYS, Collator, Example
 from medplib.trainers.data_parallel import (
     MicroBatchLoss,
     broadcast_trained,
@@ -49,6 +48,7 @@ from medplib.trainers.data_parallel import (
     syncing,
 )
 from medplib.trainers.encoder_cache import FrozenEncoderCache
+from medplib.trainers.expert_training import head_losses, routing_targets
 from medplib.trainers.losses import (
     LOSS_PARTS,
     BatchLoss,
@@ -121,7 +121,7 @@ def model_inputs(
     """The keyword arguments of `MedPLIBForCausalLM.forward` for a collated micro-batch: its tensors,
     the stage's loss weights over the global batch, the frozen encoders' cached outputs, and logits
     only where an answer token is predicted."""
-    inputs = {key: value for key, value in batch.items() if key not in ("samples", "pair_keys")}
+    inputs = {key: value for key, value in batch.items() if key not in LOSS_ONLY_KEYS}
     grounding = any(t is not None for t in batch["mask_targets"])
     if cache is not None:
         inputs["image_features"] = cache.clip_features(batch["pixel_values"])
@@ -147,11 +147,12 @@ def forward_losses(
         else contextlib.nullcontext()
     ):
         out = model(**model_inputs(batch, spec, global_batch, cache))
+    hidden = out.last_hidden_state
     routing = None
     if prepared.moe is not None and spec.routing_weight > 0:
         routing = routing_loss(
             list(prepared.moe.router_logits().values()),
-            expert_targets(prepared.moe, batch["samples"]).to(out.last_hidden_state.device),
+            routing_targets(prepared.moe.experts, batch["examples"], model).to(hidden.device),
             answer_side(batch["input_ids"], batch["attention_mask"], model.config.im_end_token_id),
         )
     contrast = None
@@ -172,18 +173,10 @@ def forward_losses(
         contrast,
         spec.contrast.weight if spec.contrast is not None else 0.0,
     )
+    loss = head_losses(loss, model, hidden, batch, spec.loss.head, global_batch)
     if prepared.moe is not None and spec.router.load_balancing_weight > 0:
         loss = add_load_balancing(loss, prepared.moe.load_balancing_loss(), len(targets), global_batch)
     return loss, int(batch["attention_mask"].sum())
-
-
-def expert_targets(moe: MixtureOfExperts, samples: Sequence[tuple]) -> torch.Tensor:
-    """Per sample, the first expert whose `trains_on` accepts it (-1 if none does)."""
-    found = [
-        next((k for k, spec in enumerate(moe.experts) if spec.trains_on.accepts(*sample)), -1)
-        for sample in samples
-    ]
-    return torch.tensor(found)
 
 
 def answer_side(input_ids: torch.Tensor, attention_mask: torch.Tensor, im_end_id: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from medplib.trainers.checkpoint import (
     save_checkpoint,
     write_rng,
 )
-from medplib.trainers.collate import Collator, ExampleStore
+from medplib.trainers.collate import LOSS_ONLY_KEYS, Collator, ExampleStore
 from medplib.trainers.encoder_cache import FrozenEncoderCache
 from medplib.trainers.loop import LOG_FILE, LoopOptions, forward_losses, step_samples, train
 from medplib.trainers.stage_folder import Source, prepare
@@ -99,7 +99,7 @@ def test_the_loops_loss_is_the_models_own(examples, stage: str) -> None:
     prepared.model.eval()  # no LoRA dropout: both passes compute the same function
     with torch.no_grad():
         trained, _ = forward_losses(prepared, batch, spec, len(chosen))
-        inputs = {key: value for key, value in batch.items() if key not in ("samples", "pair_keys")}
+        inputs = {key: value for key, value in batch.items() if key not in LOSS_ONLY_KEYS}
         out = prepared.model(**inputs, loss_weights=spec.loss)
     assert out.logits.shape[:2] == batch["input_ids"].shape
     assert trained.total.item() == pytest.approx(out.loss.item(), abs=1e-6)
