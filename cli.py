@@ -274,7 +274,7 @@ def train(
     workers: int = typer.Option(1, "--workers", help="Ray Train workers (1: train in this process)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in --out"),
     schedule: str = typer.Option("tiny", "--schedule", help="tiny (CPU, random init) or paper"),
-    expert: str | None = typer.Option(None, "--expert", help="stages 2/3: train this registered expert"),
+    expert: str | None = typer.Option(None, "--expert", help="stage 3: train this registered expert"),
     steps: int | None = typer.Option(None, "--steps", help="optimizer steps (default: by the schedule)"),
     batch_size: int | None = typer.Option(None, "--batch-size", help="micro-batch per worker"),
     grad_accum: int | None = typer.Option(None, "--grad-accum", help="micro-batches per optimizer step"),

@@ -58,6 +58,8 @@ ROW_GROUPS: dict[str, str] = {"seg_token": "seg_token_id"}
 StageKey = Literal["1", "2", "3", "4", "joint"]
 STAGE_KEYS: tuple[str, ...] = ("1", "2", "3", "4", "joint")
 DEFAULT_EXPERTS = {"2": "vision_language", "3": "pixel_grounding"}
+# The stages `--expert` picks the expert of: stage II is the vision-language expert's own recipe.
+EXPERT_STAGES = ("3",)
 ALL_TASKS = ("vqa", "region_vqa", "grounding")
 
 
@@ -230,8 +232,8 @@ def _stage_spec(stage: str, schedule: str, expert: str | None) -> StageSpec:
         raise InvalidInputError(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_KEYS)}")
     if schedule not in ("tiny", "paper"):
         raise InvalidInputError(f"unknown schedule {schedule!r}; choose 'tiny' or 'paper'")
-    if expert is not None and stage not in DEFAULT_EXPERTS:
-        raise InvalidInputError(f"--expert applies to the expert stages 2 and 3, not stage {stage}")
+    if expert is not None and stage not in EXPERT_STAGES:
+        raise InvalidInputError(f"--expert applies to stage {', '.join(EXPERT_STAGES)}, not stage {stage}")
     trains = TINY_TRAINS if schedule == "tiny" else PAPER_TRAINS
     optim = TINY_OPTIM if schedule == "tiny" else PAPER_OPTIM
     if stage == "1":

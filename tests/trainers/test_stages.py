@@ -131,7 +131,8 @@ def test_a_plugin_expert_trains_like_the_grounding_expert(register_plugin) -> No
         (("5",), InvalidInputError),
         (("2", "fast"), InvalidInputError),
         (("4", "tiny", "vision_language"), InvalidInputError),
-        (("2", "tiny", "no_such_expert"), PluginError),
+        (("3", "tiny", "no_such_expert"), PluginError),
+        (("2", "tiny", "pixel_grounding"), InvalidInputError),  # stage II is the VL expert's recipe
     ],
 )
 def test_bad_stage_arguments_are_refused(args: tuple, error: type) -> None:
