@@ -1,5 +1,7 @@
 """What a model is made of, without loading its weights: components and their parameter counts,
-special tokens and their ids, a summary of the config, and the registered experts (`medplib info`).
+special tokens and their ids, a summary of the config, and its experts (`medplib info`): a
+checkpoint's own (those its router composes, or the adapters its stage folder carries), each marked
+when this environment has not installed it; a preset's are the registered ones it would compose.
 
 A preset builds on the meta device (no memory, no time: `medplib-7b` counts its 7 billion parameters
 in a second); a checkpoint folder or URI is read for its config and tokenizer only.
@@ -7,12 +9,15 @@ in a second); a checkpoint folder or URI is read for its config and tokenizer on
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from medplib.core.errors import CheckpointError
+from medplib.core.expert_spec import ExpertSpec
 
 Weights = Literal[
     "random (seeded)", "none (meta device)", "checkpoint", "MedPLIB release (convert it before loading)"
@@ -25,6 +30,12 @@ class ExpertSummary(BaseModel):
     special_tokens: list[str]
     adapter: str = Field(description="LoRA rank, alpha and target projections")
     source: str
+    role: Literal["registered", "routed", "adapter", "active adapter"] = Field(
+        "registered",
+        description="registered: installed here (a preset's experts); in a checkpoint: routed (composed "
+        "by its router), adapter (carried by its stage folder) or active adapter (the one it answers with)",
+    )
+    installed: bool = Field(True, description="registered here: a checkpoint's experts must be, to load")
 
 
 class ModelInfo(BaseModel):
@@ -36,7 +47,7 @@ class ModelInfo(BaseModel):
     bytes: dict[str, int] = Field(default_factory=dict, description="weights per component, and 'total'")
     special_tokens: dict[str, int] = Field(description="token text -> id")
     config: dict[str, dict[str, Any]]
-    experts: list[ExpertSummary]
+    experts: list[ExpertSummary] = Field(description="the checkpoint's own; a preset's: the registered")
     routed_experts: dict[str, Any] | None = Field(
         None,
         description="experts stored in the checkpoint's routed MLPs (a MedPLIB release or its conversion)",
@@ -63,6 +74,7 @@ def model_info(
         model = build_medplib(source, device="meta")
         weights: Weights = "random (seeded)" if model.tokenizer is not None else "none (meta device)"
         tokenizer = model.tokenizer
+        experts = registered_experts()
     else:
         if not is_uri(source) and not os.path.isdir(os.path.expanduser(source)):
             raise CheckpointError(
@@ -72,7 +84,13 @@ def model_info(
             STAGE_FILE,
         )  # a stage folder: describe its model, as load does
 
+        stage_record = None
         if not is_uri(source) and os.path.isfile(os.path.join(os.path.expanduser(source), STAGE_FILE)):
+            stage_file = os.path.join(os.path.expanduser(source), STAGE_FILE)
+            try:
+                stage_record = json.loads(Path(stage_file).read_text())
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"{stage_file}: unreadable ({exc})") from None
             source = os.path.join(os.path.expanduser(source), "model")
         with local_folder(source) as folder:
             from medplib.core.model.medplib_release import read_release_config, release_info
@@ -84,6 +102,7 @@ def model_info(
             except (OSError, ValueError) as exc:
                 raise CheckpointError(f"{source}: not a medplib checkpoint ({exc})") from None
             tokenizer = load_tokenizer(folder)
+            experts = checkpoint_experts(folder, stage_record) or converted_experts(config.routed_experts)
         model_class = MedPLIBForCausalLM
         if config.routed_experts:  # router builds on core: reached only for such a checkpoint
             from medplib.router.dense import MedPLIBWithRoutedExperts as model_class
@@ -100,7 +119,7 @@ def model_info(
         bytes=weight_bytes(model, COMPONENTS, quantization),
         special_tokens=special_tokens(model.config, tokenizer),
         config=config_summary(model.config),
-        experts=registered_experts(),
+        experts=experts,
         routed_experts=model.config.routed_experts,
     )
 
@@ -147,20 +166,56 @@ def config_summary(config: Any) -> dict[str, dict[str, Any]]:
     }
 
 
+def expert_summary(spec: ExpertSpec, role: str = "registered", installed: bool = True) -> ExpertSummary:
+    return ExpertSummary(
+        name=spec.name,
+        capabilities=list(spec.capabilities),
+        special_tokens=list(spec.special_tokens),
+        adapter=f"LoRA r{spec.adapter.r}/alpha {spec.adapter.alpha:g} on "
+        + ", ".join(spec.adapter.target_modules),
+        source=spec.source,
+        role=role,
+        installed=installed,
+    )
+
+
 def registered_experts() -> list[ExpertSummary]:
     from medplib.core.plugins import get_experts
 
-    return [
-        ExpertSummary(
-            name=spec.name,
-            capabilities=list(spec.capabilities),
-            special_tokens=list(spec.special_tokens),
-            adapter=f"LoRA r{spec.adapter.r}/alpha {spec.adapter.alpha:g} on "
-            + ", ".join(spec.adapter.target_modules),
-            source=spec.source,
-        )
-        for spec in get_experts().values()
-    ]
+    return [expert_summary(spec) for spec in get_experts().values()]
+
+
+def checkpoint_experts(folder: str | os.PathLike[str], stage_record: dict | None) -> list[ExpertSummary]:
+    """The experts a checkpoint holds, from its own records (the specs as they were when it was made):
+    those its router composes (`moe.safetensors`' header), else the adapters its stage folder carries
+    (`stage.json`), else none (a trunk)."""
+    from medplib.core.plugins import get_experts
+    from medplib.router.moe import MOE_FILE, read_moe_record
+
+    installed = get_experts()
+    moe_file = Path(folder, MOE_FILE)
+    if moe_file.is_file():
+        specs = [ExpertSpec.model_validate(spec) for spec in read_moe_record(moe_file)["experts"]]
+        return [expert_summary(spec, "routed", spec.name in installed) for spec in specs]
+    if stage_record is None:
+        return []
+    recorded = stage_record.get("specs", {})
+    active = stage_record.get("active")
+    summaries = []
+    for name in stage_record.get("adapters", {}):
+        spec = ExpertSpec.model_validate(recorded[name])
+        role = "active adapter" if name == active else "adapter"
+        summaries.append(expert_summary(spec, role, name in installed))
+    return summaries
+
+
+def converted_experts(routed: dict[str, Any] | None) -> list[ExpertSummary]:
+    """A converted MedPLIB release's experts: its config names them, their specs are the built-ins'."""
+    from medplib.core.plugins import get_experts
+
+    installed = get_experts()
+    names = (routed or {}).get("names", [])
+    return [expert_summary(installed[name], "routed") for name in names if name in installed]
 
 
 def format_info(info: ModelInfo) -> str:
@@ -190,7 +245,11 @@ def format_info(info: ModelInfo) -> str:
             f"top-{routed['top_k']}, layers {routed['layers']}"
             + (f", {routed['parameters']:,} parameters" if "parameters" in routed else ""),
         ]
-    lines += ["", "expert             capabilities               adapter"]
+    if not info.experts:
+        lines += ["", "experts   none: a trunk, without expert adapters"]
+        return "\n".join(lines)
+    lines += ["", f"{'expert':<18} {'capabilities':<26} {'in the model':<15} adapter"]
     for expert in info.experts:
-        lines.append(f"{expert.name:<18} {', '.join(expert.capabilities):<26} {expert.adapter}")
+        role = expert.role + ("" if expert.installed else ", NOT INSTALLED here")
+        lines.append(f"{expert.name:<18} {', '.join(expert.capabilities):<26} {role:<15} {expert.adapter}")
     return "\n".join(lines)
