@@ -33,6 +33,7 @@ import torch
 
 from medplib.core.embedding_cache import DEFAULT_MAX_BYTES, CacheStats, EmbeddingCache
 from medplib.core.errors import CapacityError, CheckpointError, InvalidInputError, RegionError
+from medplib.core.expert_heads import capability_token, expert_infos
 from medplib.core.image import MedicalImage
 from medplib.core.inference import BatchGeneration, CachedGenerator, Conversation, Generated
 from medplib.core.io import load_image
@@ -64,6 +65,7 @@ from medplib.core.results import (
     AnswerResult,
     CacheHits,
     ChatResult,
+    ExpertInfo,
     GroundingResult,
     InferenceResult,
     TextDelta,
@@ -281,10 +283,22 @@ class MedPLIB:
         regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
         *,
         image_options: Mapping[str, Any] | None = None,
+        capability: str | None = None,
         **decoding: Any,
     ) -> AnswerResult:
-        """Answer `question` about `image`; `decoding` takes `Decoding`'s fields (max_new_tokens, ...)."""
-        return self._single("answer", image, question, regions, image_options, decoding)
+        """Answer `question` about `image`; `decoding` takes `Decoding`'s fields (max_new_tokens, ...).
+
+        `capability` (e.g. "modality_classification", see `experts()`) steers the answer to that
+        expert's trigger token, forced where the model would end without it (`forced`); its head's
+        outputs are in `outputs[expert]`."""
+        query = {"image": image, "text": question, "task": "answer", "regions": list(regions)}
+        query |= {"image_options": dict(image_options or {}), "capability": capability}
+        return self.answer_batch([query], **decoding)[0]
+
+    def experts(self) -> list[ExpertInfo]:
+        """The installed experts, each with its capabilities, trigger tokens, output schema and whether
+        this model holds it (`trained`)."""
+        return expert_infos(self.model)
 
     def ground(
         self,
@@ -375,13 +389,15 @@ class MedPLIB:
             question = self._grounding_question(text) if query.task == "ground" else text
             earlier, answers = self._history(query.history)
             prefilled = grounding_answer == "template" and query.task == "ground"
+            required = capability_token(self.model, query.capability)
             prepared.append(
                 self._prepare(
                     query.image,
                     query.image_options,
                     [*earlier, (question, query.regions)],
                     [*answers, template] if prefilled else answers,
-                    require_seg=query.task == "ground",
+                    require_seg=query.task == "ground" or required == self.model.config.seg_token_id,
+                    require_token=required,
                 )
             )
         # Rows whose answer is prefilled run apart from those that decode theirs.
@@ -585,6 +601,7 @@ class MedPLIB:
         answers: Sequence[str],
         *,
         require_seg: bool,
+        require_token: int | None = None,
     ) -> _Prepared:
         """Load the image, turn every region prompt into a mask on its grid and lay out the turns."""
         num_regions = sum(len(regions) for _, regions in questions)
@@ -606,7 +623,9 @@ class MedPLIB:
             answer = answer_parts(answers[index]) if index < len(answers) else None
             turns.append(Turn(question_parts(question, len(regions)), answer))
         answered = len(answers) == len(questions)  # the last turn's answer is given: prefilled, not decoded
-        conversation = Conversation(loaded.pixels, turns, masks, require_seg=require_seg, answered=answered)
+        conversation = Conversation(
+            loaded.pixels, turns, masks, require_seg, require_token=require_token, answered=answered
+        )
         return _Prepared(conversation, loaded, load_ms, num_regions)
 
     # ---- results --------------------------------------------------------------------------------------
@@ -624,11 +643,16 @@ class MedPLIB:
     ) -> Any:
         masks = segmentations(row.masks, label)
         timings = {"load": item.load_ms, **batch.milliseconds, "total": 1000 * (time.perf_counter() - start)}
+        outputs = dict(row.outputs)
+        if masks:  # the grounding head's outputs are its masks, decoded on the image
+            outputs["pixel_grounding"] = [mask.model_dump(mode="json") for mask in masks]
         return cls(
             model=self.name,
             text=row.text,
             masks=masks,
-            seg_forced=row.seg_forced,
+            seg_forced=row.seg_forced and item.conversation.require_seg,
+            outputs=outputs,
+            forced=row.seg_forced,
             image_size=item.image.size,
             image_source=item.image.meta.source,
             num_regions=item.num_regions,

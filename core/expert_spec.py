@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 IDENTIFIER = r"^[a-z][a-z0-9_]*$"
+IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 # Only the MLP is routed per token; attention is shared by every expert (see router/).
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 MlpProjection = Literal["gate_proj", "up_proj", "down_proj"]
@@ -62,6 +63,7 @@ class LossWeights(_Strict):
     bce: float = Field(0.0, ge=0)
     dice: float = Field(0.0, ge=0)
     focal: float = Field(0.0, ge=0)
+    head: float = Field(0.0, ge=0)  # the head's own loss (`ExpertHead.loss`) on its trigger tokens
 
 
 class SampleFilter(_Strict):
@@ -70,12 +72,20 @@ class SampleFilter(_Strict):
     tasks: tuple[str, ...] = ()  # among SAMPLE_TASKS (checked when plugins are listed)
     answer_types: tuple[str, ...] | None = None  # MeCoVQA `answer_type`, e.g. closed, open
     modalities: tuple[str, ...] | None = None  # e.g. CT, MRI, X-Ray
+    kinds: tuple[str, ...] | None = None  # question kinds, e.g. modality, plane, segment
 
-    def accepts(self, task: str, answer_type: str | None = None, modality: str | None = None) -> bool:
+    def accepts(
+        self,
+        task: str,
+        answer_type: str | None = None,
+        modality: str | None = None,
+        kind: str | None = None,
+    ) -> bool:
         return (
             task in self.tasks
             and (self.answer_types is None or answer_type in self.answer_types)
             and (self.modalities is None or modality in self.modalities)
+            and (self.kinds is None or kind in self.kinds)
         )
 
 
@@ -102,7 +112,9 @@ class ExpertSpec(_Strict):
     capabilities: tuple[str, ...] = Field(min_length=1)
     special_tokens: tuple[str, ...] = ()
     adapter: LoraSpec = LoraSpec()
-    head: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # "pkg.module:factory"
+    head: str | None = Field(None, pattern=IMPORT_PATH)  # "pkg.module:factory"
+    # "pkg.module:Model": the pydantic type of one head output (what a trigger token yields in a result)
+    head_output: str | None = Field(None, pattern=IMPORT_PATH)
     loss_weights: LossWeights = LossWeights()
     trains_on: SampleFilter = SampleFilter()
     resources: Resources = Resources()
@@ -126,13 +138,30 @@ class ExpertSpec(_Strict):
             raise ValueError(f"special tokens look like <NAME> without spaces, got {bad}")
         return tokens
 
+    @field_validator("head_output")
+    @classmethod
+    def _output_needs_head(cls, output: str | None, info: Any) -> str | None:
+        if output is not None and info.data.get("head") is None:
+            raise ValueError("head_output names the output of a head, but the spec has no head")
+        return output
+
     def build_head(self, config: Any) -> Any:
         """The expert's head, built by its factory from the composed model's config (None without one).
 
         The factory is named by import path so a Ray worker can rebuild the head from the spec alone.
         """
-        if self.head is None:
-            return None
-        module_name, attribute = self.head.split(":")
-        factory = getattr(importlib.import_module(module_name), attribute)
-        return factory(config)
+        return None if self.head is None else _resolve(self.head)(config)
+
+    def output_model(self) -> type[BaseModel] | None:
+        """The pydantic type of one head output (None: the spec names none)."""
+        return None if self.head_output is None else _resolve(self.head_output)
+
+    def output_schema(self) -> dict[str, Any] | None:
+        """The JSON schema of one head output, as the API lists it."""
+        model = self.output_model()
+        return None if model is None else model.model_json_schema()
+
+
+def _resolve(path: str) -> Any:
+    module_name, attribute = path.split(":")
+    return getattr(importlib.import_module(module_name), attribute)

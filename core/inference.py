@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from transformers import DynamicCache
 
 from medplib.core.embedding_cache import CacheKey, EmbeddingCache, image_digest
 from medplib.core.errors import CapacityError, InvalidInputError
+from medplib.core.expert_heads import head_outputs
 from medplib.core.model import MaskPrediction, MedPLIBForCausalLM, MedPLIBProcessor, Request, Turn
 from medplib.core.model.generation import decode_steps, elapsed, prefill_answers, run_to_end
 from medplib.core.model.grounding import sam_input_size
@@ -40,6 +41,7 @@ class Conversation:
     turns: Sequence[Turn]
     regions: Sequence[np.ndarray] = ()
     require_seg: bool = False  # grounding: the answer must hold a <SEG>
+    require_token: int | None = None  # a capability asked for: the answer must hold this expert token
     answered: bool = False  # the last turn carries a known answer: prefilled with the prompt, not decoded
 
 
@@ -52,6 +54,7 @@ class Generated:
     new_tokens: int
     cache: dict[str, str]  # "clip" / "sam" / "prefix" -> "hit", "miss" or "unused"
     seg_hidden_states: torch.Tensor  # (n_seg, hidden): what predicted each <SEG>, for a remote decoder
+    outputs: dict[str, list[dict]] = field(default_factory=dict)  # expert -> its head's outputs (masks aside)
 
 
 @dataclass(frozen=True)
@@ -121,8 +124,13 @@ class CachedGenerator:
             out = prefill_answers(self.model, answer_length=answer_length, **inputs)
         else:
             require_seg = torch.tensor([c.require_seg for c in conversations])
+            require_token = torch.tensor([c.require_token or -1 for c in conversations])
             out = yield from decode_steps(
-                self.model, require_seg=require_seg, **inputs, **self._sampling(decoding)
+                self.model,
+                require_seg=require_seg,
+                require_token=require_token,
+                **inputs,
+                **self._sampling(decoding),
             )
         ms["prefill"] += 1000 * out.seconds["prefill"]
         ms["decode"] = 1000 * out.seconds["decode"]
@@ -144,6 +152,7 @@ class CachedGenerator:
                     "prefix": "miss" if digest in missing else "hit",
                 },
                 seg_hidden_states=out.seg_hidden_states[row],
+                outputs=head_outputs(self.model, out.triggered[row]),
             )
             for row, digest in enumerate(digests)
         ]

@@ -79,6 +79,11 @@ class Query(BaseModel):
         default_factory=list,
         description="earlier turns about this image (user, assistant, ...) in the prompt before `text`",
     )
+    capability: str | None = Field(
+        None,
+        description="an expert capability to use (e.g. modality_classification): the answer is steered to "
+        "its expert's trigger token, forced where the model does not say it (`forced`)",
+    )
 
 
 class ChatMessage(BaseModel):

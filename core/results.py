@@ -8,7 +8,7 @@ share them (`load` aside, which is per image).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,6 +41,16 @@ class InferenceResult(BaseModel):
         default=False,
         description="grounding only: the model would have ended without <SEG>, so one was forced",
     )
+    outputs: dict[str, list[dict[str, Any]]] = Field(
+        default_factory=dict,
+        description="per expert, its head's outputs, one per trigger token the answer holds, in order "
+        "(pixel_grounding: the masks, as in `masks`)",
+    )
+    forced: bool = Field(
+        default=False,
+        description="a trigger token (grounding's <SEG>, or the capability asked for) was forced: the "
+        "model would have ended without it",
+    )
     image_size: tuple[int, int] = Field(description="(height, width) of the image the masks lie on")
     image_source: str = Field(description="where the image came from")
     num_regions: int = Field(description="region prompts the question marked")
@@ -63,6 +73,19 @@ class GroundingResult(InferenceResult):
 class ChatResult(InferenceResult):
     task: Literal["chat"] = "chat"
     messages: list[ChatMessage] = Field(description="the conversation, this answer last")
+
+
+class ExpertInfo(BaseModel):
+    """One expert a model can call (`MedPLIB.experts()`, the API's `/v1/experts`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    description: str = ""
+    capabilities: list[str]
+    tokens: list[str] = Field(description="its trigger tokens; an answer holding one runs its head")
+    output_schema: dict[str, Any] | None = Field(description="JSON schema of one head output; None: no head")
+    trained: bool = Field(description="the loaded checkpoint holds this expert (its head, tokens, adapter)")
 
 
 class TextDelta(BaseModel):

@@ -119,9 +119,18 @@ class MedPLIBConfig(PreTrainedConfig):
     # {"kind": "dense" | "lora", "layers": [...], "num_experts": K, "top_k": k, "names": [...], "rank": r}.
     # None: plain MLPs (medplib composes its own LoRA experts at load time, `router.moe`).
     routed_experts: dict | None = None
+    # The experts the checkpoint holds, each with its head (`core/expert_heads.py`), built through its
+    # spec's factory; and each head's trigger tokens' ids (token text -> id). A checkpoint from before
+    # they were recorded holds the two built-ins, its `<SEG>` at `seg_token_id`.
+    experts: list[str] | tuple[str, ...] = ("vision_language", "pixel_grounding")
+    expert_token_ids: dict | None = None
 
     def __post_init__(self, **kwargs) -> None:
         super().__post_init__(**kwargs)
+        self.experts = list(self.experts)
+        self.expert_token_ids = dict(self.expert_token_ids or {})
+        if "pixel_grounding" in self.experts and "<SEG>" not in self.expert_token_ids:
+            self.expert_token_ids["<SEG>"] = self.seg_token_id
         self.image_mean = list(self.image_mean)
         self.image_std = list(self.image_std)
         if self.projector_type != "mlp2x_gelu":

@@ -8,7 +8,8 @@ LLaVA-1.5's Vicuna-v1 layout, with the image as `<im_start>` + one `<image>` per
 
 A turn is a sequence of parts: a `str` is always plain text (see `tokenize_user_text`), a
 `ControlToken` is structure. Users' turns may hold `ControlToken.REGION` (a region goes here),
-answers may hold `ControlToken.SEG` (a mask goes here). Only the answers and their `</s>` are
+answers may hold `ControlToken.SEG` (a mask goes here) or an `ExpertToken` (a plugin expert's trigger
+token, e.g. `<MOD>`: its head runs here), each placed by id. Only the answers and their `</s>` are
 supervised; everything else is labelled -100.
 """
 
@@ -29,7 +30,15 @@ SYSTEM_PROMPT = (
 USER, ASSISTANT = "USER:", "ASSISTANT:"
 IGNORE_INDEX = -100
 
-Part = str | ControlToken
+
+@dataclass(frozen=True)
+class ExpertToken:
+    """An expert's trigger token in an answer (`<MOD>`), placed by id: text never becomes one."""
+
+    text: str
+
+
+Part = str | ControlToken | ExpertToken
 
 
 @dataclass(frozen=True)
@@ -92,8 +101,13 @@ class _Encoder:
                 self.text(part, supervised=True)
             elif part is ControlToken.SEG:
                 self.control(part, supervised=True)
+            elif isinstance(part, ExpertToken):
+                token_id = self.tokenizer.convert_tokens_to_ids(part.text)
+                if part.text not in self.tokenizer.all_special_tokens:
+                    raise InvalidInputError(f"{part.text} is no expert token of this model's tokenizer")
+                self.ids([token_id], supervised=True)
             else:
-                raise InvalidInputError(f"an answer may hold text and <SEG>, not {part.value}")
+                raise InvalidInputError(f"an answer may hold text, <SEG> and expert tokens, not {part.value}")
 
 
 def encode_conversation(
@@ -125,9 +139,13 @@ def encode_conversation(
 
 
 def decode_answer(tokenizer: PreTrainedTokenizerFast, ids: Sequence[int]) -> str:
-    """Text of generated ids up to the first `</s>`; `<SEG>` stays visible where a mask was made."""
+    """Text of generated ids up to the first `</s>`; `<SEG>` and expert tokens (`<MOD>`) stay visible
+    where their heads ran; structure (image, region, BOS/EOS/pad) is dropped."""
     ids = list(ids)
     if tokenizer.eos_token_id in ids:
         ids = ids[: ids.index(tokenizer.eos_token_id)]
-    hidden = set(tokenizer.all_special_ids) - {tokenizer.convert_tokens_to_ids(ControlToken.SEG.value)}
+    structure = [t.value for t in ControlToken if t is not ControlToken.SEG]
+    hidden = {tokenizer.convert_tokens_to_ids(t) for t in structure}
+    named = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id)
+    hidden |= {i for i in named if i is not None}
     return tokenizer.decode([i for i in ids if i not in hidden]).strip()

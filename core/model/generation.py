@@ -36,8 +36,10 @@ R = TypeVar("R")
 class GenerationOutput:
     sequences: torch.Tensor  # (B, L) generated ids; after a row's </s>, pad
     seg_hidden_states: list[torch.Tensor]  # per row (n_seg, hidden): what predicted each <SEG>
-    seg_forced: torch.Tensor  # (B,) bool: the row's <SEG> was forced by `require_seg`
+    seg_forced: torch.Tensor  # (B,) bool: the row's <SEG> (or `require_token`) was forced
     seconds: dict[str, float]  # wall time of "prefill" (embedding included) and "decode"
+    # per row, (token id, hidden state that predicted it) of every expert trigger token, in order
+    triggered: list[list[tuple[int, torch.Tensor]]] | None = None
 
 
 def elapsed(start: float, device: torch.device) -> float:
@@ -90,6 +92,7 @@ def decode_steps(
     image_features: torch.Tensor | None = None,
     past_key_values: Cache | PrefixKV | None = None,
     require_seg: bool | torch.Tensor = False,
+    require_token: torch.Tensor | None = None,
     max_new_tokens: int = 64,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -105,7 +108,8 @@ def decode_steps(
     the first `get_seq_length()` columns of `input_ids` (it is read, not extended); only the columns
     after it are embedded and run. `require_seg` (bool, or per row): a row that has produced no
     `<SEG>` gets one instead of its `</s>`, or as its last token, and then ends; `seg_forced` says
-    which rows needed that. Under `compat: medplib` nothing is forced (the ids stay MedPLIB's): such a
+    which rows needed that; `require_token` (B,) ids (-1: none) does so for any expert's trigger
+    token (a capability asked for). Under `compat: medplib` nothing is forced (the ids stay MedPLIB's): such a
     row is grounded on the second-to-last hidden state it produced, as MedPLIB's `evaluate` does.
     """
     if max_new_tokens < 1:
@@ -144,9 +148,17 @@ def decode_steps(
     positions = attention_mask.long().sum(dim=1, keepdim=True)  # next position per row
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     require = torch.as_tensor(require_seg, dtype=torch.bool, device=device).expand(rows)
+    # The token each row must say before it ends (-1: none): <SEG> for grounding, else `require_token`.
+    required = torch.full((rows,), -1, dtype=torch.long, device=device)
+    if require_token is not None:
+        required = torch.as_tensor(require_token, dtype=torch.long, device=device).expand(rows).clone()
+    required = required.masked_fill(require, seg_id)
+    require = required >= 0
     has_seg = torch.zeros_like(finished)
     forced = torch.zeros_like(finished)
     seg_hidden: list[list[torch.Tensor]] = [[] for _ in range(rows)]
+    triggers = torch.tensor(sorted(getattr(model, "trigger_experts", {})), dtype=torch.long, device=device)
+    triggered: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(rows)]
     generated = []
     embedding = model.get_input_embeddings()
     for step in range(max_new_tokens):
@@ -162,14 +174,16 @@ def decode_steps(
         )
         token = token.masked_fill(finished, pad_id)
         ending = (token == eos_id) | (step == max_new_tokens - 1)
-        force = require & ~has_seg & ~finished & (token != seg_id) & ending & (not medplib)
-        token = token.masked_fill(force, seg_id)
+        force = require & ~has_seg & ~finished & (token != required) & ending & (not medplib)
+        token = torch.where(force, required, token)
         forced |= force
         for row in torch.nonzero((token == seg_id) & ~finished).flatten().tolist():
             seg_hidden[row].append(last[row])
+        for row in torch.nonzero(torch.isin(token, triggers) & ~finished).flatten().tolist():
+            triggered[row].append((int(token[row]), last[row]))
         generated.append(token)
         yield token
-        has_seg |= token == seg_id
+        has_seg |= token == required
         finished |= (token == eos_id) | force  # a forced <SEG> stands where the answer ended
         if finished.all() or step == max_new_tokens - 1:
             break
@@ -179,7 +193,7 @@ def decode_steps(
         last = torch.where(running, hidden[:, -1], last)
         positions = positions + 1
     if medplib:
-        for row in torch.nonzero(require & ~has_seg).flatten().tolist():
+        for row in torch.nonzero(require & ~has_seg & (required == seg_id)).flatten().tolist():
             seg_hidden[row].append(before_last[row])
             forced[row] = True
     seconds["decode"] = elapsed(start, device)
@@ -189,6 +203,7 @@ def decode_steps(
         seg_hidden_states=[torch.stack(states) if states else empty for states in seg_hidden],
         seg_forced=forced,
         seconds=seconds,
+        triggered=triggered,
     )
 
 
@@ -222,9 +237,16 @@ def prefill_answers(
     hidden = run(embeds, attention_mask, positions[:, past:])
     predicting = hidden[:, -answer_length - 1 : -1]  # column c predicts column c + 1
     is_seg = answers == model.config.seg_token_id
+    triggers = torch.tensor(sorted(getattr(model, "trigger_experts", {})), dtype=torch.long)
+    is_trigger = torch.isin(answers.cpu(), triggers)
+    triggered = [
+        [(int(answers[row, col]), predicting[row, col]) for col in torch.nonzero(is_trigger[row]).flatten()]
+        for row in range(rows)
+    ]
     return GenerationOutput(
         sequences=answers,
         seg_hidden_states=[states[seg] for states, seg in zip(predicting, is_seg, strict=True)],
         seg_forced=torch.zeros(rows, dtype=torch.bool, device=input_ids.device),
         seconds={"prefill": elapsed(start, input_ids.device), "decode": 0.0},
+        triggered=triggered,
     )

@@ -37,11 +37,11 @@ from transformers import LlavaConfig, PreTrainedTokenizerFast
 
 from medplib.core.errors import CheckpointError
 from medplib.core.model.configuration_medplib import MedPLIBConfig, MedPLIBSamConfig
-from medplib.core.model.grounding import build_sam
 from medplib.core.model.modeling_medplib import MedPLIBForCausalLM
 from medplib.core.model.presets import MODEL_PRESETS
 from medplib.core.model.storage import local_folder, read_bytes
 from medplib.core.model.tokenizer import add_control_tokens
+from medplib.core.plugins import require_experts
 
 # (pattern, replacement) applied in order; the first that matches wins.
 LLAVA_KEY_RULES = (
@@ -126,8 +126,10 @@ def read_sam_state_dict(location: str | os.PathLike[str]) -> dict[str, torch.Ten
 
 def fit_sam_state_dict(state: dict[str, torch.Tensor], config: MedPLIBSamConfig) -> dict[str, torch.Tensor]:
     """Resize the position embeddings of a SAM made for another input size to `config`'s shapes."""
+    (grounding,) = require_experts(["pixel_grounding"])  # SAM is the grounding expert's, built by its spec
     with torch.device("meta"):
-        shapes = {key: value.shape for key, value in build_sam(config).state_dict().items()}
+        sam = grounding.build_head(MedPLIBConfig(sam_config=config.to_dict())).sam
+        shapes = {key: value.shape for key, value in sam.state_dict().items()}
     fitted = {}
     for key, value in state.items():
         target = shapes.get(key)

@@ -27,10 +27,10 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from medplib.core.errors import CheckpointError, InvalidInputError
+from medplib.core.expert_heads import attach_head, build_expert_heads, trigger_experts
 from medplib.core.model.configuration_medplib import MedPLIBConfig
 from medplib.core.model.conversation import IGNORE_INDEX
 from medplib.core.model.generation import GenerationOutput, decode
-from medplib.core.model.grounding import GroundingHead, build_sam
 from medplib.core.model.region_encoder import RegionEncoder
 from medplib.core.model.storage import local_folder, writable_folder
 from medplib.core.model.tokenizer import control_token_ids, load_tokenizer
@@ -76,7 +76,8 @@ class MedPLIBPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        """SAM and the `<SEG>` head start from their modules' own defaults, the rest as transformers does.
+        """Expert heads (SAM and the `<SEG>` head among them) start from their modules' own defaults, the
+        rest as transformers does.
 
         transformers' generic N(0, 0.02) would give SAM's mask and IoU tokens (embeddings, N(0, 1) by
         default) a norm of 0.2 instead of about 11 and leave its token attention uniform. Runs under
@@ -110,11 +111,12 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
             norm=config.visual_token_norm,
             medplib_sampling=config.compat == "medplib",
         )
-        self.seg_head = GroundingHead(
-            text_width, config.sam_config.prompt_embed_dim, dense_film=config.seg_dense_film
-        )
-        self.sam = build_sam(config.sam_config)
-        self._module_default_init = {id(m) for part in (self.sam, self.seg_head) for m in part.modules()}
+        # Every expert's head, the grounding expert's `<SEG>` head and SAM included, through its spec.
+        self.expert_heads: dict[str, nn.Module] = {}
+        for name, head in build_expert_heads(config).items():
+            attach_head(self, name, head)
+        self.trigger_experts = trigger_experts(config)  # token id -> expert
+        self._module_default_init = {id(m) for head in self.expert_heads.values() for m in head.modules()}
         self.tokenizer = None  # set by the builders and by from_pretrained; saved with the weights
         self.post_init()
 

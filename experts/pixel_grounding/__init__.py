@@ -18,6 +18,7 @@ SPEC = ExpertSpec(
     special_tokens=("<SEG>",),
     adapter=LoraSpec(target_modules=("gate_proj", "up_proj", "down_proj"), r=8, alpha=16, dropout=0.05),
     head="medplib.experts.pixel_grounding.head:build_grounding_head",
+    head_output="medplib.core.masks:SegmentationResult",
     loss_weights=LossWeights(ce=1.0, bce=1.0, dice=5.0, focal=1.0),
     trains_on=SampleFilter(tasks=("grounding",)),
     resources=Resources(num_gpus=0.5, num_cpus=1.0),

@@ -1,13 +1,103 @@
-"""The head factory named by the pixel-grounding spec: the `<SEG>` head sized from a model config."""
+"""The pixel-grounding expert's head: the `<SEG>` projection and SAM, as its spec's factory builds them.
+
+The hidden state that predicts a `<SEG>` goes through `GroundingHead` (a 2-layer MLP, as LISA's
+`text_hidden_fcs`) to SAM's prompt width and becomes the one sparse prompt of SAM's mask decoder;
+the dense prompt is SAM's no-mask embedding (or, with `seg_dense_film`, one the prompt modulates).
+`PixelGroundingHead` is the `ExpertHead` the model builds through the spec, as it builds a plugin's:
+its parts sit on the model as `seg_head` and `sam`, the names every checkpoint's keys carry.
+"""
 
 from __future__ import annotations
 
-from medplib.core.model import MedPLIBConfig
-from medplib.core.model.grounding import GroundingHead
+from typing import ClassVar
+
+import torch
+from segment_anything.modeling import PromptEncoder
+from torch import nn
+
+from medplib.core.expert_heads import ExpertHead
+from medplib.core.model.configuration_medplib import MedPLIBConfig
+from medplib.experts.pixel_grounding.sam import SamGrounding, build_sam
 
 
-def build_grounding_head(config: MedPLIBConfig) -> GroundingHead:
-    """LLM hidden state -> SAM sparse-prompt embedding, as `MedPLIBForCausalLM.seg_head` is built."""
-    return GroundingHead(
+class FiLMLinear(nn.Linear):
+    """A linear map with N(0, 1/width) weights and zero bias: unit-variance inputs give unit-variance
+    modulation from the first step. Its own `reset_parameters`, so every init path (construction,
+    transformers' guarded init of missing weights) gives the same."""
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.in_features**-0.5)
+        nn.init.zeros_(self.bias)
+
+
+class DensePromptFiLM(nn.Module):
+    """The `<SEG>` prompt also conditions SAM's dense prompt, FiLM-style (`MedPLIBConfig.seg_dense_film`).
+
+    dense = no-mask embedding + PE + scale(q) * PE + shift(q), q the layer-normalised sparse prompt and
+    PE SAM's dense positional encoding (C, g, g). A randomly initialised SAM's mask features carry no
+    absolute position, and its decoder learns to ignore its sparse prompt within a few steps; added
+    here, the prompt modulates the positional features every mask pixel is computed from, which the
+    decoder cannot route around, so left and right of a symmetric image become separable.
+    """
+
+    def __init__(self, prompt_embed_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(prompt_embed_dim, elementwise_affine=False)
+        self.scale = FiLMLinear(prompt_embed_dim, prompt_embed_dim)
+        self.shift = FiLMLinear(prompt_embed_dim, prompt_embed_dim)
+
+    def forward(self, prompts: torch.Tensor, no_mask: torch.Tensor, positional: torch.Tensor) -> torch.Tensor:
+        """(n, C) prompts, (C,) no-mask embedding, (C, g, g) PE -> (n, C, g, g) dense prompts."""
+        q = self.norm(prompts)
+        scale, shift = self.scale(q)[..., None, None], self.shift(q)[..., None, None]
+        return no_mask[:, None, None] + positional + scale * positional + shift
+
+
+class GroundingHead(nn.Module):
+    """LLM hidden state -> SAM sparse prompt embedding (and, with `dense_film`, its dense prompt)."""
+
+    def __init__(self, hidden_size: int, prompt_embed_dim: int, dense_film: bool = False) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, hidden_size)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(hidden_size, prompt_embed_dim)
+        self.dense_film = DensePromptFiLM(prompt_embed_dim) if dense_film else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+    def dense_prompts(self, prompts: torch.Tensor, prompt_encoder: PromptEncoder) -> torch.Tensor | None:
+        """The dense prompts (n, C, g, g) for sparse `prompts` (n, C); None: SAM's no-mask embedding."""
+        if self.dense_film is None:
+            return None
+        # segment-anything builds its positional encoding in float32; autocast bridges a half-precision SAM.
+        half = prompts.dtype != torch.float32
+        with torch.autocast(prompts.device.type, dtype=prompts.dtype, enabled=half):
+            positional = prompt_encoder.get_dense_pe()[0].to(prompts.dtype)
+        return self.dense_film(prompts, prompt_encoder.no_mask_embed.weight[0], positional)
+
+
+class PixelGroundingHead(ExpertHead):
+    """`<SEG>` hidden state -> SAM prompt -> mask. Image-conditioned: the model decodes its masks with
+    SAM on the image's embedding (`MedPLIBForCausalLM.predict_masks`), and a result's `outputs` list
+    those masks; its losses are the mask losses (BCE, Dice, focal) of the spec's `loss_weights`."""
+
+    model_parts: ClassVar[dict[str, str]] = {"seg_head": "prompt", "sam": "sam"}
+    image_conditioned: ClassVar[bool] = True
+
+    def __init__(self, prompt: GroundingHead, sam: SamGrounding) -> None:
+        super().__init__()
+        self.prompt = prompt
+        self.sam = sam
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(n, hidden) -> SAM sparse prompts (n, prompt_embed_dim)."""
+        return self.prompt(hidden_states)
+
+
+def build_grounding_head(config: MedPLIBConfig) -> PixelGroundingHead:
+    """The head the pixel-grounding spec names: the `<SEG>` projection and SAM, sized from the config."""
+    prompt = GroundingHead(
         config.text_config.hidden_size, config.sam_config.prompt_embed_dim, dense_film=config.seg_dense_film
     )
+    return PixelGroundingHead(prompt, build_sam(config.sam_config))

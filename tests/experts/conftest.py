@@ -47,3 +47,20 @@ def example_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[metadat
 @pytest.fixture(autouse=True)
 def _tiny_tensors_on_one_thread(one_torch_thread: None) -> None:
     """Every expert test runs torch on one thread (see `one_torch_thread`)."""
+
+
+@pytest.fixture(scope="session")
+def example_module() -> Iterator[object]:
+    """The example expert registered in this process from the repository (no pip), for tests of the
+    model and training; the pip-installed path is `example_plugin`'s."""
+    already = plugins.pm.get_plugin("modality")
+    if already is not None:
+        yield already
+        return
+    sys.path.insert(0, str(EXAMPLE))
+    module = importlib.import_module("medplib_expert_modality")
+    plugins.load_plugins()
+    assert plugins.register_plugin(module, "modality", "example")
+    yield module
+    plugins.pm.unregister(module)
+    sys.path.remove(str(EXAMPLE))
