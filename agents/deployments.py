@@ -70,6 +70,30 @@ class GroundingOutput:
     milliseconds: dict[str, float]  # "encode_sam" and "masks", for the whole batch
 
 
+def completed(
+    result: AnswerResult | GroundingResult,
+    grounded: GroundingOutput | None,
+    head_outputs: dict[str, list[dict[str, Any]]],
+    milliseconds: float,
+) -> AnswerResult | GroundingResult:
+    """The trunk's result with what the deployments apart computed for it, as the assistant in one
+    process would have it: the grounding decoder's masks (in `masks`, and in `outputs` under
+    `pixel_grounding`), the hosted heads' outputs (`outputs[expert]`, and their `expert_heads` ms)."""
+    outputs = {**result.outputs, **head_outputs}
+    timings = dict(result.timings_ms)
+    update: dict[str, Any] = {}
+    if head_outputs:
+        timings["expert_heads"] = milliseconds
+    if grounded is not None:
+        outputs["pixel_grounding"] = [mask.model_dump(mode="json") for mask in grounded.masks]
+        timings |= grounded.milliseconds
+        update = {
+            "masks": grounded.masks,
+            "cache": result.cache.model_copy(update={"sam": grounded.sam_cache}),
+        }
+    return result.model_copy(update={**update, "outputs": outputs, "timings_ms": timings})
+
+
 def replica_info(deployment: str, device: str) -> dict[str, Any]:
     """Where this replica runs and what Ray gave it: what the placement tests and operators check."""
     import ray

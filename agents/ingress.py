@@ -37,7 +37,13 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from medplib.agents.deployments import GroundingItem, GroundingOutput, TrunkOutput, replica_info
+from medplib.agents.deployments import (
+    GroundingItem,
+    GroundingOutput,
+    TrunkOutput,
+    completed,
+    replica_info,
+)
 from medplib.agents.http_api import create_api
 from medplib.agents.schemas import (
     ExpertsResponse,
@@ -206,29 +212,19 @@ class IngressService:
         self, query: Query, output: TrunkOutput | BaseException
     ) -> AnswerResult | GroundingResult:
         """The trunk's result, with a mask from the grounding decoder for each <SEG> of its answer and
-        the outputs of the heads hosted apart for their trigger tokens."""
+        the outputs of the heads hosted apart for their trigger tokens (those calls run concurrently)."""
         if isinstance(output, BaseException):  # the trunk refused this query alone
             raise output
-        result = output.result
-        if output.head_states:
-            names = list(output.head_states)
-            start = time.perf_counter()
-            outputs = await asyncio.gather(
-                *(self._run_head(name, output.head_states[name]) for name in names)
-            )
-            timings = {**result.timings_ms, "expert_heads": 1000 * (time.perf_counter() - start)}
-            merged = {**result.outputs, **dict(zip(names, outputs, strict=True))}
-            result = result.model_copy(update={"outputs": merged, "timings_ms": timings})
+        start = time.perf_counter()
+        names = list(output.head_states)
+        calls: list[Awaitable[Any]] = [self._run_head(name, output.head_states[name]) for name in names]
         if len(output.seg_hidden_states):
             label = query.text if query.task == "ground" else None
-            item = GroundingItem(query.image.pixels, output.seg_hidden_states, label)
-            grounded = await self._decode(item)
-            cache = result.cache.model_copy(update={"sam": grounded.sam_cache})
-            timings = {**result.timings_ms, **grounded.milliseconds}
-            result = result.model_copy(
-                update={"masks": grounded.masks, "cache": cache, "timings_ms": timings}
-            )
-        return result
+            calls.append(self._decode(GroundingItem(query.image.pixels, output.seg_hidden_states, label)))
+        done = await asyncio.gather(*calls)
+        grounded = done[len(names)] if len(done) > len(names) else None
+        heads = dict(zip(names, done[: len(names)], strict=True))
+        return completed(output.result, grounded, heads, 1000 * (time.perf_counter() - start))
 
     async def ground_volume(self, request: GroundVolumeRequest) -> GroundVolumeResponse:
         """A volume grounded slice by slice through `infer`: see `agents/volume_service.py`."""

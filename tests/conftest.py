@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 import random
+import shutil
 import struct
+import subprocess
+import sys
 import uuid
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from importlib import metadata
 from pathlib import Path
 
 import fsspec
@@ -198,3 +203,69 @@ def dicom_series_writer() -> Callable[..., list[Path]]:
 @pytest.fixture(scope="session")
 def make_sphere() -> Callable[..., np.ndarray]:
     return sphere
+
+
+# ---- the example plugin expert (examples/medplib-expert-modality) ----------------------------------------
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "medplib-expert-modality"
+DISTRIBUTION = "medplib-expert-modality"
+
+
+def pip(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", *args], check=True, capture_output=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def example_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[metadata.EntryPoint]:
+    """Installed as a user would (no network: no deps, no build isolation), from a copy, so pip's
+    in-tree build leaves nothing in the repository; registered in this process too."""
+    try:
+        metadata.distribution(DISTRIBUTION)
+        installed_before = True
+    except metadata.PackageNotFoundError:
+        installed_before = False
+    source = shutil.copytree(EXAMPLE, tmp_path_factory.mktemp("example") / EXAMPLE.name)
+    pip("install", "--no-deps", "--no-build-isolation", "--no-cache-dir", "-q", str(source))
+    importlib.invalidate_caches()
+    (entry_point,) = metadata.entry_points(group=plugins.ENTRY_POINT_GROUP, name="modality")
+    plugins.load_plugins()
+    if plugins.pm.get_plugin("modality") is None:
+        assert plugins.load_entry_point(entry_point)
+    yield entry_point
+    plugins.pm.unregister(name="modality")
+    if not installed_before:
+        pip("uninstall", "-y", "-q", DISTRIBUTION)
+
+
+@pytest.fixture(scope="session")
+def example_module() -> Iterator[object]:
+    """The example expert registered in this process from the repository (no pip), for tests of the
+    model and training; the pip-installed path is `example_plugin`'s."""
+    already = plugins.pm.get_plugin("modality")
+    if already is not None:
+        yield already
+        return
+    sys.path.insert(0, str(EXAMPLE))
+    module = importlib.import_module("medplib_expert_modality")
+    plugins.load_plugins()
+    assert plugins.register_plugin(module, "modality", "example")
+    yield module
+    plugins.pm.unregister(module)
+    sys.path.remove(str(EXAMPLE))
+
+
+@pytest.fixture(scope="session")
+def modality_checkpoint(example_module: object, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint that holds the example's `modality` expert (token, rows, head): what the
+    serving tests host. Its weights are random, but they are the checkpoint's own, as trained ones are."""
+    import torch
+
+    from medplib.core.expert_heads import add_expert
+    from medplib.core.model import build_medplib
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_medplib("tiny")
+        assert add_expert(model, plugins.get_experts()["modality"])
+    folder = tmp_path_factory.mktemp("modality") / "checkpoint"
+    model.save_pretrained(folder)
+    return folder
