@@ -267,14 +267,19 @@ def experts(
 @app.command()
 @user_errors
 def train(
-    stage: str = typer.Option(..., "--stage", help="1, 2, 3, 4, or joint (the joint-training baseline)"),
+    stage: str = typer.Option(
+        ..., "--stage", help="1, 2, 3, 4 (the paper's), expert (one --expert), or joint (the baseline)"
+    ),
     model: str = typer.Option(..., "--model", help="a preset (tiny, ...) or the previous stage's folder"),
     data: Path = typer.Option(..., "--data", help="dataset folder in the MeCoVQA format (its train split)"),
     out: Path = typer.Option(..., "--out", help="folder for the stage: model, adapters, checkpoints, log"),
     workers: int = typer.Option(1, "--workers", help="Ray Train workers (1: train in this process)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in --out"),
     schedule: str = typer.Option("tiny", "--schedule", help="tiny (CPU, random init) or paper"),
-    expert: str | None = typer.Option(None, "--expert", help="stage 3: train this registered expert"),
+    expert: str | None = typer.Option(None, "--expert", help="stage expert: the registered expert to train"),
+    experts: str | None = typer.Option(
+        None, "--experts", help="stage 4: experts to compose, e.g. a,b,c (default: every adapter in --model)"
+    ),
     steps: int | None = typer.Option(None, "--steps", help="optimizer steps (default: by the schedule)"),
     batch_size: int | None = typer.Option(None, "--batch-size", help="micro-batch per worker"),
     grad_accum: int | None = typer.Option(None, "--grad-accum", help="micro-batches per optimizer step"),
@@ -314,6 +319,7 @@ def train(
         checkpoint_every=checkpoint_every,
         resume=resume,
         router=router_options(router_top_k, capacity_factor, load_balancing_weight, routed_layers),
+        experts=tuple(name.strip() for name in experts.split(",") if name.strip()) if experts else None,
     )
     run.spec()  # an unknown stage, schedule, expert or router option fails here, before any data is read
     record = launch(run, workers)

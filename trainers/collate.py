@@ -25,7 +25,7 @@ from medplib.core.errors import InvalidInputError
 from medplib.core.io import load_image
 from medplib.core.masks import read_mask
 from medplib.core.model import ControlToken, MedPLIBProcessor, Request, Turn
-from medplib.core.model.conversation import Part
+from medplib.core.model.conversation import ExpertToken, Part
 from medplib.trainers.data.loader import LoadedSamples, load_samples
 from medplib.trainers.data.mecovqa import IMAGE_TOKEN, Sample, strip_references
 from medplib.trainers.data.templates import KINDS
@@ -58,18 +58,26 @@ class Example:
         return replace(self.request, turns=turns)
 
 
-def split_markup(text: str) -> tuple[list[Part], list[str]]:
-    """Text and control tokens of one turn, and the mask paths its markup names, in order."""
+def split_markup(text: str, expert_tokens: Sequence[str] = ()) -> tuple[list[Part], list[str]]:
+    """Text and control tokens of one turn, and the mask paths its markup names, in order;
+    `expert_tokens` (an expert dataset's answers: `<MOD>`) become `ExpertToken`s."""
     text = text.replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")
     parts: list[Part] = []
     paths: list[str] = []
     start = 0
-    for match in MARKUP.finditer(text):
+    markup = MARKUP
+    if expert_tokens:
+        alternatives = "|".join(re.escape(token) for token in expert_tokens)
+        markup = re.compile(f"{MARKUP.pattern}|(?P<expert>{alternatives})", re.S)
+    for match in markup.finditer(text):
         if match.start() > start:
             parts.append(text[start : match.start()])
+        start = match.end()
+        if match.groupdict().get("expert") is not None:
+            parts.append(ExpertToken(match["expert"]))
+            continue
         parts.append(ControlToken.REGION if match["region"] is not None else ControlToken.SEG)
         paths.append(match["region"] if match["region"] is not None else match["mask"])
-        start = match.end()
     if start < len(text):
         parts.append(text[start:])
     return parts, paths
@@ -86,8 +94,9 @@ def is_held_out(template: str | None) -> bool:
 class ExampleStore:
     """Examples of one dataset; each image and mask file is read once and shared by its samples."""
 
-    def __init__(self, loaded: LoadedSamples) -> None:
+    def __init__(self, loaded: LoadedSamples, expert_tokens: Sequence[str] = ()) -> None:
         self.loaded = loaded
+        self.expert_tokens = tuple(expert_tokens)  # trigger tokens its answers may hold
         self._images: dict[str, np.ndarray] = {}
         self._masks: dict[str, np.ndarray] = {}
 
@@ -115,7 +124,7 @@ class ExampleStore:
         pairs = zip(sample.conversations[::2], sample.conversations[1::2], strict=True)
         for human, gpt in pairs:
             question, region_paths = split_markup(human.value)
-            answer, mask_paths = split_markup(gpt.value)
+            answer, mask_paths = split_markup(gpt.value, self.expert_tokens)
             turns.append(Turn(question, answer))
             regions += [self.mask(path) for path in region_paths]
             targets += [self.mask(path) for path in mask_paths]
@@ -169,7 +178,10 @@ class Collator:
         else:
             batch = self.processor([example.question_only() for example in examples], padding_side="left")
         # What each sample is, for losses that depend on it (stage IV's routing targets).
-        batch["samples"] = [(example.task, example.answer_type, example.modality) for example in examples]
+        batch["samples"] = [
+            (example.task, example.answer_type, example.modality, example.kind) for example in examples
+        ]
+        batch["examples"] = list(examples)  # what expert heads read their targets from
         # (image, structure) of each grounding request, for losses that compare requests on one image.
         batch["pair_keys"] = [
             (example.image, example.structure or "") if example.targets else None for example in examples

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from medplib.router import MixtureOfExperts
 from medplib.router.statistics import RoutingStatistics
 from medplib.trainers.checkpoint import (
     Position,
@@ -38,6 +37,7 @@ from medplib.trainers.checkpoint import (
 )
 from medplib.trainers.collate import Collator, Example
 from medplib.trainers.encoder_cache import FrozenEncoderCache
+from medplib.trainers.expert_training import head_losses, routing_targets
 from medplib.trainers.losses import (
     BatchLoss,
     add_load_balancing,
@@ -151,7 +151,7 @@ def forward_losses(
     if prepared.moe is not None and spec.routing_weight > 0:
         routing = routing_loss(
             list(prepared.moe.router_logits().values()),
-            expert_targets(prepared.moe, batch["samples"]).to(hidden.device),
+            routing_targets(prepared.moe.experts, batch["examples"], model).to(hidden.device),
             answer_side(batch["input_ids"], batch["attention_mask"], model.config.im_end_token_id),
         )
     contrast = None
@@ -170,18 +170,10 @@ def forward_losses(
         contrast,
         spec.contrast.weight if spec.contrast is not None else 0.0,
     )
+    loss = head_losses(loss, model, hidden, batch, spec.loss.head, global_batch)
     if prepared.moe is not None and spec.router.load_balancing_weight > 0:
         loss = add_load_balancing(loss, prepared.moe.load_balancing_loss(), len(hidden), global_batch)
     return loss, int(batch["attention_mask"].sum())
-
-
-def expert_targets(moe: MixtureOfExperts, samples: Sequence[tuple]) -> torch.Tensor:
-    """Per sample, the first expert whose `trains_on` accepts it (-1 if none does)."""
-    found = [
-        next((k for k, spec in enumerate(moe.experts) if spec.trains_on.accepts(*sample)), -1)
-        for sample in samples
-    ]
-    return torch.tensor(found)
 
 
 def answer_side(input_ids: torch.Tensor, attention_mask: torch.Tensor, im_end_id: int) -> torch.Tensor:

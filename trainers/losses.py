@@ -109,17 +109,18 @@ def pair_contrast(
 def routing_loss(
     layer_logits: Sequence[torch.Tensor], targets: torch.Tensor, tokens: torch.Tensor
 ) -> torch.Tensor:
-    """Per-sample cross-entropy of the router's gates against each sample's expert (batch,).
+    """Per-sample cross-entropy of the router's gates against each sample's experts (batch,).
 
     `layer_logits` are each routed layer's gate logits over the flattened batch (B * T, K); `targets`
-    (B,) the expert index each sample belongs to (-1: none, loss 0); `tokens` (B, T) which positions
-    count. The mean is over a sample's counted tokens and the layers.
+    (B, K) each sample's share of each expert (`expert_training.routing_targets`; a row of zeros:
+    no expert, loss 0); `tokens` (B, T) which positions count. The mean is over a sample's counted
+    tokens and the layers.
     """
     batch, length = tokens.shape
-    labels = targets[:, None].expand(batch, length).reshape(-1).clamp(min=0)
-    weights = (tokens & (targets[:, None] >= 0)).float()
+    soft = targets.float()[:, None, :].expand(batch, length, -1).reshape(batch * length, -1)
+    weights = (tokens & (targets.sum(1) > 0)[:, None]).float()
     per_layer = [
-        (F.cross_entropy(logits.float(), labels, reduction="none").view(batch, length) * weights).sum(1)
+        (F.cross_entropy(logits.float(), soft, reduction="none").view(batch, length) * weights).sum(1)
         for logits in layer_logits
     ]
     return torch.stack(per_layer).mean(0) / weights.sum(1).clamp(min=1)

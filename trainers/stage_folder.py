@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from medplib.core.errors import CheckpointError, InvalidInputError
+from medplib.core.expert_heads import add_expert
 from medplib.core.expert_spec import ExpertSpec
 from medplib.core.model import MODEL_PRESETS, MedPLIBForCausalLM, build_medplib
 from medplib.core.model.modeling_medplib import describe_key_problems
@@ -91,25 +93,30 @@ def load_source(location: str, seed: int = 0) -> Source:
     )
 
 
-def prepare(spec: StageSpec, source: Source, seed: int = 0) -> Prepared:
-    """Set the source's model up as `spec` trains it and mark exactly the stage's parameters trainable."""
+def prepare(spec: StageSpec, source: Source, seed: int = 0, experts: Sequence[str] | None = None) -> Prepared:
+    """Set the source's model up as `spec` trains it and mark exactly the stage's parameters trainable.
+
+    An expert stage first gives the model its expert (tokens, their rows, its head: `add_expert`);
+    stage IV composes `experts` (default: every adapter the source carries)."""
     model = source.model
     torch.manual_seed(seed)  # fresh LoRA factors and router weights start the same on every worker
     prepared = Prepared(model)
     if spec.setup == "adapter":
+        if spec.key == "expert":
+            add_expert(model, spec.expert)
         prepared.peft = _attach(model, spec.expert)
     elif spec.setup == "compose":
-        specs = _composed_experts(source)
+        specs = composed_experts(source, experts)
         adapters = [source.adapters.get(s.name) for s in specs]
         prepared.moe = compose(
             model, specs, [str(a) if a is not None else None for a in adapters], config=spec.router
         )
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(spec.trainable(name))
-        rows = spec.trained_rows(name)
+        rows = spec.trained_row_ids(name, model.config) if spec.trained_rows(name) else None
+        parameter.requires_grad_(spec.trainable(name) and rows != [])  # [] : its rows are none of these
         if rows:
             keep = torch.zeros(len(parameter), 1, dtype=parameter.dtype, device=parameter.device)
-            keep[[getattr(model.config, field) for field in rows]] = 1
+            keep[rows] = 1
             # No gradient elsewhere: AdamW without weight decay (both schedules) leaves other rows as is.
             parameter.register_hook(lambda grad, keep=keep: grad * keep)
     if not prepared.trainable_parameters():
@@ -123,14 +130,27 @@ def _attach(model: MedPLIBForCausalLM, expert: ExpertSpec) -> PeftModel:
         return attach_expert_adapter(model, expert)
 
 
-def _composed_experts(source: Source) -> list[ExpertSpec]:
-    """The experts stage IV composes: every adapter the source carries, in training order.
+def composed_experts(source: Source, names: Sequence[str] | None = None) -> list[ExpertSpec]:
+    """The experts stage IV composes: `names` (`--experts`), else every adapter the source carries, in
+    training order. A named expert the source has no adapter for is an error, never a silent drop.
 
-    A source with fewer than two (a preset, for a smoke run) composes the built-in experts, each from
-    its trained adapter where the source has one and fresh otherwise (starting equal to the trunk).
+    A source with fewer than two adapters and no names (a preset, for a smoke run) composes the built-in
+    experts, each from its trained adapter where the source has one and fresh otherwise.
     """
+    registered = get_experts()
+    if names is not None:
+        names = list(dict.fromkeys(names))
+        missing = [name for name in names if name not in source.adapters]
+        if missing:
+            held = ", ".join(source.adapters) or "none"
+            raise InvalidInputError(
+                f"--experts names {', '.join(missing)}, which {source.location} has no adapter for "
+                f"(its adapters: {held}); train each first with --stage expert --expert NAME"
+            )
+        if len(names) < 2:
+            raise InvalidInputError(f"--experts needs at least two experts to compose, got {names}")
+        return [registered.get(name) or source.specs[name] for name in names]
     if len(source.adapters) >= 2:
-        registered = get_experts()
         return [registered.get(name) or source.specs[name] for name in source.adapters]
     return require_experts(list(DEFAULT_EXPERTS.values()))
 
@@ -181,6 +201,7 @@ def save_stage(out: Path, spec: StageSpec, prepared: Prepared, source: Source, r
     if prepared.moe is not None:
         prepared.moe.save_pretrained(out / "model")
         active = "moe"
+        record = {**record, "experts": [expert.name for expert in prepared.moe.experts]}
     else:
         prepared.model.save_pretrained(out / "model", state_dict=trunk_state_dict(prepared.model))
     if prepared.peft is not None:

@@ -44,8 +44,13 @@ PARAMETER_GROUPS: dict[str, str] = {
     "router": r"\.mlp\.router\.",
     "experts": r"\.mlp\.experts\.",
     "seg_head": r"^seg_head\.",
+    # Every plugin expert's head (`<expert>_head.`); "expert_head" is the stage's own expert's alone.
+    "expert_heads": r"^(?!seg_head\.)[a-z][a-z0-9_]*_head\.",
+    "expert_head": r"(?!)",  # matches nothing here: per stage `^<expert>_head\.` (`StageSpec.pattern`)
     # The `<SEG>` token's own rows of the input embeddings and the LM head (`ROW_GROUPS`).
     "seg_token": r"^language_model\.(model\.embed_tokens|lm_head)\.weight$",
+    # The stage's expert's trigger tokens' rows (its `special_tokens`, `config.expert_token_ids`).
+    "expert_tokens": r"^language_model\.(model\.embed_tokens|lm_head)\.weight$",
     "sam_image_encoder": r"^sam\.image_encoder\.",
     "mask_decoder": r"^sam\.mask_decoder\.",
 }
@@ -53,13 +58,11 @@ LLM = ("embeddings", "lm_head", "norms", "attention", "mlp")
 # Groups that train only some rows of their matrices. `<SEG>` is new to the vocabulary: the grounding
 # stage must learn to say it (LISA trains its [SEG] embedding) without moving the rows every other
 # token, and so the stage II expert, reads. A stage that also trains the whole matrix trains every row.
-ROW_GROUPS: dict[str, str] = {"seg_token": "seg_token_id"}
+ROW_GROUPS: dict[str, str] = {"seg_token": "seg_token_id", "expert_tokens": "expert_token_ids"}
 
-StageKey = Literal["1", "2", "3", "4", "joint"]
-STAGE_KEYS: tuple[str, ...] = ("1", "2", "3", "4", "joint")
+StageKey = Literal["1", "2", "3", "4", "joint", "expert"]
+STAGE_KEYS: tuple[str, ...] = ("1", "2", "3", "4", "joint", "expert")
 DEFAULT_EXPERTS = {"2": "vision_language", "3": "pixel_grounding"}
-# The stages `--expert` picks the expert of: stage II is the vision-language expert's own recipe.
-EXPERT_STAGES = ("3",)
 ALL_TASKS = ("vqa", "region_vqa", "grounding")
 
 
@@ -112,19 +115,35 @@ class StageSpec(BaseModel):
     same_image_pairs: bool = False
     contrast: PairContrast | None = None  # needs `same_image_pairs` to find its pairs
 
+    def pattern(self, group: str) -> str:
+        if group == "expert_head":
+            return rf"^{self.expert.name}_head\." if self.expert is not None else r"^$"
+        return PARAMETER_GROUPS[group]
+
     def trainable(self, parameter_name: str) -> bool:
-        return any(re.search(PARAMETER_GROUPS[group], parameter_name) for group in self.trains)
+        return any(re.search(self.pattern(group), parameter_name) for group in self.trains)
 
     def trained_rows(self, parameter_name: str) -> list[str]:
         """Config fields of the token ids whose rows alone `parameter_name` trains; [] for all rows."""
         whole = [g for g in self.trains if g not in ROW_GROUPS]
-        if any(re.search(PARAMETER_GROUPS[group], parameter_name) for group in whole):
+        if any(re.search(self.pattern(group), parameter_name) for group in whole):
             return []
         return [
             ROW_GROUPS[g]
             for g in self.trains
             if g in ROW_GROUPS and re.search(PARAMETER_GROUPS[g], parameter_name)
         ]
+
+    def trained_row_ids(self, parameter_name: str, config: object) -> list[int]:
+        """The token ids whose rows alone `parameter_name` trains ([] for all rows or none)."""
+        ids = []
+        for field in self.trained_rows(parameter_name):
+            value = getattr(config, field)
+            if isinstance(value, dict):  # expert_token_ids: this stage's expert's tokens
+                ids += [value[token] for token in self.expert.special_tokens if token in value]
+            else:
+                ids.append(value)
+        return ids
 
     @property
     def caches_clip(self) -> bool:
@@ -144,7 +163,8 @@ JOINT_EXPERT = ExpertSpec(
     adapter=LoraSpec(r=16, alpha=16, dropout=0.05),
     trains_on=SampleFilter(tasks=ALL_TASKS),
 )
-MOE_LOSS = LossWeights(ce=1.0, bce=2.0, dice=0.5)
+# The paper's IV weights; a plugin expert's head keeps learning from its tokens (head 1).
+MOE_LOSS = LossWeights(ce=1.0, bce=2.0, dice=0.5, head=1.0)
 
 PAPER_OPTIM = {
     "1": Optimization(lr=1e-3, epochs=1),  # LLaVA-1.5's alignment learning rate; MedPLIB reuses it
@@ -157,8 +177,19 @@ PAPER_TRAINS = {
     "1": ("projector",),
     "2": ("lora", "embeddings", "lm_head", "norms", "projector", "region_adapter"),
     "3": ("lora", "seg_token", "seg_head", "mask_decoder"),
-    "4": ("router", "experts", "lm_head", "embeddings", "seg_head", "mask_decoder", "region_adapter"),
+    "4": (
+        "router",
+        "experts",
+        "lm_head",
+        "embeddings",
+        "seg_head",
+        "mask_decoder",
+        "region_adapter",
+        "expert_heads",
+    ),
 }
+# A plugin's expert stage: its LoRA, its head and its tokens' rows, on the frozen shared trunk.
+EXPERT_TRAINS = ("lora", "expert_head", "expert_tokens")
 
 # The tiny preset is randomly initialised: no pretrained CLIP, LLM or SAM exists here.
 TINY_TRAINS = {
@@ -212,10 +243,11 @@ TINY_NOTES = (
 
 
 def stage_spec(stage: str, schedule: str = "tiny", expert: str | None = None) -> StageSpec:
-    """The spec of `stage` ('1'..'4' or 'joint') under `schedule` ('tiny' or 'paper').
+    """The spec of `stage` ('1'..'4', 'joint' or 'expert') under `schedule` ('tiny' or 'paper').
 
-    `expert` picks a registered expert for an expert stage (default: vision_language in II,
-    pixel_grounding in III); a plugin's expert trains as stage III does, on the frozen trunk.
+    Stages II and III are the paper's recipe for its two experts. `expert` names the registered
+    expert the 'expert' stage trains: a built-in one by its paper stage's recipe, a plugin's its
+    LoRA, head and token rows on the frozen trunk, with its own `trains_on` and `loss_weights`.
     """
     spec = _stage_spec(stage, schedule, expert)
     if schedule != "tiny":
@@ -232,8 +264,13 @@ def _stage_spec(stage: str, schedule: str, expert: str | None) -> StageSpec:
         raise InvalidInputError(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_KEYS)}")
     if schedule not in ("tiny", "paper"):
         raise InvalidInputError(f"unknown schedule {schedule!r}; choose 'tiny' or 'paper'")
-    if expert is not None and stage not in EXPERT_STAGES:
-        raise InvalidInputError(f"--expert applies to stage {', '.join(EXPERT_STAGES)}, not stage {stage}")
+    if expert is not None and stage != "expert":
+        raise InvalidInputError(
+            f"--expert applies to --stage expert, not stage {stage} (stages 2 and 3 train "
+            f"{DEFAULT_EXPERTS['2']} and {DEFAULT_EXPERTS['3']} by the paper's recipe)"
+        )
+    if expert is None and stage == "expert":
+        raise InvalidInputError("--stage expert needs --expert NAME (a registered expert: `medplib experts`)")
     trains = TINY_TRAINS if schedule == "tiny" else PAPER_TRAINS
     optim = TINY_OPTIM if schedule == "tiny" else PAPER_OPTIM
     if stage == "1":
@@ -270,16 +307,29 @@ def _stage_spec(stage: str, schedule: str, expert: str | None) -> StageSpec:
             expert=JOINT_EXPERT,
         )
     (spec,) = require_experts([expert or DEFAULT_EXPERTS[stage]])
-    # A plugin's expert trains like the grounding expert: its LoRA only, so the trunk stays shared.
-    base = stage if spec.name == DEFAULT_EXPERTS[stage] else "3"
-    title = {"2": "II vision-language expert", "3": "III pixel-grounding expert"}[stage]
+    paper_stage = {name: key for key, name in DEFAULT_EXPERTS.items()}.get(spec.name)
+    if stage in DEFAULT_EXPERTS or paper_stage is not None:
+        base = paper_stage or stage
+        title = {"2": "II vision-language expert", "3": "III pixel-grounding expert"}[base]
+        return StageSpec(
+            key=stage,
+            title=title,
+            setup="adapter",
+            trains=trains[base],
+            tasks=spec.trains_on,
+            loss=spec.loss_weights,
+            optim=optim[base],
+            expert=spec,
+        )
+    # A plugin's expert trains on the frozen trunk (as the grounding expert does): its LoRA, its head
+    # and its tokens' rows, so the shared trunk and the other experts stay exactly as they were.
     return StageSpec(
         key=stage,
-        title=title if spec.name == DEFAULT_EXPERTS[stage] else f"expert {spec.name}",
+        title=f"expert {spec.name}",
         setup="adapter",
-        trains=trains[base],
+        trains=EXPERT_TRAINS,
         tasks=spec.trains_on,
         loss=spec.loss_weights,
-        optim=optim[base],
+        optim=optim["3"],
         expert=spec,
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from medplib.core.errors import InvalidInputError, validation_message
 from medplib.core.model import MedPLIBProcessor
 from medplib.router.config import RouterConfig
 from medplib.trainers.collate import Collator, Example, ExampleStore, caption_examples
+from medplib.trainers.expert_training import plugin_examples
 from medplib.trainers.loop import LoopOptions, train
 from medplib.trainers.stage_folder import STAGE_FILE, Prepared, load_source, prepare, save_stage
 from medplib.trainers.stages import StageSpec, stage_spec
@@ -42,6 +44,7 @@ class StageRun:
     resume: bool = False
     progress: bool = True
     router: dict | None = None  # stage IV: RouterConfig fields to change (top_k, capacity_factor, ...)
+    experts: tuple[str, ...] | None = None  # stage IV: the experts to compose (default: every adapter)
 
     def spec(self) -> StageSpec:
         spec = stage_spec(self.stage, self.schedule, self.expert)
@@ -58,6 +61,8 @@ class StageRun:
             except ValidationError as exc:
                 raise InvalidInputError(f"router options: {validation_message(exc)}") from None
             spec = spec.model_copy(update={"router": router})
+        if self.experts is not None and spec.setup != "compose":
+            raise InvalidInputError(f"--experts applies to stage 4, not stage {spec.key}")
         return spec
 
 
@@ -65,7 +70,7 @@ def stage_examples(spec: StageSpec, examples: list[Example]) -> list[Example]:
     """The examples a stage trains on: captions for stage I, else what its sample filter accepts."""
     if spec.tasks.accepts("caption"):
         return caption_examples(examples)
-    return [e for e in examples if spec.tasks.accepts(e.task, e.answer_type, e.modality)]
+    return [e for e in examples if spec.tasks.accepts(e.task, e.answer_type, e.modality, e.kind)]
 
 
 def check_out(out: Path, resume: bool) -> None:
@@ -100,13 +105,18 @@ def run_stage(
     spec = run.spec()
     store = ExampleStore.open(Path(run.data), split="train")
     examples = stage_examples(spec, store.examples())
+    source = load_source(run.model, seed=run.seed)
+    source.model.to(device or device_for(rank))
+    prepared = prepare(spec, source, seed=run.seed, experts=run.experts)
+    experts = prepared.moe.experts if prepared.moe is not None else [spec.expert] if spec.expert else []
+    # The experts' own datasets, registered by their plugins (`medplib_register_datasets`).
+    examples += plugin_examples([e for e in experts if e.name != "joint"], Path(run.data))
     if not examples:
         raise InvalidInputError(
             f"{run.data} has no training samples for stage {spec.key} ({spec.tasks.tasks})"
         )
-    source = load_source(run.model, seed=run.seed)
-    source.model.to(device or device_for(rank))
-    prepared = prepare(spec, source, seed=run.seed)
+    if prepared.moe is not None and rank == 0 and run.progress:
+        print(f"stage {spec.key} composes: {', '.join(e.name for e in experts)}", file=sys.stderr)
     processor = MedPLIBProcessor(prepared.model.config, prepared.model.tokenizer)
     options = LoopOptions(
         out=out,

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from medplib.core.model import ControlToken, build_config
-from medplib.experts.pixel_grounding.head import GroundingHead, PixelGroundingHead
 from medplib.core.plugins import get_experts
+from medplib.experts.pixel_grounding.head import GroundingHead, PixelGroundingHead
 
 
 def test_builtin_specs_carry_the_papers_values() -> None:

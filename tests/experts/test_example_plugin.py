@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 import subprocess
@@ -83,7 +84,8 @@ def test_three_expert_moe_runs_a_grounding_forward_and_round_trips(
     assert torch.isfinite(out.logits).all() and out.pred_masks[0].masks.shape == (1, 60, 80)
     assert statistics.as_dict()["layers"]["0"]["assignments"]["image"] == tiny_medplib.config.num_image_tokens
     head = specs[2].build_head(tiny_medplib.config)
-    assert head(out.last_hidden_state[:, -1]).shape == (1, 8)
+    modalities = importlib.import_module("medplib_expert_modality.outputs").MODALITIES
+    assert head(out.last_hidden_state[:, -1]).shape == (1, len(modalities))
     question = processor([Request(image, [Turn("What modality is this?")])])
     inputs = {k: question[k] for k in ("input_ids", "attention_mask", "pixel_values", "region_masks")}
     with torch.no_grad(), moe.track(input_ids=question["input_ids"]) as generated:

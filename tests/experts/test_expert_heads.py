@@ -108,7 +108,7 @@ def test_a_capability_forces_its_token_and_says_so(modality_model) -> None:
         and grounded.outputs["pixel_grounding"][0]["mask"]
         == grounded.masks[0].model_dump(mode="json")["mask"]
     )
-    with pytest.raises(InvalidInputError, match="unknown capability 'laterality'.*modality_classification"):
+    with pytest.raises(InvalidInputError, match=r"unknown capability 'laterality'.*modality_classification"):
         assistant.answer(IMAGE, "Which side?", capability="laterality")
 
 

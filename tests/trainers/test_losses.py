@@ -97,12 +97,16 @@ def test_routing_loss_counts_only_marked_tokens_of_samples_with_an_expert() -> N
     # Two samples of three tokens, two experts; one routed layer.
     logits = torch.tensor([[2.0, 0.0], [0.0, 0.0], [5.0, -5.0], [0.0, 1.0], [9.0, 9.0], [1.0, 0.0]])
     tokens = torch.tensor([[False, True, True], [True, True, False]])
-    targets = torch.tensor([1, -1])  # sample 0 belongs to expert 1; sample 1 to none
+    targets = torch.tensor([[0.0, 1.0], [0.0, 0.0]])  # sample 0 belongs to expert 1; sample 1 to none
     per_sample = routing_loss([logits], targets, tokens)
     expected = (math.log(2) + (10 + math.log(1 + math.exp(-10)))) / 2  # tokens 1 and 2 of sample 0
     assert per_sample.tolist() == pytest.approx([expected, 0.0], rel=1e-5)
     # Two identical layers average to the same loss.
     assert routing_loss([logits, logits], targets, tokens).tolist() == pytest.approx(per_sample.tolist())
+    # A sample two experts share pulls both gates alike: its loss is the mean of the two experts' CE.
+    shared = routing_loss([logits], torch.tensor([[0.5, 0.5], [0.0, 0.0]]), tokens)
+    one = routing_loss([logits], torch.tensor([[1.0, 0.0], [0.0, 0.0]]), tokens)
+    assert shared[0].item() == pytest.approx((one[0].item() + expected) / 2, rel=1e-5)
 
 
 def test_pair_contrast_by_hand() -> None:

@@ -96,7 +96,7 @@ def test_expert_stages_take_samples_losses_and_lora_from_the_expert_specs() -> N
     assert two.loss == VISION_LANGUAGE.loss_weights
     assert three.expert.name == GROUNDING.name and three.loss == LossWeights(ce=1, bce=1, dice=5, focal=1)
     assert (two.expert.adapter.r, two.expert.adapter.alpha, three.expert.adapter.r) == (16, 16, 8)
-    assert stage_spec("4").loss == LossWeights(ce=1, bce=2, dice=0.5)
+    assert stage_spec("4").loss == LossWeights(ce=1, bce=2, dice=0.5, head=1)  # + plugin heads
     assert stage_spec("2", "paper").optim.lr == 1e-4 and stage_spec("3", "paper").optim.lr == 3e-4
     assert stage_spec("2", "paper").optim.betas == (0.9, 0.95) and stage_spec("4").optim.grad_clip == 1.0
     joint = stage_spec("joint")
@@ -104,7 +104,7 @@ def test_expert_stages_take_samples_losses_and_lora_from_the_expert_specs() -> N
     assert set(joint.trains) == set(stage_spec("2").trains) | set(stage_spec("3").trains)
 
 
-def test_a_plugin_expert_trains_like_the_grounding_expert(register_plugin) -> None:
+def test_a_plugin_expert_stage_trains_its_own_lora(register_plugin) -> None:
     spec = ExpertSpec(
         name="modality_test",
         capabilities=("vqa",),
@@ -118,11 +118,12 @@ def test_a_plugin_expert_trains_like_the_grounding_expert(register_plugin) -> No
             register(spec)
 
     register_plugin(Plugin(), "modality-test-plugin")
-    stage = stage_spec("3", expert="modality_test")
+    stage = stage_spec("expert", expert="modality_test")
     assert stage.tasks.accepts("vqa", "closed") and not stage.tasks.accepts("vqa", "open")
-    names = trainable("3", "paper", expert="modality_test")
+    names = trainable("expert", "paper", expert="modality_test")
     lora = {n for n in names if ".lora_" in n}
     assert lora and all(".mlp.up_proj.lora_" in n for n in lora)  # the plugin's own LoRA targets
+    assert names == lora  # no head, no tokens: its LoRA alone, never the shared embeddings
 
 
 @pytest.mark.parametrize(
@@ -131,8 +132,10 @@ def test_a_plugin_expert_trains_like_the_grounding_expert(register_plugin) -> No
         (("5",), InvalidInputError),
         (("2", "fast"), InvalidInputError),
         (("4", "tiny", "vision_language"), InvalidInputError),
-        (("3", "tiny", "no_such_expert"), PluginError),
-        (("2", "tiny", "pixel_grounding"), InvalidInputError),  # stage II is the VL expert's recipe
+        (("expert", "tiny", "no_such_expert"), PluginError),
+        (("2", "tiny", "vision_language"), InvalidInputError),  # stages 2 and 3 are the paper's recipe
+        (("3", "tiny", "pixel_grounding"), InvalidInputError),
+        (("expert", "tiny", None), InvalidInputError),
     ],
 )
 def test_bad_stage_arguments_are_refused(args: tuple, error: type) -> None:

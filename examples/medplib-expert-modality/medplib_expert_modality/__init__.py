@@ -16,7 +16,7 @@ from medplib_expert_modality.data import modality_records
 SPEC = ExpertSpec(
     name="modality",
     version="0.1.0",
-    description="Recognises the imaging modality of a medical image (MRI, CT, X-ray, ...) from its <MOD> token.",
+    description="Recognises the imaging modality of an image (MRI, CT, X-ray, ...) from its <MOD> token.",
     capabilities=("modality_classification",),
     special_tokens=("<MOD>",),
     adapter=LoraSpec(target_modules=("gate_proj", "up_proj"), r=4, alpha=8, dropout=0.05),

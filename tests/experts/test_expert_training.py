@@ -1,0 +1,155 @@
+"""An expert stage trains one expert's LoRA, head and token rows; stage IV composes the experts named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from medplib.core.errors import InvalidInputError
+from medplib.core.expert_spec import ExpertSpec, SampleFilter
+from medplib.core.model import build_medplib
+from medplib.core.plugins import get_experts
+from medplib.trainers.collate import ExampleStore
+from medplib.trainers.data.loader import load_samples
+from medplib.trainers.expert_training import plugin_examples, routing_targets
+from medplib.trainers.train import StageRun, run_stage
+
+MODALITIES = ["MRI", "CT", "X-ray"]
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six images of three modalities, each with a modality question, as `medplib data build` writes."""
+    root = tmp_path_factory.mktemp("modality-data")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    samples = []
+    for index in range(6):
+        modality = MODALITIES[index % 3]
+        pixels = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) // (1 + index % 3)
+        Image.fromarray(pixels).save(root / "images" / f"{index}.png")
+        samples.append(
+            {
+                "id": f"s{index}",
+                "image": f"images/{index}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat modality is this scan?"},
+                    {"from": "gpt", "value": modality},
+                ],
+                "answer_type": "closed",
+                "split": "train",
+                "part": "C",
+                "modality": modality,
+                "question_kind": "modality",
+            }
+        )
+    for split in ("train", "val", "test"):
+        (root / f"{split}.json").write_text(json.dumps([{**s, "split": split} for s in samples]))
+    return root
+
+
+def test_the_plugins_dataset_feeds_its_expert_with_its_token_in_the_answers(
+    example_module, small_dataset
+) -> None:
+    spec = get_experts()["modality"]
+    examples = plugin_examples([spec], small_dataset)
+    assert len(examples) == 6 and {e.modality for e in examples} == set(MODALITIES)
+    answer = examples[0].request.turns[-1].assistant
+    assert type(answer[0]).__name__ == "ExpertToken" and answer[0].text == "<MOD>"
+
+
+def test_expert_stage_trains_only_its_lora_head_and_token_rows(
+    example_module, small_dataset, tmp_path
+) -> None:
+    out = tmp_path / "modality"
+    run = StageRun(
+        stage="expert",
+        model="tiny",
+        data=str(small_dataset),
+        out=str(out),
+        expert="modality",
+        steps=2,
+        batch_size=4,
+        progress=False,
+    )
+    outcome = run_stage(run)
+    assert any(
+        key.startswith("head:modality")
+        for key in json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    )
+    record = json.loads((out / "stage.json").read_text())
+    assert record["active"] == "modality" and record["title"] == "expert modality"
+    assert record["examples"] == 12  # its trains_on's 6 modality questions + its dataset's 6 <MOD> records
+    assert "<MOD>" in (out / "model" / "tokenizer.json").read_text()
+    assert (out / "adapters" / "modality" / "adapter_model.safetensors").is_file()
+
+    torch.manual_seed(0)
+    fresh = build_medplib("tiny").state_dict()
+    trained = load_file(str(out / "model" / "model.safetensors"))
+    mod = outcome.prepared.model.config.expert_token_ids["<MOD>"]
+    changed = {
+        key
+        for key, value in trained.items()
+        if key in fresh and value.shape == fresh[key].shape and not torch.equal(value, fresh[key])
+    }
+    assert changed == set()  # the shared trunk is untouched
+    for key in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
+        assert torch.equal(trained[key][:mod], fresh[key]) and trained[key].shape[0] == mod + 1
+    assert {key.split(".")[0] for key in set(trained) - set(fresh)} == {"modality_head"}
+
+
+def test_stage_four_refuses_a_named_expert_the_folder_has_no_adapter_for(
+    example_module, small_dataset, tmp_path
+) -> None:
+    source = tmp_path / "modality"
+    run_stage(
+        StageRun(
+            stage="expert",
+            model="tiny",
+            data=str(small_dataset),
+            out=str(source),
+            expert="modality",
+            steps=1,
+            progress=False,
+        )
+    )
+    composed = StageRun(
+        stage="4",
+        model=str(source),
+        data=str(small_dataset),
+        out=str(tmp_path / "moe"),
+        steps=1,
+        progress=False,
+        experts=("vision_language", "pixel_grounding", "modality"),
+    )
+    with pytest.raises(
+        InvalidInputError,
+        match=r"--experts names vision_language, pixel_grounding, which .* \(its adapters: modality\)",
+    ):
+        run_stage(composed)
+    with pytest.raises(InvalidInputError, match="--experts applies to stage 4"):
+        StageRun(stage="2", model="tiny", data="d", out="o", experts=("a", "b")).spec()
+
+
+def test_routing_targets_share_a_sample_among_the_experts_that_accept_it(
+    example_module, small_dataset
+) -> None:
+    model = build_medplib("tiny")
+    from medplib.core.expert_heads import add_expert
+
+    add_expert(model, get_experts()["modality"])
+    experts = [get_experts()[name] for name in ("vision_language", "pixel_grounding", "modality")]
+    plain = ExampleStore(load_samples(small_dataset, split="train")).examples()[0]  # a modality question
+    own = plugin_examples([experts[2]], small_dataset)[0]  # says <MOD>
+    other = ExpertSpec(name="other", capabilities=("x",), trains_on=SampleFilter(tasks=("caption",)))
+    targets = routing_targets([*experts, other], [plain, own], model)
+    # vision_language (vqa) and modality (modality questions) both accept the plain one: they share it.
+    assert targets[0].tolist() == pytest.approx([0.5, 0.0, 0.5, 0.0])
+    # The sample that trains <MOD> goes to the expert whose token it is.
+    assert targets[1].tolist() == [0.0, 0.0, 1.0, 0.0]

@@ -1,0 +1,132 @@
+"""What training does with experts' heads, tokens, datasets and routes, for every expert alike.
+
+- `head_losses`: each trigger token in a batch's answers sends the hidden state that predicts it to
+  its expert's head, which is scored against the sample's target (`ExpertHead.target`), weighted by
+  the stage's `loss.head`. Image-conditioned heads (grounding) have their mask losses instead.
+- `plugin_examples`: the datasets an expert's plugin registers (`medplib_register_datasets`) named
+  after the expert (`<expert>` or `<expert>_<anything>`), read from the stage's data folder, their
+  answers' trigger tokens kept as the expert's tokens.
+- `routing_targets`: stage IV's routing target of each sample, a distribution over the composed
+  experts: the experts whose trigger tokens its answer holds, else every expert whose `trains_on`
+  accepts it, shared equally. So two experts that both accept a sample share it instead of the
+  first one taking it all, and a sample that trains an expert's token goes to that expert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from medplib.core.errors import InvalidInputError, PluginError, validation_message
+from medplib.core.expert_spec import ExpertSpec
+from medplib.core.model.conversation import ExpertToken
+from medplib.core.plugins import get_datasets
+from medplib.trainers.collate import Example, ExampleStore
+from medplib.trainers.data.loader import LoadedSamples
+from medplib.trainers.data.mecovqa import Sample, dataset_root
+from medplib.trainers.losses import BatchLoss
+
+
+def trigger_positions(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list:
+    """(row, position, expert) of each position that predicts a trigger token of a generic head."""
+    found = []
+    for token_id, name in model.trigger_experts.items():
+        if model.expert_heads[name].image_conditioned:
+            continue
+        hits = (input_ids[:, 1:] == token_id) & attention_mask[:, 1:].bool()
+        found += [(int(r), int(p), name) for r, p in torch.nonzero(hits).tolist()]
+    return sorted(found)
+
+
+def head_losses(
+    loss: BatchLoss,
+    model: Any,
+    hidden: torch.Tensor,
+    batch: dict,
+    weight: float,
+    global_batch: int,
+) -> BatchLoss:
+    """`loss` plus every generic head's loss on its trigger tokens (logged as 'head:<expert>'), each
+    sample's mean over its triggers, summed over samples and divided by the global batch."""
+    if weight <= 0:
+        return loss
+    examples = batch["examples"]
+    per_expert: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    for row, position, name in trigger_positions(model, batch["input_ids"], batch["attention_mask"]):
+        target = model.expert_heads[name].target(examples[row])
+        if target is not None:
+            per_expert.setdefault(name, []).append((row, hidden[row, position], target))
+    total, parts, counts = loss.total, dict(loss.parts), dict(loss.counts)
+    for name, items in per_expert.items():
+        head = model.expert_heads[name]
+        rows = torch.tensor([row for row, _, _ in items], device=hidden.device)
+        states = torch.stack([state for _, state, _ in items])
+        targets = torch.stack([target for _, _, target in items]).to(hidden.device)
+        values = head.loss(head(states), targets)
+        sums = values.new_zeros(len(hidden)).index_add(0, rows, values)
+        per_sample = sums / torch.bincount(rows, minlength=len(hidden)).clamp(min=1)
+        used = torch.bincount(rows, minlength=len(hidden)) > 0
+        total = total + weight * per_sample.sum() / global_batch
+        parts[f"head:{name}"] = float(per_sample[used].detach().mean())
+        counts[f"head:{name}"] = int(used.sum())
+    return BatchLoss(total, parts, counts)
+
+
+def routing_targets(experts: Sequence[ExpertSpec], examples: Sequence[Example], model: Any) -> torch.Tensor:
+    """(B, K) each sample's share of each composed expert (rows of zeros: no expert accepts it)."""
+    token_expert = {token_id: name for token_id, name in model.trigger_experts.items()}
+    names = [spec.name for spec in experts]
+    targets = torch.zeros(len(examples), len(experts))
+    for row, example in enumerate(examples):
+        said = {token_expert[i] for i in _answer_ids(example, model) if i in token_expert}
+        chosen = [k for k, name in enumerate(names) if name in said]
+        if not chosen:
+            chosen = [
+                k
+                for k, spec in enumerate(experts)
+                if spec.trains_on.accepts(example.task, example.answer_type, example.modality, example.kind)
+            ]
+        if chosen:
+            targets[row, chosen] = 1 / len(chosen)
+    return targets
+
+
+def _answer_ids(example: Example, model: Any) -> set[int]:
+    """The trigger-token ids the sample's answers hold (`<SEG>`, an expert's token), placed by id."""
+    ids = set()
+    for turn in example.request.turns:
+        parts = [] if turn.assistant is None or isinstance(turn.assistant, str) else turn.assistant
+        for part in parts:
+            token = part.text if isinstance(part, ExpertToken) else getattr(part, "value", None)
+            if token in model.config.expert_token_ids:
+                ids.add(model.config.expert_token_ids[token])
+    return ids
+
+
+def plugin_examples(experts: Sequence[ExpertSpec], data: Path, split: str = "train") -> list[Example]:
+    """The examples of the datasets registered for `experts` (by name), read from the folder `data`."""
+    datasets = get_datasets()
+    examples: list[Example] = []
+    for spec in experts:
+        for name, builder in datasets.items():
+            if name != spec.name and not name.startswith(f"{spec.name}_"):
+                continue
+            try:
+                samples = [Sample.model_validate(record) for record in builder(data, split)]
+            except ValidationError as exc:
+                problem = validation_message(exc)
+                raise PluginError(f"dataset {name!r}: a record is not MeCoVQA: {problem}") from None
+            except Exception as exc:  # the plugin's own code: name it, whatever it raised
+                raise PluginError(f"dataset {name!r} failed to build from {data}: {exc!r}") from None
+            store = ExampleStore(
+                LoadedSamples(dataset_root(data), samples, []), expert_tokens=spec.special_tokens
+            )
+            try:
+                examples += store.examples()
+            except (OSError, InvalidInputError) as exc:
+                raise PluginError(f"dataset {name!r}: {exc}") from None
+    return examples
