@@ -345,7 +345,8 @@ def keep_only(model: nn.Module, names: Sequence[str]) -> None:
 
 
 def model_config(source: str) -> Any:
-    """The composed model's config, without its weights: from a preset, or a checkpoint's config.json."""
+    """The composed model's config, without its weights: from a preset, or a checkpoint's config.json
+    (a training stage's folder keeps its model, and so its config, in `model/`)."""
     from medplib.core.model import MODEL_PRESETS, build_config
 
     if source in MODEL_PRESETS:
@@ -355,4 +356,6 @@ def model_config(source: str) -> Any:
     from medplib.core.model.storage import local_folder
 
     with local_folder(source) as folder:
+        if not (folder / "config.json").is_file() and (folder / "model" / "config.json").is_file():
+            folder = folder / "model"
         return AutoConfig.from_pretrained(folder, local_files_only=True)
