@@ -30,10 +30,11 @@ class ExpertSummary(BaseModel):
     special_tokens: list[str]
     adapter: str = Field(description="LoRA rank, alpha and target projections")
     source: str
-    role: Literal["registered", "routed", "adapter", "active adapter"] = Field(
+    role: Literal["registered", "routed", "adapter", "active adapter", "held"] = Field(
         "registered",
         description="registered: installed here (a preset's experts); in a checkpoint: routed (composed "
-        "by its router), adapter (carried by its stage folder) or active adapter (the one it answers with)",
+        "by its router), adapter (carried by its stage folder), active adapter (the one it answers "
+        "with) or held (its tokens and head are in the trunk, without an adapter)",
     )
     installed: bool = Field(True, description="registered here: a checkpoint's experts must be, to load")
 
@@ -102,7 +103,7 @@ def model_info(
             except (OSError, ValueError) as exc:
                 raise CheckpointError(f"{source}: not a medplib checkpoint ({exc})") from None
             tokenizer = load_tokenizer(folder)
-            experts = checkpoint_experts(folder, stage_record) or converted_experts(config.routed_experts)
+            experts = checkpoint_experts(folder, stage_record, config)
         model_class = MedPLIBForCausalLM
         if config.routed_experts:  # router builds on core: reached only for such a checkpoint
             from medplib.router.dense import MedPLIBWithRoutedExperts as model_class
@@ -185,10 +186,13 @@ def registered_experts() -> list[ExpertSummary]:
     return [expert_summary(spec) for spec in get_experts().values()]
 
 
-def checkpoint_experts(folder: str | os.PathLike[str], stage_record: dict | None) -> list[ExpertSummary]:
+def checkpoint_experts(
+    folder: str | os.PathLike[str], stage_record: dict | None, config: Any = None
+) -> list[ExpertSummary]:
     """The experts a checkpoint holds, from its own records (the specs as they were when it was made):
     those its router composes (`moe.safetensors`' header), else the adapters its stage folder carries
-    (`stage.json`), else none (a trunk)."""
+    (`stage.json`), else those a converted release routes, else those whose tokens and heads the
+    trunk holds (`config.experts`; the built-ins for a checkpoint older than that record)."""
     from medplib.core.plugins import get_experts
     from medplib.router.moe import MOE_FILE, read_moe_record
 
@@ -198,7 +202,9 @@ def checkpoint_experts(folder: str | os.PathLike[str], stage_record: dict | None
         specs = [ExpertSpec.model_validate(spec) for spec in read_moe_record(moe_file)["experts"]]
         return [expert_summary(spec, "routed", spec.name in installed) for spec in specs]
     if stage_record is None:
-        return []
+        if config is not None and config.routed_experts:
+            return converted_experts(config.routed_experts)
+        return [] if config is None else held_experts(config)
     recorded = stage_record.get("specs", {})
     active = stage_record.get("active")
     summaries = []
@@ -207,6 +213,28 @@ def checkpoint_experts(folder: str | os.PathLike[str], stage_record: dict | None
         role = "active adapter" if name == active else "adapter"
         summaries.append(expert_summary(spec, role, name in installed))
     return summaries
+
+
+def held_experts(config: Any) -> list[ExpertSummary]:
+    """The experts a plain checkpoint holds (tokens, rows, heads; no adapter), by its config."""
+    from medplib.core.expert_heads import checkpoint_experts as recorded_experts
+    from medplib.core.plugins import get_experts
+
+    installed = get_experts()
+    return [
+        expert_summary(installed[name], "held")
+        if name in installed
+        else ExpertSummary(
+            name=name,
+            capabilities=[],
+            special_tokens=[],
+            adapter="-",
+            source="?",
+            role="held",
+            installed=False,
+        )
+        for name in recorded_experts(config)
+    ]
 
 
 def converted_experts(routed: dict[str, Any] | None) -> list[ExpertSummary]:
@@ -245,9 +273,6 @@ def format_info(info: ModelInfo) -> str:
             f"top-{routed['top_k']}, layers {routed['layers']}"
             + (f", {routed['parameters']:,} parameters" if "parameters" in routed else ""),
         ]
-    if not info.experts:
-        lines += ["", "experts   none: a trunk, without expert adapters"]
-        return "\n".join(lines)
     lines += ["", f"{'expert':<18} {'capabilities':<26} {'in the model':<15} adapter"]
     for expert in info.experts:
         role = expert.role + ("" if expert.installed else ", NOT INSTALLED here")

@@ -81,8 +81,8 @@ def test_info_shows_each_checkpoints_own_experts(stage_folders: dict[str, Path],
     (line,) = [line for line in text.splitlines() if line.startswith("laterality")]
     assert "laterality_vqa" in line and "active adapter, NOT INSTALLED here" in line
 
-    described, text = info(stage_folders["trunk"])
-    assert described["experts"] == [] and "experts   none: a trunk, without expert adapters" in text
+    described, text = info(stage_folders["trunk"])  # a plain checkpoint: the experts its config holds
+    assert experts_of(described) == [("vision_language", "held", True), ("pixel_grounding", "held", True)]
 
     preset = [name for name, role, _ in experts_of(info("tiny")[0]) if role == "registered"]
     assert preset[:2] == ["vision_language", "pixel_grounding"] and "installed_only" in preset
