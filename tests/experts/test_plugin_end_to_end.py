@@ -48,22 +48,21 @@ def guide_commands() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def guide_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def guide_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Runs the guide's commands in a fresh folder holding a copy of the example (so pip's build leaves
-    nothing in the repository). pip works offline here: no index, no build isolation, no dependencies
-    (medplib is installed); the command lines themselves are the guide's."""
+    nothing in the repository). The command lines are the guide's; the environment makes pip work
+    offline (no index, no build isolation, no dependencies: medplib is installed) and install into
+    `site/` in that folder, which the later commands (and this process, and Ray's workers) import
+    from, so the test neither changes the shared environment nor sees another copy installed there."""
     cwd = tmp_path_factory.mktemp("guide")
     shutil.copytree(
         REPO / "examples" / "medplib-expert-modality", cwd / "examples" / "medplib-expert-modality"
     )
-    try:
-        metadata.distribution("medplib-expert-modality")
-        installed_before = True
-    except metadata.PackageNotFoundError:
-        installed_before = False
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": os.pathsep.join([str(cwd / "site"), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "PIP_TARGET": str(cwd / "site"),
         "PIP_NO_INDEX": "1",
         "PIP_NO_BUILD_ISOLATION": "0",  # pip reads "0" as: do not isolate (it cannot download setuptools)
         "PIP_NO_DEPS": "1",
@@ -76,23 +75,24 @@ def guide_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             command, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=900
         )
         assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
-    yield cwd
-    if not installed_before:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "uninstall", "-y", "-q", "medplib-expert-modality"], check=True
-        )
+    return cwd
 
 
 @pytest.fixture(scope="module")
-def modality_registered(guide_run: Path) -> None:
-    """The pip-installed example registered in this process too (unless a test registered it already)."""
+def modality_registered(guide_run: Path) -> Iterator[str]:
+    """The example as the guide installed it, importable here (and by Ray's workers, through
+    PYTHONPATH) and registered in this process (unless a test registered the repository's copy)."""
     import importlib
 
+    site = str(guide_run / "site")
+    sys.path.insert(0, site)
     importlib.invalidate_caches()
     plugins.load_plugins()
     if plugins.pm.get_plugin("modality") is None:
         (entry_point,) = metadata.entry_points(group=plugins.ENTRY_POINT_GROUP, name="modality")
         assert plugins.load_entry_point(entry_point)
+    yield site
+    sys.path.remove(site)
 
 
 def test_the_plugin_guide_runs_as_written(guide_run: Path) -> None:
@@ -138,7 +138,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(guide_run: Path, modality_registered: None) -> Iterator[str]:
+def served(guide_run: Path, modality_registered: str) -> Iterator[str]:
     """The stage IV model on a local Ray Serve, its plugin head in `Expert-modality`."""
     import ray
     from ray import serve
@@ -146,9 +146,14 @@ def served(guide_run: Path, modality_registered: None) -> Iterator[str]:
     from medplib.agents.app import deploy
     from medplib.agents.serve_config import ServeConfig
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    assert not ray.is_initialized(), "one local Ray cluster at a time: another test left one running"
+    path = os.pathsep.join([modality_registered, *filter(None, [os.environ.get("PYTHONPATH")])])
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+    )
     config = ServeConfig.from_yaml(REPO / "examples" / "serve" / "cpu.yaml").with_overrides(
         app_name="plugin-e2e",
         model=str(guide_run / "runs" / "moe"),
@@ -158,10 +163,8 @@ def served(guide_run: Path, modality_registered: None) -> Iterator[str]:
     )
     url = deploy(config)
     yield url
-    serve.delete("plugin-e2e")
-    if started:
-        serve.shutdown()
-        ray.shutdown()
+    serve.shutdown()
+    ray.shutdown()
 
 
 @pytest.mark.ray

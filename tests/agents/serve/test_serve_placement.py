@@ -53,7 +53,10 @@ def replicas_of(deployment: str, expected: int) -> dict[str, dict[str, Any]]:
     return seen
 
 
-def test_each_deployment_lands_where_its_config_says(served: Any, modality_checkpoint: Path) -> None:
+def test_each_deployment_lands_where_its_config_says(
+    served: Any, example_plugin: Any, modality_checkpoint: Path
+) -> None:
+    """`example_plugin`: the replicas find the example's expert as a user's would, installed."""
     import ray
 
     config = placed_config(Path(__file__).parents[3] / "examples" / "serve", modality_checkpoint)
