@@ -239,14 +239,15 @@ def example_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[metadat
 @pytest.fixture(scope="session")
 def example_module() -> Iterator[object]:
     """The example expert registered in this process from the repository (no pip), for tests of the
-    model and training; the pip-installed path is `example_plugin`'s."""
+    model and training; the pip-installed path is `example_plugin`'s (a copy installed in this
+    environment already, which loading the plugins registers, is used as it is)."""
+    plugins.load_plugins()
     already = plugins.pm.get_plugin("modality")
     if already is not None:
         yield already
         return
     sys.path.insert(0, str(EXAMPLE))
     module = importlib.import_module("medplib_expert_modality")
-    plugins.load_plugins()
     assert plugins.register_plugin(module, "modality", "example")
     yield module
     plugins.pm.unregister(module)
