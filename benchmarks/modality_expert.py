@@ -11,8 +11,10 @@ modality` -> stage IV `--experts vision_language,pixel_grounding,modality`. On t
   `outputs["modality"]` against the image's modality (accuracy; how often `<MOD>` had to be forced);
 - the VQA answer: the test split's modality questions answered in words (exact match), by the stage II
   expert, the modality expert's stage and the MoE;
-- the MoE's routing: each expert's share of the text tokens per routed layer, for the `<MOD>`
-  questions, the other VQA questions and the grounding requests, teacher-forced.
+- the MoE's routing: each expert's share of the question and answer tokens (those the routing
+  loss supervises; the system prompt and the image come first and are the same for every request)
+  per routed layer, for the `<MOD>` questions, the modality questions in words, the other VQA
+  questions and the grounding requests, teacher-forced.
 
 Writes benchmarks/results/modality_expert.{json,md}. One torch thread (the machine is shared).
 """
@@ -37,16 +39,18 @@ from medplib.router.statistics import RoutingStatistics
 from medplib.trainers.collate import Collator, ExampleStore
 from medplib.trainers.data.builder import build_dataset
 from medplib.trainers.expert_training import plugin_examples
+from medplib.trainers.loop import answer_side
 from medplib.trainers.stage_folder import load_stage_model
 from medplib.trainers.train import StageRun, run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 EXAMPLE = ROOT / "examples" / "medplib-expert-modality"
-# Steps per stage: the tiny schedule's recipe, shortened so the chain runs in minutes on 2 shared cores.
-STEPS = {"1": 40, "2": 120, "3": 60, "expert": 100, "4": 120}
+# Steps per stage: the tiny schedule's recipe, shortened so the chain runs in minutes on 2 shared cores;
+# stage IV runs its recipe's own length (2 epochs), which its router needs to learn the routes.
+STEPS = {"1": 40, "2": 120, "3": 60, "expert": 100, "4": None}
 EXPERTS = ("vision_language", "pixel_grounding", "modality")
-QUESTION = "What imaging modality was used for this image?"
+QUESTION = "Classify the imaging modality of this image."  # a wording of the expert's dataset
 
 
 def register_example() -> None:
@@ -72,7 +76,7 @@ def train_chain(work: Path, data: Path, scale: float) -> dict[str, dict]:
             records[stage] = json.loads((out / "stage.json").read_text())
             continue
         model = source if source == "tiny" else str(work / source)
-        steps = max(1, round(STEPS[stage] * scale))
+        steps = None if STEPS[stage] is None else max(1, round(STEPS[stage] * scale))
         began = time.perf_counter()
         run = StageRun(stage=stage, model=model, data=str(data), out=str(out), steps=steps, **options)
         records[stage] = run_stage(run).record
@@ -136,12 +140,14 @@ def routing_shares(folder: Path, store: ExampleStore, data: Path) -> dict:
         for start in range(0, len(examples), 8):
             batch = collate(examples[start : start + 8])
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "region_masks")}
-            with torch.no_grad(), moe.track(input_ids=batch["input_ids"], statistics=statistics):
+            # Counted as "text": the question and answer; as "image": everything before them.
+            others = ~answer_side(batch["input_ids"], batch["attention_mask"], model.config.im_end_token_id)
+            with torch.no_grad(), moe.track(others, statistics=statistics):
                 model(**inputs)
         layers = statistics.as_dict()["layers"]
         shares[group] = {
             "samples": len(examples),
-            "text_share_by_layer": {layer: entry["shares"]["text"] for layer, entry in layers.items()},
+            "answer_side_share_by_layer": {layer: entry["shares"]["text"] for layer, entry in layers.items()},
         }
     return {"experts": [spec.name for spec in moe.experts], "groups": shares}
 
@@ -188,14 +194,14 @@ def markdown(payload: dict) -> str:
         f"Head accuracy after stage IV minus after its expert stage: {gap:+.1f} points (goal: within 2).",
         f"Test images by modality: {counts}; always answering the most common one scores {majority:.3f}.",
         "",
-        "Stage IV routing, share of text tokens per expert "
+        "Stage IV routing, share of the question and answer tokens per expert "
         f"({', '.join(scores['stage IV']['routing']['experts'])}), mean over routed layers:",
         "",
         "| requests | samples | shares |",
         "|---|---|---|",
     ]
     for group, entry in scores["stage IV"]["routing"]["groups"].items():
-        per_layer = list(entry["text_share_by_layer"].values())
+        per_layer = list(entry["answer_side_share_by_layer"].values())
         mean = [sum(layer[k] for layer in per_layer) / len(per_layer) for k in range(len(per_layer[0]))]
         lines.append(f"| {group} | {entry['samples']} | {' / '.join(f'{v:.2f}' for v in mean)} |")
     lines += ["", "Per-layer shares and per-modality counts are in `modality_expert.json`.", ""]

@@ -21,6 +21,7 @@ Grounding asks for a mask, so one is always produced: if the model would end its
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 from collections.abc import Collection, Generator, Iterator, Mapping, Sequence
@@ -48,6 +49,7 @@ from medplib.core.model import (
     build_medplib,
     load_llava_and_sam,
 )
+from medplib.core.model.conversation import ExpertToken
 from medplib.core.model.generation import run_to_end
 from medplib.core.model.medplib_release import convert_hint, is_release_config
 from medplib.core.model.quantization import check_quantization, quantize
@@ -404,15 +406,15 @@ class MedPLIB:
             question = self._grounding_question(text) if query.task == "ground" else text
             earlier, answers = self._history(query.history)
             prefilled = grounding_answer == "template" and query.task == "ground"
-            required = capability_token(self.model, query.capability)
+            token, at_start = capability_token(self.model, query.capability) or (None, False)
             prepared.append(
                 self._prepare(
                     query.image,
                     query.image_options,
                     [*earlier, (question, query.regions)],
                     [*answers, template] if prefilled else answers,
-                    require_seg=query.task == "ground" or required == self.model.config.seg_token_id,
-                    require_token=required,
+                    require_seg=query.task == "ground" or token == self.model.config.seg_token_id,
+                    require_token=(token, at_start) if token is not None else None,
                 )
             )
         # Rows whose answer is prefilled run apart from those that decode theirs.
@@ -618,7 +620,7 @@ class MedPLIB:
         answers: Sequence[str],
         *,
         require_seg: bool,
-        require_token: int | None = None,
+        require_token: tuple[int, bool] | None = None,
     ) -> _Prepared:
         """Load the image, turn every region prompt into a mask on its grid and lay out the turns."""
         num_regions = sum(len(regions) for _, regions in questions)
@@ -637,11 +639,13 @@ class MedPLIB:
         turns = []
         for index, (question, regions) in enumerate(questions):
             masks += [prompt.to_mask(height, width) for prompt in regions]
-            answer = answer_parts(answers[index]) if index < len(answers) else None
+            expert_tokens = list(self.model.config.expert_token_ids)
+            answer = answer_parts(answers[index], expert_tokens) if index < len(answers) else None
             turns.append(Turn(question_parts(question, len(regions)), answer))
         answered = len(answers) == len(questions)  # the last turn's answer is given: prefilled, not decoded
+        token, at_start = require_token or (None, False)
         conversation = Conversation(
-            loaded.pixels, turns, masks, require_seg, require_token=require_token, answered=answered
+            loaded.pixels, turns, masks, require_seg, token, at_start, answered=answered
         )
         return _Prepared(conversation, loaded, load_ms, num_regions)
 
@@ -709,12 +713,16 @@ def question_parts(text: str, num_regions: int) -> list[str | ControlToken]:
     return [part for part in parts if part != ""]
 
 
-def answer_parts(text: str) -> list[str | ControlToken]:
-    """An earlier answer's parts: `<SEG>` where the assistant made a mask, text elsewhere."""
-    parts: list[str | ControlToken] = []
-    for index, piece in enumerate(text.split(SEG_TEXT)):
-        if index:
+def answer_parts(text: str, expert_tokens: Sequence[str] = ()) -> list[str | ControlToken | ExpertToken]:
+    """An earlier answer's parts: `<SEG>` where the assistant made a mask, an expert's token (e.g.
+    `<MOD>`, of `expert_tokens`) where its head ran, text elsewhere; as the assistant wrote them."""
+    tokens = [SEG_TEXT, *(token for token in expert_tokens if token != SEG_TEXT)]
+    parts: list[str | ControlToken | ExpertToken] = []
+    for piece in re.split(f"({'|'.join(re.escape(token) for token in tokens)})", text):
+        if piece == SEG_TEXT:
             parts.append(ControlToken.SEG)
-        if piece:
+        elif piece in tokens:
+            parts.append(ExpertToken(piece))
+        elif piece:
             parts.append(piece)
     return parts

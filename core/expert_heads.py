@@ -39,6 +39,10 @@ class ExpertHead(nn.Module):
 
     model_parts: ClassVar[dict[str, str] | None] = None
     image_conditioned: ClassVar[bool] = False
+    # Where a token a capability asks for is forced when the model does not say it: "start" (the
+    # answer opens with it, as an expert's data places it) or "end" (where the answer would end, as
+    # grounding's "Sure, it is <SEG>." does).
+    forced_at: ClassVar[str] = "start"
 
     def target(self, sample: Any) -> torch.Tensor | None:
         """The training target of one sample (fields task, answer_type, kind, modality, structure);
@@ -186,9 +190,10 @@ def run_head(head: nn.Module, states: torch.Tensor) -> list[dict]:
         return [out.model_dump(mode="json") for out in head.to_outputs(head(states))]
 
 
-def capability_token(model: MedPLIBForCausalLM, capability: str | None) -> int | None:
-    """The trigger token a request for `capability` is steered to (None: no capability, or one whose
-    expert has no head, e.g. vqa); InvalidInputError naming the capabilities the model has otherwise."""
+def capability_token(model: MedPLIBForCausalLM, capability: str | None) -> tuple[int, bool] | None:
+    """The trigger token a request for `capability` is steered to, and whether it is forced at the
+    answer's start (else where it would end); None: no capability, or one whose expert has no head
+    (e.g. vqa). InvalidInputError naming the capabilities the model has otherwise."""
     if capability is None:
         return None
     held = require_experts(list(model.config.experts))
@@ -196,7 +201,8 @@ def capability_token(model: MedPLIBForCausalLM, capability: str | None) -> int |
         if capability in spec.capabilities:
             if spec.head is None:
                 return None
-            return model.config.expert_token_ids[spec.special_tokens[0]]
+            at_start = getattr(model.expert_heads[spec.name], "forced_at", "start") == "start"
+            return model.config.expert_token_ids[spec.special_tokens[0]], at_start
     available = sorted(c for spec in held for c in spec.capabilities)
     installed = [spec.name for spec in get_experts().values() if capability in spec.capabilities]
     hint = f"; expert {installed[0]!r} has it but this model was not trained with it" if installed else ""

@@ -42,6 +42,7 @@ class Conversation:
     regions: Sequence[np.ndarray] = ()
     require_seg: bool = False  # grounding: the answer must hold a <SEG>
     require_token: int | None = None  # a capability asked for: the answer must hold this expert token
+    require_at_start: bool = False  # ... and opens with it (else it goes where the answer would end)
     answered: bool = False  # the last turn carries a known answer: prefilled with the prompt, not decoded
 
 
@@ -137,6 +138,7 @@ class CachedGenerator:
                 self.model,
                 require_seg=require_seg,
                 require_token=require_token,
+                require_at_start=torch.tensor([c.require_at_start for c in conversations]),
                 **inputs,
                 **self._sampling(decoding),
             )

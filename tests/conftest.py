@@ -208,6 +208,7 @@ def make_sphere() -> Callable[..., np.ndarray]:
 # ---- the example plugin expert (examples/medplib-expert-modality) ----------------------------------------
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "medplib-expert-modality"
 DISTRIBUTION = "medplib-expert-modality"
+PACKAGE = "medplib_expert_modality"
 
 
 def pip(*args: str) -> None:
@@ -238,20 +239,27 @@ def example_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[metadat
 
 @pytest.fixture(scope="session")
 def example_module() -> Iterator[object]:
-    """The example expert registered in this process from the repository (no pip), for tests of the
-    model and training; the pip-installed path is `example_plugin`'s (a copy installed in this
-    environment already, which loading the plugins registers, is used as it is)."""
+    """The example expert of this repository, registered in this process (no pip), for tests of the
+    model and training; the pip-installed path is `example_plugin`'s. It stands in for any installed
+    copy (the shared environment may hold another checkout's) while the session lasts."""
     plugins.load_plugins()
-    already = plugins.pm.get_plugin("modality")
-    if already is not None:
-        yield already
-        return
+    installed = plugins.pm.get_plugin("modality")
+    if installed is not None:
+        plugins.pm.unregister(installed)
+    cached = {name: module for name, module in sys.modules.items() if name.split(".")[0] == PACKAGE}
+    for name in cached:
+        del sys.modules[name]
     sys.path.insert(0, str(EXAMPLE))
-    module = importlib.import_module("medplib_expert_modality")
+    module = importlib.import_module(PACKAGE)
     assert plugins.register_plugin(module, "modality", "example")
     yield module
     plugins.pm.unregister(module)
     sys.path.remove(str(EXAMPLE))
+    for name in [name for name in sys.modules if name.split(".")[0] == PACKAGE]:
+        del sys.modules[name]
+    sys.modules.update(cached)
+    if installed is not None:
+        plugins.pm.register(installed, name="modality")
 
 
 @pytest.fixture(scope="session")

@@ -61,6 +61,10 @@ def _parts(value: str | Sequence[Part], *, lead: str = "") -> list[Part]:
     parts = [value] if isinstance(value, str) else list(value)
     if parts and isinstance(parts[0], str):
         return [lead + parts[0], *parts[1:]]
+    if parts and isinstance(parts[0], ExpertToken):
+        # An answer that opens with an expert's token says it first, right after `ASSISTANT:`: where a
+        # capability asked for forces it (`decode_steps`' `require_at_start`), with no space before it.
+        return parts
     return [lead, *parts] if lead else parts
 
 

@@ -93,6 +93,7 @@ def decode_steps(
     past_key_values: Cache | PrefixKV | None = None,
     require_seg: bool | torch.Tensor = False,
     require_token: torch.Tensor | None = None,
+    require_at_start: torch.Tensor | None = None,
     max_new_tokens: int = 64,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -109,8 +110,10 @@ def decode_steps(
     after it are embedded and run. `require_seg` (bool, or per row): a row that has produced no
     `<SEG>` gets one instead of its `</s>`, or as its last token, and then ends; `seg_forced` says
     which rows needed that; `require_token` (B,) ids (-1: none) does so for any expert's trigger
-    token (a capability asked for). Under `compat: medplib` nothing is forced (the ids stay MedPLIB's): such a
-    row is grounded on the second-to-last hidden state it produced, as MedPLIB's `evaluate` does.
+    token (a capability asked for); where `require_at_start` (B,) holds, the row's first token is
+    the required one (forced if the model picks another), and decoding goes on after it. Under
+    `compat: medplib` nothing is forced (the ids stay MedPLIB's): such a row is grounded on the
+    second-to-last hidden state it produced, as MedPLIB's `evaluate` does.
     """
     if max_new_tokens < 1:
         raise InvalidInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -154,6 +157,9 @@ def decode_steps(
         required = torch.as_tensor(require_token, dtype=torch.long, device=device).expand(rows).clone()
     required = required.masked_fill(require, seg_id)
     require = required >= 0
+    at_start = torch.zeros(rows, dtype=torch.bool, device=device)
+    if require_at_start is not None:
+        at_start = torch.as_tensor(require_at_start, dtype=torch.bool, device=device).expand(rows) & require
     has_seg = torch.zeros_like(finished)
     forced = torch.zeros_like(finished)
     seg_hidden: list[list[torch.Tensor]] = [[] for _ in range(rows)]
@@ -175,6 +181,11 @@ def decode_steps(
         token = token.masked_fill(finished, pad_id)
         ending = (token == eos_id) | (step == max_new_tokens - 1)
         force = require & ~has_seg & ~finished & (token != required) & ending & (not medplib)
+        if step == 0:  # a token asked for at the start opens the answer; decoding then goes on
+            opening = at_start & (token != required)
+            forced |= opening
+            token = torch.where(at_start, required, token)
+            force = force & ~at_start
         token = torch.where(force, required, token)
         forced |= force
         for row in torch.nonzero((token == seg_id) & ~finished).flatten().tolist():

@@ -331,6 +331,13 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
             raise CheckpointError(
                 f"{pretrained_model_name_or_path}: tokenizer ids {ids} differ from the config's"
             )
+        vocab = model.tokenizer.get_vocab()
+        wrong = {t: i for t, i in model.config.expert_token_ids.items() if vocab.get(t) != i}
+        if wrong:
+            raise CheckpointError(
+                f"{pretrained_model_name_or_path}: the tokenizer lacks the experts' tokens {wrong} "
+                "at the ids the config records"
+            )
         return model
 
     @classmethod

@@ -84,6 +84,7 @@ class PixelGroundingHead(ExpertHead):
 
     model_parts: ClassVar[dict[str, str]] = {"seg_head": "prompt", "sam": "sam"}
     image_conditioned: ClassVar[bool] = True
+    forced_at: ClassVar[str] = "end"  # "Sure, it is <SEG>.": where the answer would end
 
     def __init__(self, prompt: GroundingHead, sam: SamGrounding) -> None:
         super().__init__()

@@ -19,6 +19,7 @@ from medplib.core.model import (
     build_medplib,
     tokenize_user_text,
 )
+from medplib.core.model.conversation import ExpertToken, encode_conversation
 from medplib.core.plugins import get_experts
 from medplib.experts.pixel_grounding.head import GroundingHead, PixelGroundingHead
 
@@ -55,6 +56,13 @@ def test_adding_an_expert_adds_its_token_rows_and_head_and_they_are_saved(modali
     assert type(model.expert_heads["modality"]).__name__ == "ModalityHead"  # the plugin's own factory
     assert mod not in tokenize_user_text(tokenizer, "is this <MOD> or <SEG>?")  # typed text stays text
     assert not add_expert(model, get_experts()["modality"])  # idempotent
+    # An answer opening with the token says it right after "ASSISTANT:", where a capability forces it.
+    tokens = config.num_image_tokens
+    prompt = encode_conversation(tokenizer, [Turn("Which modality?")], num_image_tokens=tokens)
+    full = encode_conversation(
+        tokenizer, [Turn("Which modality?", [ExpertToken("<MOD>"), " MRI."])], num_image_tokens=tokens
+    )
+    assert full.input_ids[len(prompt.input_ids)] == full.labels[len(prompt.input_ids)] == mod
 
     model.save_pretrained(tmp_path)
     assert "<MOD>" in json.loads((tmp_path / "tokenizer.json").read_text())["added_tokens"][-1]["content"]
@@ -100,7 +108,7 @@ def test_a_capability_forces_its_token_and_says_so(modality_model) -> None:
         IMAGE, "Which modality is this?", capability="modality_classification", max_new_tokens=3
     )
     assert "modality" not in plain.outputs and not plain.forced
-    assert asked.forced and not asked.seg_forced and asked.text.endswith("<MOD>")
+    assert asked.forced and not asked.seg_forced and asked.text.startswith("<MOD>")
     assert len(asked.outputs["modality"]) == 1
     grounded = assistant.answer(IMAGE, "Where is it?", capability="grounding", max_new_tokens=3)
     assert (
@@ -125,3 +133,17 @@ def test_experts_lists_what_the_model_holds(modality_model) -> None:
         medplib.MedPLIB(build_medplib("tiny"), name="tiny").answer(
             IMAGE, "?", capability="modality_classification"
         )
+
+
+def test_an_earlier_answer_keeps_its_expert_tokens_as_tokens() -> None:
+    from medplib.core.assistant import answer_parts
+    from medplib.core.model import ControlToken
+    from medplib.core.model.conversation import ExpertToken
+
+    assert answer_parts("<MOD> MRI, see <SEG>.", ["<SEG>", "<MOD>"]) == [
+        ExpertToken("<MOD>"),
+        " MRI, see ",
+        ControlToken.SEG,
+        ".",
+    ]
+    assert answer_parts("<MOD> MRI.") == ["<MOD> MRI."]  # a model without the expert: plain text

@@ -11,10 +11,11 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+# Its own wordings (the dataset's modality questions are answered in words, without <MOD>).
 QUESTIONS = (
-    "What imaging modality was used for this image?",
-    "Which modality is shown here?",
-    "Identify the imaging modality of this picture.",
+    "Classify the imaging modality of this image.",
+    "Classify the modality of this scan.",
+    "Run the modality classifier on this image.",
 )
 
 
