@@ -229,10 +229,17 @@ def example_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[metadat
     importlib.invalidate_caches()
     (entry_point,) = metadata.entry_points(group=plugins.ENTRY_POINT_GROUP, name="modality")
     plugins.load_plugins()
-    if plugins.pm.get_plugin("modality") is None:
-        assert plugins.load_entry_point(entry_point)
+    # Registered as the installed distribution, in place of whatever stood in (`example_module`'s
+    # copy, registered by an earlier test of the session), which comes back after.
+    standing_in, its_source = plugins.pm.get_plugin("modality"), plugins._sources.get("modality", "")
+    if standing_in is not None:
+        plugins.pm.unregister(standing_in)
+    assert plugins.load_entry_point(entry_point)
     yield entry_point
-    plugins.pm.unregister(name="modality")
+    if plugins.pm.get_plugin("modality") is not None:
+        plugins.pm.unregister(name="modality")
+    if standing_in is not None:
+        plugins.register_plugin(standing_in, "modality", its_source)
     if not installed_before:
         pip("uninstall", "-y", "-q", DISTRIBUTION)
 
@@ -253,12 +260,13 @@ def example_module() -> Iterator[object]:
     module = importlib.import_module(PACKAGE)
     assert plugins.register_plugin(module, "modality", "example")
     yield module
-    plugins.pm.unregister(module)
+    if plugins.pm.is_registered(module):
+        plugins.pm.unregister(module)
     sys.path.remove(str(EXAMPLE))
     for name in [name for name in sys.modules if name.split(".")[0] == PACKAGE]:
         del sys.modules[name]
     sys.modules.update(cached)
-    if installed is not None:
+    if installed is not None and plugins.pm.get_plugin("modality") is None:
         plugins.pm.register(installed, name="modality")
 
 
