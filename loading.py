@@ -56,17 +56,22 @@ from medplib.core.model.quantization import check_quantization, quantize, weight
 from medplib.core.model.storage import local_folder
 from medplib.core.model.tokenizer import load_tokenizer
 from medplib.core.model_info import (
+    ExpertSummary,
     ModelInfo,
     Weights,
     config_summary,
+    converted_experts,
+    expert_summary,
+    held_experts,
     registered_experts,
     release_info,
     special_tokens,
 )
+from medplib.core.plugins import get_experts
 from medplib.core.queries import DEFAULT_INFERENCE_LIMITS, InferenceLimits
 from medplib.router import MixtureOfExperts, attach_expert_adapter
 from medplib.router.dense import MedPLIBWithRoutedExperts
-from medplib.router.moe import MOE_FILE
+from medplib.router.moe import MOE_FILE, read_moe_record
 
 STAGE_FILE = "stage.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -178,8 +183,11 @@ def model_info(
         model = build_medplib(source, device="meta")
         weights: Weights = "random (seeded)" if model.tokenizer is not None else "none (meta device)"
         tokenizer = model.tokenizer
+        experts = registered_experts()
     else:
+        stage_record = None
         if form == "stage folder":  # describe its model, as load does
+            stage_record = read_record(Path(os.path.expanduser(source)))
             source = os.path.join(os.path.expanduser(source), "model")
         with local_folder(source) as folder:
             if read_release_config(folder) is not None:
@@ -189,6 +197,7 @@ def model_info(
             except (OSError, ValueError) as exc:
                 raise CheckpointError(f"{source}: not a medplib checkpoint ({exc})") from None
             tokenizer = load_tokenizer(folder)
+            experts = checkpoint_experts(folder, stage_record, config)
         model_class = MedPLIBWithRoutedExperts if config.routed_experts else MedPLIBForCausalLM
         with torch.device("meta"):
             model = model_class(config)
@@ -203,9 +212,35 @@ def model_info(
         bytes=weight_bytes(model, COMPONENTS, quantization),
         special_tokens=special_tokens(model.config, tokenizer),
         config=config_summary(model.config),
-        experts=registered_experts(),
+        experts=experts,
         routed_experts=model.config.routed_experts,
     )
+
+
+def checkpoint_experts(
+    folder: str | os.PathLike[str], stage_record: dict | None, config: MedPLIBConfig
+) -> list[ExpertSummary]:
+    """The experts a checkpoint holds, from its own records (the specs as they were when it was made):
+    those its router composes (`moe.safetensors`' header), else the adapters its stage folder carries
+    (`stage.json`), else those a converted release routes, else those whose tokens and heads the
+    trunk holds (`config.experts`; the built-ins for a checkpoint older than that record)."""
+    installed = get_experts()
+    moe_file = Path(folder, MOE_FILE)
+    if moe_file.is_file():
+        specs = [ExpertSpec.model_validate(spec) for spec in read_moe_record(moe_file)["experts"]]
+        return [expert_summary(spec, "routed", spec.name in installed) for spec in specs]
+    if stage_record is None:
+        return converted_experts(config.routed_experts) if config.routed_experts else held_experts(config)
+    recorded = stage_record.get("specs", {})
+    active = stage_record.get("active")
+    return [
+        expert_summary(
+            ExpertSpec.model_validate(recorded[name]),
+            "active adapter" if name == active else "adapter",
+            name in installed,
+        )
+        for name in stage_record.get("adapters", {})
+    ]
 
 
 def model_config(source: str | os.PathLike[str]) -> MedPLIBConfig:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from medplib.agents.image_store import StoredImage
+from medplib.core import plugins
+from medplib.core.expert_spec import ExpertSpec
 from medplib.core.regions import RegionPrompt
 from medplib.core.results import AnswerResult, GroundingResult
 from medplib.core.volume_results import VolumeGroundingResult
@@ -30,7 +32,9 @@ T = TypeVar("T")
 
 @runtime_checkable
 class Backend(Protocol):
-    """What the tools need from a model. `decoding` takes `medplib.core.queries.Decoding`'s fields."""
+    """What the tools need from a model. `decoding` takes `medplib.core.queries.Decoding`'s fields;
+    `answer` may also take `capability=` (an expert's capability, for its tool), and a backend may
+    say which experts its model holds (`expert_specs()`), so the toolkit offers their tools only."""
 
     def answer(
         self, image: StoredImage, question: str, regions: Sequence[RegionPrompt] = (), **decoding: Any
@@ -82,10 +86,25 @@ class InProcessBackend:
         self._guard = model_guard(model)
 
     def answer(
-        self, image: StoredImage, question: str, regions: Sequence[RegionPrompt] = (), **decoding: Any
+        self,
+        image: StoredImage,
+        question: str,
+        regions: Sequence[RegionPrompt] = (),
+        *,
+        capability: str | None = None,
+        **decoding: Any,
     ) -> AnswerResult:
+        asked = {"capability": capability} if capability is not None else {}
         with self._guard.lock:
-            return self.model.answer(image.data, question, regions, image_options=image.options, **decoding)
+            return self.model.answer(
+                image.data, question, regions, image_options=image.options, **asked, **decoding
+            )
+
+    def expert_specs(self) -> list[tuple[ExpertSpec, dict[str, Any] | None]]:
+        """The experts the model holds, each with the JSON schema of its head's output."""
+        installed = plugins.get_experts()
+        held = [info for info in self.model.experts() if info.trained and info.name in installed]
+        return [(installed[info.name], info.output_schema) for info in held]
 
     def ground(self, image: StoredImage, text: str, **decoding: Any) -> GroundingResult:
         with self._guard.lock:
@@ -100,9 +119,15 @@ class InProcessBackend:
             return self.model.ground_volume(image.data, text, **window, **(options or {}), **decoding)
 
     async def aanswer(
-        self, image: StoredImage, question: str, regions: Sequence[RegionPrompt] = (), **decoding: Any
+        self,
+        image: StoredImage,
+        question: str,
+        regions: Sequence[RegionPrompt] = (),
+        *,
+        capability: str | None = None,
+        **decoding: Any,
     ) -> AnswerResult:
-        return await self._in_worker(self.answer, image, question, regions, **decoding)
+        return await self._in_worker(self.answer, image, question, regions, capability=capability, **decoding)
 
     async def aground_volume(
         self, image: StoredImage, text: str, options: Mapping[str, Any] | None = None, **decoding: Any

@@ -21,6 +21,7 @@ from langchain_core.tools import BaseTool, BaseToolkit, ToolException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from medplib.agents.backends import Backend, InProcessBackend
+from medplib.agents.expert_tools import plugin_capability_tools
 from medplib.agents.image_store import ImageStore
 from medplib.agents.tools import BUILTIN_TOOLS, describe_invalid_arguments
 from medplib.agents.volume_tools import VOLUME_TOOLS
@@ -33,8 +34,9 @@ if TYPE_CHECKING:
 
 
 class MedPLIBToolkit(BaseToolkit):
-    """`medical_vqa`, `medical_region_vqa`, `medical_grounding`, `medical_volume_grounding`, and the
-    tools plugins register."""
+    """`medical_vqa`, `medical_region_vqa`, `medical_grounding`, `medical_volume_grounding`, a tool per
+    capability of each plugin expert the model holds (`agents/expert_tools.py`), and the tools plugins
+    register."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -51,7 +53,9 @@ class MedPLIBToolkit(BaseToolkit):
         "or pydantic's ValidationError for arguments that do not fit the schema)",
     )
     include_plugin_tools: bool = Field(
-        default=True, description="add the tools plugins register through `medplib_register_tools`"
+        default=True,
+        description="add a tool per capability of each plugin expert the model holds, and the tools "
+        "plugins register through `medplib_register_tools`",
     )
 
     @field_validator("decoding")
@@ -95,6 +99,22 @@ class MedPLIBToolkit(BaseToolkit):
         ]
         if self.include_plugin_tools:
             names = {tool.name for tool in tools}
+            capability_tools = plugin_capability_tools(
+                self.backend,
+                images=self.images,
+                decoding=self.decoding,
+                handle_tool_error=self.handle_tool_error,
+                handle_validation_error=describe_invalid_arguments if self.handle_tool_error else False,
+            )
+            for capability_tool in capability_tools:
+                if capability_tool.name in names:
+                    warnings.warn(
+                        f"capability tool {capability_tool.name!r} skipped: a tool of that name exists",
+                        stacklevel=2,
+                    )
+                    continue
+                tools.append(capability_tool)
+                names.add(capability_tool.name)
             for name, tool in plugins.get_tools().items():
                 if name in names:  # a plugin cannot replace a built-in tool an agent relies on
                     warnings.warn(

@@ -195,13 +195,14 @@ class MedPLIBTool(BaseTool):
     def _run(self, **arguments: Any) -> Any:
         args, image, call_args = self._prepare(arguments)
         with _as_tool_exception():
-            result = getattr(self.backend, self.backend_method)(*call_args, **self.decoding)
+            result = getattr(self.backend, self.backend_method)(*call_args, **self._backend_kwargs())
             return self._output(args, image, result)
 
     async def _arun(self, **arguments: Any) -> Any:
         args, image, call_args = self._prepare(arguments)
         with _as_tool_exception():
-            result = await getattr(self.backend, f"a{self.backend_method}")(*call_args, **self.decoding)
+            method = getattr(self.backend, f"a{self.backend_method}")
+            result = await method(*call_args, **self._backend_kwargs())
             # Output may decode the image again (overlays): keep that off the event loop too.
             return await asyncio.to_thread(self._output, args, image, result)
 
@@ -218,6 +219,10 @@ class MedPLIBTool(BaseTool):
         with _as_tool_exception():
             image = self.images.resolve(args.image)
             return args, image, self._backend_args(args, image)
+
+    def _backend_kwargs(self) -> dict[str, Any]:
+        """The backend method's keyword arguments: the decoding options (and what a subclass adds)."""
+        return dict(self.decoding)
 
     @abstractmethod
     def _backend_args(self, args: Any, image: StoredImage) -> tuple[Any, ...]: ...

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Collection, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,15 +224,21 @@ class MedPLIB:
         """Several questions and grounding requests as one batch; greedy results equal single calls.
         `grounding_answer`: as `ground`'s `answer`, for the batch's grounding requests."""
         batch = self._batch(queries, decoding, predict_masks=True, grounding_answer=grounding_answer)
-        return [result for result, _ in batch]
+        return [result for result, *_ in batch]
 
     def generate_batch(
-        self, queries: Sequence[Query | Mapping[str, Any]], **decoding: Any
-    ) -> list[tuple[AnswerResult | GroundingResult, torch.Tensor]]:
+        self,
+        queries: Sequence[Query | Mapping[str, Any]],
+        *,
+        heads_apart: Collection[str] = (),
+        **decoding: Any,
+    ) -> list[tuple[AnswerResult | GroundingResult, torch.Tensor, dict[str, torch.Tensor]]]:
         """`answer_batch` without SAM, for a grounding decoder deployed apart (`medplib.agents`): each
         result has no masks yet and comes with its `<SEG>` hidden states (n, hidden), which
-        `CachedGenerator.decode_masks` and `segmentations` turn into its masks."""
-        return self._batch(queries, decoding, predict_masks=False)
+        `CachedGenerator.decode_masks` and `segmentations` turn into its masks; the heads of the
+        experts `heads_apart` are not run either: their trigger tokens' hidden states come third
+        (expert -> (n, hidden)), for `expert_heads.run_head` elsewhere."""
+        return self._batch(queries, decoding, predict_masks=False, heads_apart=heads_apart)
 
     def _batch(
         self,
@@ -241,9 +247,14 @@ class MedPLIB:
         *,
         predict_masks: bool,
         grounding_answer: str = "generate",
-    ) -> list[tuple[AnswerResult | GroundingResult, torch.Tensor]]:
+        heads_apart: Collection[str] = (),
+    ) -> list[tuple[AnswerResult | GroundingResult, torch.Tensor, dict[str, torch.Tensor]]]:
         steps = self._batch_steps(
-            queries, decoding, predict_masks=predict_masks, grounding_answer=grounding_answer
+            queries,
+            decoding,
+            predict_masks=predict_masks,
+            grounding_answer=grounding_answer,
+            heads_apart=heads_apart,
         )
         return run_to_end(steps)
 
@@ -254,8 +265,12 @@ class MedPLIB:
         *,
         predict_masks: bool,
         grounding_answer: str = "generate",
-    ) -> Generator[torch.Tensor, None, list[tuple[AnswerResult | GroundingResult, torch.Tensor]]]:
-        """The batch, yielding each decoding step's tokens (B,); returns every result."""
+        heads_apart: Collection[str] = (),
+    ) -> Generator[
+        torch.Tensor, None, list[tuple[AnswerResult | GroundingResult, torch.Tensor, dict[str, torch.Tensor]]]
+    ]:
+        """The batch, yielding each decoding step's tokens (B,); returns every result, with its `<SEG>`
+        hidden states and those of the trigger tokens of the experts `heads_apart`."""
         start = time.perf_counter()
         settings = self._decoding(decoding)
         if grounding_answer not in GROUNDING_ANSWER_MODES:
@@ -289,11 +304,11 @@ class MedPLIB:
             if group:
                 conversations = [prepared[i].conversation for i in group]
                 batch = yield from self._generator.run_steps(
-                    conversations, settings, predict_masks=predict_masks
+                    conversations, settings, predict_masks=predict_masks, heads_apart=heads_apart
                 )
                 for i, row in zip(group, batch.rows, strict=True):
                     rows[i] = (row, batch)
-        results: list[tuple[AnswerResult | GroundingResult, torch.Tensor]] = []
+        results: list[tuple[AnswerResult | GroundingResult, torch.Tensor, dict[str, torch.Tensor]]] = []
         for query, item, (row, batch) in zip(parsed, prepared, rows, strict=True):
             if query.task == "ground":
                 result = self._result(
@@ -301,7 +316,7 @@ class MedPLIB:
                 )
             else:
                 result = self._result(AnswerResult, item, row, batch, start, question=query.text)
-            results.append((result, row.seg_hidden_states))
+            results.append((result, row.seg_hidden_states, row.head_states))
         return results
 
     def ground_volume(self, volume: Any, text: str, **options: Any) -> VolumeGroundingResult:
@@ -379,6 +394,7 @@ class MedPLIB:
         regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
         *,
         image_options: Mapping[str, Any] | None = None,
+        capability: str | None = None,
         **decoding: Any,
     ) -> Iterator[TextDelta | AnswerResult]:
         """`answer` as it is generated: `TextDelta`s whose texts join to the answer, then the result.
@@ -386,7 +402,7 @@ class MedPLIB:
         for part in model.answer_stream(image, "What modality is this?"):
             print(part.text if isinstance(part, TextDelta) else f"\n{part.timings_ms}", end="")
         """
-        return self._stream_single("answer", image, question, regions, image_options, decoding)
+        return self._stream_single("answer", image, question, regions, image_options, decoding, capability)
 
     def ground_stream(
         self,
@@ -413,11 +429,12 @@ class MedPLIB:
         return stream_text(steps, self.model.tokenizer, lambda done: done)
 
     def generate_stream(
-        self, query: Query | Mapping[str, Any], **decoding: Any
-    ) -> Iterator[TextDelta | tuple[AnswerResult | GroundingResult, torch.Tensor]]:
+        self, query: Query | Mapping[str, Any], *, heads_apart: Collection[str] = (), **decoding: Any
+    ) -> Iterator[TextDelta | tuple[AnswerResult | GroundingResult, torch.Tensor, dict[str, torch.Tensor]]]:
         """`generate_batch` of one query, streamed: `TextDelta`s, then (result without masks, `<SEG>`
-        hidden states), for a deployment that streams while its grounding decoder runs apart."""
-        steps = self._batch_steps([query], decoding, predict_masks=False)
+        hidden states, hidden states of the experts `heads_apart`), for a deployment that streams while
+        its grounding decoder and expert heads run apart."""
+        steps = self._batch_steps([query], decoding, predict_masks=False, heads_apart=heads_apart)
         return stream_text(steps, self.model.tokenizer, lambda done: done[0], lambda pair: pair[0].text)
 
     def _stream_single(
@@ -428,11 +445,11 @@ class MedPLIB:
         regions: Sequence[Any],
         image_options: Mapping[str, Any] | None,
         decoding: Mapping[str, Any],
+        capability: str | None = None,
     ) -> Iterator[Any]:
         query = {"image": image, "text": text, "task": task, "regions": list(regions)}
-        steps = self._batch_steps(
-            [{**query, "image_options": dict(image_options or {})}], decoding, predict_masks=True
-        )
+        query |= {"image_options": dict(image_options or {}), "capability": capability}
+        steps = self._batch_steps([query], decoding, predict_masks=True)
         return stream_text(steps, self.model.tokenizer, lambda done: done[0][0])
 
     # ---- requests -------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ config records it (so `save_pretrained` keeps it), and its head is attached.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -161,27 +161,33 @@ def checkpoint_experts(config: Any) -> list[str]:
 
 
 def head_outputs(
-    model: MedPLIBForCausalLM, triggered: Sequence[tuple[int, torch.Tensor]]
+    model: MedPLIBForCausalLM, states: Mapping[str, torch.Tensor], apart: Collection[str] = ()
 ) -> dict[str, list[dict]]:
-    """Run each triggered head on its hidden states: expert -> JSON outputs, in the answer's order.
+    """Run each triggered head on its hidden states (`trigger_states`): expert -> JSON outputs, in the
+    answer's order; the heads of the experts `apart` are left to run elsewhere (a serving deployment)."""
+    return {name: run_head(model.expert_heads[name], s) for name, s in states.items() if name not in apart}
 
-    Image-conditioned heads (grounding) are skipped: the model decodes their masks on the image.
-    """
+
+def trigger_states(
+    model: MedPLIBForCausalLM, triggered: Sequence[tuple[int, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """The hidden states (n, hidden) that predicted each expert's trigger tokens, in the answer's order.
+    Image-conditioned heads (grounding) are left out: the model decodes their masks on the image."""
     by_expert: dict[str, list[torch.Tensor]] = {}
     for token_id, state in triggered:
         name = model.trigger_experts.get(token_id)
         if name is not None and not model.expert_heads[name].image_conditioned:
             by_expert.setdefault(name, []).append(state)
-    outputs = {}
-    for name, states in by_expert.items():
-        head = model.expert_heads[name]
-        parameter = next(head.parameters(), None)
-        stacked = torch.stack(states)
-        if parameter is not None:
-            stacked = stacked.to(device=parameter.device, dtype=parameter.dtype)
-        with torch.no_grad():
-            outputs[name] = [out.model_dump(mode="json") for out in head.to_outputs(head(stacked))]
-    return outputs
+    return {name: torch.stack(states) for name, states in by_expert.items()}
+
+
+def run_head(head: nn.Module, states: torch.Tensor) -> list[dict]:
+    """One head on hidden states (n, hidden): its n outputs as JSON (the spec's `head_output`)."""
+    parameter = next(head.parameters(), None)
+    if parameter is not None:
+        states = states.to(device=parameter.device, dtype=parameter.dtype)
+    with torch.no_grad():
+        return [out.model_dump(mode="json") for out in head.to_outputs(head(states))]
 
 
 def capability_token(model: MedPLIBForCausalLM, capability: str | None) -> tuple[int, bool] | None:

@@ -20,6 +20,8 @@ IMPORT_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 # Only the MLP is routed per token; attention is shared by every expert (see router/).
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 MlpProjection = Literal["gate_proj", "up_proj", "down_proj"]
+# What a training sample can exercise (`SampleFilter.tasks`): MeCoVQA's parts, and stage I's captions.
+SAMPLE_TASKS = ("caption", "vqa", "region_vqa", "grounding")
 
 
 class _Strict(BaseModel):
@@ -67,7 +69,7 @@ class LossWeights(_Strict):
 class SampleFilter(_Strict):
     """Which training samples an expert learns from; None on a field means any value."""
 
-    tasks: tuple[str, ...] = ()  # e.g. caption, vqa, region_vqa, grounding
+    tasks: tuple[str, ...] = ()  # among SAMPLE_TASKS (checked when plugins are listed)
     answer_types: tuple[str, ...] | None = None  # MeCoVQA `answer_type`, e.g. closed, open
     modalities: tuple[str, ...] | None = None  # e.g. CT, MRI, X-Ray
     kinds: tuple[str, ...] | None = None  # question kinds, e.g. modality, plane, segment

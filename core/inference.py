@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,7 +25,7 @@ from transformers import DynamicCache
 
 from medplib.core.embedding_cache import CacheKey, EmbeddingCache, image_digest
 from medplib.core.errors import CapacityError, InvalidInputError
-from medplib.core.expert_heads import head_outputs
+from medplib.core.expert_heads import head_outputs, trigger_states
 from medplib.core.model import MaskPrediction, MedPLIBForCausalLM, MedPLIBProcessor, Request, Turn
 from medplib.core.model.generation import decode_steps, elapsed, prefill_answers, run_to_end
 from medplib.core.model.grounding import sam_input_size
@@ -56,6 +56,8 @@ class Generated:
     cache: dict[str, str]  # "clip" / "sam" / "prefix" -> "hit", "miss" or "unused"
     seg_hidden_states: torch.Tensor  # (n_seg, hidden): what predicted each <SEG>, for a remote decoder
     outputs: dict[str, list[dict]] = field(default_factory=dict)  # expert -> its head's outputs (masks aside)
+    # The experts whose heads run elsewhere (`heads_apart`): their trigger tokens' hidden states (n, hidden)
+    head_states: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -89,9 +91,15 @@ class CachedGenerator:
 
     @torch.no_grad()
     def run_steps(
-        self, conversations: Sequence[Conversation], decoding: Decoding, *, predict_masks: bool = True
+        self,
+        conversations: Sequence[Conversation],
+        decoding: Decoding,
+        *,
+        predict_masks: bool = True,
+        heads_apart: Collection[str] = (),
     ) -> Generator[torch.Tensor, None, BatchGeneration]:
-        """`run`, yielding each decoding step's tokens (B,) as they are picked (streaming)."""
+        """`run`, yielding each decoding step's tokens (B,) as they are picked (streaming). The heads of
+        the experts `heads_apart` are not run: their rows carry the hidden states (`head_states`)."""
         ms = dict.fromkeys(("encode_clip", "prefill", "decode", "encode_sam", "masks"), 0.0)
         encoded = [
             self.processor.encode_request(Request(c.pixels, c.turns, c.regions)) for c in conversations
@@ -141,6 +149,7 @@ class CachedGenerator:
         predictions, sam_uses = self._masks(wanted, digests, images, ms)
 
         texts = self.processor.decode(out.sequences)
+        triggered = [trigger_states(self.model, row) for row in out.triggered]
         rows = [
             Generated(
                 text=texts[row],
@@ -154,7 +163,8 @@ class CachedGenerator:
                     "prefix": "miss" if digest in missing else "hit",
                 },
                 seg_hidden_states=out.seg_hidden_states[row],
-                outputs=head_outputs(self.model, out.triggered[row]),
+                outputs=head_outputs(self.model, triggered[row], apart=heads_apart),
+                head_states={name: s for name, s in triggered[row].items() if name in heads_apart},
             )
             for row, digest in enumerate(digests)
         ]

@@ -1,6 +1,8 @@
 """What a model is made of, without loading its weights: components and their parameter counts,
-special tokens and their ids, a summary of the config, and the registered experts (`medplib info`;
-`medplib.loading.model_info` reads them from any form of model it recognises).
+special tokens and their ids, a summary of the config, and its experts (`medplib info`; read from any
+form of model by `medplib.loading.model_info`): a checkpoint's own (those its router composes, or the
+adapters its stage folder carries), each marked when this environment has not installed it; a preset's
+are the registered ones it would compose.
 
 A preset builds on the meta device (no memory, no time: `medplib-7b` counts its 7 billion parameters
 in a second); a checkpoint folder or URI is read for its config and tokenizer only.
@@ -13,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from medplib.core.expert_spec import ExpertSpec
+
 Weights = Literal[
     "random (seeded)", "none (meta device)", "checkpoint", "MedPLIB release (convert it before loading)"
 ]
@@ -24,6 +28,13 @@ class ExpertSummary(BaseModel):
     special_tokens: list[str]
     adapter: str = Field(description="LoRA rank, alpha and target projections")
     source: str
+    role: Literal["registered", "routed", "adapter", "active adapter", "held"] = Field(
+        "registered",
+        description="registered: installed here (a preset's experts); in a checkpoint: routed (composed "
+        "by its router), adapter (carried by its stage folder), active adapter (the one it answers "
+        "with) or held (its tokens and head are in the trunk, without an adapter)",
+    )
+    installed: bool = Field(True, description="registered here: a checkpoint's experts must be, to load")
 
 
 class ModelInfo(BaseModel):
@@ -125,20 +136,54 @@ def config_summary(config: Any) -> dict[str, dict[str, Any]]:
     }
 
 
+def expert_summary(spec: ExpertSpec, role: str = "registered", installed: bool = True) -> ExpertSummary:
+    return ExpertSummary(
+        name=spec.name,
+        capabilities=list(spec.capabilities),
+        special_tokens=list(spec.special_tokens),
+        adapter=f"LoRA r{spec.adapter.r}/alpha {spec.adapter.alpha:g} on "
+        + ", ".join(spec.adapter.target_modules),
+        source=spec.source,
+        role=role,
+        installed=installed,
+    )
+
+
 def registered_experts() -> list[ExpertSummary]:
     from medplib.core.plugins import get_experts
 
+    return [expert_summary(spec) for spec in get_experts().values()]
+
+
+def held_experts(config: Any) -> list[ExpertSummary]:
+    """The experts a plain checkpoint holds (tokens, rows, heads; no adapter), by its config."""
+    from medplib.core.expert_heads import checkpoint_experts as recorded_experts
+    from medplib.core.plugins import get_experts
+
+    installed = get_experts()
     return [
-        ExpertSummary(
-            name=spec.name,
-            capabilities=list(spec.capabilities),
-            special_tokens=list(spec.special_tokens),
-            adapter=f"LoRA r{spec.adapter.r}/alpha {spec.adapter.alpha:g} on "
-            + ", ".join(spec.adapter.target_modules),
-            source=spec.source,
+        expert_summary(installed[name], "held")
+        if name in installed
+        else ExpertSummary(
+            name=name,
+            capabilities=[],
+            special_tokens=[],
+            adapter="-",
+            source="?",
+            role="held",
+            installed=False,
         )
-        for spec in get_experts().values()
+        for name in recorded_experts(config)
     ]
+
+
+def converted_experts(routed: dict[str, Any] | None) -> list[ExpertSummary]:
+    """A converted MedPLIB release's experts: its config names them, their specs are the built-ins'."""
+    from medplib.core.plugins import get_experts
+
+    installed = get_experts()
+    names = (routed or {}).get("names", [])
+    return [expert_summary(installed[name], "routed") for name in names if name in installed]
 
 
 def format_info(info: ModelInfo) -> str:
@@ -168,7 +213,8 @@ def format_info(info: ModelInfo) -> str:
             f"top-{routed['top_k']}, layers {routed['layers']}"
             + (f", {routed['parameters']:,} parameters" if "parameters" in routed else ""),
         ]
-    lines += ["", "expert             capabilities               adapter"]
+    lines += ["", f"{'expert':<18} {'capabilities':<26} {'in the model':<15} adapter"]
     for expert in info.experts:
-        lines.append(f"{expert.name:<18} {', '.join(expert.capabilities):<26} {expert.adapter}")
+        role = expert.role + ("" if expert.installed else ", NOT INSTALLED here")
+        lines.append(f"{expert.name:<18} {', '.join(expert.capabilities):<26} {role:<15} {expert.adapter}")
     return "\n".join(lines)

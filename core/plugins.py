@@ -2,9 +2,11 @@
 
 `MEDPLIB_PLUGINS` limits which installed plugins load: unset loads every one; a comma-separated list of
 entry-point or distribution names loads only those; an empty string loads only the built-ins (which
-always load: they are the model itself). A plugin that fails to import, clashes with another, or
-registers something invalid becomes a `PluginProblem` naming it, and every other plugin still loads;
-`medplib experts` prints the problems.
+always load: they are the model itself); a name there that matches no installed plugin is a problem.
+A plugin that fails to import, clashes with another, or registers something invalid (a spec pydantic
+refuses, or one `expert_checks` refuses: a head that cannot be imported, an unknown `trains_on`
+task, another expert's token) becomes a `PluginProblem` naming it and the field, and every other
+plugin still loads; `medplib experts` prints each problem as one `warning:` line.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pydantic import ValidationError
 
 from medplib.core import hookspecs
 from medplib.core.errors import PluginError, validation_message
+from medplib.core.expert_checks import check_expert
 from medplib.core.expert_spec import IDENTIFIER, ExpertSpec
 
 ENTRY_POINT_GROUP = "medplib"
@@ -39,7 +42,12 @@ class PluginProblem:
     reason: str
 
     def __str__(self) -> str:
-        return f"plugin {self.plugin!r} ({self.source}): {self.reason}"
+        return f"plugin {self.plugin!r} ({self.source}): {one_line(self.reason)}"
+
+
+def one_line(text: str) -> str:
+    """A message on one line (pydantic's and pluggy's span several): each problem is one warning."""
+    return " ".join(text.split())
 
 
 _sources: dict[str, str] = {}
@@ -55,7 +63,12 @@ def load_plugins() -> None:
     _loaded = True
     for module in BUILTIN_PLUGINS:
         register_plugin(importlib.import_module(module), module.rsplit(".", 1)[-1], "builtin")
-    for entry_point in selected_entry_points():
+    available = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+    for name in unknown_plugin_names(available=available):  # a typo would load nothing, silently
+        installed = ", ".join(sorted({ep.name for ep in available})) or "none"
+        reason = f"no installed plugin has this entry-point or distribution name (installed: {installed})"
+        _load_problems.append(PluginProblem(name, ENV_VAR, reason))
+    for entry_point in selected_entry_points(available=available):
         load_entry_point(entry_point)
 
 
@@ -64,11 +77,24 @@ def selected_entry_points(
 ) -> list[metadata.EntryPoint]:
     """The installed entry points `MEDPLIB_PLUGINS` lets load."""
     available = metadata.entry_points(group=ENTRY_POINT_GROUP) if available is None else available
-    wanted = environ.get(ENV_VAR)
-    if wanted is None:
+    names = _wanted(environ)
+    if names is None:
         return list(available)
-    names = {name.strip() for name in wanted.split(",")} - {""}
     return [ep for ep in available if ep.name in names or (ep.dist is not None and ep.dist.name in names)]
+
+
+def unknown_plugin_names(
+    environ: Mapping[str, str] = os.environ, available: Iterable[metadata.EntryPoint] | None = None
+) -> list[str]:
+    """The names in `MEDPLIB_PLUGINS` that match no installed entry point or distribution."""
+    available = metadata.entry_points(group=ENTRY_POINT_GROUP) if available is None else available
+    known = {name for ep in available for name in (ep.name, ep.dist.name if ep.dist else None)}
+    return sorted((_wanted(environ) or set()) - known)
+
+
+def _wanted(environ: Mapping[str, str]) -> set[str] | None:
+    wanted = environ.get(ENV_VAR)
+    return None if wanted is None else {name.strip() for name in wanted.split(",")} - {""}
 
 
 def load_entry_point(entry_point: metadata.EntryPoint) -> bool:
@@ -77,7 +103,7 @@ def load_entry_point(entry_point: metadata.EntryPoint) -> bool:
     try:
         plugin = entry_point.load()
     except Exception as exc:  # whatever a broken plugin raises, the others must still load
-        _load_problems.append(PluginProblem(entry_point.name, source, f"failed to import: {exc!r}"))
+        _load_problems.append(PluginProblem(entry_point.name, source, f"failed to import: {_reason(exc)}"))
         return False
     return register_plugin(plugin, entry_point.name, source)
 
@@ -102,8 +128,14 @@ def _reason(exc: Exception) -> str:
     return str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
 
 
-def _collect(hook: str, kind: str, accept: Callable[..., tuple[str, Any]]) -> tuple[dict, list]:
-    """Call one registration hook plugin by plugin, so a bad registration is blamed on its plugin only."""
+def _collect(
+    hook: str,
+    kind: str,
+    accept: Callable[..., tuple[str, Any]],
+    check: Callable[[Any, dict[str, Any]], None] | None = None,
+) -> tuple[dict, list]:
+    """Call one registration hook plugin by plugin, so a bad registration is blamed on its plugin only;
+    `check(item, accepted)` refuses an item that conflicts with those registered before it."""
     load_plugins()
     items: dict[str, Any] = {}
     owners: dict[str, str] = {}
@@ -116,6 +148,8 @@ def _collect(hook: str, kind: str, accept: Callable[..., tuple[str, Any]]) -> tu
                 key, item = accept(_source, *args)
                 if key in items:
                     raise PluginError(f"{kind} {key!r} is already registered by plugin {owners[key]!r}")
+                if check is not None:
+                    check(item, items)
             except Exception as exc:  # one bad registration must not cost the plugin its others
                 problems.append(PluginProblem(_plugin, _source, _reason(exc)))
                 return
@@ -148,7 +182,7 @@ def _tool(source: str, tool: Any) -> tuple[str, Any]:
 
 
 _REGISTRIES = {
-    "experts": ("medplib_register_experts", "expert", _expert),
+    "experts": ("medplib_register_experts", "expert", _expert, check_expert),
     "datasets": ("medplib_register_datasets", "dataset", _dataset),
     "tools": ("medplib_register_tools", "tool", _tool),
 }

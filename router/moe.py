@@ -269,13 +269,9 @@ class MixtureOfExperts:
             path = Path(folder, MOE_FILE)
             if not path.is_file():
                 raise CheckpointError(f"{location}: no {MOE_FILE}, so not a composed checkpoint")
+            record = read_moe_record(path, location)
             with safe_open(str(path), framework="pt") as handle:
-                record = json.loads((handle.metadata() or {}).get(METADATA_KEY, "{}"))
                 state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-            if record.get("format_version") != FORMAT_VERSION:
-                raise CheckpointError(
-                    f"{location}: {MOE_FILE} has no medplib MoE record of format {FORMAT_VERSION}"
-                )
             specs = [ExpertSpec.model_validate(expert) for expert in record["experts"]]
             _check_registered(location, specs)
             if model_class is None:
@@ -286,6 +282,18 @@ class MixtureOfExperts:
         moe = compose(model, specs, None, RouterConfig.model_validate(record["router"]))
         moe.load_routed_state_dict(state, source=location)
         return moe
+
+
+def read_moe_record(path: str | os.PathLike[str], location: object = None) -> dict:
+    """The record `save_pretrained` wrote beside the routed weights (router config, expert specs),
+    read from the file's header without loading a tensor."""
+    with safe_open(os.fspath(path), framework="pt") as handle:
+        record = json.loads((handle.metadata() or {}).get(METADATA_KEY, "{}"))
+    if record.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{location or path}: {MOE_FILE} has no medplib MoE record of format {FORMAT_VERSION}"
+        )
+    return record
 
 
 def _check_registered(location: object, specs: Sequence[ExpertSpec]) -> None:

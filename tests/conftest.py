@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 import random
+import shutil
 import struct
+import subprocess
+import sys
 import uuid
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from importlib import metadata
 from pathlib import Path
 
 import fsspec
@@ -198,3 +203,86 @@ def dicom_series_writer() -> Callable[..., list[Path]]:
 @pytest.fixture(scope="session")
 def make_sphere() -> Callable[..., np.ndarray]:
     return sphere
+
+
+# ---- the example plugin expert (examples/medplib-expert-modality) ----------------------------------------
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "medplib-expert-modality"
+DISTRIBUTION = "medplib-expert-modality"
+PACKAGE = "medplib_expert_modality"
+
+
+def pip(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", *args], check=True, capture_output=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def example_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[metadata.EntryPoint]:
+    """Installed as a user would (no network: no deps, no build isolation), from a copy, so pip's
+    in-tree build leaves nothing in the repository; registered in this process too."""
+    try:
+        metadata.distribution(DISTRIBUTION)
+        installed_before = True
+    except metadata.PackageNotFoundError:
+        installed_before = False
+    source = shutil.copytree(EXAMPLE, tmp_path_factory.mktemp("example") / EXAMPLE.name)
+    pip("install", "--no-deps", "--no-build-isolation", "--no-cache-dir", "-q", str(source))
+    importlib.invalidate_caches()
+    (entry_point,) = metadata.entry_points(group=plugins.ENTRY_POINT_GROUP, name="modality")
+    plugins.load_plugins()
+    # Registered as the installed distribution, in place of whatever stood in (`example_module`'s
+    # copy, registered by an earlier test of the session), which comes back after.
+    standing_in, its_source = plugins.pm.get_plugin("modality"), plugins._sources.get("modality", "")
+    if standing_in is not None:
+        plugins.pm.unregister(standing_in)
+    assert plugins.load_entry_point(entry_point)
+    yield entry_point
+    if plugins.pm.get_plugin("modality") is not None:
+        plugins.pm.unregister(name="modality")
+    if standing_in is not None:
+        plugins.register_plugin(standing_in, "modality", its_source)
+    if not installed_before:
+        pip("uninstall", "-y", "-q", DISTRIBUTION)
+
+
+@pytest.fixture(scope="session")
+def example_module() -> Iterator[object]:
+    """The example expert of this repository, registered in this process (no pip), for tests of the
+    model and training; the pip-installed path is `example_plugin`'s. It stands in for any installed
+    copy (the shared environment may hold another checkout's) while the session lasts."""
+    plugins.load_plugins()
+    installed = plugins.pm.get_plugin("modality")
+    if installed is not None:
+        plugins.pm.unregister(installed)
+    cached = {name: module for name, module in sys.modules.items() if name.split(".")[0] == PACKAGE}
+    for name in cached:
+        del sys.modules[name]
+    sys.path.insert(0, str(EXAMPLE))
+    module = importlib.import_module(PACKAGE)
+    assert plugins.register_plugin(module, "modality", "example")
+    yield module
+    if plugins.pm.is_registered(module):
+        plugins.pm.unregister(module)
+    sys.path.remove(str(EXAMPLE))
+    for name in [name for name in sys.modules if name.split(".")[0] == PACKAGE]:
+        del sys.modules[name]
+    sys.modules.update(cached)
+    if installed is not None and plugins.pm.get_plugin("modality") is None:
+        plugins.pm.register(installed, name="modality")
+
+
+@pytest.fixture(scope="session")
+def modality_checkpoint(example_module: object, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint that holds the example's `modality` expert (token, rows, head): what the
+    serving tests host. Its weights are random, but they are the checkpoint's own, as trained ones are."""
+    import torch
+
+    from medplib.core.expert_heads import add_expert
+    from medplib.core.model import build_medplib
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_medplib("tiny")
+        assert add_expert(model, plugins.get_experts()["modality"])
+    folder = tmp_path_factory.mktemp("modality") / "checkpoint"
+    model.save_pretrained(folder)
+    return folder

@@ -5,9 +5,12 @@
     url = deploy(ServeConfig(), address="auto")  # joins (or starts) Ray, starts Serve, runs the app
 
 The graph: one `Ingress` (HTTP) bound to the `Trunk`, the `GroundingDecoder` and an `ExpertHead` per
-hosted plugin expert; each deployment takes its replicas, autoscaling, resources and concurrency
-from the config. The built-in experts map onto the model deployments (`vision_language` runs in the
-trunk; `pixel_grounding` in the trunk, for its adapter and `<SEG>`, and in the grounding decoder).
+plugin expert the config hosts apart (`plugin_experts`); each deployment takes its replicas,
+autoscaling, resources and concurrency from the config. The built-in experts map onto the model
+deployments (`vision_language` runs in the trunk; `pixel_grounding` in the trunk, for its adapter and
+`<SEG>`, and in the grounding decoder); a plugin expert's adapter and token run in the trunk, its head
+in `Expert-NAME`, or in the trunk when the config does not host it apart. Only experts the model holds
+(trained with it) are served: `/v1/experts` lists them, a `capability` must be one of theirs.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from medplib.agents.serve.schemas import DeploymentInfo, ExpertsResponse, Hosted
 from medplib.core import plugins
 from medplib.core.errors import CapacityError, CheckpointError, PluginError
 from medplib.core.expert_spec import ExpertSpec, Resources
+from medplib.loading import model_config
 
 logger = logging.getLogger("medplib.serve")
 BUILTIN_HOSTS = {"vision_language": ["Trunk"], "pixel_grounding": ["Trunk", "GroundingDecoder"]}
@@ -63,9 +67,20 @@ def deployment_plan(config: ServeConfig) -> dict[str, tuple[DeploymentConfig, Ro
     return plan
 
 
+def model_experts(config: ServeConfig) -> list[str]:
+    """The experts the served model holds (read from its config, without its weights)."""
+    from medplib.core.expert_heads import checkpoint_experts
+
+    return checkpoint_experts(model_config(config.model))
+
+
 def hosted_plugin_specs(config: ServeConfig) -> dict[str, ExpertSpec]:
-    """The specs of the plugin experts the config hosts; an unknown or headless one is a PluginError."""
+    """The specs of the plugin experts the config hosts apart; PluginError for one that is not
+    installed, built in, headless or not held by the model (it would have no trained head to serve)."""
+    if not config.plugin_experts:
+        return {}
     installed = plugins.get_experts()
+    held = model_experts(config)
     specs = {}
     for name in config.plugin_experts:
         spec = installed.get(name)
@@ -77,6 +92,12 @@ def hosted_plugin_specs(config: ServeConfig) -> dict[str, ExpertSpec]:
             raise PluginError(f"{name!r} is built in: configure it under deployments.trunk / .grounding")
         if spec.head is None:
             raise PluginError(f"plugin expert {name!r} has no head to host (its spec names no factory)")
+        if name not in held:
+            raise PluginError(
+                f"plugin expert {name!r} is not in the model {config.model} (its experts: "
+                f"{', '.join(held)}), so it has no trained head to serve; train it (medplib train --stage "
+                f"expert --expert {name}) and serve that checkpoint"
+            )
         specs[name] = spec
     return specs
 
@@ -86,10 +107,14 @@ def expert_catalog(
     plan: dict[str, tuple[DeploymentConfig, RoleDefaults]],
     specs: dict[str, ExpertSpec],
 ) -> ExpertsResponse:
-    """What `GET /v1/experts` answers: each hosted expert with its deployments, and each deployment."""
-    installed = plugins.get_experts()
-    experts = [HostedExpert(spec=installed[name], deployments=hosts) for name, hosts in BUILTIN_HOSTS.items()]
-    experts += [HostedExpert(spec=spec, deployments=[f"Expert-{name}"]) for name, spec in specs.items()]
+    """What `GET /v1/experts` answers: each expert the model holds with the deployments that run it and
+    its head's output schema, and each deployment."""
+    experts = []
+    for spec in plugins.require_experts(model_experts(config)):
+        hosts = BUILTIN_HOSTS.get(spec.name) or (
+            ["Trunk", f"Expert-{spec.name}"] if spec.name in specs else ["Trunk"]
+        )
+        experts.append(HostedExpert(spec=spec, deployments=hosts, output_schema=spec.output_schema()))
     deployments = {
         name: DeploymentInfo(
             replicas=None if cfg.autoscaling_config is not None else cfg.num_replicas or 1,

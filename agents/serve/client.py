@@ -4,6 +4,7 @@
     client = MedPLIBClient("http://127.0.0.1:8000", api_key=None, timeout=120)
     client.vqa(Path("scan.dcm"), "What modality is this?", max_new_tokens=32)   # a local file: uploaded
     client.vqa("s3://bucket/scan.dcm", "What is in {region}?", [BoxPrompt(box=(10, 10, 60, 60))])
+    client.vqa(png_bytes, "Which modality?", capability="modality_classification").outputs["modality"]
     client.ground(png_bytes, "the liver lesion")                                # GroundingResult, RLE masks
     for part in client.vqa_stream(png_bytes, "What is this?"): ...              # TextDelta..., AnswerResult
     async for part in client.avqa_stream(png_bytes, "What is this?"): ...       # the same, async
@@ -51,6 +52,7 @@ from medplib.agents.serve.schemas import (
 )
 from medplib.agents.serve.sse import EventReader, stream_item
 from medplib.core.errors import InvalidInputError, validation_message
+from medplib.core.expert_spec import ExpertSpec
 from medplib.core.image import DEFAULT_LIMITS
 from medplib.core.io.sources import read_source
 from medplib.core.queries import Decoding
@@ -128,10 +130,12 @@ class MedPLIBClient:
         regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
         *,
         image_options: Mapping[str, Any] | None = None,
+        capability: str | None = None,
         **decoding: Any,
     ) -> AnswerResult:
-        """Answer `question` about `image` (region VQA when `regions` are given)."""
-        body = _body(image, image_options, regions, decoding, question=question)
+        """Answer `question` about `image` (region VQA when `regions` are given); `capability` (see
+        `experts()`) asks an expert for it: its head's outputs are in the result's `outputs`."""
+        body = _body(image, image_options, regions, decoding, question=question, capability=capability)
         return self._send("POST", "/v1/vqa", AnswerResult, body)
 
     def ground(
@@ -163,10 +167,13 @@ class MedPLIBClient:
         regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
         *,
         image_options: Mapping[str, Any] | None = None,
+        capability: str | None = None,
         **decoding: Any,
     ) -> Iterator[TextDelta | AnswerResult]:
         """`vqa` as the answer is generated: `TextDelta`s (joining to the answer), then the result."""
-        body = _body(image, image_options, regions, decoding, question=question, stream=True)
+        body = _body(
+            image, image_options, regions, decoding, question=question, capability=capability, stream=True
+        )
         return self._stream("/v1/vqa", AnswerResult, body)
 
     def ground_stream(
@@ -236,9 +243,10 @@ class MedPLIBClient:
         regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
         *,
         image_options: Mapping[str, Any] | None = None,
+        capability: str | None = None,
         **decoding: Any,
     ) -> AnswerResult:
-        body = _body(image, image_options, regions, decoding, question=question)
+        body = _body(image, image_options, regions, decoding, question=question, capability=capability)
         return await self._asend("POST", "/v1/vqa", AnswerResult, body)
 
     async def aground(
@@ -266,9 +274,12 @@ class MedPLIBClient:
         regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
         *,
         image_options: Mapping[str, Any] | None = None,
+        capability: str | None = None,
         **decoding: Any,
     ) -> AsyncIterator[TextDelta | AnswerResult]:
-        body = _body(image, image_options, regions, decoding, question=question, stream=True)
+        body = _body(
+            image, image_options, regions, decoding, question=question, capability=capability, stream=True
+        )
         async for item in self._astream("/v1/vqa", AnswerResult, body):
             yield item
 
@@ -401,12 +412,13 @@ def _body(
     decoding: Mapping[str, Any],
     **text: Any,
 ) -> dict[str, Any]:
-    """The JSON body; the server validates everything else, so a client and server never disagree."""
+    """The JSON body; the server validates everything else, so a client and server never disagree.
+    A field left None is left out (a server older than the field still answers)."""
     return {
         "image": image_input(image, **(image_options or {})).model_dump(mode="json", exclude_none=True),
         "regions": [r.model_dump(mode="json") if isinstance(r, BaseModel) else dict(r) for r in regions],
         "decoding": dict(decoding),
-        **text,
+        **{key: value for key, value in text.items() if value is not None},
     }
 
 
@@ -445,18 +457,35 @@ class HTTPBackend:
         self.upload = upload
 
     def answer(
-        self, image: StoredImage, question: str, regions: Sequence[RegionPrompt] = (), **decoding: Any
+        self,
+        image: StoredImage,
+        question: str,
+        regions: Sequence[RegionPrompt] = (),
+        *,
+        capability: str | None = None,
+        **decoding: Any,
     ) -> AnswerResult:
-        return self.client.vqa(self._image(image), question, self._regions(regions), **decoding)
+        stored, prompts = self._image(image), self._regions(regions)
+        return self.client.vqa(stored, question, prompts, capability=capability, **decoding)
 
     def ground(self, image: StoredImage, text: str, **decoding: Any) -> GroundingResult:
         return self.client.ground(self._image(image), text, **decoding)
 
     async def aanswer(
-        self, image: StoredImage, question: str, regions: Sequence[RegionPrompt] = (), **decoding: Any
+        self,
+        image: StoredImage,
+        question: str,
+        regions: Sequence[RegionPrompt] = (),
+        *,
+        capability: str | None = None,
+        **decoding: Any,
     ) -> AnswerResult:
         stored, prompts = await asyncio.to_thread(lambda: (self._image(image), self._regions(regions)))
-        return await self.client.avqa(stored, question, prompts, **decoding)
+        return await self.client.avqa(stored, question, prompts, capability=capability, **decoding)
+
+    def expert_specs(self) -> list[tuple[ExpertSpec, dict[str, Any] | None]]:
+        """The server's experts, each with the JSON schema of its head's output."""
+        return [(expert.spec, expert.output_schema) for expert in self.client.experts().experts]
 
     async def aground(self, image: StoredImage, text: str, **decoding: Any) -> GroundingResult:
         return await self.client.aground(await asyncio.to_thread(self._image, image), text, **decoding)

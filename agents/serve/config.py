@@ -124,7 +124,7 @@ ROLE_DEFAULTS = {
     "ingress": RoleDefaults(resources=Resources(num_cpus=0.5), max_ongoing_requests=512),
     "trunk": RoleDefaults(resources=Resources(num_cpus=1), max_ongoing_requests=16),
     "grounding": RoleDefaults(resources=Resources(num_cpus=0.5), max_ongoing_requests=16),
-    "expert": RoleDefaults(resources=Resources(), max_ongoing_requests=4),  # resources: the spec's
+    "expert": RoleDefaults(resources=Resources(), max_ongoing_requests=16),  # resources: the spec's
 }
 
 
@@ -219,9 +219,10 @@ class ServeConfig(_Strict):
     limits: ServeLimits = ServeLimits()
     retries: Retries = Retries()
     deployments: Deployments = Deployments()
-    plugin_experts: dict[str, DeploymentConfig] = Field(
+    plugin_experts: dict[str, ModelDeploymentConfig] = Field(
         default_factory=dict,
-        description="installed plugin experts to host, each a deployment (resources default to its spec's)",
+        description="plugin experts whose trained heads run in a deployment of their own (Expert-NAME; "
+        "resources default to the spec's); the trunk runs the heads of the others",
     )
     check_resources: bool = Field(
         True, description="refuse to deploy a replica no node of the cluster could ever hold"

@@ -6,7 +6,11 @@
   one query streamed, token by token (`MedPLIB.generate_stream`).
 - `GroundingDecoder`: the `<SEG>` head and SAM (image encoder, mask decoder). It turns those hidden
   states into masks with `CachedGenerator.decode_masks`, SAM's image embeddings in its own cache.
-- `ExpertHead`: a plugin expert's head, built by its spec's factory, on the resources its spec asks.
+- `ExpertHead`: a plugin expert's trained head, on the resources its spec asks. The trunk leaves the
+  heads of the experts hosted this way un-run and returns their trigger tokens' hidden states (as it
+  does `<SEG>`'s for the grounding decoder); the ingress sends those here and puts the head's outputs
+  into the result's `outputs[expert]`. A head is small, but a deployment of its own gives it its own
+  replicas, device share and batching, and a trunk replica never waits on a plugin's code.
 
 Every replica loads its own copy of the model from the checkpoint (a preset, a folder, a URI), so
 replicas are independent and Serve can replace one that dies. Each keeps an image-embedding cache
@@ -21,14 +25,14 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ray import serve
 
 from medplib.agents.serve.config import ServeConfig
-from medplib.core.errors import MedplibError
+from medplib.core.errors import CheckpointError, MedplibError
 from medplib.core.expert_spec import ExpertSpec
 from medplib.core.masks import SegmentationResult
 from medplib.core.queries import Query
@@ -47,6 +51,9 @@ GROUNDING_MODULES = ("seg_head", "sam")
 class TrunkOutput:
     result: AnswerResult | GroundingResult  # no masks yet; "sam" cache use and SAM timings unset
     seg_hidden_states: np.ndarray  # (n_seg, hidden) float32: one row per <SEG> in result.text
+    # Experts hosted apart (`Expert-NAME`): the hidden states (n, hidden) float32 that predicted their
+    # trigger tokens, in answer order; their outputs are not in `result.outputs` yet.
+    head_states: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,30 @@ class GroundingOutput:
     masks: list[SegmentationResult]
     sam_cache: str  # "hit" or "miss"
     milliseconds: dict[str, float]  # "encode_sam" and "masks", for the whole batch
+
+
+def completed(
+    result: AnswerResult | GroundingResult,
+    grounded: GroundingOutput | None,
+    head_outputs: dict[str, list[dict[str, Any]]],
+    milliseconds: float,
+) -> AnswerResult | GroundingResult:
+    """The trunk's result with what the deployments apart computed for it, as the assistant in one
+    process would have it: the grounding decoder's masks (in `masks`, and in `outputs` under
+    `pixel_grounding`), the hosted heads' outputs (`outputs[expert]`, and their `expert_heads` ms)."""
+    outputs = {**result.outputs, **head_outputs}
+    timings = dict(result.timings_ms)
+    update: dict[str, Any] = {}
+    if head_outputs:
+        timings["expert_heads"] = milliseconds
+    if grounded is not None:
+        outputs["pixel_grounding"] = [mask.model_dump(mode="json") for mask in grounded.masks]
+        timings |= grounded.milliseconds
+        update = {
+            "masks": grounded.masks,
+            "cache": result.cache.model_copy(update={"sam": grounded.sam_cache}),
+        }
+    return result.model_copy(update={**update, "outputs": outputs, "timings_ms": timings})
 
 
 def replica_info(deployment: str, device: str) -> dict[str, Any]:
@@ -159,6 +190,7 @@ class Trunk:
         self.assistant = medplib.load(
             config.model, **config.load.model_dump(), limits=config.limits.inference(max_batch)
         )
+        self.heads_apart = tuple(config.plugin_experts)  # run by their own deployments
         self.batcher = ReplicaBatcher(lambda key, queries: self._generate(queries, dict(key)), max_batch)
 
     async def generate(
@@ -174,27 +206,33 @@ class Trunk:
     ) -> AsyncIterator[TextDelta | TrunkOutput | MedplibError]:
         """One query, streamed (called with `stream=True`): `TextDelta`s as its tokens come, then its
         output; a query the model refuses yields its error instead."""
+
+        def stream() -> Iterator[Any]:
+            return self.assistant.generate_stream(query, heads_apart=self.heads_apart, **decoding)
+
         try:
-            async for item in self.batcher.stream(lambda: self.assistant.generate_stream(query, **decoding)):
-                if isinstance(item, TextDelta):
-                    yield item
-                else:
-                    result, states = item
-                    yield TrunkOutput(result, states.float().cpu().numpy())
+            async for item in self.batcher.stream(stream):
+                yield item if isinstance(item, TextDelta) else trunk_output(*item)
         except MedplibError as exc:
             yield exc
 
     def _generate(self, queries: list[Query], decoding: dict[str, Any]) -> list[TrunkOutput | MedplibError]:
         try:
-            pairs = self.assistant.generate_batch(queries, **decoding)
+            outputs = self.assistant.generate_batch(queries, heads_apart=self.heads_apart, **decoding)
         except MedplibError as exc:
             if len(queries) == 1:
                 return [exc]
             return [output for query in queries for output in self._generate([query], decoding)]
-        return [TrunkOutput(result, states.float().cpu().numpy()) for result, states in pairs]
+        return [trunk_output(*output) for output in outputs]
 
     def describe(self) -> dict[str, Any]:
         return replica_info("Trunk", str(self.assistant.device))
+
+
+def trunk_output(result: Any, seg_states: Any, head_states: dict[str, Any]) -> TrunkOutput:
+    """What `generate_batch`/`generate_stream` give per query, as plain arrays that travel cheaply."""
+    arrays = {name: states.float().cpu().numpy() for name, states in head_states.items()}
+    return TrunkOutput(result, seg_states.float().cpu().numpy(), arrays)
 
 
 @serve.deployment
@@ -239,35 +277,64 @@ class GroundingDecoder:
 
 @serve.deployment
 class ExpertHead:
-    """A plugin expert's head (`ExpertSpec.head`), rebuilt in the replica from its import path.
+    """A plugin expert's head (`ExpertSpec.head`) with its trained weights from the checkpoint.
 
-    It is sized from the model's config; trained head weights have no checkpoint format in medplib
-    yet, so it starts from its factory's initialisation.
+    The replica loads the checkpoint as every replica does (the loader knows each form a model comes
+    in, and puts the head's weights where its factory built it), keeps the head and drops the rest, as
+    the grounding decoder does. It refuses to start when the checkpoint holds no trained head for the
+    expert (a preset's random weights, or a model never trained with it): it would answer noise.
     """
 
     def __init__(self, spec: ExpertSpec, config: ServeConfig) -> None:
+        set_torch_threads(config.plugin_experts[spec.name].torch_threads)
+        import medplib
         from medplib.core.assistant import resolve_device
-        from medplib.loading import model_config
 
         self.name = spec.name
+        options = config.load.model_dump(exclude={"device", "cache_bytes", "quantization"})
+        assistant = medplib.load(config.model, device="cpu", cache_bytes=0, **options)
+        self.head = trained_head(assistant, spec.name, config.model)
         self.device = resolve_device(config.load.device)
-        self.head = spec.build_head(model_config(config.model)).to(self.device).eval()
-        self.batcher = ReplicaBatcher(lambda _, batch: [self._forward(x) for x in batch], max_rows=1)
+        self.head.to(self.device).eval()
+        max_rows = config.plugin_experts[spec.name].batching.max_batch_size
+        self.batcher = ReplicaBatcher(lambda _, batch: self._run_many(batch), max_rows)
 
-    async def run(self, hidden_states: np.ndarray) -> np.ndarray:
-        """The head on hidden states (n, hidden) of its special token: its outputs (n, ...)."""
+    async def run(self, hidden_states: np.ndarray) -> list[dict[str, Any]]:
+        """The head on the hidden states (n, hidden) that predicted its trigger tokens: n outputs (JSON)."""
         (outputs,) = await self.batcher.submit(None, [hidden_states])
         return outputs
 
-    def _forward(self, hidden_states: np.ndarray) -> np.ndarray:
+    def _run_many(self, batch: list[np.ndarray]) -> list[list[dict[str, Any]]]:
+        """One head call for every request's states merged; each request gets its own rows back."""
         import torch
 
-        with torch.no_grad():
-            inputs = torch.tensor(np.asarray(hidden_states, np.float32), device=self.device)
-            return self.head(inputs).float().cpu().numpy()
+        from medplib.core.expert_heads import run_head
+
+        states = torch.tensor(np.concatenate([np.asarray(s, np.float32) for s in batch]), device=self.device)
+        outputs = run_head(self.head, states)
+        ends = np.cumsum([len(s) for s in batch])
+        return [outputs[end - len(s) : end] for s, end in zip(batch, ends, strict=True)]
 
     def describe(self) -> dict[str, Any]:
         return replica_info(f"Expert-{self.name}", str(self.device))
+
+
+def trained_head(assistant: Any, name: str, source: str) -> nn.Module:
+    """The head of expert `name` the loaded checkpoint holds; CheckpointError when it holds no trained one."""
+    model = assistant.model
+    held = list(getattr(model.config, "experts", ()))
+    if assistant.untrained:
+        raise CheckpointError(
+            f"expert {name!r}: {source} is a preset with random weights, so its head has no trained weights "
+            f"to serve; serve a checkpoint trained with it (medplib train --stage expert --expert {name})"
+        )
+    if name not in held or name not in model.expert_heads:
+        raise CheckpointError(
+            f"expert {name!r}: the checkpoint {source} holds no trained head for it (its experts: "
+            f"{', '.join(held) or 'none'}); train it (medplib train --stage expert --expert {name}) and "
+            "serve that checkpoint"
+        )
+    return model.expert_heads[name]
 
 
 def keep_only(model: nn.Module, names: Sequence[str]) -> None:

@@ -1,9 +1,11 @@
 """The HTTP API as a FastAPI app: routes, the API key, the body limit and errors as JSON.
 
-    POST /v1/vqa      VQARequest    -> AnswerResult      (a question; regions make it region VQA)
+    POST /v1/vqa      VQARequest    -> AnswerResult      (a question; regions make it region VQA;
+                                                          `capability` asks a plugin expert's head)
     POST /v1/ground   GroundRequest -> GroundingResult   (masks as COCO RLE)
     POST /v1/ground_volume  GroundVolumeRequest -> GroundVolumeResponse  (NIfTI or per-slice RLE)
-    GET  /v1/experts                -> ExpertsResponse   (the experts and the deployments hosting them)
+    GET  /v1/experts                -> ExpertsResponse   (the model's experts, their output schemas
+                                                          and the deployments hosting them)
     GET  /v1/health                 -> HealthResponse    (503 while a deployment has no running replica)
     "stream": true on /v1/vqa and /v1/ground: server-sent events instead (see `agents/serve/sse.py`)
     GET  /openapi.json, /docs                            (the schema, and a page to try it)

@@ -12,7 +12,10 @@ A request's way through the application:
 3. Concurrent requests are gathered (`serve.batch`) into one call of the trunk, grouped by decoding
    options (the trunk merges the calls that wait while it runs: `ReplicaBatcher`); answers that hold
    `<SEG>` go on, batched the same way, to the grounding decoder with the image and the `<SEG>`
-   hidden states. Each deployment keeps its own embedding cache (see `deployments.py`).
+   hidden states; answers that hold a plugin expert's trigger token go on to its `Expert-NAME`
+   deployment (when the config hosts it apart) with that token's hidden states, and the head's
+   outputs join the result's `outputs`. Each deployment keeps its own embedding cache (see
+   `deployments.py`). A `capability` the served model's experts lack is refused here (400).
 4. A call whose replica died is retried (`retries.attempts` in all, with backoff) while Serve
    replaces the replica; the whole request has `limits.request_timeout_s` to finish, else 504.
 """
@@ -35,7 +38,13 @@ from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from medplib.agents.serve.config import Batching, ServeConfig
-from medplib.agents.serve.deployments import GroundingItem, GroundingOutput, TrunkOutput, replica_info
+from medplib.agents.serve.deployments import (
+    GroundingItem,
+    GroundingOutput,
+    TrunkOutput,
+    completed,
+    replica_info,
+)
 from medplib.agents.serve.http_api import create_api
 from medplib.agents.serve.schemas import (
     ExpertsResponse,
@@ -97,9 +106,7 @@ class IngressService:
     ) -> None:
         self.trunk = trunk
         self.grounding = grounding
-        # Plugin experts' heads: bound here so Serve deploys them with the app; no route calls them
-        # yet (generation knows only <SEG>), `GET /v1/experts` lists them.
-        self.expert_heads = experts
+        self.expert_heads = experts  # Expert-NAME deployments, by expert name
         self.config = config
         self.catalog = catalog
         self.limits = config.limits
@@ -177,12 +184,17 @@ class IngressService:
         """The request checked and its image loaded: the query for the trunk, and the load's ms."""
         grounding = isinstance(request, GroundRequest)
         text = request.text if isinstance(request, GroundRequest) else request.question
+        capability = request.capability if isinstance(request, VQARequest) else None
+        self.catalog.check_capability(capability)
         self._check_sizes(text, request)
         image, load_ms = await self._load(request.image)
         regions = await asyncio.to_thread(self._checked_regions, request.regions, image)
         task = "ground" if grounding else "answer"
         history = request.history if isinstance(request, VQARequest) else []
-        return Query(image=image, text=text, task=task, regions=regions, history=history), load_ms
+        query = Query(
+            image=image, text=text, task=task, regions=regions, history=history, capability=capability
+        )
+        return query, load_ms
 
     async def infer(self, query: Query, decoding: Decoding) -> AnswerResult | GroundingResult:
         """One checked query through the trunk, and the grounding decoder if its answer holds <SEG>."""
@@ -199,20 +211,20 @@ class IngressService:
     async def _with_masks(
         self, query: Query, output: TrunkOutput | BaseException
     ) -> AnswerResult | GroundingResult:
-        """The trunk's result, with a mask from the grounding decoder for each <SEG> of its answer."""
+        """The trunk's result, with a mask from the grounding decoder for each <SEG> of its answer and
+        the outputs of the heads hosted apart for their trigger tokens (those calls run concurrently)."""
         if isinstance(output, BaseException):  # the trunk refused this query alone
             raise output
-        result = output.result
+        start = time.perf_counter()
+        names = list(output.head_states)
+        calls: list[Awaitable[Any]] = [self._run_head(name, output.head_states[name]) for name in names]
         if len(output.seg_hidden_states):
             label = query.text if query.task == "ground" else None
-            item = GroundingItem(query.image.pixels, output.seg_hidden_states, label)
-            grounded = await self._decode(item)
-            cache = result.cache.model_copy(update={"sam": grounded.sam_cache})
-            timings = {**result.timings_ms, **grounded.milliseconds}
-            result = result.model_copy(
-                update={"masks": grounded.masks, "cache": cache, "timings_ms": timings}
-            )
-        return result
+            calls.append(self._decode(GroundingItem(query.image.pixels, output.seg_hidden_states, label)))
+        done = await asyncio.gather(*calls)
+        grounded = done[len(names)] if len(done) > len(names) else None
+        heads = dict(zip(names, done[: len(names)], strict=True))
+        return completed(output.result, grounded, heads, 1000 * (time.perf_counter() - start))
 
     async def ground_volume(self, request: GroundVolumeRequest) -> GroundVolumeResponse:
         """A volume grounded slice by slice through `infer`: see `agents/serve/volume_service.py`."""
@@ -297,6 +309,10 @@ class IngressService:
 
     async def _decode_many(self, items: list[GroundingItem]) -> list[GroundingOutput]:
         return await self._call("grounding decoder", self.grounding.decode, items)
+
+    async def _run_head(self, name: str, hidden_states: Any) -> list[dict[str, Any]]:
+        """Expert `name`'s head on its trigger tokens' hidden states (its replica merges concurrent calls)."""
+        return await self._call(f"Expert-{name} deployment", self.expert_heads[name].run, hidden_states)
 
     async def _call(self, name: str, method: DeploymentHandle, *args: Any) -> Any:
         """`method.remote(*args)`, sent again while its replica dies under it, `attempts` times in all."""

@@ -28,7 +28,7 @@ from medplib.core.errors import (
     RegionError,
     UnsupportedFormatError,
 )
-from medplib.core.expert_spec import ExpertSpec, Resources
+from medplib.core.expert_spec import IDENTIFIER, ExpertSpec, Resources
 from medplib.core.masks import Mask
 from medplib.core.queries import REGION_PLACEHOLDER, ChatMessage, Decoding
 from medplib.core.regions import RegionPrompt
@@ -95,6 +95,13 @@ class VQARequest(InferenceRequest):
         default_factory=list,
         description="earlier turns about this image (user, assistant, ...), as `MedPLIB.chat` takes them; "
         "the question is the next user message",
+    )
+    capability: str | None = Field(
+        None,
+        pattern=IDENTIFIER,
+        description="an expert's capability to use (see GET /v1/experts), e.g. modality_classification: "
+        "the answer is steered to that expert's token (forced where the model does not say it: `forced`) "
+        "and its head's outputs are in `outputs[expert]`",
     )
 
 
@@ -169,11 +176,26 @@ class DeploymentInfo(_Body):
 class HostedExpert(_Body):
     spec: ExpertSpec
     deployments: list[str] = Field(description="the deployments that run this expert")
+    output_schema: dict[str, Any] | None = Field(
+        None, description="JSON schema of one output of its head (an entry of a result's `outputs[name]`)"
+    )
 
 
 class ExpertsResponse(_Body):
     experts: list[HostedExpert]
     deployments: dict[str, DeploymentInfo]
+
+    def capabilities(self) -> dict[str, str]:
+        """Capability -> the expert that has it."""
+        return {capability: e.spec.name for e in self.experts for capability in e.spec.capabilities}
+
+    def check_capability(self, capability: str | None) -> None:
+        """InvalidInputError naming an unknown capability and the available ones (None passes)."""
+        available = self.capabilities()
+        if capability is not None and capability not in available:
+            raise InvalidInputError(
+                f"unknown capability {capability!r}; this server has: {', '.join(sorted(available))}"
+            )
 
 
 class HealthResponse(_Body):

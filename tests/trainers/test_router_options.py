@@ -79,6 +79,7 @@ def test_routed_layers_choose_which_mlps_are_routed(stage_four: dict[str, Path])
     ("args", "message"),
     [
         (["--stage", "2", "--router-top-k", "2"], "apply to stage 4"),
+        (["--stage", "2", "--expert", "vision_language"], "--expert applies to --stage expert, not stage 2"),
         (["--stage", "4", "--routed-layers", "0,x"], "--routed-layers"),
         (["--stage", "4", "--capacity-factor", "-1"], "capacity_factor"),
         (["--stage", "4", "--load-balancing-weight", "inf"], "load_balancing_weight"),

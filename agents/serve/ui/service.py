@@ -77,10 +77,14 @@ class InProcessService:
             call = model.ground_stream if stream else model.ground
             return call(data, request.text, request.regions, **options)
         if request.history:
+            if request.capability is not None:
+                raise InvalidInputError("capability: ask it in a question without history")
             question = ChatMessage(role="user", content=request.question, regions=request.regions)
             call = model.chat_stream if stream else model.chat
             return call(data, [*request.history, question], **options)
         call = model.answer_stream if stream else model.answer
+        if request.capability is not None:
+            options["capability"] = request.capability
         return call(data, request.question, request.regions, **options)
 
     async def _in_worker(self, call: Callable[..., T], *args: Any) -> T:
@@ -96,13 +100,17 @@ class InProcessService:
 
     def experts(self) -> ExpertsResponse:
         installed = plugins.get_experts()
+        held = [info for info in self.model.experts() if info.trained and info.name in installed]
         device = self.model.device
         resources = Resources(num_gpus=1.0 if device.type == "cuda" else 0.0, num_cpus=1.0)
         info = DeploymentInfo(
             replicas=1, autoscaling_config=None, resources=resources, max_ongoing_requests=1
         )
         return ExpertsResponse(
-            experts=[HostedExpert(spec=spec, deployments=[DEPLOYMENT]) for spec in installed.values()],
+            experts=[
+                HostedExpert(spec=installed[i.name], deployments=[DEPLOYMENT], output_schema=i.output_schema)
+                for i in held
+            ],
             deployments={DEPLOYMENT: info},
         )
 

@@ -140,6 +140,26 @@ async def test_the_async_twins() -> None:
     await client.aclose()
 
 
+async def test_a_capability_travels_in_the_body_sync_and_async_and_is_left_out_without_one() -> None:
+    outputs = {"modality": [{"modality": "CT", "probability": 0.9, "probabilities": {"CT": 0.9}}]}
+    make, seen = scripted(*[(200, {**ANSWER, "outputs": outputs, "forced": True})] * 3 + [(200, ANSWER)])
+    client = make()
+    result = client.vqa(b"\x89PNG", "q", capability="modality_classification", max_new_tokens=3)
+    assert result.outputs == outputs and result.forced
+    assert (await client.avqa("s3://x.png", "q", capability="modality_classification")).outputs == outputs
+    client.vqa(b"\x89PNG", "q", capability="grounding")
+    client.vqa(b"\x89PNG", "q")
+    bodies = [json.loads(request.content) for request in seen]
+    assert [body.get("capability") for body in bodies] == [
+        "modality_classification",
+        "modality_classification",
+        "grounding",
+        None,
+    ]
+    assert "capability" not in bodies[3]  # a server older than the field still answers
+    await client.aclose()
+
+
 def test_the_backend_uploads_what_the_agent_names(tmp_path: Path) -> None:
     (tmp_path / "scan.png").write_bytes(b"scan")
     (tmp_path / "mask.png").write_bytes(b"mask")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,22 +15,8 @@ from medplib.agents.serve.app import (
 )
 from medplib.agents.serve.config import API_KEY_ENV, ServeConfig
 from medplib.core.errors import CapacityError, CheckpointError, InvalidInputError, PluginError
-from medplib.core.expert_spec import ExpertSpec, Resources
-from medplib.core.hookspecs import hookimpl
 
 EXAMPLES = Path(__file__).parents[3] / "examples" / "serve"
-SCRATCH = ExpertSpec(
-    name="scratch",
-    capabilities=("scratch",),
-    head="medplib.experts.pixel_grounding.head:build_grounding_head",
-    resources=Resources(num_gpus=0.25, num_cpus=0.5),
-)
-
-
-class ScratchPlugin:
-    @hookimpl
-    def medplib_register_experts(self, register: Callable[[ExpertSpec], None]) -> None:
-        register(SCRATCH)
 
 
 def test_both_examples_load_and_differ_where_the_hardware_does() -> None:
@@ -116,27 +101,38 @@ def test_a_missing_checkpoint_fails_before_deploying(tmp_path: Path) -> None:
     check_model_source(ServeConfig(model=str(tmp_path)))
 
 
-def test_plugin_experts_become_deployments_on_their_specs_resources(
-    register_plugin: Callable[[object, str], bool],
-) -> None:
-    register_plugin(ScratchPlugin(), "scratch-plugin")
-    config = ServeConfig(plugin_experts={"scratch": {}})
+def test_plugin_experts_become_deployments_on_their_specs_resources(modality_checkpoint: Path) -> None:
+    from medplib.core.plugins import get_experts
+
+    spec = get_experts()["modality"]
+    config = ServeConfig(model=str(modality_checkpoint), plugin_experts={"modality": {}})
     plan = deployment_plan(config)
-    assert set(plan) == {"Ingress", "Trunk", "GroundingDecoder", "Expert-scratch"}
-    catalog = expert_catalog(config, plan, {"scratch": SCRATCH})
-    assert catalog.deployments["Expert-scratch"].resources == SCRATCH.resources
+    assert set(plan) == {"Ingress", "Trunk", "GroundingDecoder", "Expert-modality"}
+    catalog = expert_catalog(config, plan, {"modality": spec})
+    assert catalog.deployments["Expert-modality"].resources == spec.resources
     assert {e.spec.name: e.deployments for e in catalog.experts} == {
         "vision_language": ["Trunk"],
         "pixel_grounding": ["Trunk", "GroundingDecoder"],
-        "scratch": ["Expert-scratch"],
+        "modality": ["Trunk", "Expert-modality"],  # its adapter and token in the trunk, its head apart
     }
-    overridden = ServeConfig(plugin_experts={"scratch": {"resources": {"num_gpus": 0}}})
-    assert deployment_plan(overridden)["Expert-scratch"][0].resources.num_gpus == 0
+    modality = next(e for e in catalog.experts if e.spec.name == "modality")
+    assert set(modality.output_schema["properties"]) == {"modality", "probability", "probabilities"}
+    assert catalog.capabilities()["modality_classification"] == "modality"
+    with pytest.raises(InvalidInputError, match="unknown capability 'laterality'; this server has: "):
+        catalog.check_capability("laterality")
+    hosted_in_trunk = ServeConfig(model=str(modality_checkpoint))
+    catalog = expert_catalog(hosted_in_trunk, deployment_plan(hosted_in_trunk), {})
+    assert {e.spec.name: e.deployments for e in catalog.experts}["modality"] == ["Trunk"]
+    overridden = config.with_overrides(plugin_experts={"modality": {"resources": {"num_gpus": 0}}})
+    assert deployment_plan(overridden)["Expert-modality"][0].resources.num_gpus == 0
     assert build_app(config) is not None  # the graph binds without a cluster
     with pytest.raises(PluginError, match="not installed"):
         deployment_plan(ServeConfig(plugin_experts={"nope": {}}))
     with pytest.raises(PluginError, match="built in"):
-        deployment_plan(ServeConfig(plugin_experts={"pixel_grounding": {}}))
+        deployment_plan(ServeConfig(model=str(modality_checkpoint), plugin_experts={"pixel_grounding": {}}))
+    # A model that does not hold the expert has no trained head for it: refused before deploying.
+    with pytest.raises(PluginError, match=r"'modality' is not in the model tiny .* no trained head"):
+        deployment_plan(ServeConfig(plugin_experts={"modality": {}}))
 
 
 def test_a_server_bound_beyond_loopback_is_told_what_is_left_open(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,6 +7,7 @@ as the ingress merges them must be the in-process `answer_batch` results, masks 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +18,13 @@ import torch
 
 import medplib
 from medplib.agents.serve.config import ServeConfig
-from medplib.agents.serve.deployments import GROUNDING_MODULES, GroundingDecoder, GroundingItem, Trunk
+from medplib.agents.serve.deployments import (
+    GROUNDING_MODULES,
+    GroundingDecoder,
+    GroundingItem,
+    Trunk,
+    completed,
+)
 from medplib.core.assistant import MedPLIB
 from medplib.core.errors import RegionError
 from medplib.core.io import load_image
@@ -81,13 +88,11 @@ def merged(trunk: Any, grounding: Any, queries: list[Query]) -> list[Any]:
     """The ingress's merge: the trunk's results, masks from the grounding decoder where `<SEG>`s are."""
     results = []
     for query, output in zip(queries, trunk._generate(queries, {"max_new_tokens": TOKENS}), strict=True):
-        result = output.result
+        grounded = None
         if len(output.seg_hidden_states):
             label = query.text if query.task == "ground" else None
             (grounded,) = grounding._decode([GroundingItem(query.image, output.seg_hidden_states, label)])
-            cache = result.cache.model_copy(update={"sam": grounded.sam_cache})
-            result = result.model_copy(update={"masks": grounded.masks, "cache": cache})
-        results.append(result)
+        results.append(completed(output.result, grounded, {}, 0.0))
     return results
 
 
@@ -140,16 +145,45 @@ def test_a_query_the_trunk_refuses_fails_alone(trunk: Any, ct: np.ndarray) -> No
     assert answered.result.question == "What is this?"
 
 
-async def test_a_plugin_experts_head_runs_in_its_deployment_class(reference: MedPLIB) -> None:
+async def test_a_plugin_experts_head_runs_apart_and_equals_the_assistant(
+    modality_checkpoint: Any, ct: np.ndarray
+) -> None:
+    """The trunk leaves a hosted expert's head un-run and returns its token's hidden states; the
+    Expert deployment's head (loaded from the checkpoint) turns them into the in-process outputs."""
     from medplib.agents.serve.deployments import ExpertHead
-    from medplib.core.expert_spec import ExpertSpec
+    from medplib.core.plugins import get_experts
 
-    spec = ExpertSpec(
-        name="scratch",
-        capabilities=("scratch",),
-        head="medplib.experts.pixel_grounding.head:build_grounding_head",
+    config = ServeConfig(model=str(modality_checkpoint), plugin_experts={"modality": {}}).with_overrides(
+        load={"device": "cpu"}
     )
-    head = ExpertHead.func_or_class(spec, CONFIG)
-    config = reference.model.config  # the head is sized from the preset's config
-    outputs = await head.run(np.zeros((2, config.text_config.hidden_size), np.float32))
-    assert outputs.shape == (2, config.sam_config.prompt_embed_dim)
+    trunk, head = Trunk.func_or_class(config), ExpertHead.func_or_class(get_experts()["modality"], config)
+    asked = {"max_new_tokens": TOKENS}
+    queries = [
+        Query(image=ct, text=f"Which modality? {i}", capability="modality_classification") for i in (1, 2)
+    ]
+    outputs = trunk._generate(queries, asked)
+    assistant = medplib.load(str(modality_checkpoint), device="cpu")
+    for query, output in zip(queries, outputs, strict=True):
+        states = output.head_states["modality"]
+        assert states.shape == (1, assistant.model.config.text_config.hidden_size)
+        assert "modality" not in output.result.outputs and output.result.forced  # an untrained model
+        expected = assistant.answer(ct, query.text, capability=query.capability, **asked).outputs["modality"]
+        assert await head.run(states) == expected
+    # Two requests' states merged in one head call come back to each, and differ: the head reads them.
+    merged = await asyncio.gather(*(head.run(output.head_states["modality"]) for output in outputs))
+    assert merged[0] != merged[1] and len(merged[0]) == 1
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny_moe_checkpoint"])
+def test_an_expert_deployment_refuses_a_model_without_its_trained_head(
+    model: str, request: pytest.FixtureRequest, example_module: Any
+) -> None:
+    from medplib.agents.serve.deployments import ExpertHead
+    from medplib.core.errors import CheckpointError
+    from medplib.core.plugins import get_experts
+
+    source = model if model == "tiny" else str(request.getfixturevalue(model))
+    config = ServeConfig(model=source, plugin_experts={"modality": {}}).with_overrides(load={"device": "cpu"})
+    expected = "a preset with random weights" if model == "tiny" else "holds no trained head"
+    with pytest.raises(CheckpointError, match=expected):
+        ExpertHead.func_or_class(get_experts()["modality"], config)
