@@ -86,17 +86,33 @@ def supports_static_cache(trunk: nn.Module) -> bool:
     return all(isinstance(getattr(layer, "self_attn", None), LlamaAttention) for layer in trunk.layers)
 
 
+class RotaryTable:
+    """The rotary embedding's cos and sin for every position a generation can reach, computed once:
+    each decoding step then indexes them instead of recomputing (the same values: each entry is one
+    product inv_freq * position, then cos / sin, whatever the shape of the call)."""
+
+    def __init__(self, trunk: nn.Module, positions: int, like: torch.Tensor) -> None:
+        every = torch.arange(positions, device=like.device)[None]
+        cos, sin = trunk.rotary_emb(like, every)
+        self.cos, self.sin = cos[0], sin[0]
+
+    def __call__(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[position_ids], self.sin[position_ids]
+
+
 def run_trunk(
     trunk: nn.Module,
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor,
     cache: StaticKVCache,
+    rotary: RotaryTable | None = None,
 ) -> torch.Tensor:
     """The trunk (`LlamaModel`) on T new embeddings (B, T, hidden) after `cache.length` cached columns.
 
     `attention_mask` (B, cache.length + T) marks the real columns; the new keys and values are written
     into the cache, whose `length` grows by T. Returns the final-norm hidden states (B, T, hidden).
+    `rotary`: cos and sin precomputed for the generation (else computed for these positions).
     """
     batch, steps, _ = inputs_embeds.shape
     start, end = cache.length, cache.length + steps
@@ -104,7 +120,7 @@ def run_trunk(
         raise RuntimeError(f"the KV cache holds {cache.capacity} columns, {end} needed")
     allowed = _attention_mask(attention_mask, start, steps)
     hidden = inputs_embeds
-    cos, sin = trunk.rotary_emb(hidden, position_ids)
+    cos, sin = rotary(position_ids) if rotary is not None else trunk.rotary_emb(hidden, position_ids)
     for layer, keys, values in zip(trunk.layers, cache.keys, cache.values, strict=True):
         attention = layer.self_attn
         shape = (batch, steps, -1, attention.head_dim)
@@ -170,4 +186,8 @@ def trunk_runner(
         static = StaticKVCache.empty(trunk, rows, capacity, like)
     else:
         static = StaticKVCache.from_cache(past_key_values, trunk, capacity, like)
-    return lambda embeds, mask, positions: run_trunk(trunk, embeds, mask, positions, static)
+    # Positions count real tokens, so they stay below the capacity. A dynamic rope (its frequencies
+    # depend on the longest position of the call) is computed per call, as transformers does.
+    fixed = getattr(trunk.rotary_emb, "rope_type", "default") == "default"
+    rotary = RotaryTable(trunk, static.capacity, like) if fixed else None
+    return lambda embeds, mask, positions: run_trunk(trunk, embeds, mask, positions, static, rotary)
