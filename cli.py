@@ -565,6 +565,22 @@ def convert_medplib(
 
 @app.command()
 @user_errors
+def quantize(
+    model: str = typer.Argument(..., help="preset, checkpoint folder or stage II / III folder"),
+    out: Path = typer.Argument(..., help="new folder for the quantised checkpoint"),
+    mode: str = typer.Option("int8", "--mode", help="int8 or int4: the LLM's and CLIP's linear layers"),
+) -> None:
+    """Write a quantised checkpoint (CPU) that `medplib.load(OUT)` and every command load as saved."""
+    from medplib.core.assistant import load
+    from medplib.core.model.quantized_checkpoint import save_quantized
+
+    names = save_quantized(load(model, device="cpu").model, out, mode)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e6
+    typer.echo(f"{len(names)} linear layers at {mode}, {size:.1f} MB: {out}")
+
+
+@app.command()
+@user_errors
 def info(
     model: str = typer.Argument(..., help="preset (tiny, small, medplib-7b), checkpoint or fsspec URI"),
     as_json: bool = typer.Option(False, "--json", help="print the model's description as JSON"),

@@ -50,6 +50,7 @@ from medplib.core.model import (
 from medplib.core.model.generation import run_to_end
 from medplib.core.model.medplib_release import convert_hint, is_release_config
 from medplib.core.model.quantization import check_quantization, quantize
+from medplib.core.model.quantized_checkpoint import is_quantized_folder, load_quantized
 from medplib.core.queries import (
     DEFAULT_INFERENCE_LIMITS,
     REGION_PLACEHOLDER,
@@ -79,9 +80,10 @@ SEG_TEXT = ControlToken.SEG.value
 ALTERNATE = "chat messages must alternate user, assistant, …, ending with a user message"
 
 # The answer the presets are trained to give a grounding request (trainers/data/templates.py), and
-# how `ground` gets its <SEG> state: by decoding the model's own answer, or by prefilling this one.
+# how `ground` gets its <SEG> state: by decoding the model's own answer, or by prefilling this one;
+# "auto": prefilled for a model trained on medplib's templates (docs/performance.md), else decoded.
 GROUNDING_ANSWER = "Sure, it is {seg}."
-GROUNDING_ANSWER_MODES = ("generate", "template")
+GROUNDING_ANSWER_MODES = ("auto", "generate", "template")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -122,11 +124,11 @@ def load(
     stage IV one loads with its mixture of experts), a training stage's folder (`medplib train --out`),
     or, with `sam=`, a LLaVA-1.5 folder plus a SAM checkpoint. `seed` seeds a preset's random weights.
     `quantization` ("int8", "int4") stores the LLM's linear layers in 8 or 4 bits
-    (`core/model/quantization.py`)."""
+    (`core/model/quantization.py`); a folder written by `medplib quantize` loads quantised as saved."""
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     quantization = check_quantization(quantization)
     source = os.fspath(preset_or_path)
-    untrained = False
+    untrained = quantized = False
     if sam is not None:
         model = load_llava_and_sam(source, sam, dtype=torch_dtype)
     elif source in MODEL_PRESETS:
@@ -140,6 +142,11 @@ def load(
             torch.manual_seed(seed)
             model = build_medplib(source)
         untrained = True
+    elif is_quantized_folder(source):  # `medplib quantize`: its layers come quantised
+        model, saved = load_quantized(source)
+        if quantization not in (None, saved) or (torch_device.type, torch_dtype) != ("cpu", torch.float32):
+            raise CheckpointError(f"{source} holds {saved} weights for the CPU at float32: load it so")
+        quantization, quantized = saved, True
     elif _is_stage_folder(source):
         model = _from_stage_folder(source)
     else:
@@ -149,7 +156,7 @@ def load(
             )
         model = _from_checkpoint(source)
     model = model.to(device=torch_device, dtype=torch_dtype).eval()
-    if quantization is not None:
+    if quantization is not None and not quantized:
         quantize(model, quantization)
     return MedPLIB(
         model,
@@ -293,7 +300,7 @@ class MedPLIB:
         regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
         *,
         image_options: Mapping[str, Any] | None = None,
-        answer: str = "generate",
+        answer: str = "auto",
         **decoding: Any,
     ) -> GroundingResult:
         """Segment what `text` names ("the liver lesion"); at least one mask, see `seg_forced`.
@@ -301,6 +308,8 @@ class MedPLIB:
         `answer="template"` skips decoding: the trained answer ("Sure, it is <SEG>.") is prefilled
         with the question and the `<SEG>` state taken from that one pass; the same mask as
         "generate" wherever the model would answer with the template (docs/performance.md).
+        "auto" (the default): "template" for a checkpoint trained by medplib, "generate" for an
+        untrained preset and a converted MedPLIB checkpoint (its answers are worded otherwise).
         """
         query = {"image": image, "text": text, "task": "ground", "regions": list(regions)}
         query["image_options"] = dict(image_options or {})
@@ -322,7 +331,7 @@ class MedPLIB:
         self,
         queries: Sequence[Query | Mapping[str, Any]],
         *,
-        grounding_answer: str = "generate",
+        grounding_answer: str = "auto",
         **decoding: Any,
     ) -> list[AnswerResult | GroundingResult]:
         """Several questions and grounding requests as one batch; greedy results equal single calls.
@@ -344,7 +353,7 @@ class MedPLIB:
         decoding: Mapping[str, Any],
         *,
         predict_masks: bool,
-        grounding_answer: str = "generate",
+        grounding_answer: str = "auto",
     ) -> list[tuple[AnswerResult | GroundingResult, torch.Tensor]]:
         steps = self._batch_steps(
             queries, decoding, predict_masks=predict_masks, grounding_answer=grounding_answer
@@ -357,7 +366,7 @@ class MedPLIB:
         decoding: Mapping[str, Any],
         *,
         predict_masks: bool,
-        grounding_answer: str = "generate",
+        grounding_answer: str = "auto",
     ) -> Generator[torch.Tensor, None, list[tuple[AnswerResult | GroundingResult, torch.Tensor]]]:
         """The batch, yielding each decoding step's tokens (B,); returns every result."""
         start = time.perf_counter()
@@ -366,6 +375,8 @@ class MedPLIB:
             raise InvalidInputError(
                 f"unknown grounding answer {grounding_answer!r}; use one of {list(GROUNDING_ANSWER_MODES)}"
             )
+        if grounding_answer == "auto":
+            grounding_answer = auto_grounding_answer(self.untrained, self.model.config.compat)
         template = GROUNDING_ANSWER.format(seg=SEG_TEXT)
         parsed = [parse_model(Query, query, "query") for query in queries]
         self._check_batch(len(parsed))
@@ -638,6 +649,13 @@ class MedPLIB:
             timings_ms={stage: round(ms, 2) for stage, ms in timings.items()},
             **fields,
         )
+
+
+def auto_grounding_answer(untrained: bool, compat: str | None) -> str:
+    """`answer="auto"`: the template is prefilled for a model trained on medplib's templates (a
+    trained stage IV model answers every grounding test request with it, so the masks are the same,
+    docs/performance.md); an untrained preset and a converted MedPLIB checkpoint decode their own."""
+    return "generate" if untrained or compat == "medplib" else "template"
 
 
 def segmentations(prediction: MaskPrediction, label: str | None) -> list[SegmentationResult]:

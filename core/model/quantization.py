@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -117,21 +117,41 @@ class Int8Linear(nn.Module):
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = codes.shape
+        # 7-bit activations where 8 would saturate (None: probe this CPU once).
+        self.reduce_range = not full_range_is_exact() if reduce_range is None else reduce_range
+        self._pack(codes, scale)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        return cls(*int8_codes(linear.weight), linear.bias)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "codes"], destination[prefix + "scale"] = self.codes()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        codes, scale = state_dict.get(prefix + "codes"), state_dict.get(prefix + "scale")
+        rest = {k: v for k, v in state_dict.items() if k not in (prefix + "codes", prefix + "scale")}
+        super()._load_from_state_dict(rest, prefix, *args)
+        missing_keys = args[2]
+        if codes is None or scale is None:
+            missing_keys += [prefix + part for part in ("codes", "scale")]
+        elif codes.shape != (self.out_features, self.in_features) or codes.dtype != torch.int8:
+            wanted = (self.out_features, self.in_features)
+            args[4].append(f"{prefix}codes: int8 {wanted} expected, got {codes.dtype} {tuple(codes.shape)}")
+        else:
+            self._pack(codes, scale)
+
+    def _pack(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
         with warnings.catch_warnings():  # torch marks quantized tensor creation deprecated (for torchao)
             warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
             weight = torch._make_per_channel_quantized_tensor(
                 codes.cpu(), scale.double().cpu(), torch.zeros(len(codes), dtype=torch.long), 0
             )
             self._packed = torch.ops.quantized.linear_prepack(weight, None)
-        # 7-bit activations where 8 would saturate (None: probe this CPU once).
-        self.reduce_range = not full_range_is_exact() if reduce_range is None else reduce_range
         # W 1 of the dequantised weight: what a row's offset adds to its output.
         self.register_buffer("row_sums", codes.float().sum(dim=1) * scale.float(), persistent=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), False)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        return cls(*int8_codes(linear.weight), linear.bias)
 
     def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The int8 codes (out, in) and float32 scale per output channel."""
