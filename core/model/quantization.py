@@ -45,6 +45,9 @@ from medplib.core.errors import InvalidInputError
 Quantization = Literal["int8", "int4"]
 QUANTIZATIONS: tuple[str, ...] = ("int8", "int4")
 INT4_GROUP = 32
+# The operator itself: calling the overload packet (`torch.ops.quantized.linear_dynamic`) adds a
+# Python-side dispatch check per call, measured at a fifth of a one-token product's time here.
+_LINEAR_DYNAMIC = torch.ops.quantized.linear_dynamic.default
 # Module names (last component) of linear layers inside the LLM that stay in full precision.
 FULL_PRECISION = ("router", "lora_A", "lora_B")
 
@@ -161,11 +164,11 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if len(flat) == 1:  # one token: fbgemm's one range is already its own
-            out = torch.ops.quantized.linear_dynamic(flat, self._packed, self.reduce_range)
+            out = _LINEAR_DYNAMIC(flat, self._packed, self.reduce_range)
         else:
             low, high = torch.aminmax(flat, dim=1, keepdim=True)
             span = (high - low).clamp_(min=torch.finfo(flat.dtype).tiny)
-            out = torch.ops.quantized.linear_dynamic((flat - low) / span, self._packed, self.reduce_range)
+            out = _LINEAR_DYNAMIC((flat - low) / span, self._packed, self.reduce_range)
             out = out.mul_(span).addcmul_(low, self.row_sums)
         if self.bias is not None:
             out = out + self.bias
