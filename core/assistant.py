@@ -659,9 +659,13 @@ def auto_grounding_answer(untrained: bool, compat: str | None) -> str:
 
 
 def segmentations(prediction: MaskPrediction, label: str | None) -> list[SegmentationResult]:
-    """Predicted masks as results: COCO RLE, each scored by SAM's predicted IoU."""
+    """Predicted masks as results: COCO RLE, each scored by SAM's predicted IoU. Built without
+    validation: pydantic would re-decode the RLE its own encoder just wrote (a third of a cached
+    grounding call for a noisy mask)."""
     return [
-        SegmentationResult(mask=Mask.from_array(mask), label=label, score=round(float(score), 4))
+        SegmentationResult.model_construct(
+            mask=Mask.from_array(mask), label=label, score=round(float(score), 4)
+        )
         for mask, score in zip(prediction.masks.cpu().numpy(), prediction.scores.float().cpu(), strict=True)
     ]
 
