@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 MODES = ("fp32", "int8", "int4")
+QUALITY_MODES = ("fp32", "int8", "int8 per token", "int4")  # per token: `quantize(..., per_token=True)`
 RSS_PROBE = """
 import resource, sys, torch
 torch.set_num_threads(1)
@@ -55,10 +56,10 @@ def quality(stage4: Path, data: Path) -> dict:
 
     examples, _ = split_examples(data, "test")
     runs = {}
-    for mode in MODES:
+    for mode in QUALITY_MODES:
         model = load_model(str(stage4), device="cpu").model
         if mode != "fp32":
-            quantize(model, mode)
+            quantize(model, mode.split()[0], per_token=mode.endswith("per token"))
         from medplib.trainers.scoring import evaluate
 
         started = time.perf_counter()
@@ -163,7 +164,7 @@ def markdown(report: dict) -> str:
             "| mode | answers equal to fp32 | closed accuracy | region recall | mDice | mDice - fp32 | s |",
             "|---|---|---|---|---|---|---|",
         ]
-        for mode in MODES:
+        for mode in QUALITY_MODES:
             m = q[mode]
             cells = [
                 f"{100 * m['answers_equal_to_fp32']:.1f}% of {m['answers']}",

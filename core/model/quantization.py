@@ -11,12 +11,10 @@ int8 too (below).
 How, by device:
 
 - CPU, int8: `Int8Linear`: int8 weights, symmetric per output channel, on fbgemm's dynamic int8
-  kernels (VNNI). fbgemm quantises its input with one scale per call; over a whole prompt (or a batch)
-  that scale is set by the largest token, and the shorter ones lose precision: greedy answers of the
-  trained tiny pipeline then equal fp32's on only 91% of questions. `Int8Linear` divides each token
-  by its own absolute maximum before the kernel and multiplies the output back (the product is linear),
-  so every token is quantised on its own scale (97-99%, `benchmarks/quantization.py`), and a row's
-  result no longer depends on the other rows of its batch. A lone token needs no division.
+  kernels (VNNI), activations on all 8 bits where the CPU multiplies them exactly. torch's
+  `quantize_dynamic` defaults (one weight scale per tensor, 7-bit activations) left greedy answers
+  of the trained tiny pipeline equal to fp32's on only 91% of questions; 8-bit activations give 96%,
+  and quantising each token on its own range (`per_token=True`) 98% (`benchmarks/quantization.py`).
   torchao 0.18 was measured too: its int8 tensors run 2-30x slower than fp32 in eager mode on this
   CPU, while fbgemm's are 2-7x faster (`docs/performance.md`).
 - CPU, int4: weights packed two per byte with a scale and an offset per group of 32 input columns
@@ -102,12 +100,16 @@ def full_range_is_exact() -> bool:
 
 
 class Int8Linear(nn.Module):
-    """A linear layer on fbgemm's dynamic int8 kernel, each input token quantised on its own range.
+    """A linear layer on fbgemm's dynamic int8 kernel: int8 weights per output channel, activations
+    quantised per call on 8 bits where this CPU multiplies them exactly (`full_range_is_exact`).
 
     The weight lives only in fbgemm's packed form (`codes()` unpacks it for a checkpoint). fbgemm
-    quantises its whole input on one range, so each row x is first mapped onto [0, 1],
+    quantises its whole input on one range; with `per_token`, each row x is first mapped onto [0, 1],
     x = low + span * u, and W x = span * (W u) + low * (W 1): every row then spans exactly the same
     range, is quantised as finely as on its own, and its result does not depend on the other rows.
+    That is more faithful (98.0% instead of 96.0% of the tiny pipeline's stage III answers equal fp32's)
+    but costs five passes over the activations per call: 15% of a cold question, 26% of a cold batch
+    of 8 (`docs/performance.md`), so it is off by default.
     """
 
     def __init__(
@@ -117,8 +119,10 @@ class Int8Linear(nn.Module):
         bias: torch.Tensor | None,
         *,
         reduce_range: bool | None = None,
+        per_token: bool = False,
     ) -> None:
         super().__init__()
+        self.per_token = per_token
         self.out_features, self.in_features = codes.shape
         # 7-bit activations where 8 would saturate (None: probe this CPU once).
         self.reduce_range = not full_range_is_exact() if reduce_range is None else reduce_range
@@ -126,8 +130,8 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        return cls(*int8_codes(linear.weight), linear.bias)
+    def from_linear(cls, linear: nn.Linear, *, per_token: bool = False) -> Int8Linear:
+        return cls(*int8_codes(linear.weight), linear.bias, per_token=per_token)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -163,7 +167,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if len(flat) == 1:  # one token: fbgemm's one range is already its own
+        if len(flat) == 1 or not self.per_token:  # one token: fbgemm's one range is already its own
             out = _LINEAR_DYNAMIC(flat, self._packed, self.reduce_range)
         else:
             low, high = torch.aminmax(flat, dim=1, keepdim=True)
@@ -250,9 +254,10 @@ def lora_factor_names(model: nn.Module) -> list[str]:
     ]
 
 
-def quantize(model: nn.Module, quantization: Quantization) -> list[str]:
+def quantize(model: nn.Module, quantization: Quantization, *, per_token: bool = False) -> list[str]:
     """Replace the LLM's linear layers of a loaded model in place (after it is on its device), and
-    store the LoRA factors at int8; returns the names of the linear layers replaced."""
+    store the LoRA factors at int8; returns the names of the linear layers replaced. `per_token`: the
+    CPU's int8 quantises each token on its own range (`Int8Linear`)."""
     names = quantized_linear_names(model)
     device = next(model.parameters()).device
     if device.type == "cuda":
@@ -261,7 +266,7 @@ def quantize(model: nn.Module, quantization: Quantization) -> list[str]:
         if model.dtype != torch.float32:
             raise InvalidInputError("int8 on the CPU needs dtype float32 (fbgemm's kernels take fp32 inputs)")
         for name in names:
-            _replace(model, name, Int8Linear.from_linear(model.get_submodule(name)))
+            _replace(model, name, Int8Linear.from_linear(model.get_submodule(name), per_token=per_token))
     else:
         for name in names:
             _replace(model, name, Int4Linear(model.get_submodule(name)))

@@ -82,12 +82,12 @@ def test_a_routed_mlp_keeps_its_gate_in_full_precision_and_its_lora_factors_at_i
     assert similarity.min() > 0.99
 
 
-def test_int8_quantises_each_token_on_its_own_scale() -> None:
+def test_per_token_int8_quantises_each_token_on_its_own_range() -> None:
     """A row's output does not depend on the other rows of the call (fbgemm alone quantises the whole
     input on one range, so a large row would coarsen a small one), and is close to the float product."""
     torch.manual_seed(0)
     linear = nn.Linear(64, 32)
-    int8 = Int8Linear.from_linear(linear)
+    int8 = Int8Linear.from_linear(linear, per_token=True)
     small, large = torch.randn(1, 64) * 0.01, torch.randn(1, 64) * 100
     alone = int8(torch.cat([small, small]))[0]
     beside_a_large_row = int8(torch.cat([small, large]))[0]
