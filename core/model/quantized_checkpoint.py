@@ -31,11 +31,16 @@ QUANTIZED_FILE = "quantized.safetensors"
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:
-    """The model with peft LoRA adapters merged into the weights they adapt (exact up to float
-    rounding); a routed mixture of experts is refused: its layout is not the config's."""
-    language_model = model.language_model
-    if hasattr(language_model, "merge_and_unload"):
-        model.language_model = language_model.merge_and_unload()
+    """The model with its peft LoRA layers' active adapters merged into the weights they adapt (exact
+    up to float rounding) and the layers replaced by their base; a routed mixture of experts is
+    refused: its layout is not the config's."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(parent), attribute, module.get_base_layer())
     if any("lora_" in name or name.endswith(".router") for name, _ in model.named_modules()):
         raise CheckpointError(
             "a mixture of experts cannot be saved quantised; load it quantised instead: "

@@ -153,3 +153,24 @@ def test_int8_products_do_not_saturate_on_this_cpu() -> None:
     x = torch.ones(3, 64)
     x[:, 0] = 0.0
     torch.testing.assert_close(Int8Linear.from_linear(linear)(x), x @ weight.T, rtol=0, atol=1e-4)
+
+
+def test_saving_quantised_merges_a_lora_adapter_first(processor, image) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from medplib.core.model.quantized_checkpoint import merge_adapters
+
+    torch.manual_seed(0)
+    model = build_medplib("tiny").eval()
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"])
+    model.language_model = inject_adapter_in_model(config, model.language_model)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(parameter, std=0.05)
+    batch = processor([Request(image, [Turn("What modality is this?")])])
+    adapted = _hidden(model, batch)
+    merged = merge_adapters(model)
+    assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
+    assert type(merged.get_submodule("language_model.model.layers.0.mlp.up_proj")) is nn.Linear
+    torch.testing.assert_close(_hidden(merged, batch), adapted, rtol=1e-4, atol=1e-4)
