@@ -7,6 +7,7 @@ Each form has one recogniser, tried in this order (the first that matches loads 
 
 - `llava+sam`: a LLaVA-1.5 folder, given with `sam=` a SAM checkpoint (`core/model/loading.py`);
 - `preset`: `tiny`, `small` (seeded random weights); `medplib-7b` has none and is refused;
+- `quantized checkpoint`: a `medplib quantize` output, its layers loaded quantised as saved;
 - `stage folder`: a training stage's output (`stage.json`): the model as it answers (its active
   adapter, or its mixture of experts), or, for the next stage, the trunk and its adapters;
 - `moe folder`: a stage IV `save_pretrained` folder or URI (`moe.safetensors`): its experts composed;
@@ -53,6 +54,7 @@ from medplib.core.model.configuration_medplib import MedPLIBConfig
 from medplib.core.model.medplib_release import convert_hint, is_release_config, read_release_config
 from medplib.core.model.modeling_medplib import COMPONENTS
 from medplib.core.model.quantization import check_quantization, quantize, weight_bytes
+from medplib.core.model.quantized_checkpoint import is_quantized_folder, load_quantized
 from medplib.core.model.storage import local_folder
 from medplib.core.model.tokenizer import load_tokenizer
 from medplib.core.model_info import (
@@ -88,6 +90,7 @@ class LoadedModel:
     moe: MixtureOfExperts | None = None
     record: dict[str, Any] = field(default_factory=dict)  # a stage folder's stage.json
     seed: int | None = None  # a preset's
+    quantization: str | None = None  # a `medplib quantize` folder's: its layers arrive quantised
 
     @property
     def kind(self) -> str:
@@ -127,14 +130,25 @@ def load(
 ) -> MedPLIB:
     """A ready assistant from any form `load_model` recognises. `seed` seeds a preset's random weights.
     `quantization` ("int8", "int4") stores the LLM's linear layers in 8 or 4 bits
-    (`core/model/quantization.py`)."""
+    (`core/model/quantization.py`); a folder written by `medplib quantize` loads quantised as saved."""
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     quantization = check_quantization(quantization)
     source = os.fspath(preset_or_path)
     loaded = load_model(source, sam=sam, seed=seed, dtype=torch_dtype)
-    model = loaded.model.to(device=torch_device, dtype=torch_dtype).eval()
-    if quantization is not None:
-        quantize(model, quantization)
+    if loaded.quantization is not None:  # saved quantised: loaded as saved, for the CPU at float32
+        if quantization not in (None, loaded.quantization) or (torch_device.type, torch_dtype) != (
+            "cpu",
+            torch.float32,
+        ):
+            raise CheckpointError(
+                f"{source} holds {loaded.quantization} weights for the CPU at float32: load it so"
+            )
+        model = loaded.model.eval()
+        quantization = loaded.quantization
+    else:
+        model = loaded.model.to(device=torch_device, dtype=torch_dtype).eval()
+        if quantization is not None:
+            quantize(model, quantization)
     return MedPLIB(
         model,
         name=source,
@@ -385,9 +399,19 @@ def folder_config(folder: str) -> dict:
     return config if isinstance(config, dict) else {}
 
 
+def _load_quantized(request: LoadRequest) -> LoadedModel:
+    model, mode = load_quantized(request.source)
+    return LoadedModel(model, "quantized checkpoint", quantization=mode)
+
+
 FORMS = (
     Form("llava+sam", lambda r: r.sam is not None, _load_llava_and_sam),
     Form("preset", lambda r: r.source in MODEL_PRESETS, _load_preset),
+    Form(
+        "quantized checkpoint",
+        lambda r: _is_folder(r.source) and is_quantized_folder(r.source),
+        _load_quantized,
+    ),
     Form("stage folder", lambda r: stage_folder(r.source) is not None, _load_stage_folder),
     Form("moe folder", lambda r: _is_folder(r.source) and _has_file(r.source, MOE_FILE), _load_moe_folder),
     Form(

@@ -4,9 +4,12 @@
         [--data demo-output/data] [--out benchmarks/results]
 
 1. Quality: trained stage folders of the tiny pipeline (`make demo` trains them; default stage IV)
-   scored on the test split in fp32, int8 and int4 (`trainers.eval.scoring.evaluate`: greedy answers,
+   scored on the test split in fp32, int8 and int4 (`trainers.scoring.evaluate`: greedy answers,
    grounding by the model's own `<SEG>`); the share of answers identical to fp32's, and each mode's
    closed accuracy, region recall and mDice. A stage folder that does not exist is reported as such.
+   On the same stages, every grounding request of the test split through `MedPLIB.ground` with
+   `answer="generate"` and `answer="template"`: how often the decoded answer is the template, how
+   often the two masks are identical, and each mode's median latency (what `answer="auto"` rests on).
 2. Weight bytes of `medplib-7b` per component on the meta device (`medplib info`): bf16 and fp32
    as loaded, and with the quantised layers at int8 and int4.
 3. Resident memory (peak, and after answering) of a process that loads the `small` preset in each
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -28,6 +32,7 @@ from pathlib import Path
 import torch
 
 MODES = ("fp32", "int8", "int4")
+QUALITY_MODES = ("fp32", "int8", "int8 per token", "int4")  # per token: `quantize(..., per_token=True)`
 RSS_PROBE = """
 import resource, sys, torch
 torch.set_num_threads(1)
@@ -51,10 +56,10 @@ def quality(stage4: Path, data: Path) -> dict:
 
     examples, _ = split_examples(data, "test")
     runs = {}
-    for mode in MODES:
+    for mode in QUALITY_MODES:
         model = load_for_evaluation(str(stage4), device="cpu").model
         if mode != "fp32":
-            quantize(model, mode)
+            quantize(model, mode.split()[0], per_token=mode.endswith("per token"))
         from medplib.trainers.eval.scoring import evaluate
 
         started = time.perf_counter()
@@ -76,6 +81,37 @@ def quality(stage4: Path, data: Path) -> dict:
             "seconds": run["seconds"],
         }
     return out
+
+
+def grounding_answers(stage: Path, data: Path) -> dict:
+    """Per grounding request of the test split: the decoded answer against the prefilled template."""
+    import json
+    import statistics
+
+    from medplib.core.assistant import GROUNDING_ANSWER
+    from medplib.loading import load
+
+    assistant = load(str(stage), device="cpu")
+    samples = [s for s in json.loads((data / "test.json").read_text()) if s.get("part") == "G"]
+    template = GROUNDING_ANSWER.format(seg="<SEG>")
+    same_text = same_mask = 0
+    seconds: dict[str, list[float]] = {"generate": [], "template": []}
+    for sample in samples:
+        image = str(data / sample["image"])
+        results = {}
+        for mode in seconds:
+            started = time.perf_counter()
+            results[mode] = assistant.ground(image, sample["structure"], answer=mode)
+            seconds[mode].append(time.perf_counter() - started)
+        same_text += results["generate"].text == template
+        masks = [[m.mask for m in results[mode].masks[:1]] for mode in seconds]
+        same_mask += masks[0] == masks[1]
+    return {
+        "requests": len(samples),
+        "decoded_answer_is_template": same_text,
+        "same_mask": same_mask,
+        "median_ms": {mode: round(1000 * statistics.median(s), 1) for mode, s in seconds.items()},
+    }
 
 
 def weight_bytes() -> dict:
@@ -106,6 +142,19 @@ def peak_rss() -> dict:
 
 def markdown(report: dict) -> str:
     lines = []
+    grounding = report.get("grounding_answers", {})
+    if grounding:
+        lines += [
+            "Grounding requests of the test split, decoded answer vs prefilled template (fp32):",
+            "",
+            "| stage | requests | decoded answer is the template | same mask | ms generate | ms template |",
+            "|---|---|---|---|---|---|",
+        ]
+        for stage, g in grounding.items():
+            cells = [stage, g["requests"], g["decoded_answer_is_template"], g["same_mask"]]
+            cells += [g["median_ms"]["generate"], g["median_ms"]["template"]]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        lines.append("")
     for stage, q in report["quality"].items():
         if "skipped" in q:
             lines += [f"Quality, {stage}: {q['skipped']}", ""]
@@ -116,7 +165,7 @@ def markdown(report: dict) -> str:
             "| mode | answers equal to fp32 | closed accuracy | region recall | mDice | mDice - fp32 | s |",
             "|---|---|---|---|---|---|---|",
         ]
-        for mode in MODES:
+        for mode in QUALITY_MODES:
             m = q[mode]
             cells = [
                 f"{100 * m['answers_equal_to_fp32']:.1f}% of {m['answers']}",
@@ -145,6 +194,8 @@ def markdown(report: dict) -> str:
         f"{mode} {size['peak'] / 1e6:,.0f} / {size['after_answering'] / 1e6:,.0f}"
         for mode, size in rss.items()
     )
+    load = f"{report['load_average_start']} → {report['load_average_end']}"
+    lines[0:0] = [f"Load average {load} (shared 2-core machine; the seconds columns are not comparable).", ""]
     lines.append("(the preset is built in fp32 and then quantised, so the peak holds its fp32 weights)")
     return "\n".join(lines) + "\n"
 
@@ -160,18 +211,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     stages = args.stage or [root / "demo-output" / "pipeline" / "stage4"]
-    found = {}
+    found, grounding = {}, {}
     for stage in stages:
         if stage.is_dir():
             found[stage.name] = quality(stage, args.data)
+            grounding[stage.name] = grounding_answers(stage, args.data)
         else:
             found[stage.name] = {"skipped": f"no trained stage at {stage}: run `make demo` first"}
     report = {
+        "load_average_start": round(os.getloadavg()[0], 2),
         "quality": found,
+        "grounding_answers": grounding,
         "medplib_7b_weight_bytes": weight_bytes(),
         "small_rss_bytes": peak_rss(),
         "torch": torch.__version__.split("+")[0],
     }
+    report["load_average_end"] = round(os.getloadavg()[0], 2)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quantization.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "quantization.md").write_text(markdown(report))

@@ -1,10 +1,10 @@
 """The `medplib` command line: one module per command group, all registered on one Typer app.
 
-common      the app, the one-line error contract, the image options
-images      inspect                      data        data build|stats|check, demo
-ask         ask, ground (single images)  volume      ask, ground through a volume
-training    train, pipeline, plot        evaluation  eval
-models      experts, info, convert       serving     serve, ui
+- `common`: the app, the one-line error contract, the image options;
+- `images`: inspect; `data`: data build|stats|check, demo;
+- `ask`: ask, ground on one image; `volume`: ask, ground through a volume;
+- `training`: train, pipeline, plot; `evaluation`: eval;
+- `models`: experts, info, convert, quantize; `serving`: serve, ui.
 """
 
 from __future__ import annotations

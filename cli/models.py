@@ -1,4 +1,4 @@
-"""`medplib experts`, `medplib info` and `medplib convert`: what is installed and what a checkpoint holds."""
+"""`medplib experts`, `info`, `convert` and `quantize`: what is installed and what a checkpoint holds."""
 
 from __future__ import annotations
 
@@ -87,6 +87,22 @@ def convert_medplib(
         f"converted {report.source_keys} keys ({dropped} dropped) into {report.written_keys} tensors, "
         f"{gigabytes:.3f} GB in {len(report.shards)} shard(s), {report.seconds:.1f} s: {out}"
     )
+
+
+@app.command()
+@user_errors
+def quantize(
+    model: str = typer.Argument(..., help="preset, checkpoint folder or stage II / III folder"),
+    out: Path = typer.Argument(..., help="new folder for the quantised checkpoint"),
+    mode: str = typer.Option("int8", "--mode", help="int8 or int4: the LLM's and CLIP's linear layers"),
+) -> None:
+    """Write a quantised checkpoint (CPU) that `medplib.load(OUT)` and every command load as saved."""
+    import medplib
+    from medplib.core.model.quantized_checkpoint import save_quantized
+
+    names = save_quantized(medplib.load(model, device="cpu").model, out, mode)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e6
+    typer.echo(f"{len(names)} linear layers at {mode}, {size:.1f} MB: {out}")
 
 
 @app.command()

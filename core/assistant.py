@@ -75,9 +75,10 @@ SEG_TEXT = ControlToken.SEG.value
 ALTERNATE = "chat messages must alternate user, assistant, …, ending with a user message"
 
 # The answer the presets are trained to give a grounding request (trainers/data/templates.py), and
-# how `ground` gets its <SEG> state: by decoding the model's own answer, or by prefilling this one.
+# how `ground` gets its <SEG> state: by decoding the model's own answer, or by prefilling this one;
+# "auto": prefilled for a model trained on medplib's templates (docs/performance.md), else decoded.
 GROUNDING_ANSWER = "Sure, it is {seg}."
-GROUNDING_ANSWER_MODES = ("generate", "template")
+GROUNDING_ANSWER_MODES = ("auto", "generate", "template")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -189,7 +190,7 @@ class MedPLIB:
         regions: Sequence[RegionPrompt | Mapping[str, Any]] = (),
         *,
         image_options: Mapping[str, Any] | None = None,
-        answer: str = "generate",
+        answer: str = "auto",
         **decoding: Any,
     ) -> GroundingResult:
         """Segment what `text` names ("the liver lesion"); at least one mask, see `seg_forced`.
@@ -197,6 +198,8 @@ class MedPLIB:
         `answer="template"` skips decoding: the trained answer ("Sure, it is <SEG>.") is prefilled
         with the question and the `<SEG>` state taken from that one pass; the same mask as
         "generate" wherever the model would answer with the template (docs/performance.md).
+        "auto" (the default): "template" for a checkpoint trained by medplib, "generate" for an
+        untrained preset and a converted MedPLIB checkpoint (its answers are worded otherwise).
         """
         query = {"image": image, "text": text, "task": "ground", "regions": list(regions)}
         query["image_options"] = dict(image_options or {})
@@ -218,7 +221,7 @@ class MedPLIB:
         self,
         queries: Sequence[Query | Mapping[str, Any]],
         *,
-        grounding_answer: str = "generate",
+        grounding_answer: str = "auto",
         **decoding: Any,
     ) -> list[AnswerResult | GroundingResult]:
         """Several questions and grounding requests as one batch; greedy results equal single calls.
@@ -277,6 +280,8 @@ class MedPLIB:
             raise InvalidInputError(
                 f"unknown grounding answer {grounding_answer!r}; use one of {list(GROUNDING_ANSWER_MODES)}"
             )
+        if grounding_answer == "auto":
+            grounding_answer = auto_grounding_answer(self.untrained, self.model.config.compat)
         template = GROUNDING_ANSWER.format(seg=SEG_TEXT)
         parsed = [parse_model(Query, query, "query") for query in queries]
         self._check_batch(len(parsed))
@@ -565,10 +570,21 @@ class MedPLIB:
         )
 
 
+def auto_grounding_answer(untrained: bool, compat: str | None) -> str:
+    """`answer="auto"`: the template is prefilled for a model trained on medplib's templates (a
+    trained stage IV model answers every grounding test request with it, so the masks are the same,
+    docs/performance.md); an untrained preset and a converted MedPLIB checkpoint decode their own."""
+    return "generate" if untrained or compat == "medplib" else "template"
+
+
 def segmentations(prediction: MaskPrediction, label: str | None) -> list[SegmentationResult]:
-    """Predicted masks as results: COCO RLE, each scored by SAM's predicted IoU."""
+    """Predicted masks as results: COCO RLE, each scored by SAM's predicted IoU. Built without
+    validation: pydantic would re-decode the RLE its own encoder just wrote (a third of a cached
+    grounding call for a noisy mask)."""
     return [
-        SegmentationResult(mask=Mask.from_array(mask), label=label, score=round(float(score), 4))
+        SegmentationResult.model_construct(
+            mask=Mask.from_array(mask), label=label, score=round(float(score), 4)
+        )
         for mask, score in zip(prediction.masks.cpu().numpy(), prediction.scores.float().cpu(), strict=True)
     ]
 

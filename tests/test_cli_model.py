@@ -149,3 +149,38 @@ def test_ask_with_int8_weights_and_info_counts_quantised_bytes(images: dict[str,
 def test_help_lists_the_model_commands() -> None:
     result = runner.invoke(app, ["--help"])
     assert all(command in result.output for command in ("ask", "ground", "info"))
+
+
+def test_quantize_writes_a_checkpoint_that_loads_as_it_was_saved(
+    images: dict[str, Path], tmp_path: Path
+) -> None:
+    import torch
+
+    import medplib
+    from medplib.core.model.quantization import Int4Linear, Int8Linear
+
+    sizes = {}
+    for mode, kind in (("int8", Int8Linear), ("int4", Int4Linear)):
+        out = tmp_path / mode
+        result = runner.invoke(app, ["quantize", "tiny", str(out), "--mode", mode])
+        assert result.exit_code == 0, result.output
+        assert f"at {mode}" in result.stdout and (out / "quantized.safetensors").is_file()
+        sizes[mode] = (out / "quantized.safetensors").stat().st_size
+        loaded = medplib.load(out, device="cpu")  # the API: no quantization to name
+        assert loaded.quantization == mode
+        assert isinstance(loaded.model.get_submodule("language_model.lm_head"), kind)
+        direct = medplib.load("tiny", device="cpu", quantization=mode)
+        saved = loaded.model.state_dict()
+        for name, tensor in direct.model.state_dict().items():  # the same codes, scales and weights
+            assert torch.equal(saved[name], tensor), name
+        answer = ["ask", str(images["png"]), "What?", "--model", str(out), "--max-new-tokens", "3", "--json"]
+        shown = runner.invoke(app, answer)
+        assert shown.exit_code == 0, shown.output
+        expected = direct.answer(str(images["png"]), "What?", max_new_tokens=3)
+        assert AnswerResult.model_validate_json(shown.stdout).text == expected.text
+    full = sum(p.numel() * p.element_size() for p in medplib.load("tiny", device="cpu").model.parameters())
+    assert sizes["int4"] < sizes["int8"] < full
+    refused = runner.invoke(
+        app, ["ask", str(images["png"]), "What?", "--model", str(tmp_path / "int4"), "--quantization", "int8"]
+    )
+    assert refused.exit_code == 2 and "int4" in refused.output

@@ -25,11 +25,32 @@ from transformers.cache_utils import Cache
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm, apply_rotary_pos_emb
 
 
+class RotaryTable:
+    """The rotary embedding's cos and sin for every position a generation can reach, computed once:
+    each decoding step then indexes them instead of recomputing (the same values: each entry is one
+    product inv_freq * position, then cos / sin, whatever the shape of the call)."""
+
+    def __init__(self, trunk: nn.Module, positions: int, like: torch.Tensor) -> None:
+        every = torch.arange(positions, device=like.device)[None]
+        cos, sin = trunk.rotary_emb(like, every)
+        self.cos, self.sin = cos[0], sin[0]
+
+    def __call__(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[position_ids], self.sin[position_ids]
+
+
 class StaticKVCache:
     """Keys and values per layer, (B, heads_kv, capacity, head_dim), of which `length` columns are filled."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> None:
+    def __init__(
+        self,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        length: int,
+        rotary: RotaryTable | None = None,
+    ) -> None:
         self.keys, self.values, self.length = keys, values, length
+        self.rotary = rotary  # cos and sin of every position it can hold, or None: computed per call
 
     @property
     def capacity(self) -> int:
@@ -42,7 +63,10 @@ class StaticKVCache:
         shape = (batch, config.num_key_value_heads, capacity, head_dim)
         layers = len(trunk.layers)
         make = [like.new_empty(shape) for _ in range(2 * layers)]
-        return cls(make[:layers], make[layers:], 0)
+        # Positions count real tokens, so they stay below the capacity. A dynamic rope (frequencies
+        # that depend on the longest position of the call) is computed per call, as transformers does.
+        fixed = getattr(trunk.rotary_emb, "rope_type", "default") == "default"
+        return cls(make[:layers], make[layers:], 0, RotaryTable(trunk, capacity, like) if fixed else None)
 
     @classmethod
     def from_cache(
@@ -103,7 +127,8 @@ def run_trunk(
         raise RuntimeError(f"the KV cache holds {cache.capacity} columns, {end} needed")
     allowed = _attention_mask(attention_mask, start, steps)
     hidden = inputs_embeds
-    cos, sin = trunk.rotary_emb(hidden, position_ids)
+    rotary = cache.rotary
+    cos, sin = rotary(position_ids) if rotary is not None else trunk.rotary_emb(hidden, position_ids)
     for layer, keys, values in zip(trunk.layers, cache.keys, cache.values, strict=True):
         attention = layer.self_attn
         shape = (batch, steps, -1, attention.head_dim)

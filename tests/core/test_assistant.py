@@ -410,3 +410,20 @@ def test_a_prefilled_template_answer_gives_the_mask_its_decoding_gives(
     assert answered.text == fresh.answer(ct, "What is this?", max_new_tokens=TOKENS).text
     with pytest.raises(InvalidInputError, match="grounding answer"):
         fresh.ground(ct, "the lungs", answer="guess")
+
+
+def test_grounding_prefills_the_template_by_default_only_for_a_model_trained_on_it(
+    fresh: MedPLIB, ct: np.ndarray
+) -> None:
+    from medplib.core.assistant import GROUNDING_ANSWER, auto_grounding_answer
+
+    template = GROUNDING_ANSWER.format(seg="<SEG>")
+    untrained = fresh.ground(ct, "the lungs", max_new_tokens=TOKENS)  # a preset: its own answer decoded
+    assert untrained.timings_ms["decode"] > 0 and untrained.text != template
+    trained = MedPLIB(fresh.model, name="a medplib checkpoint", untrained=False)
+    default = trained.ground(ct, "the lungs")
+    assert default.text == template and default.timings_ms["decode"] == 0
+    assert default.masks[0].mask == trained.ground(ct, "the lungs", answer="template").masks[0].mask
+    # A converted MedPLIB checkpoint words its answers otherwise: it decodes them.
+    assert auto_grounding_answer(untrained=False, compat="medplib") == "generate"
+    assert auto_grounding_answer(untrained=True, compat=None) == "generate"

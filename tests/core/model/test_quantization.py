@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
 from medplib.core.errors import InvalidInputError
 from medplib.core.expert_spec import ExpertSpec, LoraSpec
@@ -13,6 +12,8 @@ from medplib.core.model import MedPLIBForCausalLM, Request, Turn, build_medplib
 from medplib.core.model.modeling_medplib import COMPONENTS
 from medplib.core.model.quantization import (
     Int4Linear,
+    Int8Linear,
+    Int8Weight,
     check_quantization,
     int4_group,
     quantize,
@@ -35,7 +36,7 @@ def _quantized_copy(quantization: str) -> MedPLIBForCausalLM:
     return model
 
 
-@pytest.mark.parametrize(("quantization", "kind"), [("int8", DynamicInt8Linear), ("int4", Int4Linear)])
+@pytest.mark.parametrize(("quantization", "kind"), [("int8", Int8Linear), ("int4", Int4Linear)])
 def test_the_llms_linear_layers_are_quantised_and_the_rest_is_not(
     tiny_model, processor, image, quantization, kind
 ) -> None:
@@ -56,21 +57,49 @@ def test_the_llms_linear_layers_are_quantised_and_the_rest_is_not(
     assert not torch.equal(hidden, expected)
 
 
-def test_a_routed_mlp_keeps_its_gate_and_lora_factors_in_full_precision(processor, image) -> None:
+def test_a_routed_mlp_keeps_its_gate_in_full_precision_and_its_lora_factors_at_int8(processor, image) -> None:
     from medplib.router import compose
 
     torch.manual_seed(0)
     model = build_medplib("tiny").eval()
     specs = [ExpertSpec(name=f"e{i}", capabilities=("vqa",), adapter=LoraSpec(r=4, alpha=8)) for i in (0, 1)]
     compose(model, specs)
+    for name, parameter in model.named_parameters():  # LoRA B starts at zero: give the experts a delta
+        if "lora_B" in name:
+            nn.init.normal_(parameter, std=0.05)
     batch = processor([Request(image, [Turn("What modality is this?")])])
     expected = _hidden(model, batch)
+    factor = model.get_submodule("language_model.model.layers.0.mlp.experts.1.lora_B.up_proj")
     names = quantize(model, "int8")
     assert "language_model.model.layers.0.mlp.down_proj" in names
     assert not any(name.endswith("router") or "lora_" in name for name in names)
     assert type(model.get_submodule("language_model.model.layers.0.mlp.router")) is nn.Linear
+    stored = model.get_submodule("language_model.model.layers.0.mlp.experts.1.lora_B.up_proj")
+    assert isinstance(stored, Int8Weight) and stored.codes.dtype == torch.int8
+    step = stored.scale[:, None] / 2  # half a code: the rounding error of each weight
+    assert ((stored.weight - factor.weight).abs() <= step + 1e-7).all()
     similarity = torch.nn.functional.cosine_similarity(_hidden(model, batch), expected, dim=-1)
     assert similarity.min() > 0.99
+
+
+def test_per_token_int8_quantises_each_token_on_its_own_range() -> None:
+    """A row's output does not depend on the other rows of the call (fbgemm alone quantises the whole
+    input on one range, so a large row would coarsen a small one), and is close to the float product."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    int8 = Int8Linear.from_linear(linear, per_token=True)
+    small, large = torch.randn(1, 64) * 0.01, torch.randn(1, 64) * 100
+    alone = int8(torch.cat([small, small]))[0]
+    beside_a_large_row = int8(torch.cat([small, large]))[0]
+    torch.testing.assert_close(beside_a_large_row, alone)
+    step = (small.max() - small.min()) / 127 * linear.weight.abs().sum(dim=1)  # a 7-bit step per input
+    assert ((int8(small)[0] - linear(small)[0]).abs() <= step).all()  # a lone token: fbgemm's own range
+    assert ((alone - linear(small)[0]).abs() <= step).all()
+    x = torch.randn(5, 7, 64)
+    torch.testing.assert_close(int8(x), linear(x), rtol=0.05, atol=0.05)
+    codes, scale = int8.codes()
+    assert codes.dtype == torch.int8 and codes.abs().max() == 127 and scale.shape == (32,)
+    torch.testing.assert_close(codes.float() * scale[:, None], linear.weight, atol=scale.max().item(), rtol=0)
 
 
 def test_int4_codes_round_the_weight_to_its_group_grid() -> None:
@@ -112,3 +141,36 @@ def test_unknown_quantization_is_refused() -> None:
     assert check_quantization(None) is None and check_quantization("int8") == "int8"
     with pytest.raises(InvalidInputError, match="unknown quantization 'int3'"):
         check_quantization("int3")
+
+
+def test_int8_products_do_not_saturate_on_this_cpu() -> None:
+    """Activations at the top code times weights at +-127, pairs adding up: what a 16-bit pair sum
+    would clip. The range `Int8Linear` picks for this CPU multiplies them exactly."""
+    weight = torch.ones(8, 64)
+    weight[:, 1::2] = 1.0 - 2.0 * (torch.arange(8)[:, None] % 2)
+    linear = nn.Linear(64, 8, bias=False)
+    linear.weight.data = weight
+    x = torch.ones(3, 64)
+    x[:, 0] = 0.0
+    torch.testing.assert_close(Int8Linear.from_linear(linear)(x), x @ weight.T, rtol=0, atol=1e-4)
+
+
+def test_saving_quantised_merges_a_lora_adapter_first(processor, image) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from medplib.core.model.quantized_checkpoint import merge_adapters
+
+    torch.manual_seed(0)
+    model = build_medplib("tiny").eval()
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"])
+    model.language_model = inject_adapter_in_model(config, model.language_model)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(parameter, std=0.05)
+    batch = processor([Request(image, [Turn("What modality is this?")])])
+    adapted = _hidden(model, batch)
+    merged = merge_adapters(model)
+    assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
+    assert type(merged.get_submodule("language_model.model.layers.0.mlp.up_proj")) is nn.Linear
+    torch.testing.assert_close(_hidden(merged, batch), adapted, rtol=1e-4, atol=1e-4)
