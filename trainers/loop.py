@@ -47,6 +47,7 @@ from medplib.trainers.losses import (
     routing_loss,
     supervised_positions,
 )
+from medplib.trainers.prompt_contrast import prompt_terms
 from medplib.trainers.sampling import PairKey, paired_order
 from medplib.trainers.stage_folder import Prepared
 from medplib.trainers.stages import StageSpec
@@ -136,6 +137,7 @@ def forward_losses(
     logits = model.language_model.lm_head(hidden[rows, positions])
     ce = answer_cross_entropy(logits, labels, rows, len(hidden))
     mask_logits: list[torch.Tensor | None] = [None] * len(hidden)
+    terms = {}
     if any(t is not None for t in targets):
         seg_hidden = model.seg_hidden_states(batch["input_ids"], hidden, batch["attention_mask"])
         sam_pixels = batch["sam_pixel_values"]
@@ -147,6 +149,7 @@ def forward_losses(
             image_embeddings=cache.sam_embeddings(sam_pixels) if cache is not None else None,
         )
         mask_logits = [p.logits if t is not None else None for p, t in zip(predictions, targets, strict=True)]
+        terms = prompt_terms(model, seg_hidden, batch["pair_keys"], spec)
     routing = None
     if prepared.moe is not None and spec.routing_weight > 0:
         routing = routing_loss(
@@ -169,6 +172,7 @@ def forward_losses(
         spec.routing_weight,
         contrast,
         spec.contrast.weight if spec.contrast is not None else 0.0,
+        terms,
     )
     if prepared.moe is not None and spec.router.load_balancing_weight > 0:
         loss = add_load_balancing(loss, prepared.moe.load_balancing_loss(), len(hidden), global_batch)

@@ -154,9 +154,11 @@ def combine_losses(
     routing_weight: float = 0.0,
     contrast: torch.Tensor | None = None,
     contrast_weight: float = 0.0,
+    terms: dict[str, tuple[torch.Tensor, float]] | None = None,
 ) -> BatchLoss:
     """The batch loss from per-sample CE (batch,) and each sample's predicted and target masks, plus
-    (stage IV) the per-sample routing loss and the pair contrast per anchor (`pair_contrast`).
+    (stage IV) the per-sample routing loss and the pair contrast per anchor (`pair_contrast`); `terms`
+    adds further per-sample (or per-anchor) losses by name, each with its weight.
 
     Mask parts are each sample's mean over its masks; parts whose weight is 0 are not computed.
     """
@@ -171,6 +173,11 @@ def combine_losses(
         total = total + contrast_weight * contrast.sum()
         parts["contrast"] = float(contrast.detach().mean())
         counts["contrast"] = len(contrast)
+    for name, (values, weight) in (terms or {}).items():
+        if len(values) and weight > 0:
+            total = total + weight * values.sum()
+            parts[name] = float(values.detach().mean())
+            counts[name] = len(values)
     used = [name for name in MASK_PARTS if getattr(weights, name) > 0]
     per_part: dict[str, list[torch.Tensor]] = {name: [] for name in used}
     for logits, target in zip(mask_logits, mask_targets, strict=True):
