@@ -57,6 +57,7 @@ from medplib.trainers.losses import (
     pair_contrast,
     routing_loss,
 )
+from medplib.trainers.prompt_contrast import prompt_terms
 from medplib.trainers.sampling import PairKey, paired_order
 from medplib.trainers.stage_folder import Prepared
 from medplib.trainers.stages import StageSpec
@@ -148,6 +149,9 @@ def forward_losses(
     ):
         out = model(**model_inputs(batch, spec, global_batch, cache))
     hidden = out.last_hidden_state
+    terms = {}
+    if out.seg_hidden_states is not None and any(t is not None for t in targets):
+        terms = prompt_terms(model, out.seg_hidden_states, batch["pair_keys"], spec)
     routing = None
     if prepared.moe is not None and spec.routing_weight > 0:
         routing = routing_loss(
@@ -172,6 +176,7 @@ def forward_losses(
         spec.routing_weight,
         contrast,
         spec.contrast.weight if spec.contrast is not None else 0.0,
+        terms,
     )
     loss = head_losses(loss, model, hidden, batch, spec.loss.head, global_batch)
     if prepared.moe is not None and spec.router.load_balancing_weight > 0:

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from medplib.core.model.losses import MASK_PARTS, dice_loss
 
-LOSS_PARTS = ("ce", *MASK_PARTS, "router", "contrast", "balance", "head")  # every part a `BatchLoss` may log
+# Every part a `BatchLoss` may log, in the one order every worker sends them.
+LOSS_PARTS = ("ce", *MASK_PARTS, "router", "contrast", "prompt_contrast", "balance", "head")
 
 
 def pair_contrast(
@@ -94,10 +95,12 @@ def combine_losses(
     routing_weight: float = 0.0,
     contrast: torch.Tensor | None = None,
     contrast_weight: float = 0.0,
+    terms: dict[str, tuple[torch.Tensor, float]] | None = None,
 ) -> BatchLoss:
     """The batch loss: the model's (`MedPLIBOutput.loss`, already over the global batch, and its
     per-sample `loss_parts`) plus (stage IV) the per-sample routing loss and the pair contrast per
-    anchor (`pair_contrast`)."""
+    anchor (`pair_contrast`); `terms` adds further per-sample (or per-anchor) losses by name, each with
+    its weight."""
     parts = {name: float(values.mean()) for name, values in model_parts.items()}
     counts = {name: len(values) for name, values in model_parts.items()}
     added = None
@@ -110,5 +113,11 @@ def combine_losses(
         added = weighted if added is None else added + weighted
         parts["contrast"] = float(contrast.detach().mean())
         counts["contrast"] = len(contrast)
+    for name, (values, weight) in (terms or {}).items():
+        if len(values) and weight > 0:
+            weighted = weight * values.sum()
+            added = weighted if added is None else added + weighted
+            parts[name] = float(values.detach().mean())
+            counts[name] = len(values)
     total = model_loss if added is None else model_loss + added / global_batch
     return BatchLoss(total, parts, counts)

@@ -30,6 +30,7 @@ from medplib.core.errors import InvalidInputError
 from medplib.core.expert_spec import ExpertSpec, LoraSpec, LossWeights, SampleFilter
 from medplib.core.plugins import require_experts
 from medplib.router.config import RouterConfig
+from medplib.trainers.prompt_contrast import PromptContrast
 
 PARAMETER_GROUPS: dict[str, str] = {
     "vision_tower": r"^vision_tower\.",
@@ -114,6 +115,7 @@ class StageSpec(BaseModel):
     # (`sampling.paired_order`), so a mask loss can only fall if the two masks differ.
     same_image_pairs: bool = False
     contrast: PairContrast | None = None  # needs `same_image_pairs` to find its pairs
+    prompt_contrast: PromptContrast | None = None  # on the `<SEG>` prompts, by structure
 
     def pattern(self, group: str) -> str:
         if group == "expert_head":
