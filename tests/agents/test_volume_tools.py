@@ -15,7 +15,7 @@ from langchain_core.messages import ToolMessage
 
 from medplib.agents import MedPLIBToolkit
 from medplib.agents.serve.client import HTTPBackend, MedPLIBClient
-from medplib.agents.serve.schemas import GroundVolumeResponse
+from medplib.agents.serve.schemas import ExpertsResponse, GroundVolumeResponse
 from medplib.agents.volume_tools import MedicalVolumeGroundingTool
 from medplib.core.assistant import MedPLIB
 from medplib.core.io.volume_writers import mask_nifti_bytes
@@ -67,6 +67,9 @@ def test_over_http_the_volume_is_uploaded_and_the_mask_decoded(tiny_model: MedPL
     seen: list[dict] = []
 
     def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/experts":  # the toolkit asks which plugin capabilities to offer
+            no_plugins = ExpertsResponse(experts=[], deployments={})
+            return httpx.Response(200, json=no_plugins.model_dump(mode="json"))
         seen.append(json.loads(request.content))
         return httpx.Response(200, json=reply.model_dump(mode="json"))
 
