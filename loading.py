@@ -39,7 +39,6 @@ from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from medplib.core.assistant import MedPLIB, resolve_device, resolve_dtype
-from medplib.core.embedding_cache import DEFAULT_MAX_BYTES, EmbeddingCache
 from medplib.core.errors import CheckpointError, describe_key_problems
 from medplib.core.expert_spec import ExpertSpec
 from medplib.core.io.sources import is_uri
@@ -69,6 +68,7 @@ from medplib.core.model_info import (
     release_info,
     special_tokens,
 )
+from medplib.core.per_image_cache import DEFAULT_MAX_BYTES, PerImageCache
 from medplib.core.plugins import get_experts
 from medplib.core.queries import DEFAULT_INFERENCE_LIMITS, InferenceLimits
 from medplib.router import MixtureOfExperts, attach_expert_adapter
@@ -153,7 +153,7 @@ def load(
         model,
         name=source,
         untrained=loaded.untrained,
-        cache=EmbeddingCache(cache_bytes),
+        cache=PerImageCache(cache_bytes),
         limits=limits,
         quantization=quantization,
     )

@@ -51,11 +51,11 @@ BATCH_SIZES = (1, 4, 8, 16)
 
 
 def load_assistant(location: str) -> MedPLIB:
-    from medplib.core.embedding_cache import EmbeddingCache
+    from medplib.core.per_image_cache import PerImageCache
     from medplib.trainers.eval.evaluate import load_for_evaluation
 
     loaded = load_for_evaluation(location, device="cpu")
-    return MedPLIB(loaded.model, name=location, untrained=loaded.untrained, cache=EmbeddingCache())
+    return MedPLIB(loaded.model, name=location, untrained=loaded.untrained, cache=PerImageCache())
 
 
 def answer_tokens(assistant: MedPLIB) -> int:

@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from medplib.core.embedding_cache import CacheStats, EmbeddingCache
 from medplib.core.errors import CapacityError, CheckpointError, InvalidInputError, RegionError
 from medplib.core.expert_heads import capability_token, expert_infos
 from medplib.core.image import MedicalImage
@@ -45,6 +44,7 @@ from medplib.core.model import (
 )
 from medplib.core.model.conversation import ExpertToken
 from medplib.core.model.generation import run_to_end
+from medplib.core.per_image_cache import CacheStats, PerImageCache
 from medplib.core.queries import (
     DEFAULT_INFERENCE_LIMITS,
     REGION_PLACEHOLDER,
@@ -105,7 +105,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 @dataclass(frozen=True)
-class _Prepared:
+class _PreparedQuery:
     conversation: Conversation
     image: MedicalImage
     load_ms: float
@@ -121,7 +121,7 @@ class MedPLIB:
         *,
         name: str,
         untrained: bool = False,
-        cache: EmbeddingCache | None = None,
+        cache: PerImageCache | None = None,
         limits: InferenceLimits = DEFAULT_INFERENCE_LIMITS,
         quantization: str | None = None,
     ) -> None:
@@ -132,7 +132,7 @@ class MedPLIB:
         self.untrained = untrained
         self.quantization = quantization  # of the LLM's linear layers; None: full precision
         self.limits = limits
-        self.cache = cache if cache is not None else EmbeddingCache()
+        self.cache = cache if cache is not None else PerImageCache()
         config = model.config
         # This instance and its preprocessing: entries of other models in a shared cache never match.
         fingerprint = (
@@ -506,7 +506,7 @@ class MedPLIB:
         *,
         require_seg: bool,
         require_token: tuple[int, bool] | None = None,
-    ) -> _Prepared:
+    ) -> _PreparedQuery:
         """Load the image, turn every region prompt into a mask on its grid and lay out the turns."""
         num_regions = sum(len(regions) for _, regions in questions)
         if num_regions > self.limits.max_regions:
@@ -532,14 +532,14 @@ class MedPLIB:
         conversation = Conversation(
             loaded.pixels, turns, masks, require_seg, token, at_start, answered=answered
         )
-        return _Prepared(conversation, loaded, load_ms, num_regions)
+        return _PreparedQuery(conversation, loaded, load_ms, num_regions)
 
     # ---- results --------------------------------------------------------------------------------------
 
     def _result(
         self,
         cls: type[InferenceResult],
-        item: _Prepared,
+        item: _PreparedQuery,
         row: Generated,
         batch: BatchGeneration,
         start: float,

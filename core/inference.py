@@ -1,7 +1,7 @@
 """Batched generation that reuses per-image work: CLIP features, SAM embeddings and the prompt prefix.
 
 A batch of conversations runs as one left-padded batch through prefill and decode. Everything that
-depends only on the image is looked up in an `EmbeddingCache` first and computed, batched over the
+depends only on the image is looked up in an `PerImageCache` first and computed, batched over the
 images that miss, only when needed:
 
 - the prompt prefix (system prompt, `USER:`, the image tokens) is the same token sequence for every
@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from medplib.core.embedding_cache import CacheKey, EmbeddingCache, image_digest
 from medplib.core.errors import CapacityError, InvalidInputError
 from medplib.core.expert_heads import head_outputs, trigger_states
 from medplib.core.model import MaskPrediction, MedPLIBForCausalLM, MedPLIBProcessor, Request, Turn
 from medplib.core.model.generation import decode_steps, elapsed, prefill_answers, run_to_end
 from medplib.core.model.grounding import sam_input_size
 from medplib.core.model.kv_cache import PrefixKV
+from medplib.core.per_image_cache import CacheKey, PerImageCache, image_digest
 from medplib.core.queries import Decoding
 
 
@@ -73,7 +73,7 @@ class CachedGenerator:
     models keeps their entries apart by it.
     """
 
-    def __init__(self, model: MedPLIBForCausalLM, cache: EmbeddingCache, fingerprint: str) -> None:
+    def __init__(self, model: MedPLIBForCausalLM, cache: PerImageCache, fingerprint: str) -> None:
         self.model = model
         self.cache = cache
         self.fingerprint = fingerprint

@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medplib.core.embedding_cache import image_digest
 from medplib.core.errors import InvalidInputError
 from medplib.core.image import MedicalImage
 from medplib.core.io.intensity import Window
 from medplib.core.io.volume import AXES, MedicalVolume, axis_number, place_plane, slice_volume, to_file_grid
 from medplib.core.masks import SegmentationResult
+from medplib.core.per_image_cache import image_digest
 from medplib.core.volume_results import (
     SliceAnswer,
     SliceGrounding,

@@ -59,7 +59,7 @@ from medplib.trainers.losses import (
 )
 from medplib.trainers.prompt_contrast import prompt_terms
 from medplib.trainers.sampling import PairKey, paired_order
-from medplib.trainers.stage_folder import Prepared
+from medplib.trainers.stage_folder import StageModel
 from medplib.trainers.stages import StageSpec
 
 LOG_FILE = "metrics.jsonl"
@@ -132,7 +132,7 @@ def model_inputs(
 
 
 def forward_losses(
-    prepared: Prepared,
+    prepared: StageModel,
     batch: dict,
     spec: StageSpec,
     global_batch: int,
@@ -233,7 +233,11 @@ def _progress(total: int, initial: int, enabled: bool, title: str):
 
 
 def train(
-    prepared: Prepared, examples: Sequence[Example], spec: StageSpec, collator: Collator, options: LoopOptions
+    prepared: StageModel,
+    examples: Sequence[Example],
+    spec: StageSpec,
+    collator: Collator,
+    options: LoopOptions,
 ) -> LoopResult:
     """Train `prepared` on `examples` as `spec` says; checkpoints and log under `options.out`."""
     model = prepared.model.train()
@@ -344,7 +348,7 @@ def _pair_key(example: Example) -> PairKey:
 
 
 def _tracked_forward(
-    prepared: Prepared,
+    prepared: StageModel,
     batch: dict,
     spec: StageSpec,
     global_batch: int,

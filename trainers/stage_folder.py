@@ -37,7 +37,7 @@ from medplib.trainers.stages import DEFAULT_EXPERTS, StageSpec
 
 
 @dataclass
-class Source:
+class StageStart:
     """A stage's starting point: the trunk, and the adapters trained before (name -> folder)."""
 
     location: str
@@ -47,7 +47,7 @@ class Source:
 
 
 @dataclass
-class Prepared:
+class StageModel:
     """The model as a stage trains it, and the handles its setup made."""
 
     model: MedPLIBForCausalLM
@@ -58,7 +58,7 @@ class Prepared:
         return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
 
 
-def load_source(location: str, seed: int = 0) -> Source:
+def load_source(location: str, seed: int = 0) -> StageStart:
     """The trunk and adapters a stage starts from: a preset (seeded random init), a stage folder's trunk
     and adapters, or any other form `medplib.loading` recognises but a composed model."""
     loaded = load_model(location, seed=seed, active_adapter=False)
@@ -67,17 +67,19 @@ def load_source(location: str, seed: int = 0) -> Source:
         raise InvalidInputError(f"{location} holds a composed model (stage IV); no stage starts from one")
     specs = {name: ExpertSpec.model_validate(spec) for name, spec in record.get("specs", {}).items()}
     adapters = {name: Path(location, path) for name, path in record.get("adapters", {}).items()}
-    return Source(location, loaded.model, adapters, specs)
+    return StageStart(location, loaded.model, adapters, specs)
 
 
-def prepare(spec: StageSpec, source: Source, seed: int = 0, experts: Sequence[str] | None = None) -> Prepared:
+def prepare(
+    spec: StageSpec, source: StageStart, seed: int = 0, experts: Sequence[str] | None = None
+) -> StageModel:
     """Set the source's model up as `spec` trains it and mark exactly the stage's parameters trainable.
 
     An expert stage first gives the model its expert (tokens, their rows, its head: `add_expert`);
     stage IV composes `experts` (default: every adapter the source carries)."""
     model = source.model
     torch.manual_seed(seed)  # fresh LoRA factors and router weights start the same on every worker
-    prepared = Prepared(model)
+    prepared = StageModel(model)
     if spec.setup == "adapter":
         if spec.key == "expert":
             add_expert(model, spec.expert)
@@ -101,7 +103,7 @@ def prepare(spec: StageSpec, source: Source, seed: int = 0, experts: Sequence[st
     return prepared
 
 
-def composed_experts(source: Source, names: Sequence[str] | None = None) -> list[ExpertSpec]:
+def composed_experts(source: StageStart, names: Sequence[str] | None = None) -> list[ExpertSpec]:
     """The experts stage IV composes: `names` (`--experts`), else every adapter the source carries, in
     training order. A named expert the source has no adapter for is an error, never a silent drop.
 
@@ -141,7 +143,7 @@ def trunk_state_dict(model: MedPLIBForCausalLM) -> dict[str, torch.Tensor]:
     }
 
 
-def save_stage(out: Path, spec: StageSpec, prepared: Prepared, source: Source, record: dict) -> None:
+def save_stage(out: Path, spec: StageSpec, prepared: StageModel, source: StageStart, record: dict) -> None:
     """Write the stage's model, adapters and `stage.json` into `out`."""
     adapters = {name: f"adapters/{name}" for name in source.adapters}
     specs = {name: s.model_dump(mode="json") for name, s in source.specs.items()}

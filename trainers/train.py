@@ -24,7 +24,7 @@ from medplib.trainers.checkpoint import Session
 from medplib.trainers.collate import Collator, Example, ExampleStore, caption_examples
 from medplib.trainers.expert_training import plugin_examples
 from medplib.trainers.loop import LoopOptions, train
-from medplib.trainers.stage_folder import Prepared, load_source, prepare, save_stage
+from medplib.trainers.stage_folder import StageModel, load_source, prepare, save_stage
 from medplib.trainers.stages import StageSpec, stage_spec
 
 
@@ -95,7 +95,7 @@ def device_for(rank: int) -> torch.device:
 @dataclass
 class StageOutcome:
     record: dict  # as written into `stage.json`
-    prepared: Prepared  # the trained model, still set up as the stage trained it
+    prepared: StageModel  # the trained model, still set up as the stage trained it
     losses: list[float]
 
 

@@ -241,8 +241,8 @@ class GroundingDecoder:
         set_torch_threads(config.deployments.grounding.torch_threads)
         import medplib
         from medplib.core.assistant import resolve_device
-        from medplib.core.embedding_cache import EmbeddingCache
         from medplib.core.inference import CachedGenerator
+        from medplib.core.per_image_cache import PerImageCache
 
         # Grounding runs no LLM: its weights are dropped below, so they are not quantised first.
         options = config.load.model_dump(exclude={"device", "cache_bytes", "quantization"})
@@ -252,7 +252,7 @@ class GroundingDecoder:
         keep_only(model, GROUNDING_MODULES)
         model.to(resolve_device(config.load.device))
         fingerprint = f"{config.model}|{model.dtype}|{model.device}|sam{model.config.sam_config.image_size}"
-        self.generator = CachedGenerator(model, EmbeddingCache(config.load.cache_bytes), fingerprint)
+        self.generator = CachedGenerator(model, PerImageCache(config.load.cache_bytes), fingerprint)
         max_rows = config.deployments.grounding.batching.max_batch_size
         self.batcher = ReplicaBatcher(lambda _, items: self._decode(items), max_rows)
 

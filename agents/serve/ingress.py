@@ -58,12 +58,12 @@ from medplib.agents.serve.schemas import (
     decode_base64,
 )
 from medplib.agents.serve.volume_service import ground_volume_request
-from medplib.core.embedding_cache import CacheKey, EmbeddingCache
 from medplib.core.errors import CapacityError, MedplibError
 from medplib.core.image import MedicalImage
 from medplib.core.io import load_image
 from medplib.core.io.paths import AllowedRoots
 from medplib.core.io.sources import read_source
+from medplib.core.per_image_cache import CacheKey, PerImageCache
 from medplib.core.queries import Decoding, Query
 from medplib.core.regions import MaskPrompt, RegionPrompt
 from medplib.core.results import AnswerResult, GroundingResult, TextDelta
@@ -110,7 +110,7 @@ class IngressService:
         self.config = config
         self.catalog = catalog
         self.limits = config.limits
-        self.images = EmbeddingCache(config.limits.decoded_cache_bytes)
+        self.images = PerImageCache(config.limits.decoded_cache_bytes)
         self.readable = AllowedRoots(config.limits.allowed_uri_prefixes)
         self._generate = batched(self._generate_many, config.deployments.trunk.batching)
         self._decode = batched(self._decode_many, config.deployments.grounding.batching)

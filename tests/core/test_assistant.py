@@ -15,11 +15,11 @@ import torch
 
 import medplib
 from medplib.core.assistant import MedPLIB, answer_parts, question_parts
-from medplib.core.embedding_cache import EmbeddingCache
 from medplib.core.errors import CapacityError, CheckpointError, InvalidInputError, RegionError
 from medplib.core.io import load_image
 from medplib.core.io.registry_data import dicom_file
 from medplib.core.model import ControlToken, MedPLIBForCausalLM, MedPLIBProcessor, Request, Turn
+from medplib.core.per_image_cache import PerImageCache
 from medplib.core.queries import InferenceLimits
 from medplib.core.regions import BoxPrompt, MaskPrompt, PointPrompt
 from medplib.core.results import STAGES, AnswerResult, ChatResult, GroundingResult
@@ -157,7 +157,7 @@ def test_the_cache_is_bounded_and_evicts_the_oldest_image(assistant: MedPLIB, ct
     probe = MedPLIB(assistant.model, name="probe")
     probe.answer(ct, "What is this?", max_new_tokens=1)
     one_image = probe.cache_stats().bytes  # its CLIP features and prompt prefix
-    small = MedPLIB(assistant.model, name="tiny", cache=EmbeddingCache(max_bytes=one_image))
+    small = MedPLIB(assistant.model, name="tiny", cache=PerImageCache(max_bytes=one_image))
     small.answer(ct, "What is this?", max_new_tokens=1)
     small.answer(np.ascontiguousarray(ct[:, ::-1]), "What is this?", max_new_tokens=1)
     stats = small.cache_stats()

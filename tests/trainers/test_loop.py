@@ -22,7 +22,7 @@ from medplib.trainers.checkpoint import (
 from medplib.trainers.collate import LOSS_ONLY_KEYS, Collator, ExampleStore
 from medplib.trainers.encoder_cache import FrozenEncoderCache
 from medplib.trainers.loop import LOG_FILE, LoopOptions, forward_losses, step_samples, train
-from medplib.trainers.stage_folder import Source, prepare
+from medplib.trainers.stage_folder import StageStart, prepare
 from medplib.trainers.stages import stage_spec
 from medplib.trainers.train import stage_examples
 
@@ -50,7 +50,7 @@ def test_a_short_run_lowers_the_loss_and_logs_every_step(examples, tmp_path: Pat
     chosen = stage_examples(spec, examples)
     chosen = [e for e in chosen if e.task == "grounding"][:2] + [e for e in chosen if e.task == "vqa"][:2]
     torch.manual_seed(0)
-    prepared = prepare(spec, Source("tiny", build_medplib("tiny")))
+    prepared = prepare(spec, StageStart("tiny", build_medplib("tiny")))
     collator = Collator(MedPLIBProcessor(prepared.model.config, prepared.model.tokenizer))
     result = train(prepared, chosen, spec, collator, LoopOptions(out=tmp_path, steps=12, progress=False))
     assert np.mean(result.losses[-3:]) < 0.7 * np.mean(result.losses[:3])
@@ -71,7 +71,7 @@ def test_a_short_run_lowers_the_loss_and_logs_every_step(examples, tmp_path: Pat
 def test_cached_frozen_encoders_give_the_same_losses(examples) -> None:
     torch.manual_seed(0)
     spec = stage_spec("4", "paper")  # CLIP and SAM's encoder frozen: both cached
-    prepared = prepare(spec, Source("tiny", build_medplib("tiny")))
+    prepared = prepare(spec, StageStart("tiny", build_medplib("tiny")))
     collator = Collator(MedPLIBProcessor(prepared.model.config, prepared.model.tokenizer))
     chosen = [e for e in examples if e.task == "grounding"][:2] + [e for e in examples if e.task == "vqa"][:1]
     batch = collator(chosen)
@@ -92,7 +92,7 @@ def test_the_loops_loss_is_the_models_own(examples, stage: str) -> None:
     contrast term in the paper schedule): CE, BCE, Dice (and focal in III) over the batch."""
     torch.manual_seed(0)
     spec = stage_spec(stage, "paper")
-    prepared = prepare(spec, Source("tiny", build_medplib("tiny")))
+    prepared = prepare(spec, StageStart("tiny", build_medplib("tiny")))
     collator = Collator(MedPLIBProcessor(prepared.model.config, prepared.model.tokenizer))
     chosen = [e for e in examples if e.task == "grounding"][:2] + [e for e in examples if e.task == "vqa"][:1]
     batch = collator(chosen)

@@ -12,13 +12,13 @@ from medplib.core.hookspecs import hookimpl
 from medplib.core.model import build_medplib
 from medplib.experts.pixel_grounding import SPEC as GROUNDING
 from medplib.experts.vision_language import SPEC as VISION_LANGUAGE
-from medplib.trainers.stage_folder import Source, prepare
+from medplib.trainers.stage_folder import StageStart, prepare
 from medplib.trainers.stages import PARAMETER_GROUPS, ROW_GROUPS, stage_spec
 
 
 def trainable(stage: str, schedule: str, expert: str | None = None) -> set[str]:
     torch.manual_seed(0)
-    prepared = prepare(stage_spec(stage, schedule, expert), Source("tiny", build_medplib("tiny")))
+    prepared = prepare(stage_spec(stage, schedule, expert), StageStart("tiny", build_medplib("tiny")))
     return {name for name, _ in prepared.trainable_parameters()}
 
 
@@ -58,7 +58,7 @@ def test_stage_three_trains_lora_seg_head_and_mask_decoder_but_no_shared_llm_wei
 
 def test_stage_three_moves_only_the_seg_rows_of_the_embeddings_and_lm_head() -> None:
     torch.manual_seed(0)
-    prepared = prepare(stage_spec("3"), Source("tiny", build_medplib("tiny")))
+    prepared = prepare(stage_spec("3"), StageStart("tiny", build_medplib("tiny")))
     model = prepared.model
     matrices = [model.get_input_embeddings().weight, model.language_model.lm_head.weight]
     before = [m.detach().clone() for m in matrices]

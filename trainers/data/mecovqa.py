@@ -31,7 +31,7 @@ Part = Literal["C", "R", "G"]
 PART_NAMES: dict[str, str] = {"C": "complex VQA", "R": "region VQA", "G": "grounding"}
 
 
-class Turn(BaseModel):
+class RecordTurn(BaseModel):
     model_config = ConfigDict(populate_by_name=True, coerce_numbers_to_str=True)
 
     speaker: Literal["human", "gpt"] = Field(alias="from")
@@ -46,7 +46,7 @@ class Sample(BaseModel):
 
     id: str
     image: str | None = None
-    conversations: list[Turn] = Field(min_length=2)
+    conversations: list[RecordTurn] = Field(min_length=2)
     answer_type: str | None = Field(
         default=None, description="'closed' or 'open' (released: also 'OPEN', ...)"
     )

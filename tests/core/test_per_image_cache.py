@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from medplib.core.embedding_cache import CacheKey, EmbeddingCache, image_digest, value_nbytes
 from medplib.core.errors import InvalidInputError
+from medplib.core.per_image_cache import CacheKey, PerImageCache, image_digest, value_nbytes
 
 
 def key(name: str, kind: str = "clip") -> CacheKey:
@@ -28,7 +28,7 @@ def test_digest_names_the_content_not_the_array() -> None:
 
 
 def test_get_put_and_counters() -> None:
-    cache = EmbeddingCache(max_bytes=1000)
+    cache = PerImageCache(max_bytes=1000)
     assert cache.get(key("a")) is None
     value = torch.ones(10)  # 40 bytes
     cache.put(key("a"), value)
@@ -42,7 +42,7 @@ def test_get_put_and_counters() -> None:
 
 
 def test_least_recently_used_goes_first_and_the_bound_holds() -> None:
-    cache = EmbeddingCache(max_bytes=100)
+    cache = PerImageCache(max_bytes=100)
     for name in "abc":
         cache.put(key(name), torch.zeros(8))  # 32 bytes each: 96 in all
     cache.get(key("a"))  # a is now the most recent; b is the oldest
@@ -53,11 +53,11 @@ def test_least_recently_used_goes_first_and_the_bound_holds() -> None:
 
 
 def test_a_value_larger_than_the_bound_is_not_kept() -> None:
-    cache = EmbeddingCache(max_bytes=16)
+    cache = PerImageCache(max_bytes=16)
     cache.put(key("small"), torch.zeros(2))
     cache.put(key("big"), torch.zeros(100))
     assert key("big") not in cache and key("small") in cache
-    disabled = EmbeddingCache(max_bytes=0)
+    disabled = PerImageCache(max_bytes=0)
     disabled.put(key("a"), torch.zeros(1))
     assert len(disabled) == 0
 
@@ -67,11 +67,11 @@ def test_tuples_of_tensors_count_all_their_bytes_and_other_values_are_refused() 
     with pytest.raises(InvalidInputError, match="tensors"):
         value_nbytes("not a tensor")
     with pytest.raises(InvalidInputError):
-        EmbeddingCache(max_bytes=-1)
+        PerImageCache(max_bytes=-1)
 
 
 def test_clear_drops_entries_and_keeps_counters() -> None:
-    cache = EmbeddingCache()
+    cache = PerImageCache()
     cache.put(key("a"), torch.zeros(4))
     cache.get(key("a"))
     cache.clear()
@@ -79,7 +79,7 @@ def test_clear_drops_entries_and_keeps_counters() -> None:
 
 
 def test_concurrent_use_keeps_the_books_straight() -> None:
-    cache = EmbeddingCache(max_bytes=40 * 16)  # room for 16 of the 40 values
+    cache = PerImageCache(max_bytes=40 * 16)  # room for 16 of the 40 values
 
     def work(offset: int) -> None:
         for step in range(200):

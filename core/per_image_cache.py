@@ -1,4 +1,5 @@
-"""A bounded, thread-safe LRU of per-image tensors, keyed by the content hash of the canonical pixels.
+"""A bounded, thread-safe LRU of per-image values (encoder outputs, prefix keys and values, decoded pixels),
+keyed by the content hash of the canonical pixels.
 
 What is cached (see `core/assistant.py`), per image and per loaded model:
 
@@ -64,10 +65,10 @@ def value_nbytes(value: Any) -> int:
         return value.numel() * value.element_size()
     if isinstance(getattr(value, "nbytes", None), int):  # numpy arrays, decoded `MedicalImage`s
         return value.nbytes
-    raise InvalidInputError(f"the embedding cache stores tensors, not {type(value).__name__}")
+    raise InvalidInputError(f"the per-image cache stores tensors and arrays, not {type(value).__name__}")
 
 
-class EmbeddingCache:
+class PerImageCache:
     """LRU of tensors bounded by `max_bytes`; a value larger than the whole bound is not kept."""
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
