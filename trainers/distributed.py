@@ -27,7 +27,7 @@ from pathlib import Path
 
 from medplib.core.errors import InvalidInputError
 from medplib.loading import read_record
-from medplib.trainers.train import StageRun, run_stage
+from medplib.trainers.train import StageRun, preflight, run_stage
 
 RUN_NAME = "medplib-train"
 RAY_FOLDER = "ray"  # under the stage folder: Ray's run records and checkpoints
@@ -96,6 +96,7 @@ def run_distributed(run: StageRun, workers: int, max_failures: int = DEFAULT_MAX
         raise InvalidInputError(f"Ray Train needs at least 2 workers, got {workers}")
     if max_failures < -1:
         raise InvalidInputError(f"--max-failures must be -1 (no limit) or more, got {max_failures}")
+    preflight(run)
     if not ray.is_initialized():
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     use_gpu = torch.cuda.is_available()

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from medplib.core.errors import InvalidInputError, validation_message
 from medplib.core.model import MedPLIBProcessor
-from medplib.loading import STAGE_FILE
+from medplib.loading import STAGE_FILE, LoadRequest, recognise
 from medplib.router.config import RouterConfig
 from medplib.trainers.checkpoint import Session
 from medplib.trainers.collate import Collator, Example, ExampleStore, caption_examples
@@ -75,6 +75,25 @@ def stage_examples(spec: StageSpec, examples: list[Example]) -> list[Example]:
     return [e for e in examples if spec.tasks.accepts(e.task, e.answer_type, e.modality, e.kind)]
 
 
+def require_examples(examples: list[Example], run: StageRun, spec: StageSpec) -> None:
+    if not examples:
+        raise InvalidInputError(
+            f"{run.data} has no training samples for stage {spec.key} ({spec.tasks.tasks})"
+        )
+
+
+def preflight(run: StageRun) -> None:
+    """What `run_stage` refuses for its inputs, checked before Ray Train starts workers: an error
+    inside a worker is retried by the `FailureConfig` as if the worker had died, and ends in a Ray
+    traceback instead of one line."""
+    spec = run.spec()
+    recognise(LoadRequest(run.model))  # a model that is none of the forms `medplib.load` takes
+    examples = stage_examples(spec, ExampleStore.open(Path(run.data), split="train").examples())
+    if not examples and spec.expert is not None:
+        examples = plugin_examples([spec.expert], Path(run.data))
+    require_examples(examples, run, spec)
+
+
 def check_out(out: Path, resume: bool) -> None:
     """Refuse to train into a folder holding another run, unless resuming it."""
     if resume or not out.exists() or not any(out.iterdir()):
@@ -119,10 +138,7 @@ def run_stage(
     experts = prepared.moe.experts if prepared.moe is not None else [spec.expert] if spec.expert else []
     # The experts' own datasets, registered by their plugins (`medplib_register_datasets`).
     examples += plugin_examples([e for e in experts if e.name != "joint"], Path(run.data))
-    if not examples:
-        raise InvalidInputError(
-            f"{run.data} has no training samples for stage {spec.key} ({spec.tasks.tasks})"
-        )
+    require_examples(examples, run, spec)
     if prepared.moe is not None and rank == 0 and run.progress:
         print(f"stage {spec.key} composes: {', '.join(e.name for e in experts)}", file=sys.stderr)
     processor = MedPLIBProcessor(prepared.model.config, prepared.model.tokenizer)

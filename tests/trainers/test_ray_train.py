@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from medplib.core.errors import CheckpointError, MedplibError
 from medplib.trainers.distributed import RAY_FOLDER, RUN_NAME, run_distributed, worker_pid_file
 from medplib.trainers.train import StageRun, run_stage
 
@@ -33,6 +34,20 @@ def ray_cluster():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         yield
         ray.shutdown()
+
+
+def test_bad_inputs_fail_in_one_line_before_ray_starts_a_worker(built_dataset: Path, tmp_path: Path) -> None:
+    # A worker's error would be retried as a dead worker (FailureConfig) and end in a Ray traceback.
+    ray = pytest.importorskip("ray")
+    started = ray.is_initialized()
+    run = StageRun(stage="1", model="tiny", data=str(built_dataset), out=str(tmp_path / "out"), steps=2)
+    with pytest.raises(CheckpointError, match="neither a preset"):
+        run_distributed(replace(run, model=str(tmp_path / "no-such-model")), workers=2)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(MedplibError, match=str(empty)):
+        run_distributed(replace(run, data=str(empty)), workers=2)
+    assert ray.is_initialized() == started
 
 
 def test_two_workers_match_one_process(ray_cluster, built_dataset: Path, tmp_path: Path) -> None:
