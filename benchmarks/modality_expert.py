@@ -34,13 +34,13 @@ import torch
 from medplib.core import plugins
 from medplib.core.assistant import MedPLIB
 from medplib.core.model import MedPLIBProcessor
+from medplib.loading import load_model
 from medplib.router.statistics import RoutingStatistics
 from medplib.trainers.collate import Collator, ExampleStore
 from medplib.trainers.data.builder import build_dataset
 from medplib.trainers.eval.metrics import exact_match
 from medplib.trainers.expert_training import plugin_examples
 from medplib.trainers.loop import answer_side
-from medplib.trainers.stage_folder import load_stage_model
 from medplib.trainers.train import StageRun, run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def answer_accuracy(assistant: MedPLIB, store: ExampleStore) -> dict:
 
 def routing_shares(folder: Path, store: ExampleStore, data: Path) -> dict:
     """Text-token shares per expert and routed layer, teacher-forced, by the kind of request."""
-    prepared = load_stage_model(folder)
+    prepared = load_model(folder)
     model, moe = prepared.model.eval(), prepared.moe
     collate = Collator(MedPLIBProcessor(model.config, model.tokenizer))
     (modality,) = [spec for spec in moe.experts if spec.name == "modality"]
@@ -156,7 +156,7 @@ def evaluate(work: Path, data: Path) -> dict:
     store = ExampleStore.open(data, split="test")
     results = {}
     for name, folder in (("stage II", "stage2"), ("expert stage", "expert"), ("stage IV", "stage4")):
-        prepared = load_stage_model(work / folder)
+        prepared = load_model(work / folder)
         assistant = MedPLIB(prepared.model.eval(), name=f"{folder}")
         entry = {"vqa_modality_answer": answer_accuracy(assistant, store)}
         if "modality" in prepared.model.expert_heads:
