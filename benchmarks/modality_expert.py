@@ -51,9 +51,9 @@ EXAMPLE = ROOT / "examples" / "medplib-expert-modality"
 # stage IV runs its recipe's own length (2 epochs), which its router needs to learn the routes.
 STEPS = {"1": 40, "2": 120, "3": 60, "expert": 100, "4": None}
 EXPERTS = ("vision_language", "pixel_grounding", "modality")
-# Stage IV keeps the experts' LoRA and the token embeddings as their stages trained them: trained in IV,
-# either one moved the modality head's <MOD> state (0.952 -> 0.810; see the variants table).
-STAGE4_FROZEN = ("embeddings", "experts")
+# Stage IV's recipe as it is; `--stage4-frozen embeddings,experts` kept the head's 0.952 but left the
+# router unable to learn its routes (see the variants table), so it is no default.
+STAGE4_FROZEN: tuple[str, ...] = ()
 QUESTION = "Classify the imaging modality of this image."  # a wording of the expert's dataset
 
 
@@ -221,16 +221,22 @@ def variants_table() -> list[str]:
         "## Stage IV variants (`benchmarks/modality_expert_variants.py`)",
         "",
         "Stage IV retrained from the same expert stage, one change each; the head on the same 21 test"
-        " images (after its expert stage: 0.952).",
+        " images (after its expert stage: 0.952). `T`: plugin heads trained in IV (the recipe, `T1`),"
+        " `A`: frozen; the number is the head loss weight; a suffix names groups also frozen. A routing"
+        " loss left near 0.75 (with CE near 0.8) is a router that did not learn its routes.",
         "",
-        "| variant | plugin heads in IV | head loss weight | head accuracy | per modality (correct/images) |",
-        "|---|---|---|---|---|",
+        "| variant | plugin heads in IV | head loss weight | also frozen | head accuracy | per modality"
+        " (correct/images) | CE, routing loss (last 20 steps) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for entry in json.loads(VARIANTS.read_text()):
         head = entry["head"]
         counts = ", ".join(f"{m} {v['correct']}/{v['images']}" for m, v in head["by_modality"].items())
         trained = "trained" if entry["heads_train"] else "frozen"
-        cells = [entry["variant"], trained, f"{entry['head_weight']:g}", f"{head['accuracy']:.3f}", counts]
+        frozen = ", ".join(entry.get("frozen", [])) or "—"
+        losses = f"{entry['last_losses']['ce']:.2f}, {entry['last_losses']['router']:.2f}"
+        cells = [entry["variant"], trained, f"{entry['head_weight']:g}", frozen, f"{head['accuracy']:.3f}"]
+        cells += [counts, losses]
         lines.append(f"| {' | '.join(cells)} |")
     return [*lines, ""]
 

@@ -68,10 +68,17 @@ def parse(name: str) -> tuple[bool, float, tuple[str, ...]]:
     return match[1] == "T", float(match[2]), frozen
 
 
+def last_losses(stage4: Path, steps: int = 20) -> dict[str, float]:
+    """The mean CE and routing loss of stage IV's last `steps` steps (did the MoE still learn?)."""
+    logged = [json.loads(line) for line in (stage4 / "metrics.jsonl").read_text().splitlines()]
+    return {k: round(sum(s[k] for s in logged[-steps:]) / steps, 4) for k in ("ce", "router")}
+
+
 def run_variant(name: str, work: Path, module) -> dict:
     folder = work / "variants" / name
     if (folder / "variant.json").is_file():
-        return json.loads((folder / "variant.json").read_text())
+        result = json.loads((folder / "variant.json").read_text())
+        return result | {"last_losses": last_losses(folder / "stage4")}
     heads_train, weight, frozen = parse(name)
     began = time.perf_counter()
     run = VariantRun(
@@ -92,6 +99,7 @@ def run_variant(name: str, work: Path, module) -> dict:
     head = module.head_accuracy(MedPLIB(model, name=name), store)
     result = {"variant": name, "heads_train": heads_train, "head_weight": weight, "frozen": list(frozen)}
     result |= {"train_seconds": round(seconds, 1), "head": head}
+    result["last_losses"] = last_losses(folder / "stage4")
     (folder / "variant.json").write_text(json.dumps(result, indent=1))
     return result
 

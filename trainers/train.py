@@ -47,9 +47,9 @@ class StageRun:
     progress: bool = True
     router: dict | None = None  # stage IV: RouterConfig fields to change (top_k, capacity_factor, ...)
     experts: tuple[str, ...] | None = None  # stage IV: the experts to compose (default: every adapter)
-    # Groups of the stage's `trains` (`stages.PARAMETER_GROUPS`) this run leaves as they arrived; e.g.
-    # stage IV with ("embeddings", "experts") keeps every expert's LoRA and the token embeddings as
-    # their own stages trained them (benchmarks/results/modality_expert.md: a plugin head's accuracy).
+    # Groups of the stage's `trains` (`stages.PARAMETER_GROUPS`) this run leaves as they arrived, e.g.
+    # stage IV with ("embeddings", "experts") keeps the experts' LoRA and the token embeddings as their
+    # stages trained them (benchmarks/modality_expert_variants.py measures such variants).
     frozen: tuple[str, ...] = ()
 
     def spec(self) -> StageSpec:
