@@ -9,7 +9,8 @@ recipe: whether the plugin heads train (`expert_heads`), the head loss weight, a
 
 - `T<w>`: heads trained, head weight w (`T1` was the recipe before this benchmark);
 - `A<w>`: heads frozen, head weight w (`A0`: no head loss at all);
-- a suffix `-group-group`: those parameter groups (`stages.PARAMETER_GROUPS`) also frozen in stage IV.
+- a suffix `-group-group`: those parameter groups (`stages.PARAMETER_GROUPS`) also frozen in stage IV;
+- a suffix `@N`: stage IV runs N steps (default: its recipe's length).
 
 Writes benchmarks/results/modality_expert_variants.json; `modality_expert.py` adds its table to the
 markdown. One torch thread (the machine is shared).
@@ -60,12 +61,12 @@ class VariantRun(StageRun):
         return spec.model_copy(update={"trains": trains, "loss": loss})
 
 
-def parse(name: str) -> tuple[bool, float, tuple[str, ...]]:
-    match = re.fullmatch(r"([TA])(\d+(?:\.\d+)?)((?:-[a-z_]+)*)", name)
+def parse(name: str) -> tuple[bool, float, tuple[str, ...], int | None]:
+    match = re.fullmatch(r"([TA])(\d+(?:\.\d+)?)((?:-[a-z_]+)*)(?:@(\d+))?", name)
     frozen = tuple(match[3].split("-")[1:]) if match else ()
     if match is None or not set(frozen) <= set(PARAMETER_GROUPS):
-        raise SystemExit(f"variant {name!r}: use T<weight> or A<weight>, then -<group> per frozen group")
-    return match[1] == "T", float(match[2]), frozen
+        raise SystemExit(f"variant {name!r}: use T<weight> or A<weight>, -<group> per frozen group, @<steps>")
+    return match[1] == "T", float(match[2]), frozen, int(match[4]) if match[4] else None
 
 
 def last_losses(stage4: Path, steps: int = 20) -> dict[str, float]:
@@ -79,7 +80,7 @@ def run_variant(name: str, work: Path, module) -> dict:
     if (folder / "variant.json").is_file():
         result = json.loads((folder / "variant.json").read_text())
         return result | {"last_losses": last_losses(folder / "stage4")}
-    heads_train, weight, frozen = parse(name)
+    heads_train, weight, frozen, steps = parse(name)
     began = time.perf_counter()
     run = VariantRun(
         stage="4",
@@ -87,6 +88,7 @@ def run_variant(name: str, work: Path, module) -> dict:
         data=str(work / "data"),
         out=str(folder / "stage4"),
         experts=module.EXPERTS,
+        steps=steps,
         progress=False,
         heads_train=heads_train,
         head_weight=weight,
@@ -98,6 +100,7 @@ def run_variant(name: str, work: Path, module) -> dict:
     model = load_model(folder / "stage4").model.eval()
     head = module.head_accuracy(MedPLIB(model, name=name), store)
     result = {"variant": name, "heads_train": heads_train, "head_weight": weight, "frozen": list(frozen)}
+    result["steps"] = steps
     result |= {"train_seconds": round(seconds, 1), "head": head}
     result["last_losses"] = last_losses(folder / "stage4")
     (folder / "variant.json").write_text(json.dumps(result, indent=1))
