@@ -222,7 +222,8 @@ def variants_table() -> list[str]:
         "",
         "Stage IV retrained from the same expert stage, one change each; the head on the same 21 test"
         " images (after its expert stage: 0.952). `T`: plugin heads trained in IV (the recipe, `T1`),"
-        " `A`: frozen; the number is the head loss weight; a suffix names groups also frozen; @N: N stage IV steps (recipe: 372). A routing"
+        " `A`: frozen; the number is the head loss weight; a suffix names groups also frozen;"
+        " @N: N stage IV steps (recipe: 372). A routing"
         " loss left near 0.75 (with CE near 0.8) is a router that did not learn its routes.",
         "",
         "| variant | plugin heads in IV | head loss weight | also frozen | head accuracy | per modality"
