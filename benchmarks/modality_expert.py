@@ -34,22 +34,26 @@ import torch
 from medplib.core import plugins
 from medplib.core.assistant import MedPLIB
 from medplib.core.model import MedPLIBProcessor
+from medplib.loading import load_model
 from medplib.router.statistics import RoutingStatistics
 from medplib.trainers.collate import Collator, ExampleStore
 from medplib.trainers.data.builder import build_dataset
 from medplib.trainers.eval.metrics import exact_match
 from medplib.trainers.expert_training import plugin_examples
 from medplib.trainers.loop import answer_side
-from medplib.trainers.stage_folder import load_stage_model
 from medplib.trainers.train import StageRun, run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+VARIANTS = RESULTS / "modality_expert_variants.json"
 EXAMPLE = ROOT / "examples" / "medplib-expert-modality"
 # Steps per stage: the tiny schedule's recipe, shortened so the chain runs in minutes on 2 shared cores;
 # stage IV runs its recipe's own length (2 epochs), which its router needs to learn the routes.
 STEPS = {"1": 40, "2": 120, "3": 60, "expert": 100, "4": None}
 EXPERTS = ("vision_language", "pixel_grounding", "modality")
+# Stage IV's recipe as it is; `--stage4-frozen embeddings,experts` kept the head's 0.952 but left the
+# router unable to learn its routes (see the variants table), so it is no default.
+STAGE4_FROZEN: tuple[str, ...] = ()
 QUESTION = "Classify the imaging modality of this image."  # a wording of the expert's dataset
 
 
@@ -61,13 +65,13 @@ def register_example() -> None:
         plugins.register_plugin(importlib.import_module("medplib_expert_modality"), "modality", "example")
 
 
-def train_chain(work: Path, data: Path, scale: float) -> dict[str, dict]:
+def train_chain(work: Path, data: Path, scale: float, stage4_frozen: tuple[str, ...]) -> dict[str, dict]:
     chain = [
         ("1", "tiny", {}),
         ("2", "stage1", {}),
         ("3", "stage2", {}),
         ("expert", "stage3", {"expert": "modality"}),
-        ("4", "expert", {"experts": EXPERTS}),
+        ("4", "expert", {"experts": EXPERTS, "frozen": stage4_frozen}),
     ]
     records = {}
     for stage, source, options in chain:
@@ -123,7 +127,7 @@ def answer_accuracy(assistant: MedPLIB, store: ExampleStore) -> dict:
 
 def routing_shares(folder: Path, store: ExampleStore, data: Path) -> dict:
     """Text-token shares per expert and routed layer, teacher-forced, by the kind of request."""
-    prepared = load_stage_model(folder)
+    prepared = load_model(folder)
     model, moe = prepared.model.eval(), prepared.moe
     collate = Collator(MedPLIBProcessor(model.config, model.tokenizer))
     (modality,) = [spec for spec in moe.experts if spec.name == "modality"]
@@ -156,7 +160,7 @@ def evaluate(work: Path, data: Path) -> dict:
     store = ExampleStore.open(data, split="test")
     results = {}
     for name, folder in (("stage II", "stage2"), ("expert stage", "expert"), ("stage IV", "stage4")):
-        prepared = load_stage_model(work / folder)
+        prepared = load_model(work / folder)
         assistant = MedPLIB(prepared.model.eval(), name=f"{folder}")
         entry = {"vqa_modality_answer": answer_accuracy(assistant, store)}
         if "modality" in prepared.model.expert_heads:
@@ -172,7 +176,8 @@ def markdown(payload: dict) -> str:
     lines = [
         "# The modality expert (examples/medplib-expert-modality): its head alone and in a 3-expert MoE",
         "",
-        f"`python benchmarks/modality_expert.py`, tiny preset, seed 0, steps per stage {payload['steps']}"
+        f"`python benchmarks/modality_expert.py`, tiny preset, seed 0, steps per stage {payload['steps']},"
+        f" stage IV with {', '.join(payload.get('stage4_frozen', [])) or 'nothing'} frozen"
         f" (training {sum(payload['stage_seconds'].values()):.0f} s), one torch thread on a shared 2-core"
         " machine. Test split of the embedded dataset.",
         "",
@@ -205,7 +210,36 @@ def markdown(payload: dict) -> str:
         mean = [sum(layer[k] for layer in per_layer) / len(per_layer) for k in range(len(per_layer[0]))]
         lines.append(f"| {group} | {entry['samples']} | {' / '.join(f'{v:.2f}' for v in mean)} |")
     lines += ["", "Per-layer shares and per-modality counts are in `modality_expert.json`.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + variants_table())
+
+
+def variants_table() -> list[str]:
+    """The stage IV variants `modality_expert_variants.py` scored, if it ran."""
+    if not VARIANTS.is_file():
+        return []
+    lines = [
+        "## Stage IV variants (`benchmarks/modality_expert_variants.py`)",
+        "",
+        "Stage IV retrained from the same expert stage, one change each; the head on the same 21 test"
+        " images (after its expert stage: 0.952). `T`: plugin heads trained in IV (the recipe, `T1`),"
+        " `A`: frozen; the number is the head loss weight; a suffix names groups also frozen;"
+        " @N: N stage IV steps (recipe: 372). A routing"
+        " loss left near 0.75 (with CE near 0.8) is a router that did not learn its routes.",
+        "",
+        "| variant | plugin heads in IV | head loss weight | also frozen | head accuracy | per modality"
+        " (correct/images) | CE, routing loss (last 20 steps) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for entry in json.loads(VARIANTS.read_text()):
+        head = entry["head"]
+        counts = ", ".join(f"{m} {v['correct']}/{v['images']}" for m, v in head["by_modality"].items())
+        trained = "trained" if entry["heads_train"] else "frozen"
+        frozen = ", ".join(entry.get("frozen", [])) or "—"
+        losses = f"{entry['last_losses']['ce']:.2f}, {entry['last_losses']['router']:.2f}"
+        cells = [entry["variant"], trained, f"{entry['head_weight']:g}", frozen, f"{head['accuracy']:.3f}"]
+        cells += [counts, losses]
+        lines.append(f"| {' | '.join(cells)} |")
+    return [*lines, ""]
 
 
 def main() -> None:
@@ -213,6 +247,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/medplib-modality-bench"))
     parser.add_argument("--scale", type=float, default=1.0, help="x the steps of every stage")
     parser.add_argument("--report", action="store_true", help="rewrite the markdown from the JSON only")
+    parser.add_argument(
+        "--stage4-frozen",
+        default=",".join(STAGE4_FROZEN),
+        help="stage IV's groups left as they arrived (StageRun.frozen), comma-separated; '' for none",
+    )
     args = parser.parse_args()
     if args.report:
         payload = json.loads((RESULTS / "modality_expert.json").read_text())
@@ -224,8 +263,10 @@ def main() -> None:
     data = args.work / "data"
     if not (data / "train.json").is_file():
         build_dataset(data)
-    records = train_chain(args.work, data, args.scale)
+    frozen = tuple(group for group in args.stage4_frozen.split(",") if group)
+    records = train_chain(args.work, data, args.scale, frozen)
     payload = {
+        "stage4_frozen": list(frozen),
         "steps": {stage: record["steps"] for stage, record in records.items()},
         "stage_seconds": {stage: record["seconds"] for stage, record in records.items()},
         "stage_iv_experts": records["4"].get("experts"),

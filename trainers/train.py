@@ -47,6 +47,10 @@ class StageRun:
     progress: bool = True
     router: dict | None = None  # stage IV: RouterConfig fields to change (top_k, capacity_factor, ...)
     experts: tuple[str, ...] | None = None  # stage IV: the experts to compose (default: every adapter)
+    # Groups of the stage's `trains` (`stages.PARAMETER_GROUPS`) this run leaves as they arrived, e.g.
+    # stage IV with ("embeddings", "experts") keeps the experts' LoRA and the token embeddings as their
+    # stages trained them (benchmarks/modality_expert_variants.py measures such variants).
+    frozen: tuple[str, ...] = ()
 
     def spec(self) -> StageSpec:
         spec = stage_spec(self.stage, self.schedule, self.expert)
@@ -65,6 +69,12 @@ class StageRun:
             spec = spec.model_copy(update={"router": router})
         if self.experts is not None and spec.setup != "compose":
             raise InvalidInputError(f"--experts applies to stage 4, not stage {spec.key}")
+        if self.frozen:
+            unknown = sorted(set(self.frozen) - set(spec.trains))
+            if unknown:
+                trains = ", ".join(spec.trains)
+                raise InvalidInputError(f"frozen {', '.join(unknown)}: stage {spec.key} trains only {trains}")
+            spec = spec.model_copy(update={"trains": tuple(g for g in spec.trains if g not in self.frozen)})
         return spec
 
 

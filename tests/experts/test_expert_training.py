@@ -151,3 +151,28 @@ def test_routing_targets_share_a_sample_among_the_experts_that_accept_it(
     assert targets[0].tolist() == pytest.approx([0.5, 0.0, 0.5, 0.0])
     # The sample that trains <MOD> goes to the expert whose token it is.
     assert targets[1].tolist() == [0.0, 0.0, 1.0, 0.0]
+
+
+def test_stage_four_can_keep_the_experts_and_embeddings_as_their_stages_trained_them(
+    example_module, small_dataset, tmp_path
+) -> None:
+    def stage(key: str, source: str, out: str, **options):
+        data, folder = str(small_dataset), str(tmp_path / out)
+        run = StageRun(key, source, data, folder, steps=2, batch_size=4, progress=False, **options)
+        return run_stage(run)
+
+    stage("2", "tiny", "stage2")
+    stage("expert", str(tmp_path / "stage2"), "modality", expert="modality")
+    frozen = ("embeddings", "experts")
+    experts = ("vision_language", "modality")
+    outcome = stage("4", str(tmp_path / "modality"), "moe", experts=experts, frozen=frozen)
+    trained = {name for name, _ in outcome.prepared.trainable_parameters()}
+    assert any(".mlp.router." in name for name in trained) and any("modality_head." in n for n in trained)
+    assert not any(".mlp.experts." in name or "embed_tokens" in name for name in trained)
+    embeddings = "language_model.model.embed_tokens.weight"
+    before = load_file(str(tmp_path / "modality" / "model" / "model.safetensors"))[embeddings]
+    assert torch.equal(before, load_file(str(tmp_path / "moe" / "model" / "model.safetensors"))[embeddings])
+    record = json.loads((tmp_path / "moe" / "stage.json").read_text())
+    assert record["run"]["frozen"] == list(frozen) and "experts" not in record["spec"]["trains"]
+    with pytest.raises(InvalidInputError, match="frozen vision_tower: stage 4 trains only router"):
+        StageRun(stage="4", model="m", data="d", out="o", frozen=("vision_tower",)).spec()
