@@ -19,13 +19,16 @@ ROUND_TIMEOUT_S = 150.0
 
 
 def replica_rss(app: str) -> dict[str, int]:
-    """Resident memory of each Serve replica process of `app`, by its process title."""
+    """Resident memory of each Serve replica process of `app`, by its process title. Ray retitles a
+    replica while one of its methods runs (`ServeReplica:APP:Ingress.check_health`): the deployment is
+    the part before the dot."""
     title = f"ServeReplica:{app}:"
     rss = {}
     for process in psutil.process_iter(["cmdline", "memory_info"]):
         command = " ".join(process.info["cmdline"] or ())
         if title in command:
-            rss[command.split(title, 1)[1].split()[0]] = process.info["memory_info"].rss
+            deployment = command.split(title, 1)[1].split()[0].split(".")[0]
+            rss[deployment] = process.info["memory_info"].rss
     return rss
 
 
