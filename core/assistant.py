@@ -249,7 +249,7 @@ class MedPLIB:
         decoding: Mapping[str, Any],
         *,
         predict_masks: bool,
-        grounding_answer: str = "generate",
+        grounding_answer: str = "auto",
         heads_apart: Collection[str] = (),
     ) -> list[tuple[AnswerResult | GroundingResult, torch.Tensor, dict[str, torch.Tensor]]]:
         steps = self._batch_steps(
@@ -267,7 +267,7 @@ class MedPLIB:
         decoding: Mapping[str, Any],
         *,
         predict_masks: bool,
-        grounding_answer: str = "generate",
+        grounding_answer: str = "auto",
         heads_apart: Collection[str] = (),
     ) -> Generator[
         torch.Tensor, None, list[tuple[AnswerResult | GroundingResult, torch.Tensor, dict[str, torch.Tensor]]]
