@@ -232,6 +232,21 @@ def _progress(total: int, initial: int, enabled: bool, title: str):
     )
 
 
+def optimizer_groups(
+    named: list[tuple[str, torch.nn.Parameter]], spec: StageSpec
+) -> tuple[list[tuple[str, torch.nn.Parameter]], list[dict]]:
+    """The trainable parameters ordered group by group, and AdamW's groups, one per learning rate
+    (`spec.lr_scales`). Checkpoints list parameters in this order, which is how a resume finds each
+    parameter's group again."""
+    by_scale: dict[float, list[tuple[str, torch.nn.Parameter]]] = {}
+    for name, parameter in named:
+        by_scale.setdefault(spec.lr_scale(name), []).append((name, parameter))
+    scales = sorted(by_scale, key=lambda scale: scale != 1.0)  # the stage's own lr first: it is logged
+    ordered = [item for scale in scales for item in by_scale[scale]]
+    groups = [{"params": [p for _, p in by_scale[scale]], "lr": spec.optim.lr * scale} for scale in scales]
+    return ordered, groups
+
+
 def train(
     prepared: StageModel,
     examples: Sequence[Example],
@@ -242,11 +257,11 @@ def train(
     """Train `prepared` on `examples` as `spec` says; checkpoints and log under `options.out`."""
     model = prepared.model.train()
     device = next(model.parameters()).device
-    named = prepared.trainable_parameters()
+    named, groups = optimizer_groups(prepared.trainable_parameters(), spec)
     parameters = [p for _, p in named]
     opt = spec.optim
     optimizer = torch.optim.AdamW(
-        parameters, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps
+        groups, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps
     )
     global_batch, per_epoch, warmup = schedule_lengths(spec, len(examples), options.world)
     total = options.steps or max(1, round(opt.epochs * per_epoch))

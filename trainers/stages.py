@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from medplib.core.errors import InvalidInputError
 from medplib.core.expert_spec import ExpertSpec, LoraSpec, LossWeights, SampleFilter
@@ -116,6 +116,20 @@ class StageSpec(BaseModel):
     same_image_pairs: bool = False
     contrast: PairContrast | None = None  # needs `same_image_pairs` to find its pairs
     prompt_contrast: PromptContrast | None = None  # on the `<SEG>` prompts, by structure
+    # Learning-rate multipliers by parameter group: a parameter of a listed group trains at `optim.lr`
+    # times its scale (the first listed group it belongs to), every other one at `optim.lr`.
+    lr_scales: dict[str, float] = {}
+
+    @field_validator("lr_scales")
+    @classmethod
+    def _known_groups(cls, scales: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(scales) - set(PARAMETER_GROUPS))
+        if unknown:
+            groups = ", ".join(PARAMETER_GROUPS)
+            raise ValueError(f"lr_scales names unknown groups {unknown}; the groups: {groups}")
+        if any(scale <= 0 for scale in scales.values()):
+            raise ValueError(f"lr_scales must be positive, got {scales}")
+        return scales
 
     def pattern(self, group: str) -> str:
         if group == "expert_head":
@@ -124,6 +138,13 @@ class StageSpec(BaseModel):
 
     def trainable(self, parameter_name: str) -> bool:
         return any(re.search(self.pattern(group), parameter_name) for group in self.trains)
+
+    def lr_scale(self, parameter_name: str) -> float:
+        """The multiplier of `optim.lr` that `parameter_name` trains at (`lr_scales`)."""
+        for group, scale in self.lr_scales.items():
+            if re.search(self.pattern(group), parameter_name):
+                return scale
+        return 1.0
 
     def trained_rows(self, parameter_name: str) -> list[str]:
         """Config fields of the token ids whose rows alone `parameter_name` trains; [] for all rows."""
