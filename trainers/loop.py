@@ -48,7 +48,7 @@ from medplib.trainers.data_parallel import (
     syncing,
 )
 from medplib.trainers.encoder_cache import FrozenEncoderCache
-from medplib.trainers.expert_training import head_losses, routing_targets
+from medplib.trainers.expert_training import anchor_states, head_losses, routing_targets
 from medplib.trainers.losses import (
     LOSS_PARTS,
     BatchLoss,
@@ -178,7 +178,9 @@ def forward_losses(
         spec.contrast.weight if spec.contrast is not None else 0.0,
         terms,
     )
-    loss = head_losses(loss, model, hidden, batch, spec.loss.head, global_batch)
+    loss = head_losses(
+        loss, model, hidden, batch, spec.loss.head, global_batch, prepared.head_anchors, spec.head_anchor
+    )
     if prepared.moe is not None and spec.router.load_balancing_weight > 0:
         loss = add_load_balancing(loss, prepared.moe.load_balancing_loss(), len(targets), global_batch)
     return loss, int(batch["attention_mask"].sum())
@@ -257,6 +259,8 @@ def train(
     """Train `prepared` on `examples` as `spec` says; checkpoints and log under `options.out`."""
     model = prepared.model.train()
     device = next(model.parameters()).device
+    if prepared.moe is not None and spec.head_anchor > 0:  # before a resume loads trained weights
+        prepared.head_anchors = anchor_states(model, prepared.moe, examples, collator)
     named, groups = optimizer_groups(prepared.trainable_parameters(), spec)
     parameters = [p for _, p in named]
     opt = spec.optim

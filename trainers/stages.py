@@ -119,6 +119,10 @@ class StageSpec(BaseModel):
     # Learning-rate multipliers by parameter group: a parameter of a listed group trains at `optim.lr`
     # times its scale (the first listed group it belongs to), every other one at `optim.lr`.
     lr_scales: dict[str, float] = {}
+    # Stage IV: weight of the anchor loss that keeps each generic expert head's input state (the one
+    # predicting its trigger token) where the composed model had it before training, routed wholly
+    # to the head's expert, i.e. where its expert stage left it (`expert_training.anchor_states`).
+    head_anchor: float = Field(0.0, ge=0)
 
     @field_validator("lr_scales")
     @classmethod
