@@ -192,6 +192,11 @@ JOINT_EXPERT = ExpertSpec(
 )
 # The paper's IV weights; a plugin expert's head keeps learning from its tokens (head 1).
 MOE_LOSS = LossWeights(ce=1.0, bce=2.0, dice=0.5, head=1.0)
+# Stage IV keeps each plugin head's input state near its expert stage's (`StageSpec.head_anchor`; not
+# in the paper, which has no plugin heads): without it the tiny MoE's modality head moved by -14 and
+# +10 points on two chains; with it, it scored what its expert stage scored
+# (benchmarks/results/modality_expert.md).
+HEAD_ANCHOR = 5.0
 
 PAPER_OPTIM = {
     "1": Optimization(lr=1e-3, epochs=1),  # LLaVA-1.5's alignment learning rate; MedPLIB reuses it
@@ -319,6 +324,7 @@ def _stage_spec(stage: str, schedule: str, expert: str | None) -> StageSpec:
             tasks=SampleFilter(tasks=ALL_TASKS),
             loss=MOE_LOSS,
             optim=optim["4"],
+            head_anchor=HEAD_ANCHOR,
         )
     if stage == "joint":
         # Whatever II and III train between them, on all data, with stage IV's loss weights.

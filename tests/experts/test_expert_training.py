@@ -230,3 +230,14 @@ def test_stage_four_anchors_the_heads_input_at_its_expert_stage_state(
     # Half the state: (0.5 h)^2 / h^2 = 0.25 per sample, weighted 2, averaged over the global batch.
     assert moved.parts["anchor"] == pytest.approx(0.25, rel=1e-4)
     assert moved.total.item() == pytest.approx(2.0 * 0.25, rel=1e-4)
+
+
+def test_stage_four_anchors_plugin_heads_by_default_and_the_option_is_checked() -> None:
+    assert stage_spec("4").head_anchor == stage_spec("4", "paper").head_anchor == 5.0
+    assert stage_spec("3").head_anchor == 0.0
+    run = StageRun(stage="4", model="m", data="d", out="o", head_anchor=0.0)
+    assert run.spec().head_anchor == 0.0  # off
+    with pytest.raises(InvalidInputError, match="--head-anchor applies to stage 4, not stage 2"):
+        StageRun(stage="2", model="m", data="d", out="o", head_anchor=1.0).spec()
+    with pytest.raises(InvalidInputError, match="--head-anchor must be 0 \\(off\\) or more, got -1"):
+        StageRun(stage="4", model="m", data="d", out="o", head_anchor=-1.0).spec()
