@@ -193,8 +193,8 @@ JOINT_EXPERT = ExpertSpec(
 # The paper's IV weights; a plugin expert's head keeps learning from its tokens (head 1).
 MOE_LOSS = LossWeights(ce=1.0, bce=2.0, dice=0.5, head=1.0)
 # Stage IV keeps each plugin head's input state near its expert stage's (`StageSpec.head_anchor`; not
-# in the paper, which has no plugin heads): without it the tiny MoE's modality head moved by -14 and
-# +10 points on two chains; with it, it scored what its expert stage scored
+# in the paper, which has no plugin heads): without it the tiny MoE's modality head moved from -14 to
+# +10 points from chain to chain; with it, it scored what its expert stage scored on two seeds
 # (benchmarks/results/modality_expert.md).
 HEAD_ANCHOR = 5.0
 
