@@ -194,8 +194,8 @@ JOINT_EXPERT = ExpertSpec(
 MOE_LOSS = LossWeights(ce=1.0, bce=2.0, dice=0.5, head=1.0)
 # Stage IV keeps each plugin head's input state near its expert stage's (`StageSpec.head_anchor`; not
 # in the paper, which has no plugin heads): without it the tiny MoE's modality head moved from -14 to
-# +10 points from chain to chain; with it, it scored what its expert stage scored on two seeds
-# (benchmarks/results/modality_expert.md).
+# +10 points from chain to chain; with it, it scored what its expert stage scored on two of three
+# seeds and 2 of 102 decisions fewer on the third, as without it (benchmarks/results/modality_expert.md).
 HEAD_ANCHOR = 5.0
 
 PAPER_OPTIM = {
