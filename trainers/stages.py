@@ -116,6 +116,9 @@ class StageSpec(BaseModel):
     same_image_pairs: bool = False
     contrast: PairContrast | None = None  # needs `same_image_pairs` to find its pairs
     prompt_contrast: PromptContrast | None = None  # on the `<SEG>` prompts, by structure
+    # The `<SEG>` state reads the request's token states (`MedPLIBConfig.seg_read_request`): a model
+    # without the reader gets a fresh one before training (`stage_folder.prepare`).
+    seg_read_request: bool = False
 
     def pattern(self, group: str) -> str:
         if group == "expert_head":
@@ -210,7 +213,7 @@ TINY_OPTIM = {
 # Stage IV's gates also learn which expert's `trains_on` each sample belongs to (see TINY_NOTES).
 TINY_ROUTING_WEIGHT = 1.0
 # The stages that train the grounding head pair requests on one image and contrast left with right.
-TINY_GROUNDING = {"same_image_pairs": True, "contrast": PairContrast()}
+TINY_GROUNDING = {"same_image_pairs": True, "contrast": PairContrast(), "seg_read_request": True}
 TINY_NOTES = (
     "Stage I trains the CLIP tower and the whole LLM with the projector, and stage II trains the CLIP "
     "tower and the LLM's attention, MLP, norms, embeddings and LM head with the expert's LoRA: the tiny "
