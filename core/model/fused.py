@@ -9,7 +9,9 @@ alone: measured, one (512 -> 1536) product is no faster than three (512 -> 512) 
 the weight's bytes.
 
 The fused layer holds the weight; the original layers become row slices of it (`Int8Linear.slice_of`),
-so nothing is stored twice and a checkpoint's keys and codes are unchanged. A layer whose projections
+so nothing is stored twice and a checkpoint's keys and codes are unchanged. Called on their own
+(transformers' trunk, e.g. building a prefix's keys and values), the slices share one fused product
+per input (`Int8Linear.shared_output`), so that path costs what it did. A layer whose projections
 are anything else (fp32, a peft LoRA wrapper, a routed MLP, int4, bitsandbytes) is run as it is.
 """
 
@@ -59,6 +61,7 @@ def fuse_int8(layers: list[nn.Module]) -> Int8Linear | None:
     fused = Int8Linear(
         torch.cat(codes), torch.cat(scales), None, reduce_range=first.reduce_range, per_token=first.per_token
     )
+    fused.readers = len(layers)
     start = 0
     for layer in layers:
         layer._packed = None

@@ -128,6 +128,8 @@ class Int8Linear(nn.Module):
         self.per_token = per_token
         # Rows start:stop of a fused layer's output (`fused.fuse_int8`), which holds the weight instead.
         self.slice_of: tuple[Int8Linear, int, int] | None = None
+        self.readers = 0  # of a fused layer: its slices; `shared_output` holds its last output for them
+        self._shared: list | None = None
         self.out_features, self.in_features = codes.shape
         # 7-bit activations where 8 would saturate (None: probe this CPU once).
         self.reduce_range = not full_range_is_exact() if reduce_range is None else reduce_range
@@ -178,7 +180,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.slice_of is not None:  # outside the lean trunk: the fused product, this layer's rows
             fused, start, stop = self.slice_of
-            out = fused(x)[..., start:stop]
+            out = fused.shared_output(x)[..., start:stop]
             return out if self.bias is None else out + self.bias
         flat = x.reshape(-1, self.in_features)
         if flat.shape[0] == 1 or not self.per_token:  # one token: fbgemm's one range is already its own
@@ -191,6 +193,16 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def shared_output(self, x: torch.Tensor) -> torch.Tensor:
+        """This (fused) layer's output on x, computed once for its `readers` slices, which a trunk
+        calls in turn on the same input (q, k, v; gate, up); dropped once each has read it."""
+        shared = self._shared
+        if shared is None or shared[0] is not x or shared[1] != x._version:
+            shared = [x, x._version, self(x), self.readers]
+        shared[3] -= 1
+        self._shared = shared if shared[3] > 0 else None
+        return shared[2]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"

@@ -37,6 +37,13 @@ def test_a_fused_int8_product_equals_the_layers_it_replaces() -> None:
         assert layer._packed is None and layer.slice_of[0] is fused  # the weight is held once
         assert torch.equal(layer(x), output)  # a slice called on its own: the same numbers
         assert torch.equal(layer.codes()[0], code) and torch.equal(layer.codes()[1], scale)
+    # Called in turn on one input, as a trunk does, the slices share one product, then let it go.
+    calls = []
+    fused.register_forward_hook(lambda *_: calls.append(1))
+    for index, layer in enumerate(layers):
+        assert torch.equal(layer(x), outputs[index])
+        assert (fused._shared is None) == (index == len(layers) - 1)
+    assert len(calls) == 1
 
 
 def test_layers_that_are_not_bias_free_int8_are_not_fused() -> None:
