@@ -6,7 +6,9 @@ decoded token costs about 3.6 ms of matrix products and as much again of that bo
 (`benchmarks/peers.py`). `run_trunk` keeps the trunk's own modules (norms, projections, whatever MLP
 sits in a layer: a routed MLP, a peft LoRA or a quantised linear runs unchanged) and its rotary
 embedding, and does the rest directly: keys and values are written into buffers sized once for the
-whole generation, and the mask is one boolean tensor per call.
+whole generation, and the mask is one boolean tensor per call. Where a layer's projections are int8,
+q/k/v and gate/up run as one product each (`fused.py`), and the rotary embedding is four ops on
+queries and keys together (`rotate`); both give the same numbers bit for bit.
 
 The arithmetic is the trunk's: positions count real tokens only, a query sees the real keys at or
 before it, and each query also sees its own key, so a padding row attends to something and stays
