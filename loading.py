@@ -38,7 +38,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from medplib.core.assistant import MedPLIB, resolve_device, resolve_dtype
+from medplib.core.assistant import MedPLIB
+from medplib.core.devices import resolve_device, resolve_dtype
 from medplib.core.errors import CheckpointError, describe_key_problems
 from medplib.core.expert_spec import ExpertSpec
 from medplib.core.io.sources import is_uri
