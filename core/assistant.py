@@ -28,13 +28,13 @@ from typing import Any
 
 import torch
 
+from medplib.core.answers import inference_result
 from medplib.core.errors import CheckpointError, InvalidInputError
 from medplib.core.expert_heads import expert_infos
 from medplib.core.image import MedicalImage
 from medplib.core.inference import BatchGeneration, CachedGenerator, Generated
 from medplib.core.io import load_image
-from medplib.core.masks import Mask, SegmentationResult
-from medplib.core.model import MaskPrediction, MedPLIBForCausalLM, Request
+from medplib.core.model import MedPLIBForCausalLM
 from medplib.core.model.generation import run_to_end
 from medplib.core.per_image_cache import CacheStats, PerImageCache
 from medplib.core.prompts import GROUNDING_ANSWER_MODES, auto_grounding_answer, model_request
@@ -50,11 +50,9 @@ from medplib.core.queries import (
 from medplib.core.regions import RegionPrompt
 from medplib.core.results import (
     AnswerResult,
-    CacheHits,
     ChatResult,
     ExpertInfo,
     GroundingResult,
-    InferenceResult,
     TextDelta,
 )
 from medplib.core.streaming import stream_text
@@ -123,8 +121,7 @@ class MedPLIB:
         `capability` (e.g. "modality_classification", see `experts()`) steers the answer to that
         expert's trigger token, forced where the model would end without it (`forced`); its head's
         outputs are in `outputs[expert]`."""
-        query = {"image": image, "text": question, "task": "answer", "regions": list(regions)}
-        query |= {"image_options": dict(image_options or {}), "capability": capability}
+        query = one_query("answer", image, question, regions, image_options, capability)
         return self.answer_batch([query], **decoding)[0]
 
     def experts(self) -> list[ExpertInfo]:
@@ -150,21 +147,8 @@ class MedPLIB:
         "auto" (the default): "template" for a checkpoint trained by medplib, "generate" for an
         untrained preset and a converted MedPLIB checkpoint (its answers are worded otherwise).
         """
-        query = {"image": image, "text": text, "task": "ground", "regions": list(regions)}
-        query["image_options"] = dict(image_options or {})
+        query = one_query("ground", image, text, regions, image_options)
         return self.answer_batch([query], grounding_answer=answer, **decoding)[0]
-
-    def _single(
-        self,
-        task: str,
-        image: Any,
-        text: str,
-        regions: Sequence[Any],
-        image_options: Mapping[str, Any] | None,
-        decoding: Mapping[str, Any],
-    ) -> Any:
-        query = {"image": image, "text": text, "task": task, "regions": list(regions)}
-        return self.answer_batch([{**query, "image_options": dict(image_options or {})}], **decoding)[0]
 
     def answer_batch(
         self,
@@ -255,11 +239,11 @@ class MedPLIB:
         for query, request, (image, load_ms), (row, batch) in zip(
             parsed, requests, loaded, rows, strict=True
         ):
-            made = (request, image, load_ms, row, batch, start)
+            made = (self.name, request, image, load_ms, row, batch, start)
             if query.task == "ground":
-                result = self._result(GroundingResult, *made, label=query.text, query=query.text)
+                result = inference_result(GroundingResult, *made, label=query.text, query=query.text)
             else:
-                result = self._result(AnswerResult, *made, question=query.text)
+                result = inference_result(AnswerResult, *made, question=query.text)
             results.append((result, row.seg_hidden_states, row.head_states))
         return results
 
@@ -384,8 +368,7 @@ class MedPLIB:
         decoding: Mapping[str, Any],
         capability: str | None = None,
     ) -> Iterator[Any]:
-        query = {"image": image, "text": text, "task": task, "regions": list(regions)}
-        query |= {"image_options": dict(image_options or {}), "capability": capability}
+        query = one_query(task, image, text, regions, image_options, capability)
         steps = self._batch_steps([query], decoding, predict_masks=True)
         return stream_text(steps, self.model.tokenizer, lambda done: done[0][0])
 
@@ -400,51 +383,15 @@ class MedPLIB:
             raise InvalidInputError(f"invalid image options {sorted(query.image_options)}: {exc}") from None
         return loaded, 1000 * (time.perf_counter() - start)
 
-    # ---- results --------------------------------------------------------------------------------------
 
-    def _result(
-        self,
-        cls: type[InferenceResult],
-        request: Request,
-        image: MedicalImage,
-        load_ms: float,
-        row: Generated,
-        batch: BatchGeneration,
-        start: float,
-        *,
-        label: str | None = None,
-        **fields: Any,
-    ) -> Any:
-        masks = segmentations(row.masks, label)
-        timings = {"load": load_ms, **batch.milliseconds, "total": 1000 * (time.perf_counter() - start)}
-        outputs = dict(row.outputs)
-        if masks:  # the grounding head's outputs are its masks, decoded on the image
-            outputs["pixel_grounding"] = [mask.model_dump(mode="json") for mask in masks]
-        return cls(
-            model=self.name,
-            text=row.text,
-            masks=masks,
-            seg_forced=row.seg_forced and request.require_seg,
-            outputs=outputs,
-            forced=row.seg_forced,
-            image_size=image.size,
-            image_source=image.meta.source,
-            num_regions=len(request.regions),
-            prompt_tokens=row.prompt_tokens,
-            new_tokens=row.new_tokens,
-            cache=CacheHits(**row.cache),
-            timings_ms={stage: round(ms, 2) for stage, ms in timings.items()},
-            **fields,
-        )
-
-
-def segmentations(prediction: MaskPrediction, label: str | None) -> list[SegmentationResult]:
-    """Predicted masks as results: COCO RLE, each scored by SAM's predicted IoU. Built without
-    validation: pydantic would re-decode the RLE its own encoder just wrote (a third of a cached
-    grounding call for a noisy mask)."""
-    return [
-        SegmentationResult.model_construct(
-            mask=Mask.from_array(mask), label=label, score=round(float(score), 4)
-        )
-        for mask, score in zip(prediction.masks.cpu().numpy(), prediction.scores.float().cpu(), strict=True)
-    ]
+def one_query(
+    task: str,
+    image: Any,
+    text: str,
+    regions: Sequence[Any],
+    image_options: Mapping[str, Any] | None,
+    capability: str | None = None,
+) -> dict[str, Any]:
+    """The `Query` fields of one `answer`/`ground` call (and their streams), validated with the batch."""
+    query = {"image": image, "text": text, "task": task, "regions": list(regions)}
+    return query | {"image_options": dict(image_options or {}), "capability": capability}

@@ -262,7 +262,7 @@ class GroundingDecoder:
     def _decode(self, items: list[GroundingItem]) -> list[GroundingOutput]:
         import torch
 
-        from medplib.core.assistant import segmentations
+        from medplib.core.answers import segmentations
 
         states = [torch.tensor(item.seg_hidden_states) for item in items]  # own copies: Ray's are read-only
         predictions, uses, ms = self.generator.decode_masks(states, [item.pixels for item in items])
