@@ -16,7 +16,7 @@ An image is `bytes` or a `pathlib.Path` (read here and sent as base64), a `str` 
 raised (`RegionError`, `CapacityError`, ...) or a `ServeError` (401, 503, 504). Connection failures
 and 503s are retried, `retries` attempts in all, with exponential backoff.
 
-`HTTPBackend` is the same client behind the LangChain tools' `Backend` protocol
+`agents/serve/http_backend.py` puts it behind the LangChain tools' `Backend` protocol
 (`MedPLIBToolkit.from_url`).
 """
 
@@ -28,7 +28,7 @@ import os
 import time
 import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -52,16 +52,11 @@ from medplib.agents.serve.schemas import (
 )
 from medplib.agents.serve.sse import EventReader, stream_item
 from medplib.core.errors import InvalidInputError, validation_message
-from medplib.core.expert_spec import ExpertSpec
 from medplib.core.image import DEFAULT_LIMITS
 from medplib.core.io.sources import read_source
 from medplib.core.queries import Decoding
-from medplib.core.regions import MaskPrompt, RegionPrompt
+from medplib.core.regions import RegionPrompt
 from medplib.core.results import AnswerResult, GroundingResult, TextDelta
-from medplib.core.volume_results import VolumeGroundingResult
-
-if TYPE_CHECKING:
-    from medplib.agents.image_store import StoredImage
 
 M = TypeVar("M", bound=BaseModel)
 RETRY_STATUSES = (502, 503)
@@ -442,90 +437,3 @@ def _volume_body(volume: Any, text: str, options: Mapping[str, Any]) -> dict[str
 
 def _left(deadline: float) -> float:
     return max(0.001, deadline - time.monotonic())
-
-
-class HTTPBackend:
-    """The LangChain tools' `Backend` over the HTTP API.
-
-    With `upload=True` (the default) an image or mask the agent names by path or URI is read here and
-    sent as base64, as the in-process backend would read it; `upload=False` sends the reference for
-    the server to read (shared storage, and only under the server's `allowed_uri_prefixes`).
-    """
-
-    def __init__(self, client: MedPLIBClient, *, upload: bool = True) -> None:
-        self.client = client
-        self.upload = upload
-
-    def answer(
-        self,
-        image: StoredImage,
-        question: str,
-        regions: Sequence[RegionPrompt] = (),
-        *,
-        capability: str | None = None,
-        **decoding: Any,
-    ) -> AnswerResult:
-        stored, prompts = self._image(image), self._regions(regions)
-        return self.client.vqa(stored, question, prompts, capability=capability, **decoding)
-
-    def ground(self, image: StoredImage, text: str, **decoding: Any) -> GroundingResult:
-        return self.client.ground(self._image(image), text, **decoding)
-
-    async def aanswer(
-        self,
-        image: StoredImage,
-        question: str,
-        regions: Sequence[RegionPrompt] = (),
-        *,
-        capability: str | None = None,
-        **decoding: Any,
-    ) -> AnswerResult:
-        stored, prompts = await asyncio.to_thread(lambda: (self._image(image), self._regions(regions)))
-        return await self.client.avqa(stored, question, prompts, capability=capability, **decoding)
-
-    def expert_specs(self) -> list[tuple[ExpertSpec, dict[str, Any] | None]]:
-        """The server's experts, each with the JSON schema of its head's output."""
-        return [(expert.spec, expert.output_schema) for expert in self.client.experts().experts]
-
-    async def aground(self, image: StoredImage, text: str, **decoding: Any) -> GroundingResult:
-        return await self.client.aground(await asyncio.to_thread(self._image, image), text, **decoding)
-
-    def ground_volume(
-        self, image: StoredImage, text: str, options: Mapping[str, Any] | None = None, **decoding: Any
-    ) -> VolumeGroundingResult:
-        response = self.client.ground_volume(self._volume(image), text, **(options or {}), **decoding)
-        return response.result_with_mask()
-
-    async def aground_volume(
-        self, image: StoredImage, text: str, options: Mapping[str, Any] | None = None, **decoding: Any
-    ) -> VolumeGroundingResult:
-        volume = await asyncio.to_thread(self._volume, image)
-        response = await self.client.aground_volume(volume, text, **(options or {}), **decoding)
-        return await asyncio.to_thread(response.result_with_mask)
-
-    def _volume(self, image: StoredImage) -> bytes | str:
-        """A volume file is uploaded as an image is; a folder (a DICOM series) is always named."""
-        from medplib.core.io.dicom_series import is_folder
-
-        data = image.data
-        if isinstance(data, str) and self.upload and not is_folder(data):
-            return read_source(data, max_bytes=DEFAULT_LIMITS.max_bytes)
-        return data
-
-    def _image(self, image: StoredImage) -> ImageInput:
-        data = image.data
-        if isinstance(data, str) and self.upload:
-            data = read_source(data, max_bytes=DEFAULT_LIMITS.max_bytes)
-        return image_input(data, **image.options)
-
-    def _regions(self, regions: Sequence[RegionPrompt]) -> list[RegionPrompt]:
-        return [self._inline(region) for region in regions]
-
-    def _inline(self, region: RegionPrompt) -> RegionPrompt:
-        if not self.upload or not isinstance(region, MaskPrompt) or region.source is None:
-            return region
-        data = read_source(region.source, max_bytes=DEFAULT_LIMITS.max_bytes)
-        return MaskPrompt(data_base64=base64.b64encode(data).decode("ascii"))
-
-    def __repr__(self) -> str:
-        return f"HTTPBackend({self.client.url!r})"
