@@ -7,7 +7,8 @@ import base64
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from medplib.agents.serve.client import MedPLIBClient, image_input
+from medplib.agents.serve.client import MedPLIBClient
+from medplib.agents.serve.client_calls import image_input
 from medplib.agents.serve.schemas import ImageInput
 from medplib.core.expert_spec import ExpertSpec
 from medplib.core.image import DEFAULT_LIMITS
