@@ -1,4 +1,4 @@
-"""The assistant: `medplib.load(...)` (in `loading.py`) gives a `MedPLIB` that answers, grounds and chats.
+"""The assistant: `medplib.load(...)` (in `loading/`) gives a `MedPLIB` that answers, grounds and chats.
 
     import medplib
     model = medplib.load("tiny")                     # a preset, a save_pretrained folder or fsspec URI
