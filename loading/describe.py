@@ -15,7 +15,7 @@ from medplib.core.expert_spec import ExpertSpec
 from medplib.core.model import MedPLIBForCausalLM, build_config, build_medplib
 from medplib.core.model.configuration_medplib import MedPLIBConfig
 from medplib.core.model.medplib_release import read_release_config
-from medplib.core.model.modeling_medplib import COMPONENTS
+from medplib.core.model.pretrained import COMPONENTS
 from medplib.core.model.quantization import check_quantization, weight_bytes
 from medplib.core.model.storage import local_folder
 from medplib.core.model.tokenizer import load_tokenizer
