@@ -43,9 +43,8 @@ from medplib.agents.serve.client_calls import (
     EXPERTS,
     HEALTH,
     Call,
-    ground_call,
+    image_call,
     volume_call,
-    vqa_call,
 )
 from medplib.agents.serve.schemas import (
     ExpertsResponse,
@@ -111,7 +110,9 @@ class MedPLIBClient:
     ) -> AnswerResult:
         """Answer `question` about `image` (region VQA when `regions` are given); `capability` (see
         `experts()`) asks an expert for it: its head's outputs are in the result's `outputs`."""
-        return self._send(vqa_call(image, question, regions, image_options, decoding, capability=capability))
+        return self._send(
+            image_call("answer", image, question, regions, image_options, decoding, capability=capability)
+        )
 
     def ground(
         self,
@@ -123,7 +124,7 @@ class MedPLIBClient:
         **decoding: Any,
     ) -> GroundingResult:
         """Segment what `text` names; at least one mask."""
-        return self._send(ground_call(image, text, regions, image_options, decoding))
+        return self._send(image_call("ground", image, text, regions, image_options, decoding))
 
     def ground_volume(
         self, volume: VolumeInput | bytes | str | os.PathLike[str], text: str, **options: Any
@@ -143,7 +144,9 @@ class MedPLIBClient:
         **decoding: Any,
     ) -> Iterator[TextDelta | AnswerResult]:
         """`vqa` as the answer is generated: `TextDelta`s (joining to the answer), then the result."""
-        call = vqa_call(image, question, regions, image_options, decoding, capability=capability, stream=True)
+        call = image_call(
+            "answer", image, question, regions, image_options, decoding, capability=capability, stream=True
+        )
         return self._stream(call)
 
     def ground_stream(
@@ -156,7 +159,7 @@ class MedPLIBClient:
         **decoding: Any,
     ) -> Iterator[TextDelta | GroundingResult]:
         """`ground` as the answer is generated: `TextDelta`s, then the result with its masks."""
-        return self._stream(ground_call(image, text, regions, image_options, decoding, stream=True))
+        return self._stream(image_call("ground", image, text, regions, image_options, decoding, stream=True))
 
     def experts(self) -> ExpertsResponse:
         return self._send(EXPERTS)
@@ -206,7 +209,7 @@ class MedPLIBClient:
         capability: str | None = None,
         **decoding: Any,
     ) -> AnswerResult:
-        call = vqa_call(image, question, regions, image_options, decoding, capability=capability)
+        call = image_call("answer", image, question, regions, image_options, decoding, capability=capability)
         return await self._asend(call)
 
     async def aground(
@@ -218,7 +221,7 @@ class MedPLIBClient:
         image_options: Mapping[str, Any] | None = None,
         **decoding: Any,
     ) -> GroundingResult:
-        return await self._asend(ground_call(image, text, regions, image_options, decoding))
+        return await self._asend(image_call("ground", image, text, regions, image_options, decoding))
 
     async def aground_volume(
         self, volume: VolumeInput | bytes | str | os.PathLike[str], text: str, **options: Any
@@ -235,7 +238,9 @@ class MedPLIBClient:
         capability: str | None = None,
         **decoding: Any,
     ) -> AsyncIterator[TextDelta | AnswerResult]:
-        call = vqa_call(image, question, regions, image_options, decoding, capability=capability, stream=True)
+        call = image_call(
+            "answer", image, question, regions, image_options, decoding, capability=capability, stream=True
+        )
         async for item in self._astream(call):
             yield item
 
@@ -249,7 +254,7 @@ class MedPLIBClient:
         **decoding: Any,
     ) -> AsyncIterator[TextDelta | GroundingResult]:
         async for item in self._astream(
-            ground_call(image, text, regions, image_options, decoding, stream=True)
+            image_call("ground", image, text, regions, image_options, decoding, stream=True)
         ):
             yield item
 

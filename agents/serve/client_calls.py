@@ -63,9 +63,14 @@ def image_input(image: ImageInput | bytes | str | os.PathLike[str], **options: A
         raise InvalidInputError(f"invalid image: {validation_message(exc)}") from None
 
 
-def vqa_call(
+# task -> its route, the body's field for the text, and the result it answers with
+ROUTES = {"answer": ("/v1/vqa", "question", AnswerResult), "ground": ("/v1/ground", "text", GroundingResult)}
+
+
+def image_call(
+    task: str,
     image: Any,
-    question: str,
+    text: str,
     regions: Sequence[Any],
     image_options: Mapping[str, Any] | None,
     decoding: Mapping[str, Any],
@@ -73,21 +78,18 @@ def vqa_call(
     capability: str | None = None,
     stream: bool = False,
 ) -> Call:
-    fields = {"question": question, "capability": capability, "stream": stream or None}
-    return Call("POST", "/v1/vqa", AnswerResult, _body(image, image_options, regions, decoding, fields))
-
-
-def ground_call(
-    image: Any,
-    text: str,
-    regions: Sequence[Any],
-    image_options: Mapping[str, Any] | None,
-    decoding: Mapping[str, Any],
-    *,
-    stream: bool = False,
-) -> Call:
-    fields = {"text": text, "stream": stream or None}
-    return Call("POST", "/v1/ground", GroundingResult, _body(image, image_options, regions, decoding, fields))
+    """`/v1/vqa` (task "answer") or `/v1/ground` ("ground"). The server validates everything but the
+    image, so a client and server never disagree; a field left None is left out (a server older than
+    the field still answers)."""
+    path, text_field, model = ROUTES[task]
+    fields = {text_field: text, "capability": capability, "stream": stream or None}
+    body = {
+        "image": image_input(image, **(image_options or {})).model_dump(mode="json", exclude_none=True),
+        "regions": [r.model_dump(mode="json") if isinstance(r, BaseModel) else dict(r) for r in regions],
+        "decoding": dict(decoding),
+        **{key: value for key, value in fields.items() if value is not None},
+    }
+    return Call("POST", path, model, body)
 
 
 def volume_call(volume: Any, text: str, options: Mapping[str, Any]) -> Call:
@@ -109,20 +111,3 @@ def volume_call(volume: Any, text: str, options: Mapping[str, Any]) -> Call:
     fields = {key: value for key, value in options.items() if key not in decoding}
     body = {"volume": spec.model_dump(exclude_none=True), "text": text, "decoding": decoding, **fields}
     return Call("POST", "/v1/ground_volume", GroundVolumeResponse, body)
-
-
-def _body(
-    image: Any,
-    image_options: Mapping[str, Any] | None,
-    regions: Sequence[Any],
-    decoding: Mapping[str, Any],
-    fields: Mapping[str, Any],
-) -> dict[str, Any]:
-    """The JSON body; the server validates everything else, so a client and server never disagree.
-    A field left None is left out (a server older than the field still answers)."""
-    return {
-        "image": image_input(image, **(image_options or {})).model_dump(mode="json", exclude_none=True),
-        "regions": [r.model_dump(mode="json") if isinstance(r, BaseModel) else dict(r) for r in regions],
-        "decoding": dict(decoding),
-        **{key: value for key, value in fields.items() if value is not None},
-    }
