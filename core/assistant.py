@@ -323,7 +323,8 @@ class MedPLIB:
         for part in model.answer_stream(image, "What modality is this?"):
             print(part.text if isinstance(part, TextDelta) else f"\n{part.timings_ms}", end="")
         """
-        return self._stream_single("answer", image, question, regions, image_options, decoding, capability)
+        query = one_query("answer", image, question, regions, image_options, capability)
+        return self.query_stream(query, **decoding)
 
     def ground_stream(
         self,
@@ -335,7 +336,7 @@ class MedPLIB:
         **decoding: Any,
     ) -> Iterator[TextDelta | GroundingResult]:
         """`ground` as it is generated: `TextDelta`s, then the result with its masks."""
-        return self._stream_single("ground", image, text, regions, image_options, decoding)
+        return self.query_stream(one_query("ground", image, text, regions, image_options), **decoding)
 
     def chat_stream(
         self,
@@ -358,17 +359,10 @@ class MedPLIB:
         steps = self._batch_steps([query], decoding, predict_masks=False, heads_apart=heads_apart)
         return stream_text(steps, self.model.tokenizer, lambda done: done[0], lambda pair: pair[0].text)
 
-    def _stream_single(
-        self,
-        task: str,
-        image: Any,
-        text: str,
-        regions: Sequence[Any],
-        image_options: Mapping[str, Any] | None,
-        decoding: Mapping[str, Any],
-        capability: str | None = None,
-    ) -> Iterator[Any]:
-        query = one_query(task, image, text, regions, image_options, capability)
+    def query_stream(
+        self, query: Query | Mapping[str, Any], **decoding: Any
+    ) -> Iterator[TextDelta | AnswerResult | GroundingResult]:
+        """`answer_batch` of one query, streamed: `TextDelta`s, then its result with its masks."""
         steps = self._batch_steps([query], decoding, predict_masks=True)
         return stream_text(steps, self.model.tokenizer, lambda done: done[0][0])
 
