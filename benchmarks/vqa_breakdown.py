@@ -11,7 +11,8 @@ the predictions there, joins them with the split's samples by id and prints per 
   and how often it is no answer the training split ever gives for that kind ("off-kind");
 - region recall per kind; open recall.
 
-Writes the rows to `benchmarks/results/vqa_breakdown.json` (or `--out`). No model runs here.
+Writes the rows to `benchmarks/results/vqa_breakdown.json` (or `--out`) and the table beside it as
+`.md`. No model runs here.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def main() -> None:
         result["runs"][name] = breakdown(predictions(Path(source)), examples, train_answers)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(f"# VQA by kind ({args.split} split)\n\n{table(result)}\n")
     print(table(result))
 
 
