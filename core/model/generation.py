@@ -181,6 +181,10 @@ def decode_steps(
     triggered: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(rows)]
     generated = []
     embedding = model.get_input_embeddings()
+    # Whether any row must say a token before it ends: else the forcing rules are skipped per step.
+    rules = bool(require.any())
+    kept = torch.cat([triggers, triggers.new_tensor([seg_id])])  # tokens whose hidden state is kept
+    trigger_ids = set(triggers.tolist())
     for step in range(max_new_tokens):
         logits = logits.float()
         logits[:, never] = float("-inf")
@@ -193,24 +197,33 @@ def decode_steps(
             generator=generator,
         )
         token = token.masked_fill(finished, pad_id)
-        ending = (token == eos_id) | (step == max_new_tokens - 1)
-        force = require & ~has_seg & ~finished & (token != required) & ending & (not medplib)
-        if step == 0:  # a token asked for at the start opens the answer; decoding then goes on
-            opening = at_start & (token != required)
-            forced |= opening
-            token = torch.where(at_start, required, token)
-            force = force & ~at_start
-        token = torch.where(force, required, token)
-        forced |= force
-        for row in torch.nonzero((token == seg_id) & ~finished).flatten().tolist():
-            seg_hidden[row].append(last[row])
-            seg_steps[row].append(step)
-        for row in torch.nonzero(torch.isin(token, triggers) & ~finished).flatten().tolist():
-            triggered[row].append((int(token[row]), last[row]))
+        force = None
+        if rules:
+            ending = (token == eos_id) | (step == max_new_tokens - 1)
+            force = require & ~has_seg & ~finished & (token != required) & ending & (not medplib)
+            if step == 0:  # a token asked for at the start opens the answer; decoding then goes on
+                opening = at_start & (token != required)
+                forced |= opening
+                token = torch.where(at_start, required, token)
+                force = force & ~at_start
+            token = torch.where(force, required, token)
+            forced |= force
+        keeping = torch.isin(token, kept) & ~finished
+        if keeping.any():
+            for row in torch.nonzero(keeping).flatten().tolist():
+                said = int(token[row])
+                if said == seg_id:
+                    seg_hidden[row].append(last[row])
+                    seg_steps[row].append(step)
+                if said in trigger_ids:
+                    triggered[row].append((said, last[row]))
         generated.append(token)
         yield token
-        has_seg |= token == required
-        finished |= (token == eos_id) | force  # a forced <SEG> stands where the answer ended
+        if rules:
+            has_seg |= token == required
+            finished |= (token == eos_id) | force  # a forced <SEG> stands where the answer ended
+        else:
+            finished |= token == eos_id
         if finished.all() or step == max_new_tokens - 1:
             break
         out = model(
@@ -224,7 +237,8 @@ def decode_steps(
         if reads:
             step_hidden.append(hidden[:, -1])
         running = ~finished[:, None]
-        before_last = torch.where(running, last, before_last)
+        if medplib:
+            before_last = torch.where(running, last, before_last)
         last = torch.where(running, hidden[:, -1], last)
         positions = positions + 1
     if medplib:

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from medplib.core.assistant import GROUNDING_ANSWER, GROUNDING_QUESTION, answer_parts
 from medplib.core.io import load_image
 from medplib.core.io.registry_data import dicom_file
 from medplib.core.model import MedPLIBProcessor, Request, Turn
 from medplib.core.model.conversation import encode_conversation
+from medplib.core.prompts import GROUNDING_ANSWER, GROUNDING_QUESTION, answer_parts
 from medplib.loading import load
 from medplib.trainers.stage_folder import add_request_reader
 

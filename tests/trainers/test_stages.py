@@ -12,6 +12,7 @@ from medplib.core.hookspecs import hookimpl
 from medplib.core.model import build_medplib
 from medplib.experts.pixel_grounding import SPEC as GROUNDING
 from medplib.experts.vision_language import SPEC as VISION_LANGUAGE
+from medplib.trainers.loop import schedule_lengths
 from medplib.trainers.stage_folder import StageStart, prepare
 from medplib.trainers.stages import PARAMETER_GROUPS, ROW_GROUPS, stage_spec
 
@@ -44,6 +45,15 @@ def test_paper_stage_two_trains_its_lora_and_the_shared_text_parts() -> None:
     names = trainable("2", "paper")
     assert groups_of(names) == {"lora", "embeddings", "lm_head", "norms", "projector", "region_adapter"}
     assert not any(".base_layer." in n or "self_attn" in n for n in names)
+
+
+def test_tiny_stage_two_runs_five_epochs_and_the_paper_schedule_keeps_its_one() -> None:
+    tiny, paper = stage_spec("2", "tiny").optim, stage_spec("2", "paper").optim
+    assert (tiny.epochs, tiny.lr, tiny.warmup_fraction) == (5, 1e-3, 0.25)
+    assert (paper.epochs, paper.lr, paper.warmup_fraction) == (1, 1e-4, 0.01)
+    # The length is the schedule's: 1119 VQA and region samples in batches of 8 make 700 steps.
+    _, per_epoch, warmup = schedule_lengths(stage_spec("2", "tiny"), 1119, world=1)
+    assert (round(tiny.epochs * per_epoch), warmup) == (700, 35)
 
 
 def test_stage_three_trains_lora_seg_head_and_mask_decoder_but_no_shared_llm_weight() -> None:
