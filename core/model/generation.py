@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache
 
 from medplib.core.errors import InvalidInputError
 from medplib.core.model.kv_cache import PrefixKV, generation_cache
+from medplib.core.model.request_states import grounding_head, read_requests, request_columns
 
 if TYPE_CHECKING:
     from medplib.core.model.modeling_medplib import MedPLIBForCausalLM
@@ -152,6 +153,11 @@ def decode_steps(
     hidden, logits = out.last_hidden_state, out.logits[:, -1]
     seconds = {"prefill": elapsed(start, device)}
     start = time.perf_counter()
+    # A head that reads the request needs every state after the cached prefix: the prompt's, then
+    # one per step; each <SEG> records how many of the steps' states it may read.
+    reads = grounding_head(model) is not None
+    prompt_ids, prompt_mask = input_ids[:, past:], attention_mask[:, past:]
+    prompt_hidden, step_hidden, seg_steps = hidden, [], [[] for _ in range(len(hidden))]
     last = hidden[:, -1]
     # MedPLIB (compat) grounds a row without <SEG> on the second-to-last hidden state it produced.
     medplib = config.compat == "medplib"
@@ -208,6 +214,7 @@ def decode_steps(
                 said = int(token[row])
                 if said == seg_id:
                     seg_hidden[row].append(last[row])
+                    seg_steps[row].append(step)
                 if said in trigger_ids:
                     triggered[row].append((said, last[row]))
         generated.append(token)
@@ -227,6 +234,8 @@ def decode_steps(
             logits_to_keep=1,
         )
         hidden, logits = out.last_hidden_state, out.logits[:, -1]
+        if reads:
+            step_hidden.append(hidden[:, -1])
         running = ~finished[:, None]
         if medplib:
             before_last = torch.where(running, last, before_last)
@@ -235,12 +244,18 @@ def decode_steps(
     if medplib:
         for row in torch.nonzero(require & ~has_seg & (required == seg_id)).flatten().tolist():
             seg_hidden[row].append(before_last[row])
+            seg_steps[row].append(max(len(generated) - 2, 0))  # the state before the last
             forced[row] = True
     seconds["decode"] = elapsed(start, device)
     empty = last.new_zeros(0, last.shape[-1])
+    seg_states = [torch.stack(states) if states else empty for states in seg_hidden]
+    if reads:
+        seg_states = _read_decoded_requests(
+            model, seg_states, seg_steps, prompt_hidden, step_hidden, prompt_ids, prompt_mask
+        )
     return GenerationOutput(
         sequences=torch.stack(generated, dim=1),
-        seg_hidden_states=[torch.stack(states) if states else empty for states in seg_hidden],
+        seg_hidden_states=seg_states,
         seg_forced=forced,
         seconds=seconds,
         triggered=triggered,
@@ -282,6 +297,13 @@ def prefill_answers(
     ).last_hidden_state
     predicting = hidden[:, -answer_length - 1 : -1]  # column c predicts column c + 1
     is_seg = answers == model.config.seg_token_id
+    seg_states = [states[seg] for states, seg in zip(predicting, is_seg, strict=True)]
+    if grounding_head(model) is not None:
+        first = hidden.shape[1] - answer_length - 1  # the column of `predicting`'s first state
+        columns = [first + torch.nonzero(seg).flatten() for seg in is_seg]
+        suffix_ids, suffix_mask = input_ids[:, past:], attention_mask[:, past:]
+        request = request_columns(suffix_ids, suffix_mask, model.config.im_end_token_id)
+        seg_states = read_requests(model, seg_states, columns, hidden, request)
     triggers = torch.tensor(sorted(getattr(model, "trigger_experts", {})), dtype=torch.long)
     is_trigger = torch.isin(answers.cpu(), triggers)
     triggered = [
@@ -290,8 +312,30 @@ def prefill_answers(
     ]
     return GenerationOutput(
         sequences=answers,
-        seg_hidden_states=[states[seg] for states, seg in zip(predicting, is_seg, strict=True)],
+        seg_hidden_states=seg_states,
         seg_forced=torch.zeros(rows, dtype=torch.bool, device=input_ids.device),
         seconds={"prefill": elapsed(start, input_ids.device), "decode": 0.0},
         triggered=triggered,
     )
+
+
+def _read_decoded_requests(
+    model: MedPLIBForCausalLM,
+    seg_states: list[torch.Tensor],
+    seg_steps: list[list[int]],
+    prompt_hidden: torch.Tensor,
+    step_hidden: list[torch.Tensor],
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+) -> list[torch.Tensor]:
+    """The decoded `<SEG>` states as the grounding head takes them: a `<SEG>` picked at step s was
+    predicted by the state of column T + s - 1 of the prompt's T states and the steps' states."""
+    rows, length = prompt_ids.shape
+    request = request_columns(prompt_ids, prompt_mask, model.config.im_end_token_id)
+    hidden = prompt_hidden
+    if step_hidden:
+        hidden = torch.cat([prompt_hidden, torch.stack(step_hidden, dim=1)], dim=1)
+    # A step's state is real wherever a <SEG> reads it: its row was still running at that step.
+    request = torch.cat([request, request.new_ones(rows, hidden.shape[1] - length)], dim=1)
+    columns = [torch.tensor([length - 1 + s for s in steps], dtype=torch.long) for steps in seg_steps]
+    return read_requests(model, seg_states, columns, hidden, request)

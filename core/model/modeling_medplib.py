@@ -34,6 +34,7 @@ from medplib.core.model.losses import (
 )
 from medplib.core.model.pretrained import COMPONENTS, MedPLIBPreTrainedModel
 from medplib.core.model.region_encoder import RegionEncoder
+from medplib.core.model.request_states import grounding_head, read_requests, request_columns
 from medplib.core.model.vision import MultiModalProjector, build_vision_tower, select_image_features
 
 
@@ -269,11 +270,17 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
     def seg_hidden_states(
         self, input_ids: torch.Tensor, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> list[torch.Tensor]:
-        """Per row, the hidden states at the positions that predict a `<SEG>` (the one before each)."""
+        """Per row, the hidden states at the positions that predict a `<SEG>` (the one before each), as
+        the grounding head takes them (having read the request, with `seg_read_request`)."""
         is_seg = input_ids[:, 1:] == self.config.seg_token_id
         if attention_mask is not None:
             is_seg &= attention_mask[:, 1:].bool()
-        return [row_hidden[:-1][row_is_seg] for row_hidden, row_is_seg in zip(hidden, is_seg, strict=True)]
+        states = [row_hidden[:-1][row_is_seg] for row_hidden, row_is_seg in zip(hidden, is_seg, strict=True)]
+        if grounding_head(self) is None:
+            return states
+        columns = [torch.nonzero(row_is_seg).flatten() for row_is_seg in is_seg]
+        request = request_columns(input_ids, attention_mask, self.config.im_end_token_id)
+        return read_requests(self, states, columns, hidden, request)
 
     # ---- grounding ----------------------------------------------------------------------------------
 

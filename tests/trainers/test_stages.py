@@ -61,9 +61,12 @@ def test_stage_three_trains_lora_seg_head_and_mask_decoder_but_no_shared_llm_wei
     # and the `<SEG>` rows alone of the embeddings and the LM head (see the next test)
     seg_rows = {"language_model.model.embed_tokens.weight", "language_model.lm_head.weight"}
     assert seg_rows <= paper and groups_of(paper - seg_rows) == {"lora", "seg_head", "mask_decoder"}
-    # The tiny schedule adds SAM's encoder (no pretrained one here), never a weight the II expert uses.
+    # The tiny schedule adds SAM's encoder (no pretrained one here) and the `<SEG>` head's request
+    # reader (`seg_read_request`), never a weight the II expert uses.
     tiny = trainable("3", "tiny")
-    assert tiny - paper and all(n.startswith("sam.image_encoder.") for n in tiny - paper)
+    added = ("sam.image_encoder.", "seg_head.request.")
+    assert tiny - paper and all(n.startswith(added) for n in tiny - paper)
+    assert any(n.startswith("seg_head.request.") for n in tiny - paper)
 
 
 def test_stage_three_moves_only_the_seg_rows_of_the_embeddings_and_lm_head() -> None:
