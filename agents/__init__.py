@@ -18,7 +18,7 @@ _LAZY = {
     "StoredImage": "medplib.agents.image_store",
     "Backend": "medplib.agents.backends",
     "InProcessBackend": "medplib.agents.backends",
-    "HTTPBackend": "medplib.agents.serve.client",
+    "HTTPBackend": "medplib.agents.serve.http_backend",
     "MedPLIBClient": "medplib.agents.serve.client",
     "ServeConfig": "medplib.agents.serve.config",
     "MedicalVQATool": "medplib.agents.tools",

@@ -81,7 +81,8 @@ class MedPLIBToolkit(BaseToolkit):
     ) -> MedPLIBToolkit:
         """Tools answered by a `medplib serve` server at `url`. With `upload`, images and masks the agent
         names by path or URI are read here and sent inline; without, the server reads them."""
-        from medplib.agents.serve.client import HTTPBackend, MedPLIBClient
+        from medplib.agents.serve.client import MedPLIBClient
+        from medplib.agents.serve.http_backend import HTTPBackend
 
         client = MedPLIBClient(url, api_key=api_key, timeout=timeout)
         return cls(backend=HTTPBackend(client, upload=upload), **fields)

@@ -88,7 +88,7 @@ def grounding_answers(stage: Path, data: Path) -> dict:
     import json
     import statistics
 
-    from medplib.core.assistant import GROUNDING_ANSWER
+    from medplib.core.prompts import GROUNDING_ANSWER
     from medplib.loading import load
 
     assistant = load(str(stage), device="cpu")

@@ -82,6 +82,29 @@ class CliQuery:
     def decoding(self) -> dict[str, Any]:
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "seed": self.seed}
 
+    def request(self) -> Any:
+        """The image request as the one request type (`core.queries.Query`); region prompts from the
+        options, points first (all together one region), then boxes, then masks."""
+        from medplib.core.queries import Query, parse_model
+        from medplib.core.regions import MaskPrompt, PointPrompt, parse_box, parse_point
+
+        regions: list[Any] = []
+        if self.points:
+            clicks = [parse_point(text) for text in self.points]
+            points, labels = [(x, y) for x, y, _ in clicks], [label for *_, label in clicks]
+            regions.append(PointPrompt(points=points, labels=labels))
+        regions += [parse_box(text) for text in self.boxes]
+        regions += [MaskPrompt(source=path) for path in self.regions]
+        image_options = {
+            "frame": self.frame,
+            "slice_index": self.slice_index,
+            "axis": self.axis,
+            "volume_index": self.volume,
+            "window": parse_window(self.window),
+        }
+        fields = {"image": self.image, "text": self.text, "task": self.task, "regions": regions}
+        return parse_model(Query, {**fields, "image_options": image_options}, "query")
+
     def load(self) -> Any:
         import medplib
 
@@ -220,44 +243,26 @@ def run(query: CliQuery) -> None:
 
 
 def run_assistant(query: CliQuery) -> None:
-    """One image: region prompts from the options (points first, then boxes, then masks)."""
-    from medplib.core.regions import MaskPrompt, PointPrompt, parse_box, parse_point
-
-    regions: list[Any] = []
-    if query.points:
-        clicks = [parse_point(text) for text in query.points]
-        points, labels = [(x, y) for x, y, _ in clicks], [label for *_, label in clicks]
-        regions.append(PointPrompt(points=points, labels=labels))
-    regions += [parse_box(text) for text in query.boxes]
-    regions += [MaskPrompt(source=path) for path in query.regions]
-    image_options = {
-        "frame": query.frame,
-        "slice_index": query.slice_index,
-        "axis": query.axis,
-        "volume_index": query.volume,
-        "window": parse_window(query.window),
-    }
+    """One image, asked through the one request type (`core.queries.Query`)."""
+    request = query.request()
     assistant = query.load()
-    method = assistant.ground if query.task == "ground" else assistant.answer
-    result = method(query.image, query.text, regions, image_options=image_options, **query.decoding)
+    result = assistant.answer_batch([request], **query.decoding)[0]
     if query.overlay_path:
-        write_overlay(query.overlay_path, query.image, image_options, regions, result)
+        write_overlay(query.overlay_path, request, result)
     if query.as_json:
         typer.echo(result.model_dump_json(indent=2))
         return
     typer.echo(format_result(result, untrained=assistant.untrained, overlay=query.overlay_path))
 
 
-def write_overlay(
-    path: str, image: str, image_options: dict[str, Any], regions: list[Any], result: Any
-) -> None:
+def write_overlay(path: str, request: Any, result: Any) -> None:
     """The image with each region prompt outlined in white and each mask blended in its colour."""
     from medplib.core.io import load_image
     from medplib.core.masks import overlay, save_png
 
-    pixels = load_image(image, **image_options).pixels
+    pixels = load_image(request.image, **request.image_options).pixels
     height, width = pixels.shape[:2]
-    marked = [prompt.to_mask(height, width) for prompt in regions]
+    marked = [prompt.to_mask(height, width) for prompt in request.regions]
     outlined = overlay(pixels, marked, [(255, 255, 255)], alpha=0.0)
     save_png(overlay(outlined, [segment.mask for segment in result.masks]), path)
 

@@ -44,6 +44,19 @@ class ExpertHead(nn.Module):
     # grounding's "Sure, it is <SEG>." does).
     forced_at: ClassVar[str] = "start"
 
+    @property
+    def reads_request(self) -> bool:
+        """Whether the head also reads the request's token states (`read_request`)."""
+        return False
+
+    def read_request(self, states: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The trigger states (n, hidden) as the head takes them, given the request's last-layer token
+        states `context` (n, T, hidden) and which of them belong to each state's request `mask`
+        (n, T) bool: the tokens after the image up to the state's own position
+        (`core.model.request_states`). Default: the states unchanged. Every path that hands a head
+        its states (training, scoring, decoding, the template prefill) calls this first."""
+        return states
+
     def target(self, sample: Any) -> torch.Tensor | None:
         """The training target of one sample (fields task, answer_type, kind, modality, structure);
         None: the sample does not supervise this head."""

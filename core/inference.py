@@ -34,19 +34,6 @@ from medplib.core.queries import Decoding
 
 
 @dataclass(frozen=True)
-class Conversation:
-    """One row of a batch: an image, its turns (the last unanswered), region masks on the image grid."""
-
-    pixels: np.ndarray
-    turns: Sequence[Turn]
-    regions: Sequence[np.ndarray] = ()
-    require_seg: bool = False  # grounding: the answer must hold a <SEG>
-    require_token: int | None = None  # a capability asked for: the answer must hold this expert token
-    require_at_start: bool = False  # ... and opens with it (else it goes where the answer would end)
-    answered: bool = False  # the last turn carries a known answer: prefilled with the prompt, not decoded
-
-
-@dataclass(frozen=True)
 class Generated:
     text: str
     masks: MaskPrediction
@@ -83,7 +70,7 @@ class CachedGenerator:
         self.prefix_ids = probe.input_ids[: probe.input_ids.index(config.im_end_token_id) + 1]
 
     def run(
-        self, conversations: Sequence[Conversation], decoding: Decoding, *, predict_masks: bool = True
+        self, conversations: Sequence[Request], decoding: Decoding, *, predict_masks: bool = True
     ) -> BatchGeneration:
         """Generate every row; `predict_masks=False` stops before SAM (rows get no masks), for a
         deployment whose grounding decoder runs elsewhere on `seg_hidden_states` (`decode_masks`)."""
@@ -92,7 +79,7 @@ class CachedGenerator:
     @torch.no_grad()
     def run_steps(
         self,
-        conversations: Sequence[Conversation],
+        conversations: Sequence[Request],
         decoding: Decoding,
         *,
         predict_masks: bool = True,
@@ -101,9 +88,7 @@ class CachedGenerator:
         """`run`, yielding each decoding step's tokens (B,) as they are picked (streaming). The heads of
         the experts `heads_apart` are not run: their rows carry the hidden states (`head_states`)."""
         ms = dict.fromkeys(("encode_clip", "prefill", "decode", "encode_sam", "masks"), 0.0)
-        encoded = [
-            self.processor.encode_request(Request(c.pixels, c.turns, c.regions)) for c in conversations
-        ]
+        encoded = [self.processor.encode_request(request) for request in conversations]
         answer_length = self._answer_length(conversations, [c for c, _ in encoded])
         self._check_length([len(conversation.input_ids) for conversation, _ in encoded], decoding)
         digests = [image_digest(c.pixels) for c in conversations]
@@ -183,7 +168,7 @@ class CachedGenerator:
         predictions, uses = self._masks(states, digests, dict(zip(digests, images, strict=True)), ms)
         return predictions, [uses.get(digest, "unused") for digest in digests], ms
 
-    def _answer_length(self, conversations: Sequence[Conversation], encoded: list) -> int:
+    def _answer_length(self, conversations: Sequence[Request], encoded: list) -> int:
         """Tokens of the known answer every row carries (0: the rows decode theirs)."""
         if not any(c.answered for c in conversations):
             return 0

@@ -56,7 +56,7 @@ class ModelInfo(BaseModel):
 def release_info(source: str, folder: str | os.PathLike[str], experts: list) -> ModelInfo:
     """`medplib info` of an unconverted release: its config and parameters per component, from shapes."""
     from medplib.core.model.medplib_release import ReleaseCheckpoint, release_key
-    from medplib.core.model.modeling_medplib import COMPONENTS
+    from medplib.core.model.pretrained import COMPONENTS
 
     release = ReleaseCheckpoint.open(folder)
     parameters = dict.fromkeys(COMPONENTS, 0)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from medplib.core.errors import InvalidInputError, validation_message
+from medplib.core.errors import CapacityError, InvalidInputError, validation_message
 from medplib.core.regions import RegionPrompt
 
 REGION_PLACEHOLDER = "{region}"
@@ -30,8 +30,48 @@ class InferenceLimits(BaseModel):
     max_text_chars: int = Field(default=4000, ge=1, description="characters per question or message")
     max_turns: int = Field(default=16, ge=1, description="user turns per conversation")
 
+    def check(self, query: Query, decoding: Decoding) -> None:
+        """The one size check of a request, run where it enters (`MedPLIB`'s methods, the Serve
+        ingress before it reads the image, the volume route): everything that needs no image or
+        tokenizer. Empty text or a malformed history is an `InvalidInputError`, anything over a limit
+        a `CapacityError`. (The prompt's length in tokens is checked where the prompt is tokenised.)"""
+        self.check_text(query.text, "question" if query.task == "answer" else "grounding text")
+        users, answers = query.history[0::2], query.history[1::2]
+        if any(m.role != "user" for m in users) or any(m.role != "assistant" for m in answers):
+            raise InvalidInputError(CHAT_ORDER)
+        if len(users) != len(answers):
+            raise InvalidInputError("the history ends with a user message: it needs the assistant's answer")
+        if len(users) + 1 > self.max_turns:
+            raise CapacityError(f"{len(users) + 1} user turns, over the limit of {self.max_turns}")
+        if any(m.regions for m in answers):
+            raise InvalidInputError("only user messages can mark regions")
+        for message in users:
+            self.check_text(message.content, "message")
+        num_regions = len(query.regions) + sum(len(m.regions) for m in users)
+        if num_regions > self.max_regions:
+            raise CapacityError(f"{num_regions} regions in one request, over the limit of {self.max_regions}")
+        if decoding.max_new_tokens > self.max_new_tokens:
+            raise CapacityError(
+                f"max_new_tokens {decoding.max_new_tokens} is over the limit of {self.max_new_tokens}"
+            )
+
+    def check_text(self, text: str, what: str) -> None:
+        if not text.strip():
+            raise InvalidInputError(f"the {what} is empty")
+        if len(text) > self.max_text_chars:
+            raise CapacityError(
+                f"the {what} has {len(text)} characters, over the limit of {self.max_text_chars}"
+            )
+
+    def check_batch(self, size: int) -> None:
+        if size == 0:
+            raise InvalidInputError("no queries to answer")
+        if size > self.max_batch:
+            raise CapacityError(f"{size} queries in one batch, over the limit of {self.max_batch}")
+
 
 DEFAULT_INFERENCE_LIMITS = InferenceLimits()
+CHAT_ORDER = "chat messages must alternate user, assistant, …, ending with a user message"
 
 
 class Decoding(BaseModel):
@@ -63,8 +103,10 @@ class Decoding(BaseModel):
 
 
 class Query(BaseModel):
-    """One request of a batch (`MedPLIB.answer_batch`): a question (`answer`) or a phrase to segment
-    (`ground`) about an image, with the regions it marks."""
+    """One request: a question (`answer`) or a phrase to segment (`ground`) about an image, with the
+    regions it marks. The one request type: the Python API, the CLI, the Serve ingress (whose `image`
+    is first the HTTP body's image spec, then the decoded image) and the tools all build one; it is
+    checked once by `InferenceLimits.check` and becomes the model's `Request` once (`core/prompts.py`)."""
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True, extra="forbid")
 

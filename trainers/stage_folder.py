@@ -81,6 +81,8 @@ def prepare(
     An expert stage first gives the model its expert (tokens, their rows, its head: `add_expert`);
     stage IV composes `experts` (default: every adapter the source carries)."""
     model = source.model
+    if spec.seg_read_request:
+        add_request_reader(model, seed)
     torch.manual_seed(seed)  # fresh LoRA factors and router weights start the same on every worker
     prepared = StageModel(model)
     if spec.setup == "adapter":
@@ -104,6 +106,18 @@ def prepare(
     if not prepared.trainable_parameters():
         raise InvalidInputError(f"stage {spec.key} trains nothing on this model: {spec.trains}")
     return prepared
+
+
+def add_request_reader(model: MedPLIBForCausalLM, seed: int) -> None:
+    """Switch `seg_read_request` on: the grounding head gets its reader (seeded, the global random
+    state untouched) unless it has one; the config records it, so the saved stage loads with it."""
+    head = model.expert_heads.get(model.trigger_experts.get(model.config.seg_token_id))
+    if head is None or not hasattr(head, "add_request_reader"):
+        raise InvalidInputError("seg_read_request needs the pixel-grounding head; this model has none")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head.add_request_reader()
+    model.config.seg_read_request = True
 
 
 def composed_experts(source: StageStart, names: Sequence[str] | None = None) -> list[ExpertSpec]:

@@ -16,22 +16,20 @@ An image is `bytes` or a `pathlib.Path` (read here and sent as base64), a `str` 
 raised (`RegionError`, `CapacityError`, ...) or a `ServeError` (401, 503, 504). Connection failures
 and 503s are retried, `retries` attempts in all, with exponential backoff.
 
-`HTTPBackend` is the same client behind the LangChain tools' `Backend` protocol
+`agents/serve/http_backend.py` puts it behind the LangChain tools' `Backend` protocol
 (`MedPLIBToolkit.from_url`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import time
 import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 import httpx
-from pydantic import BaseModel, ValidationError
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -41,6 +39,13 @@ from tenacity import (
     stop_before_delay,
 )
 
+from medplib.agents.serve.client_calls import (
+    EXPERTS,
+    HEALTH,
+    Call,
+    image_call,
+    volume_call,
+)
 from medplib.agents.serve.schemas import (
     ExpertsResponse,
     GroundVolumeResponse,
@@ -51,19 +56,9 @@ from medplib.agents.serve.schemas import (
     error_from_response,
 )
 from medplib.agents.serve.sse import EventReader, stream_item
-from medplib.core.errors import InvalidInputError, validation_message
-from medplib.core.expert_spec import ExpertSpec
-from medplib.core.image import DEFAULT_LIMITS
-from medplib.core.io.sources import read_source
-from medplib.core.queries import Decoding
-from medplib.core.regions import MaskPrompt, RegionPrompt
+from medplib.core.regions import RegionPrompt
 from medplib.core.results import AnswerResult, GroundingResult, TextDelta
-from medplib.core.volume_results import VolumeGroundingResult
 
-if TYPE_CHECKING:
-    from medplib.agents.image_store import StoredImage
-
-M = TypeVar("M", bound=BaseModel)
 RETRY_STATUSES = (502, 503)
 RETRY_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
 
@@ -73,26 +68,6 @@ def _retryable(outcome: httpx.Response | Exception) -> bool:
     if isinstance(outcome, httpx.Response):
         return outcome.status_code in RETRY_STATUSES
     return isinstance(outcome, RETRY_ERRORS)
-
-
-def image_input(image: ImageInput | bytes | str | os.PathLike[str], **options: Any) -> ImageInput:
-    """What a request carries for `image`; `options` are `load_image`'s (frame, window, ...)."""
-    if isinstance(image, ImageInput):
-        return image.model_copy(update=options) if options else image
-    if isinstance(image, os.PathLike):
-        image = read_source(image, max_bytes=DEFAULT_LIMITS.max_bytes)
-    if isinstance(image, bytes | bytearray | memoryview):
-        fields: dict[str, Any] = {"base64": base64.b64encode(bytes(image)).decode("ascii")}
-    elif isinstance(image, str):
-        fields = {"uri": image}
-    else:
-        raise InvalidInputError(
-            f"an image is bytes, a Path, a path/URI string or an ImageInput, not {image!r}"
-        )
-    try:
-        return ImageInput(**fields, **options)
-    except ValidationError as exc:
-        raise InvalidInputError(f"invalid image: {validation_message(exc)}") from None
 
 
 class MedPLIBClient:
@@ -135,8 +110,9 @@ class MedPLIBClient:
     ) -> AnswerResult:
         """Answer `question` about `image` (region VQA when `regions` are given); `capability` (see
         `experts()`) asks an expert for it: its head's outputs are in the result's `outputs`."""
-        body = _body(image, image_options, regions, decoding, question=question, capability=capability)
-        return self._send("POST", "/v1/vqa", AnswerResult, body)
+        return self._send(
+            image_call("answer", image, question, regions, image_options, decoding, capability=capability)
+        )
 
     def ground(
         self,
@@ -148,17 +124,14 @@ class MedPLIBClient:
         **decoding: Any,
     ) -> GroundingResult:
         """Segment what `text` names; at least one mask."""
-        body = _body(image, image_options, regions, decoding, text=text)
-        return self._send("POST", "/v1/ground", GroundingResult, body)
+        return self._send(image_call("ground", image, text, regions, image_options, decoding))
 
     def ground_volume(
         self, volume: VolumeInput | bytes | str | os.PathLike[str], text: str, **options: Any
     ) -> GroundVolumeResponse:
         """Segment `text` through a volume; `options` are `GroundVolumeRequest`'s (axis, slices,
         mask_format, ...) and decoding's. A folder (a DICOM series) is named for the server to read."""
-        return self._send(
-            "POST", "/v1/ground_volume", GroundVolumeResponse, _volume_body(volume, text, options)
-        )
+        return self._send(volume_call(volume, text, options))
 
     def vqa_stream(
         self,
@@ -171,10 +144,10 @@ class MedPLIBClient:
         **decoding: Any,
     ) -> Iterator[TextDelta | AnswerResult]:
         """`vqa` as the answer is generated: `TextDelta`s (joining to the answer), then the result."""
-        body = _body(
-            image, image_options, regions, decoding, question=question, capability=capability, stream=True
+        call = image_call(
+            "answer", image, question, regions, image_options, decoding, capability=capability, stream=True
         )
-        return self._stream("/v1/vqa", AnswerResult, body)
+        return self._stream(call)
 
     def ground_stream(
         self,
@@ -186,55 +159,45 @@ class MedPLIBClient:
         **decoding: Any,
     ) -> Iterator[TextDelta | GroundingResult]:
         """`ground` as the answer is generated: `TextDelta`s, then the result with its masks."""
-        body = _body(image, image_options, regions, decoding, text=text, stream=True)
-        return self._stream("/v1/ground", GroundingResult, body)
+        return self._stream(image_call("ground", image, text, regions, image_options, decoding, stream=True))
 
-    def _stream(self, path: str, model: type[M], body: Any) -> Iterator[TextDelta | M]:
+    def experts(self) -> ExpertsResponse:
+        return self._send(EXPERTS)
+
+    def health(self) -> HealthResponse:
+        """The server's health; a server with a deployment down answers `status="unavailable"`."""
+        return self._send(HEALTH)
+
+    def _stream(self, call: Call) -> Iterator[Any]:
         """Server-sent events as they come; an error (before or during the stream) raises as `_send`'s
         do. A stream is not retried: its first bytes may already be used."""
         try:
-            with self._sync.stream("POST", path, json=body) as response:
+            with self._sync.stream(call.method, call.path, json=call.body) as response:
                 if not response.is_success:
                     response.read()
-                    self._result(response, model, ())
+                    self._result(response, call)
                 reader = EventReader()
                 for line in response.iter_lines():
-                    if (item := stream_item(reader.feed(line), model)) is not None:
+                    if (item := stream_item(reader.feed(line), call.model)) is not None:
                         yield item
                         if not isinstance(item, TextDelta):
                             return
         except (*RETRY_ERRORS, httpx.TimeoutException) as exc:
-            self._result(exc, model, ())
-        raise ServeError("the answer's stream ended without a result", kind="internal", status=502)
+            self._result(exc, call)
+        raise _ended_without_result()
 
-    def experts(self) -> ExpertsResponse:
-        return self._send("GET", "/v1/experts", ExpertsResponse)
-
-    def health(self) -> HealthResponse:
-        """The server's health; a server with a deployment down answers `status="unavailable"`."""
-        return self._send("GET", "/v1/health", HealthResponse, retry=False, accept=(503,))
-
-    def _send(
-        self,
-        method: str,
-        path: str,
-        model: type[M],
-        body: Any = None,
-        *,
-        retry: bool = True,
-        accept: tuple[int, ...] = (),
-    ) -> M:
+    def _send(self, call: Call) -> Any:
         deadline = time.monotonic() + self.timeout
 
         def attempt() -> httpx.Response | Exception:
             try:
-                return self._sync.request(method, path, json=body, timeout=_left(deadline))
+                return self._sync.request(call.method, call.path, json=call.body, timeout=_left(deadline))
             except (*RETRY_ERRORS, httpx.TimeoutException) as exc:
                 return exc
 
-        return self._result(Retrying(**self._retry_policy(retry))(attempt), model, accept)
+        return self._result(Retrying(**self._retry_policy(call.retry))(attempt), call)
 
-    # ---- async -----------------------------------------------------------------------------------------
+    # ---- async: the same calls ---------------------------------------------------------------------------
 
     async def avqa(
         self,
@@ -246,8 +209,8 @@ class MedPLIBClient:
         capability: str | None = None,
         **decoding: Any,
     ) -> AnswerResult:
-        body = _body(image, image_options, regions, decoding, question=question, capability=capability)
-        return await self._asend("POST", "/v1/vqa", AnswerResult, body)
+        call = image_call("answer", image, question, regions, image_options, decoding, capability=capability)
+        return await self._asend(call)
 
     async def aground(
         self,
@@ -258,14 +221,12 @@ class MedPLIBClient:
         image_options: Mapping[str, Any] | None = None,
         **decoding: Any,
     ) -> GroundingResult:
-        body = _body(image, image_options, regions, decoding, text=text)
-        return await self._asend("POST", "/v1/ground", GroundingResult, body)
+        return await self._asend(image_call("ground", image, text, regions, image_options, decoding))
 
     async def aground_volume(
         self, volume: VolumeInput | bytes | str | os.PathLike[str], text: str, **options: Any
     ) -> GroundVolumeResponse:
-        body = await asyncio.to_thread(_volume_body, volume, text, options)
-        return await self._asend("POST", "/v1/ground_volume", GroundVolumeResponse, body)
+        return await self._asend(await asyncio.to_thread(volume_call, volume, text, options))
 
     async def avqa_stream(
         self,
@@ -277,10 +238,10 @@ class MedPLIBClient:
         capability: str | None = None,
         **decoding: Any,
     ) -> AsyncIterator[TextDelta | AnswerResult]:
-        body = _body(
-            image, image_options, regions, decoding, question=question, capability=capability, stream=True
+        call = image_call(
+            "answer", image, question, regions, image_options, decoding, capability=capability, stream=True
         )
-        async for item in self._astream("/v1/vqa", AnswerResult, body):
+        async for item in self._astream(call):
             yield item
 
     async def aground_stream(
@@ -292,52 +253,44 @@ class MedPLIBClient:
         image_options: Mapping[str, Any] | None = None,
         **decoding: Any,
     ) -> AsyncIterator[TextDelta | GroundingResult]:
-        body = _body(image, image_options, regions, decoding, text=text, stream=True)
-        async for item in self._astream("/v1/ground", GroundingResult, body):
+        async for item in self._astream(
+            image_call("ground", image, text, regions, image_options, decoding, stream=True)
+        ):
             yield item
 
-    async def _astream(self, path: str, model: type[M], body: Any) -> AsyncIterator[TextDelta | M]:
+    async def aexperts(self) -> ExpertsResponse:
+        return await self._asend(EXPERTS)
+
+    async def ahealth(self) -> HealthResponse:
+        return await self._asend(HEALTH)
+
+    async def _astream(self, call: Call) -> AsyncIterator[Any]:
         try:
-            async with self._async_client().stream("POST", path, json=body) as response:
+            async with self._async_client().stream(call.method, call.path, json=call.body) as response:
                 if not response.is_success:
                     await response.aread()
-                    self._result(response, model, ())
+                    self._result(response, call)
                 reader = EventReader()
                 async for line in response.aiter_lines():
-                    if (item := stream_item(reader.feed(line), model)) is not None:
+                    if (item := stream_item(reader.feed(line), call.model)) is not None:
                         yield item
                         if not isinstance(item, TextDelta):
                             return
         except (*RETRY_ERRORS, httpx.TimeoutException) as exc:
-            self._result(exc, model, ())
-        raise ServeError("the answer's stream ended without a result", kind="internal", status=502)
+            self._result(exc, call)
+        raise _ended_without_result()
 
-    async def aexperts(self) -> ExpertsResponse:
-        return await self._asend("GET", "/v1/experts", ExpertsResponse)
-
-    async def ahealth(self) -> HealthResponse:
-        return await self._asend("GET", "/v1/health", HealthResponse, retry=False, accept=(503,))
-
-    async def _asend(
-        self,
-        method: str,
-        path: str,
-        model: type[M],
-        body: Any = None,
-        *,
-        retry: bool = True,
-        accept: tuple[int, ...] = (),
-    ) -> M:
+    async def _asend(self, call: Call) -> Any:
         client = self._async_client()
         deadline = time.monotonic() + self.timeout
 
         async def attempt() -> httpx.Response | Exception:
             try:
-                return await client.request(method, path, json=body, timeout=_left(deadline))
+                return await client.request(call.method, call.path, json=call.body, timeout=_left(deadline))
             except (*RETRY_ERRORS, httpx.TimeoutException) as exc:
                 return exc
 
-        return self._result(await AsyncRetrying(**self._retry_policy(retry))(attempt), model, accept)
+        return self._result(await AsyncRetrying(**self._retry_policy(call.retry))(attempt), call)
 
     def _async_client(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
@@ -370,7 +323,8 @@ class MedPLIBClient:
             "retry_error_callback": lambda state: state.outcome.result(),
         }
 
-    def _result(self, outcome: httpx.Response | Exception, model: type[M], accept: tuple[int, ...]) -> M:
+    def _result(self, outcome: httpx.Response | Exception, call: Call) -> Any:
+        """The response parsed as `call.model`, or the error it is (the server's, a timeout, no server)."""
         if isinstance(outcome, httpx.TimeoutException) and not isinstance(outcome, RETRY_ERRORS):
             raise ServeError(
                 f"no response within the client's timeout of {self.timeout:g} s", kind="timeout", status=504
@@ -379,8 +333,8 @@ class MedPLIBClient:
             raise ServeError(
                 f"cannot reach the medplib server at {self.url}: {outcome}", kind="unavailable", status=503
             )
-        if outcome.is_success or outcome.status_code in accept:
-            return model.model_validate_json(outcome.content)
+        if outcome.is_success or outcome.status_code in call.accept:
+            return call.model.model_validate_json(outcome.content)
         try:
             body: Any = outcome.json()
         except ValueError:
@@ -405,127 +359,9 @@ class MedPLIBClient:
         return f"MedPLIBClient({self.url!r})"
 
 
-def _body(
-    image: Any,
-    image_options: Mapping[str, Any] | None,
-    regions: Sequence[Any],
-    decoding: Mapping[str, Any],
-    **text: Any,
-) -> dict[str, Any]:
-    """The JSON body; the server validates everything else, so a client and server never disagree.
-    A field left None is left out (a server older than the field still answers)."""
-    return {
-        "image": image_input(image, **(image_options or {})).model_dump(mode="json", exclude_none=True),
-        "regions": [r.model_dump(mode="json") if isinstance(r, BaseModel) else dict(r) for r in regions],
-        "decoding": dict(decoding),
-        **{key: value for key, value in text.items() if value is not None},
-    }
-
-
-def _volume_body(volume: Any, text: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    from medplib.core.io.dicom_series import is_folder
-
-    if isinstance(volume, VolumeInput):
-        spec = volume
-    elif isinstance(volume, os.PathLike) and not is_folder(volume):
-        spec = VolumeInput(
-            base64=base64.b64encode(read_source(volume, max_bytes=DEFAULT_LIMITS.max_bytes)).decode()
-        )
-    elif isinstance(volume, bytes | bytearray | memoryview):
-        spec = VolumeInput(base64=base64.b64encode(bytes(volume)).decode("ascii"))
-    else:
-        spec = VolumeInput(uri=os.fspath(volume))
-    decoding = {key: value for key, value in options.items() if key in Decoding.model_fields}
-    fields = {key: value for key, value in options.items() if key not in decoding}
-    return {"volume": spec.model_dump(exclude_none=True), "text": text, "decoding": decoding, **fields}
+def _ended_without_result() -> ServeError:
+    return ServeError("the answer's stream ended without a result", kind="internal", status=502)
 
 
 def _left(deadline: float) -> float:
     return max(0.001, deadline - time.monotonic())
-
-
-class HTTPBackend:
-    """The LangChain tools' `Backend` over the HTTP API.
-
-    With `upload=True` (the default) an image or mask the agent names by path or URI is read here and
-    sent as base64, as the in-process backend would read it; `upload=False` sends the reference for
-    the server to read (shared storage, and only under the server's `allowed_uri_prefixes`).
-    """
-
-    def __init__(self, client: MedPLIBClient, *, upload: bool = True) -> None:
-        self.client = client
-        self.upload = upload
-
-    def answer(
-        self,
-        image: StoredImage,
-        question: str,
-        regions: Sequence[RegionPrompt] = (),
-        *,
-        capability: str | None = None,
-        **decoding: Any,
-    ) -> AnswerResult:
-        stored, prompts = self._image(image), self._regions(regions)
-        return self.client.vqa(stored, question, prompts, capability=capability, **decoding)
-
-    def ground(self, image: StoredImage, text: str, **decoding: Any) -> GroundingResult:
-        return self.client.ground(self._image(image), text, **decoding)
-
-    async def aanswer(
-        self,
-        image: StoredImage,
-        question: str,
-        regions: Sequence[RegionPrompt] = (),
-        *,
-        capability: str | None = None,
-        **decoding: Any,
-    ) -> AnswerResult:
-        stored, prompts = await asyncio.to_thread(lambda: (self._image(image), self._regions(regions)))
-        return await self.client.avqa(stored, question, prompts, capability=capability, **decoding)
-
-    def expert_specs(self) -> list[tuple[ExpertSpec, dict[str, Any] | None]]:
-        """The server's experts, each with the JSON schema of its head's output."""
-        return [(expert.spec, expert.output_schema) for expert in self.client.experts().experts]
-
-    async def aground(self, image: StoredImage, text: str, **decoding: Any) -> GroundingResult:
-        return await self.client.aground(await asyncio.to_thread(self._image, image), text, **decoding)
-
-    def ground_volume(
-        self, image: StoredImage, text: str, options: Mapping[str, Any] | None = None, **decoding: Any
-    ) -> VolumeGroundingResult:
-        response = self.client.ground_volume(self._volume(image), text, **(options or {}), **decoding)
-        return response.result_with_mask()
-
-    async def aground_volume(
-        self, image: StoredImage, text: str, options: Mapping[str, Any] | None = None, **decoding: Any
-    ) -> VolumeGroundingResult:
-        volume = await asyncio.to_thread(self._volume, image)
-        response = await self.client.aground_volume(volume, text, **(options or {}), **decoding)
-        return await asyncio.to_thread(response.result_with_mask)
-
-    def _volume(self, image: StoredImage) -> bytes | str:
-        """A volume file is uploaded as an image is; a folder (a DICOM series) is always named."""
-        from medplib.core.io.dicom_series import is_folder
-
-        data = image.data
-        if isinstance(data, str) and self.upload and not is_folder(data):
-            return read_source(data, max_bytes=DEFAULT_LIMITS.max_bytes)
-        return data
-
-    def _image(self, image: StoredImage) -> ImageInput:
-        data = image.data
-        if isinstance(data, str) and self.upload:
-            data = read_source(data, max_bytes=DEFAULT_LIMITS.max_bytes)
-        return image_input(data, **image.options)
-
-    def _regions(self, regions: Sequence[RegionPrompt]) -> list[RegionPrompt]:
-        return [self._inline(region) for region in regions]
-
-    def _inline(self, region: RegionPrompt) -> RegionPrompt:
-        if not self.upload or not isinstance(region, MaskPrompt) or region.source is None:
-            return region
-        data = read_source(region.source, max_bytes=DEFAULT_LIMITS.max_bytes)
-        return MaskPrompt(data_base64=base64.b64encode(data).decode("ascii"))
-
-    def __repr__(self) -> str:
-        return f"HTTPBackend({self.client.url!r})"

@@ -240,7 +240,7 @@ class GroundingDecoder:
     def __init__(self, config: ServeConfig) -> None:
         set_torch_threads(config.deployments.grounding.torch_threads)
         import medplib
-        from medplib.core.assistant import resolve_device
+        from medplib.core.devices import resolve_device
         from medplib.core.inference import CachedGenerator
         from medplib.core.per_image_cache import PerImageCache
 
@@ -262,7 +262,7 @@ class GroundingDecoder:
     def _decode(self, items: list[GroundingItem]) -> list[GroundingOutput]:
         import torch
 
-        from medplib.core.assistant import segmentations
+        from medplib.core.answers import segmentations
 
         states = [torch.tensor(item.seg_hidden_states) for item in items]  # own copies: Ray's are read-only
         predictions, uses, ms = self.generator.decode_masks(states, [item.pixels for item in items])
@@ -288,7 +288,7 @@ class ExpertHead:
     def __init__(self, spec: ExpertSpec, config: ServeConfig) -> None:
         set_torch_threads(config.plugin_experts[spec.name].torch_threads)
         import medplib
-        from medplib.core.assistant import resolve_device
+        from medplib.core.devices import resolve_device
 
         self.name = spec.name
         options = config.load.model_dump(exclude={"device", "cache_bytes", "quantization"})

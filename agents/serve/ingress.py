@@ -58,7 +58,7 @@ from medplib.agents.serve.schemas import (
     decode_base64,
 )
 from medplib.agents.serve.volume_service import ground_volume_request
-from medplib.core.errors import CapacityError, MedplibError
+from medplib.core.errors import MedplibError
 from medplib.core.image import MedicalImage
 from medplib.core.io import load_image
 from medplib.core.io.paths import AllowedRoots
@@ -110,6 +110,7 @@ class IngressService:
         self.config = config
         self.catalog = catalog
         self.limits = config.limits
+        self.request_limits = config.limits.inference(config.deployments.trunk.batching.max_batch_size)
         self.images = PerImageCache(config.limits.decoded_cache_bytes)
         self.readable = AllowedRoots(config.limits.allowed_uri_prefixes)
         self._generate = batched(self._generate_many, config.deployments.trunk.batching)
@@ -182,19 +183,12 @@ class IngressService:
 
     async def _query(self, request: VQARequest | GroundRequest) -> tuple[Query, float]:
         """The request checked and its image loaded: the query for the trunk, and the load's ms."""
-        grounding = isinstance(request, GroundRequest)
-        text = request.text if isinstance(request, GroundRequest) else request.question
-        capability = request.capability if isinstance(request, VQARequest) else None
-        self.catalog.check_capability(capability)
-        self._check_sizes(text, request)
+        query = request.query()  # its image still the body's spec: sizes are checked before it is read
+        self.catalog.check_capability(query.capability)
+        self.request_limits.check(query, request.decoding)
         image, load_ms = await self._load(request.image)
-        regions = await asyncio.to_thread(self._checked_regions, request.regions, image)
-        task = "ground" if grounding else "answer"
-        history = request.history if isinstance(request, VQARequest) else []
-        query = Query(
-            image=image, text=text, task=task, regions=regions, history=history, capability=capability
-        )
-        return query, load_ms
+        regions = await asyncio.to_thread(self._checked_regions, query.regions, image)
+        return query.model_copy(update={"image": image, "regions": regions}), load_ms
 
     async def infer(self, query: Query, decoding: Decoding) -> AnswerResult | GroundingResult:
         """One checked query through the trunk, and the grounding decoder if its answer holds <SEG>."""
@@ -236,21 +230,6 @@ class IngressService:
             model=self.config.model,
             batch_size=self.config.deployments.trunk.batching.max_batch_size,
         )
-
-    def _check_sizes(self, text: str, request: VQARequest | GroundRequest) -> None:
-        """The limits that need no image, checked before anything is read."""
-        limits = self.limits
-        if len(text) > limits.max_text_chars:
-            raise CapacityError(
-                f"the text has {len(text)} characters, over the limit of {limits.max_text_chars}"
-            )
-        if len(request.regions) > limits.max_regions:
-            raise CapacityError(f"{len(request.regions)} regions, over the limit of {limits.max_regions}")
-        if request.decoding.max_new_tokens > limits.max_new_tokens:
-            raise CapacityError(
-                f"decoding.max_new_tokens {request.decoding.max_new_tokens} is over the limit of "
-                f"{limits.max_new_tokens}"
-            )
 
     async def _load(self, spec: ImageInput) -> tuple[MedicalImage, float]:
         """The decoded image and the milliseconds it took (about 0 when the cache had it)."""

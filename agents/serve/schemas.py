@@ -30,7 +30,7 @@ from medplib.core.errors import (
 )
 from medplib.core.expert_spec import IDENTIFIER, ExpertSpec, Resources
 from medplib.core.masks import Mask
-from medplib.core.queries import REGION_PLACEHOLDER, ChatMessage, Decoding
+from medplib.core.queries import REGION_PLACEHOLDER, ChatMessage, Decoding, Query
 from medplib.core.regions import RegionPrompt
 from medplib.core.volume_results import VolumeGroundingResult
 
@@ -104,11 +104,25 @@ class VQARequest(InferenceRequest):
         "and its head's outputs are in `outputs[expert]`",
     )
 
+    def query(self) -> Query:
+        """The request as the one request type, its image still this body's `ImageInput`."""
+        return Query(
+            image=self.image,
+            text=self.question,
+            regions=self.regions,
+            history=self.history,
+            capability=self.capability,
+        )
+
 
 class GroundRequest(InferenceRequest):
     """What to segment; the answer always holds at least one mask."""
 
     text: str = Field(min_length=1, description="what to segment, e.g. 'the liver lesion'")
+
+    def query(self) -> Query:
+        """The request as the one request type, its image still this body's `ImageInput`."""
+        return Query(image=self.image, text=self.text, task="ground", regions=self.regions)
 
 
 class VolumeInput(_FileInput):
@@ -134,6 +148,11 @@ class GroundVolumeRequest(_Body):
         "nifti", description="the mask as a gzipped NIfTI in base64, as COCO RLE per slice, or not at all"
     )
     decoding: Decoding = Field(default_factory=Decoding, description="max_new_tokens, temperature, ...")
+
+    def query(self) -> Query:
+        """The request for every slice, its image still this body's `VolumeInput` (each slice's image
+        replaces it)."""
+        return Query(image=self.volume, text=self.text, task="ground")
 
 
 class SliceMask(_Body):

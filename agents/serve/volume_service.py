@@ -65,15 +65,8 @@ async def _ground(
     batch_size: int,
 ) -> GroundVolumeResponse:
     start = time.perf_counter()
-    if len(request.text) > limits.max_text_chars:
-        raise CapacityError(
-            f"the text has {len(request.text)} characters, over the limit of {limits.max_text_chars}"
-        )
-    if request.decoding.max_new_tokens > limits.max_new_tokens:
-        raise CapacityError(
-            f"decoding.max_new_tokens {request.decoding.max_new_tokens} is over the limit of"
-            f" {limits.max_new_tokens}"
-        )
+    query = request.query()
+    limits.inference(batch_size).check(query, request.decoding)
     volume = await _load(request, allowed, limits)
     load_ms = 1000 * (time.perf_counter() - start)
     plan = SlicePlan.make(volume, request.axis, request.slices, request.window)
@@ -85,8 +78,8 @@ async def _ground(
     builder = VolumeMaskBuilder(plan, min_score=request.min_score, skip_forced=request.skip_forced)
     for indices in plan.batches(batch_size):
         images = await asyncio.to_thread(lambda batch=indices: [plan.image(i) for i in batch])
-        queries = [Query(image=image, text=request.text, task="ground") for image in images]
-        results = await asyncio.gather(*(infer(query, request.decoding) for query in queries))
+        queries = [query.model_copy(update={"image": image}) for image in images]
+        results = await asyncio.gather(*(infer(each, request.decoding) for each in queries))
         for index, result in zip(indices, results, strict=True):
             builder.add(index, result.masks, result.seg_forced)
     grounding_ms = 1000 * (time.perf_counter() - start) - load_ms

@@ -104,6 +104,11 @@ class MedPLIBConfig(PreTrainedConfig):
     # from scratch has no absolute position in its mask features and learns to ignore a sparse prompt;
     # the tiny and small presets need it to tell left from right. Off for SAM checkpoints.
     seg_dense_film: bool = False
+    # The `<SEG>` state reads the request's token states before the head (`RequestReader`): a trunk
+    # trained from scratch may not carry the structure's name to the `<SEG>` position. Switched on by
+    # the tiny schedule's grounding stages (`StageSpec.seg_read_request`); off for loaded checkpoints
+    # whose config lacks it and for the 7B preset.
+    seg_read_request: bool = False
     image_token_id: int = -1
     im_start_token_id: int = -1
     im_end_token_id: int = -1

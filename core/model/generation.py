@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache
 
 from medplib.core.errors import InvalidInputError
 from medplib.core.model.kv_cache import PrefixKV, generation_cache
+from medplib.core.model.request_states import grounding_head, read_requests, request_columns
 
 if TYPE_CHECKING:
     from medplib.core.model.modeling_medplib import MedPLIBForCausalLM
@@ -152,6 +153,11 @@ def decode_steps(
     hidden, logits = out.last_hidden_state, out.logits[:, -1]
     seconds = {"prefill": elapsed(start, device)}
     start = time.perf_counter()
+    # A head that reads the request needs every state after the cached prefix: the prompt's, then
+    # one per step; each <SEG> records how many of the steps' states it may read.
+    reads = grounding_head(model) is not None
+    prompt_ids, prompt_mask = input_ids[:, past:], attention_mask[:, past:]
+    prompt_hidden, step_hidden, seg_steps = hidden, [], [[] for _ in range(len(hidden))]
     last = hidden[:, -1]
     # MedPLIB (compat) grounds a row without <SEG> on the second-to-last hidden state it produced.
     medplib = config.compat == "medplib"
@@ -175,6 +181,10 @@ def decode_steps(
     triggered: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(rows)]
     generated = []
     embedding = model.get_input_embeddings()
+    # Whether any row must say a token before it ends: else the forcing rules are skipped per step.
+    rules = bool(require.any())
+    kept = torch.cat([triggers, triggers.new_tensor([seg_id])])  # tokens whose hidden state is kept
+    trigger_ids = set(triggers.tolist())
     for step in range(max_new_tokens):
         logits = logits.float()
         logits[:, never] = float("-inf")
@@ -187,23 +197,33 @@ def decode_steps(
             generator=generator,
         )
         token = token.masked_fill(finished, pad_id)
-        ending = (token == eos_id) | (step == max_new_tokens - 1)
-        force = require & ~has_seg & ~finished & (token != required) & ending & (not medplib)
-        if step == 0:  # a token asked for at the start opens the answer; decoding then goes on
-            opening = at_start & (token != required)
-            forced |= opening
-            token = torch.where(at_start, required, token)
-            force = force & ~at_start
-        token = torch.where(force, required, token)
-        forced |= force
-        for row in torch.nonzero((token == seg_id) & ~finished).flatten().tolist():
-            seg_hidden[row].append(last[row])
-        for row in torch.nonzero(torch.isin(token, triggers) & ~finished).flatten().tolist():
-            triggered[row].append((int(token[row]), last[row]))
+        force = None
+        if rules:
+            ending = (token == eos_id) | (step == max_new_tokens - 1)
+            force = require & ~has_seg & ~finished & (token != required) & ending & (not medplib)
+            if step == 0:  # a token asked for at the start opens the answer; decoding then goes on
+                opening = at_start & (token != required)
+                forced |= opening
+                token = torch.where(at_start, required, token)
+                force = force & ~at_start
+            token = torch.where(force, required, token)
+            forced |= force
+        keeping = torch.isin(token, kept) & ~finished
+        if keeping.any():
+            for row in torch.nonzero(keeping).flatten().tolist():
+                said = int(token[row])
+                if said == seg_id:
+                    seg_hidden[row].append(last[row])
+                    seg_steps[row].append(step)
+                if said in trigger_ids:
+                    triggered[row].append((said, last[row]))
         generated.append(token)
         yield token
-        has_seg |= token == required
-        finished |= (token == eos_id) | force  # a forced <SEG> stands where the answer ended
+        if rules:
+            has_seg |= token == required
+            finished |= (token == eos_id) | force  # a forced <SEG> stands where the answer ended
+        else:
+            finished |= token == eos_id
         if finished.all() or step == max_new_tokens - 1:
             break
         out = model(
@@ -214,19 +234,28 @@ def decode_steps(
             logits_to_keep=1,
         )
         hidden, logits = out.last_hidden_state, out.logits[:, -1]
+        if reads:
+            step_hidden.append(hidden[:, -1])
         running = ~finished[:, None]
-        before_last = torch.where(running, last, before_last)
+        if medplib:
+            before_last = torch.where(running, last, before_last)
         last = torch.where(running, hidden[:, -1], last)
         positions = positions + 1
     if medplib:
         for row in torch.nonzero(require & ~has_seg & (required == seg_id)).flatten().tolist():
             seg_hidden[row].append(before_last[row])
+            seg_steps[row].append(max(len(generated) - 2, 0))  # the state before the last
             forced[row] = True
     seconds["decode"] = elapsed(start, device)
     empty = last.new_zeros(0, last.shape[-1])
+    seg_states = [torch.stack(states) if states else empty for states in seg_hidden]
+    if reads:
+        seg_states = _read_decoded_requests(
+            model, seg_states, seg_steps, prompt_hidden, step_hidden, prompt_ids, prompt_mask
+        )
     return GenerationOutput(
         sequences=torch.stack(generated, dim=1),
-        seg_hidden_states=[torch.stack(states) if states else empty for states in seg_hidden],
+        seg_hidden_states=seg_states,
         seg_forced=forced,
         seconds=seconds,
         triggered=triggered,
@@ -268,6 +297,13 @@ def prefill_answers(
     ).last_hidden_state
     predicting = hidden[:, -answer_length - 1 : -1]  # column c predicts column c + 1
     is_seg = answers == model.config.seg_token_id
+    seg_states = [states[seg] for states, seg in zip(predicting, is_seg, strict=True)]
+    if grounding_head(model) is not None:
+        first = hidden.shape[1] - answer_length - 1  # the column of `predicting`'s first state
+        columns = [first + torch.nonzero(seg).flatten() for seg in is_seg]
+        suffix_ids, suffix_mask = input_ids[:, past:], attention_mask[:, past:]
+        request = request_columns(suffix_ids, suffix_mask, model.config.im_end_token_id)
+        seg_states = read_requests(model, seg_states, columns, hidden, request)
     triggers = torch.tensor(sorted(getattr(model, "trigger_experts", {})), dtype=torch.long)
     is_trigger = torch.isin(answers.cpu(), triggers)
     triggered = [
@@ -276,8 +312,30 @@ def prefill_answers(
     ]
     return GenerationOutput(
         sequences=answers,
-        seg_hidden_states=[states[seg] for states, seg in zip(predicting, is_seg, strict=True)],
+        seg_hidden_states=seg_states,
         seg_forced=torch.zeros(rows, dtype=torch.bool, device=input_ids.device),
         seconds={"prefill": elapsed(start, input_ids.device), "decode": 0.0},
         triggered=triggered,
     )
+
+
+def _read_decoded_requests(
+    model: MedPLIBForCausalLM,
+    seg_states: list[torch.Tensor],
+    seg_steps: list[list[int]],
+    prompt_hidden: torch.Tensor,
+    step_hidden: list[torch.Tensor],
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+) -> list[torch.Tensor]:
+    """The decoded `<SEG>` states as the grounding head takes them: a `<SEG>` picked at step s was
+    predicted by the state of column T + s - 1 of the prompt's T states and the steps' states."""
+    rows, length = prompt_ids.shape
+    request = request_columns(prompt_ids, prompt_mask, model.config.im_end_token_id)
+    hidden = prompt_hidden
+    if step_hidden:
+        hidden = torch.cat([prompt_hidden, torch.stack(step_hidden, dim=1)], dim=1)
+    # A step's state is real wherever a <SEG> reads it: its row was still running at that step.
+    request = torch.cat([request, request.new_ones(rows, hidden.shape[1] - length)], dim=1)
+    columns = [torch.tensor([length - 1 + s for s in steps], dtype=torch.long) for steps in seg_steps]
+    return read_requests(model, seg_states, columns, hidden, request)

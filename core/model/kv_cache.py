@@ -6,7 +6,9 @@ decoded token costs about 3.6 ms of matrix products and as much again of that bo
 (`benchmarks/peers.py`). `run_trunk` keeps the trunk's own modules (norms, projections, whatever MLP
 sits in a layer: a routed MLP, a peft LoRA or a quantised linear runs unchanged) and its rotary
 embedding, and does the rest directly: keys and values are written into buffers sized once for the
-whole generation, and the mask is one boolean tensor per call.
+whole generation, and the mask is one boolean tensor per call. Where a layer's projections are int8,
+q/k/v and gate/up run as one product each (`fused.py`), and the rotary embedding is four ops on
+queries and keys together (`rotate`); both give the same numbers bit for bit.
 
 The arithmetic is the trunk's: positions count real tokens only, a query sees the real keys at or
 before it, and each query also sees its own key, so a padding row attends to something and stays
@@ -22,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm
+
+from medplib.core.model.fused import FusedProjections, fused_projections
 
 
 class RotaryTable:
@@ -33,10 +37,24 @@ class RotaryTable:
     def __init__(self, trunk: nn.Module, positions: int, like: torch.Tensor) -> None:
         every = torch.arange(positions, device=like.device)[None]
         cos, sin = trunk.rotary_emb(like, every)
-        self.cos, self.sin = cos[0], sin[0]
+        self.cos, self.sin = cos[0], signed_sin(sin[0])
 
     def __call__(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[position_ids], self.sin[position_ids]
+        """cos and `signed_sin` (B, T, 1, head_dim) at the positions, for `rotate`."""
+        return self.cos[position_ids][:, :, None], self.sin[position_ids][:, :, None]
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated: rotate_half(x) * sin = x.roll(half) * signed_sin, exactly
+    (rotate_half(x) is (-x2, x1), x.roll(half) is (x2, x1), and negating is exact)."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """LLaMA's rotary embedding (`apply_rotary_pos_emb`, the same products in the same order) of x
+    (B, T, heads, head_dim), in four ops instead of its slicing, negating and concatenating."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class StaticKVCache:
@@ -48,16 +66,21 @@ class StaticKVCache:
         values: list[torch.Tensor],
         length: int,
         rotary: RotaryTable | None = None,
+        fused: list[FusedProjections | None] | None = None,
     ) -> None:
         self.keys, self.values, self.length = keys, values, length
         self.rotary = rotary  # cos and sin of every position it can hold, or None: computed per call
+        self.fused = fused  # per layer, its fused int8 products (`fused.py`), checked once per cache
 
     @property
     def capacity(self) -> int:
         return self.keys[0].shape[2]
 
     @classmethod
-    def empty(cls, trunk: nn.Module, batch: int, capacity: int, like: torch.Tensor) -> StaticKVCache:
+    def empty(
+        cls, trunk: nn.Module, batch: int, capacity: int, like: torch.Tensor, *, fuse: bool = True
+    ) -> StaticKVCache:
+        """An empty cache; `fuse`: its layers' int8 projections run fused (`fused.py`; exact)."""
         config = trunk.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         shape = (batch, config.num_key_value_heads, capacity, head_dim)
@@ -66,7 +89,9 @@ class StaticKVCache:
         # Positions count real tokens, so they stay below the capacity. A dynamic rope (frequencies
         # that depend on the longest position of the call) is computed per call, as transformers does.
         fixed = getattr(trunk.rotary_emb, "rope_type", "default") == "default"
-        return cls(make[:layers], make[layers:], 0, RotaryTable(trunk, capacity, like) if fixed else None)
+        rotary = RotaryTable(trunk, capacity, like) if fixed else None
+        fused = [fused_projections(layer) for layer in trunk.layers] if fuse else None
+        return cls(make[:layers], make[layers:], 0, rotary, fused)
 
     @classmethod
     def from_cache(
@@ -128,19 +153,30 @@ def run_trunk(
     allowed = _attention_mask(attention_mask, start, steps)
     hidden = inputs_embeds
     rotary = cache.rotary
-    cos, sin = rotary(position_ids) if rotary is not None else trunk.rotary_emb(hidden, position_ids)
-    for layer, keys, values in zip(trunk.layers, cache.keys, cache.values, strict=True):
-        attention = layer.self_attn
-        shape = (batch, steps, -1, attention.head_dim)
+    if rotary is not None:
+        cos, sin = rotary(position_ids)
+    else:
+        cos, sin = trunk.rotary_emb(hidden, position_ids)
+        cos, sin = cos[:, :, None], signed_sin(sin)[:, :, None]
+    fused = cache.fused or [None] * len(trunk.layers)
+    for layer, keys, values, products in zip(trunk.layers, cache.keys, cache.values, fused, strict=True):
+        attention, mlp = layer.self_attn, layer.mlp
         normed = _rms_norm(layer.input_layernorm, hidden)
-        query = attention.q_proj(normed).view(shape).transpose(1, 2)
-        key = attention.k_proj(normed).view(shape).transpose(1, 2)
-        value = attention.v_proj(normed).view(shape).transpose(1, 2)
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        keys[:, :, start:end] = key
-        values[:, :, start:end] = value
+        if products is not None and products.qkv is not None:  # (B, T, q heads + 2 kv heads, head_dim)
+            qkv = products.qkv(normed).view(batch, steps, -1, attention.head_dim)
+            query_heads = qkv.shape[2] - 2 * keys.shape[1]
+            query_key = rotate(qkv[:, :, : -keys.shape[1]], cos, sin)  # both rotated in one pass
+            query, key = query_key[:, :, :query_heads], query_key[:, :, query_heads:]
+            value = qkv[:, :, -keys.shape[1] :]
+        else:
+            shape = (batch, steps, -1, attention.head_dim)
+            query = rotate(attention.q_proj(normed).view(shape), cos, sin)
+            key = rotate(attention.k_proj(normed).view(shape), cos, sin)
+            value = attention.v_proj(normed).view(shape)
+        keys[:, :, start:end] = key.transpose(1, 2)
+        values[:, :, start:end] = value.transpose(1, 2)
         attended = F.scaled_dot_product_attention(
-            query,
+            query.transpose(1, 2),
             keys[:, :, :end],
             values[:, :, :end],
             attn_mask=allowed,
@@ -148,7 +184,12 @@ def run_trunk(
             enable_gqa=attention.num_key_value_groups > 1,
         )
         hidden = hidden + attention.o_proj(attended.transpose(1, 2).reshape(batch, steps, -1))
-        hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
+        normed = _rms_norm(layer.post_attention_layernorm, hidden)
+        if products is not None and products.gate_up is not None:  # LlamaMLP's arithmetic, one product
+            gate, up = products.gate_up(normed).chunk(2, dim=-1)
+            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+        else:
+            hidden = hidden + mlp(normed)
     cache.length = end
     return _rms_norm(trunk.norm, hidden)
 

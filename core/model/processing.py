@@ -32,11 +32,22 @@ from medplib.core.model.vision import preprocess_clip_image, preprocess_region_m
 
 @dataclass(frozen=True)
 class Request:
-    """One image, the conversation about it, and the masks of the regions its questions mark, in order."""
+    """What the model consumes of one request: an image, the conversation about it (the last turn
+    unanswered, or answered to be prefilled), the masks of the regions its questions mark, in order,
+    and what a generated answer must hold. Training builds them from samples, the assistant from a
+    `Query` (`core/prompts.py`)."""
 
     pixels: np.ndarray  # RGB uint8 (H, W, 3)
     turns: Sequence[Turn]
     regions: Sequence[np.ndarray] = field(default_factory=tuple)  # bool (H, W) each
+    require_seg: bool = False  # grounding: the answer must hold a <SEG>
+    require_token: int | None = None  # a capability asked for: the answer must hold this expert token
+    require_at_start: bool = False  # ... and opens with it (else it goes where the answer would end)
+
+    @property
+    def answered(self) -> bool:
+        """The last turn carries a known answer: generation prefills it with the prompt, not decodes it."""
+        return bool(self.turns) and self.turns[-1].assistant is not None
 
 
 class MedPLIBProcessor:

@@ -46,6 +46,9 @@ INT4_GROUP = 32
 # The operator itself: calling the overload packet (`torch.ops.quantized.linear_dynamic`) adds a
 # Python-side dispatch check per call, measured at a fifth of a one-token product's time here.
 _LINEAR_DYNAMIC = torch.ops.quantized.linear_dynamic.default
+# ... and its C++ function itself: the overload's `__call__` still asks per call whether a traced
+# (fake) argument needs Python dispatch, about 15 us per call here; eager int8 never does.
+_LINEAR_DYNAMIC = getattr(_LINEAR_DYNAMIC, "_op", _LINEAR_DYNAMIC)
 # Module names (last component) of linear layers inside the LLM that stay in full precision.
 FULL_PRECISION = ("router", "lora_A", "lora_B")
 
@@ -123,6 +126,10 @@ class Int8Linear(nn.Module):
     ) -> None:
         super().__init__()
         self.per_token = per_token
+        # Rows start:stop of a fused layer's output (`fused.fuse_int8`), which holds the weight instead.
+        self.slice_of: tuple[Int8Linear, int, int] | None = None
+        self.readers = 0  # of a fused layer: its slices; `shared_output` holds its last output for them
+        self._shared: list | None = None
         self.out_features, self.in_features = codes.shape
         # 7-bit activations where 8 would saturate (None: probe this CPU once).
         self.reduce_range = not full_range_is_exact() if reduce_range is None else reduce_range
@@ -157,17 +164,26 @@ class Int8Linear(nn.Module):
                 codes.cpu(), scale.double().cpu(), torch.zeros(len(codes), dtype=torch.long), 0
             )
             self._packed = torch.ops.quantized.linear_prepack(weight, None)
+        self.slice_of = None
         # W 1 of the dequantised weight: what a row's offset adds to its output.
         self.register_buffer("row_sums", codes.float().sum(dim=1) * scale.float(), persistent=False)
 
     def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The int8 codes (out, in) and float32 scale per output channel."""
+        if self.slice_of is not None:
+            fused, start, stop = self.slice_of
+            codes, scale = fused.codes()
+            return codes[start:stop].clone(), scale[start:stop].clone()
         weight, _ = torch.ops.quantized.linear_unpack(self._packed)
         return weight.int_repr(), weight.q_per_channel_scales().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.slice_of is not None:  # outside the lean trunk: the fused product, this layer's rows
+            fused, start, stop = self.slice_of
+            out = fused.shared_output(x)[..., start:stop]
+            return out if self.bias is None else out + self.bias
         flat = x.reshape(-1, self.in_features)
-        if len(flat) == 1 or not self.per_token:  # one token: fbgemm's one range is already its own
+        if flat.shape[0] == 1 or not self.per_token:  # one token: fbgemm's one range is already its own
             out = _LINEAR_DYNAMIC(flat, self._packed, self.reduce_range)
         else:
             low, high = torch.aminmax(flat, dim=1, keepdim=True)
@@ -177,6 +193,16 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def shared_output(self, x: torch.Tensor) -> torch.Tensor:
+        """This (fused) layer's output on x, computed once for its `readers` slices, which a trunk
+        calls in turn on the same input (q, k, v; gate, up); dropped once each has read it."""
+        shared = self._shared
+        if shared is None or shared[0] is not x or shared[1] != x._version:
+            shared = [x, x._version, self(x), self.readers]
+        shared[3] -= 1
+        self._shared = shared if shared[3] > 0 else None
+        return shared[2]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"

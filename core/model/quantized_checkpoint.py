@@ -24,7 +24,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from medplib.core.errors import CheckpointError
+from medplib.core.errors import CheckpointError, describe_key_problems
 from medplib.core.model.quantization import Quantization, check_quantization, quantize
 
 QUANTIZED_FILE = "quantized.safetensors"
@@ -74,7 +74,7 @@ def is_quantized_folder(source: str | os.PathLike[str]) -> bool:
 
 def load_quantized(source: str | os.PathLike[str]) -> tuple[nn.Module, Quantization]:
     """The model a `save_quantized` folder holds, and its quantization."""
-    from medplib.core.model.modeling_medplib import MedPLIBForCausalLM, describe_key_problems
+    from medplib.core.model.modeling_medplib import MedPLIBForCausalLM
     from medplib.core.model.tokenizer import load_tokenizer
 
     folder = Path(source).expanduser()

@@ -3,6 +3,7 @@
 The hidden state that predicts a `<SEG>` goes through `GroundingHead` (a 2-layer MLP, as LISA's
 `text_hidden_fcs`) to SAM's prompt width and becomes the one sparse prompt of SAM's mask decoder;
 the dense prompt is SAM's no-mask embedding (or, with `seg_dense_film`, one the prompt modulates).
+With `seg_read_request`, the state first reads the request's own token states (`RequestReader`).
 `PixelGroundingHead` is the `ExpertHead` the model builds through the spec, as it builds a plugin's:
 its parts sit on the model as `seg_head` and `sam`, the names every checkpoint's keys carry.
 """
@@ -53,15 +54,62 @@ class DensePromptFiLM(nn.Module):
         return no_mask[:, None, None] + positional + scale * positional + shift
 
 
+class ZeroLinear(nn.Linear):
+    """A linear map that starts at zero (weights and bias): a residual branch that begins as no change."""
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
+
+class RequestReader(nn.Module):
+    """The `<SEG>` state reads the request's words (`MedPLIBConfig.seg_read_request`).
+
+    state + out(attention over the request's token states, query from the state): multi-head
+    attention from the `<SEG>`-predicting state to the last-layer states of the request (the tokens
+    after the image, up to that state). A from-scratch trunk whose frozen attention did not carry
+    "left" or "right" to the `<SEG>` position still holds the words' own states, which differ; this
+    gives the head the name whatever the trunk's attention does. `out` starts at zero, so a reader
+    added to a trained head first changes nothing.
+    """
+
+    def __init__(self, hidden_size: int, heads: int = 4) -> None:
+        super().__init__()
+        if hidden_size % heads:
+            raise ValueError(f"hidden size {hidden_size} is not divisible by {heads} heads")
+        self.heads = heads
+        self.query_norm = nn.LayerNorm(hidden_size)
+        self.context_norm = nn.LayerNorm(hidden_size)
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+        self.out = ZeroLinear(hidden_size, hidden_size)
+
+    def forward(self, states: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(n, H) states, (n, T, H) context, (n, T) bool mask (each row at least one True) -> (n, H)."""
+        n, length, width = context.shape
+        split = (n, length, self.heads, width // self.heads)
+        query = self.query(self.query_norm(states)).view(n, self.heads, -1)
+        normed = self.context_norm(context)
+        keys, values = self.key(normed).view(split), self.value(normed).view(split)
+        scores = torch.einsum("nhd,nthd->nht", query, keys) * (width // self.heads) ** -0.5
+        weights = scores.masked_fill(~mask[:, None, :], float("-inf")).softmax(dim=-1)
+        pooled = torch.einsum("nht,nthd->nhd", weights, values).reshape(n, width)
+        return states + self.out(pooled)
+
+
 class GroundingHead(nn.Module):
     """LLM hidden state -> SAM sparse prompt embedding (and, with `dense_film`, its dense prompt)."""
 
-    def __init__(self, hidden_size: int, prompt_embed_dim: int, dense_film: bool = False) -> None:
+    def __init__(
+        self, hidden_size: int, prompt_embed_dim: int, dense_film: bool = False, read_request: bool = False
+    ) -> None:
         super().__init__()
         self.fc1 = nn.Linear(hidden_size, hidden_size)
         self.act = nn.ReLU()
         self.fc2 = nn.Linear(hidden_size, prompt_embed_dim)
         self.dense_film = DensePromptFiLM(prompt_embed_dim) if dense_film else None
+        self.request = RequestReader(hidden_size) if read_request else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(hidden_states)))
@@ -95,10 +143,34 @@ class PixelGroundingHead(ExpertHead):
         """(n, hidden) -> SAM sparse prompts (n, prompt_embed_dim)."""
         return self.prompt(hidden_states)
 
+    @property
+    def reads_request(self) -> bool:
+        return self.prompt.request is not None
+
+    def read_request(self, states: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.prompt.request is None:
+            return states
+        reader = self.prompt.request
+        parameter = reader.out.weight
+        read = reader(states.to(parameter.dtype), context.to(parameter.dtype), mask)
+        return read.to(states.dtype)
+
+    def add_request_reader(self) -> bool:
+        """Give a head built without one its `RequestReader` (fresh); False when it has one already."""
+        if self.prompt.request is not None:
+            return False
+        parameter = self.prompt.fc1.weight
+        reader = RequestReader(parameter.shape[1])
+        self.prompt.request = reader.to(device=parameter.device, dtype=parameter.dtype)
+        return True
+
 
 def build_grounding_head(config: MedPLIBConfig) -> PixelGroundingHead:
     """The head the pixel-grounding spec names: the `<SEG>` projection and SAM, sized from the config."""
     prompt = GroundingHead(
-        config.text_config.hidden_size, config.sam_config.prompt_embed_dim, dense_film=config.seg_dense_film
+        config.text_config.hidden_size,
+        config.sam_config.prompt_embed_dim,
+        dense_film=config.seg_dense_film,
+        read_request=getattr(config, "seg_read_request", False),
     )
     return PixelGroundingHead(prompt, build_sam(config.sam_config))

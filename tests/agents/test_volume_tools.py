@@ -14,7 +14,8 @@ import pytest
 from langchain_core.messages import ToolMessage
 
 from medplib.agents import MedPLIBToolkit
-from medplib.agents.serve.client import HTTPBackend, MedPLIBClient
+from medplib.agents.serve.client import MedPLIBClient
+from medplib.agents.serve.http_backend import HTTPBackend
 from medplib.agents.serve.schemas import ExpertsResponse, GroundVolumeResponse
 from medplib.agents.volume_tools import MedicalVolumeGroundingTool
 from medplib.core.assistant import MedPLIB

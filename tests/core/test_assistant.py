@@ -14,12 +14,13 @@ import pytest
 import torch
 
 import medplib
-from medplib.core.assistant import MedPLIB, answer_parts, question_parts
+from medplib.core.assistant import MedPLIB
 from medplib.core.errors import CapacityError, CheckpointError, InvalidInputError, RegionError
 from medplib.core.io import load_image
 from medplib.core.io.registry_data import dicom_file
 from medplib.core.model import ControlToken, MedPLIBForCausalLM, MedPLIBProcessor, Request, Turn
 from medplib.core.per_image_cache import PerImageCache
+from medplib.core.prompts import answer_parts, question_parts
 from medplib.core.queries import InferenceLimits
 from medplib.core.regions import BoxPrompt, MaskPrompt, PointPrompt
 from medplib.core.results import STAGES, AnswerResult, ChatResult, GroundingResult
@@ -380,8 +381,8 @@ def test_a_stage_four_checkpoint_loads_with_its_experts(tiny_moe_checkpoint, ct:
 def test_a_prefilled_template_answer_gives_the_mask_its_decoding_gives(
     fresh: MedPLIB, ct: np.ndarray
 ) -> None:
-    from medplib.core.assistant import GROUNDING_ANSWER, GROUNDING_QUESTION
     from medplib.core.model.conversation import encode_conversation
+    from medplib.core.prompts import GROUNDING_ANSWER, GROUNDING_QUESTION
     from medplib.trainers.data.templates import GROUNDING_ANSWER as TRAINED_ANSWER
 
     assert GROUNDING_ANSWER == TRAINED_ANSWER  # the answer the presets learn
@@ -415,7 +416,7 @@ def test_a_prefilled_template_answer_gives_the_mask_its_decoding_gives(
 def test_grounding_prefills_the_template_by_default_only_for_a_model_trained_on_it(
     fresh: MedPLIB, ct: np.ndarray
 ) -> None:
-    from medplib.core.assistant import GROUNDING_ANSWER, auto_grounding_answer
+    from medplib.core.prompts import GROUNDING_ANSWER, auto_grounding_answer
 
     template = GROUNDING_ANSWER.format(seg="<SEG>")
     untrained = fresh.ground(ct, "the lungs", max_new_tokens=TOKENS)  # a preset: its own answer decoded

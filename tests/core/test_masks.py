@@ -318,3 +318,54 @@ def test_the_vectorised_rle_encoder_equals_cocos_loop() -> None:
     for runs in ([0], [7], [0, 1_000_000, 3], [2**31, 1, 2**31 - 7, 0, 12_345_678_901]):
         assert _encode_counts(runs) == _encode_counts_one_run_at_a_time(runs)
     assert _encode_counts([]) == ""
+
+
+def _decode_counts_one_char_at_a_time(counts: str) -> list[int]:
+    """pycocotools' rleFrString loop, written out: what the vectorised decoder must reproduce."""
+    runs: list[int] = []
+    x = shift = 0
+    for ch in counts:
+        c = ord(ch) - 48
+        x |= (c & 0x1F) << shift
+        shift += 5
+        if c & 0x20:
+            continue
+        if c & 0x10:
+            x |= -1 << shift
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+        x = shift = 0
+    return runs
+
+
+def test_the_vectorised_rle_decoder_equals_cocos_loop_and_refuses_what_it_cannot_hold() -> None:
+    from medplib.core.masks import _decode_counts
+
+    rng = np.random.default_rng(1)
+    for _ in range(200):  # any string of the alphabet that ends a group: the loop's runs, or an error
+        counts = "".join(chr(48 + int(c)) for c in rng.integers(0, 64, rng.integers(1, 40)))
+        counts = counts[:-1] + chr(48 + (ord(counts[-1]) - 48) % 32)  # the last group ends
+        expected = _decode_counts_one_char_at_a_time(counts)
+        if max(len(group) for group in _groups(counts)) > 8:
+            with pytest.raises(ValueError, match="5-bit groups"):
+                _decode_counts(counts)
+        elif any(run < 0 for run in expected):
+            with pytest.raises(ValueError, match="negative run"):
+                _decode_counts(counts)
+        else:
+            assert _decode_counts(counts) == expected, counts
+    assert _decode_counts("") == []
+    with pytest.raises(ValueError, match="outside the COCO alphabet"):
+        _decode_counts("12é3")
+
+
+def _groups(counts: str) -> list[str]:
+    """The characters of each value (a group with the continuation bit 0x20 goes on)."""
+    groups, current = [], ""
+    for ch in counts:
+        current += ch
+        if not (ord(ch) - 48) & 0x20:
+            groups.append(current)
+            current = ""
+    return groups

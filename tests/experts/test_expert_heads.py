@@ -136,9 +136,9 @@ def test_experts_lists_what_the_model_holds(modality_model) -> None:
 
 
 def test_an_earlier_answer_keeps_its_expert_tokens_as_tokens() -> None:
-    from medplib.core.assistant import answer_parts
     from medplib.core.model import ControlToken
     from medplib.core.model.conversation import ExpertToken
+    from medplib.core.prompts import answer_parts
 
     assert answer_parts("<MOD> MRI, see <SEG>.", ["<SEG>", "<MOD>"]) == [
         ExpertToken("<MOD>"),

@@ -19,8 +19,11 @@ from segment_anything.modeling.image_encoder import Block
 
 import medplib
 from medplib.core.errors import CheckpointError
+from medplib.core.io import load_image
 from medplib.core.model.compat import model_input_ids
 from medplib.core.model.medplib_release import ReleaseCheckpoint
+from medplib.core.prompts import model_request
+from medplib.core.queries import Decoding, Query
 from medplib.core.regions import BoxPrompt
 from medplib.loading import model_info
 from medplib.router import dense
@@ -311,17 +314,12 @@ def test_raw_case_end_to_end_through_load_and_ground(converted):
     expected = tensors["gen_mask"][0] > 0
     assert np.array_equal(result.masks[0].mask.to_array(), expected.numpy())
 
-    prepared = assistant._prepare(image, {}, [(question, [box])], [], require_seg=True)
-    encoded, regions = assistant._generator.processor.encode_request(
-        medplib.core.model.Request(
-            prepared.conversation.pixels, prepared.conversation.turns, [box.to_mask(50, 70)]
-        )
-    )
+    query = Query(image=image, text=question, task="ground", regions=[box])
+    request = model_request(query, load_image(image), assistant.model, prefill_grounding=False)
+    encoded, regions = assistant._generator.processor.encode_request(request)
     assert encoded.input_ids == model_ids(assistant.model, tensors["input_ids"])[0].tolist()
     assert torch.equal(regions, tensors["region_mask_grid"])
-    row = assistant._generator.run([prepared.conversation], assistant._decoding({"max_new_tokens": 8})).rows[
-        0
-    ]
+    row = assistant._generator.run([request], Decoding(max_new_tokens=8)).rows[0]
     assert (row.masks.logits - tensors["gen_mask"]).abs().max() <= 1e-4
 
 

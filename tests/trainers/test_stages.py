@@ -12,6 +12,7 @@ from medplib.core.hookspecs import hookimpl
 from medplib.core.model import build_medplib
 from medplib.experts.pixel_grounding import SPEC as GROUNDING
 from medplib.experts.vision_language import SPEC as VISION_LANGUAGE
+from medplib.trainers.loop import schedule_lengths
 from medplib.trainers.stage_folder import StageStart, prepare
 from medplib.trainers.stages import PARAMETER_GROUPS, ROW_GROUPS, stage_spec
 
@@ -46,14 +47,26 @@ def test_paper_stage_two_trains_its_lora_and_the_shared_text_parts() -> None:
     assert not any(".base_layer." in n or "self_attn" in n for n in names)
 
 
+def test_tiny_stage_two_runs_five_epochs_and_the_paper_schedule_keeps_its_one() -> None:
+    tiny, paper = stage_spec("2", "tiny").optim, stage_spec("2", "paper").optim
+    assert (tiny.epochs, tiny.lr, tiny.warmup_fraction) == (5, 1e-3, 0.25)
+    assert (paper.epochs, paper.lr, paper.warmup_fraction) == (1, 1e-4, 0.01)
+    # The length is the schedule's: 1119 VQA and region samples in batches of 8 make 700 steps.
+    _, per_epoch, warmup = schedule_lengths(stage_spec("2", "tiny"), 1119, world=1)
+    assert (round(tiny.epochs * per_epoch), warmup) == (700, 35)
+
+
 def test_stage_three_trains_lora_seg_head_and_mask_decoder_but_no_shared_llm_weight() -> None:
     paper = trainable("3", "paper")
     # and the `<SEG>` rows alone of the embeddings and the LM head (see the next test)
     seg_rows = {"language_model.model.embed_tokens.weight", "language_model.lm_head.weight"}
     assert seg_rows <= paper and groups_of(paper - seg_rows) == {"lora", "seg_head", "mask_decoder"}
-    # The tiny schedule adds SAM's encoder (no pretrained one here), never a weight the II expert uses.
+    # The tiny schedule adds SAM's encoder (no pretrained one here) and the `<SEG>` head's request
+    # reader (`seg_read_request`), never a weight the II expert uses.
     tiny = trainable("3", "tiny")
-    assert tiny - paper and all(n.startswith("sam.image_encoder.") for n in tiny - paper)
+    added = ("sam.image_encoder.", "seg_head.request.")
+    assert tiny - paper and all(n.startswith(added) for n in tiny - paper)
+    assert any(n.startswith("seg_head.request.") for n in tiny - paper)
 
 
 def test_stage_three_moves_only_the_seg_rows_of_the_embeddings_and_lm_head() -> None:

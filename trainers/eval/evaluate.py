@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from medplib.core.assistant import resolve_device
+from medplib.core.devices import resolve_device
 from medplib.core.errors import InvalidInputError
 from medplib.core.model import MedPLIBProcessor
 from medplib.loading import LoadedModel, load_model

@@ -1,9 +1,10 @@
 """The `/v1` API's service backed by a `MedPLIB` in this process: what `medplib ui` serves.
 
 The same routes and schemas as the Ray Serve ingress (`http_api.create_api`), without Ray: images
-come as base64 and stay in memory (the model's embedding cache keeps their features); a request with
-`history` is a follow-up answered by `MedPLIB.chat`. One request runs at a time, on the model's worker
-thread (`backends.model_guard`), a streamed one step by step.
+come as base64 and stay in memory (the model's embedding cache keeps their features); the body becomes
+the same `Query` as in the ingress (a request with `history` is a follow-up), answered by the model.
+One request runs at a time, on the model's worker thread (`backends.model_guard`), a streamed one step
+by step.
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ from medplib.agents.serve.schemas import (
 from medplib.core import plugins
 from medplib.core.errors import InvalidInputError
 from medplib.core.expert_spec import Resources
-from medplib.core.queries import ChatMessage
-from medplib.core.results import AnswerResult, ChatResult, GroundingResult, TextDelta
+from medplib.core.results import AnswerResult, GroundingResult, TextDelta
 
 if TYPE_CHECKING:
     from medplib.core.assistant import MedPLIB
@@ -56,8 +56,7 @@ class InProcessService:
 
     async def answer(self, request: VQARequest | GroundRequest) -> AnswerResult | GroundingResult:
         async with self._turn:
-            result = await self._in_worker(functools.partial(self._invoke, stream=False), request)
-        return as_answer(result, request) if isinstance(result, ChatResult) else result
+            return await self._in_worker(functools.partial(self._invoke, stream=False), request)
 
     async def answer_stream(
         self, request: VQARequest | GroundRequest
@@ -65,27 +64,16 @@ class InProcessService:
         async with self._turn:
             events = await self._in_worker(functools.partial(self._invoke, stream=True), request)
             while (item := await self._in_worker(next, events, _DONE)) is not _DONE:
-                yield as_answer(item, request) if isinstance(item, ChatResult) else item
+                yield item
 
     def _invoke(self, request: VQARequest | GroundRequest, *, stream: bool) -> Any:
-        """The model's answer: its result, or (`stream`) an iterator of its pieces and then the result.
-        A question with history is a chat's next turn."""
-        model = self.model
-        data = image_bytes(request.image)
-        options = {"image_options": request.image.load_options(), **request.decoding.model_dump()}
-        if isinstance(request, GroundRequest):
-            call = model.ground_stream if stream else model.ground
-            return call(data, request.text, request.regions, **options)
-        if request.history:
-            if request.capability is not None:
-                raise InvalidInputError("capability: ask it in a question without history")
-            question = ChatMessage(role="user", content=request.question, regions=request.regions)
-            call = model.chat_stream if stream else model.chat
-            return call(data, [*request.history, question], **options)
-        call = model.answer_stream if stream else model.answer
-        if request.capability is not None:
-            options["capability"] = request.capability
-        return call(data, request.question, request.regions, **options)
+        """The model's answer to the request's `Query` (a question with history is a chat's next turn):
+        its result, or (`stream`) an iterator of its pieces and then the result."""
+        image = {"image": image_bytes(request.image), "image_options": request.image.load_options()}
+        query, decoding = request.query().model_copy(update=image), request.decoding.model_dump()
+        if stream:
+            return self.model.query_stream(query, **decoding)
+        return self.model.answer_batch([query], **decoding)[0]
 
     async def _in_worker(self, call: Callable[..., T], *args: Any) -> T:
         def locked() -> T:
@@ -113,10 +101,3 @@ class InProcessService:
             ],
             deployments={DEPLOYMENT: info},
         )
-
-
-def as_answer(result: ChatResult, request: VQARequest | GroundRequest) -> AnswerResult:
-    """A follow-up's `ChatResult` as the route's `AnswerResult` (the page keeps the history itself)."""
-    assert isinstance(request, VQARequest)
-    fields = result.model_dump(exclude={"task", "messages"})
-    return AnswerResult(**fields, question=request.question)

@@ -13,7 +13,9 @@ import httpx
 import pytest
 
 from medplib.agents.image_store import StoredImage
-from medplib.agents.serve.client import HTTPBackend, MedPLIBClient, image_input
+from medplib.agents.serve.client import MedPLIBClient
+from medplib.agents.serve.client_calls import image_input
+from medplib.agents.serve.http_backend import HTTPBackend
 from medplib.agents.serve.schemas import ServeError
 from medplib.core.errors import InvalidInputError, RegionError
 from medplib.core.regions import BoxPrompt, MaskPrompt

@@ -14,6 +14,7 @@ from medplib.agents.serve.schemas import (
     ERROR_KINDS,
     ExpertsResponse,
     GroundRequest,
+    GroundVolumeRequest,
     HealthResponse,
     ServeError,
     VQARequest,
@@ -22,6 +23,8 @@ from medplib.agents.serve.schemas import (
 )
 from medplib.agents.serve.sse import parse_events
 from medplib.core.errors import CapacityError, ImageTooLargeError, InvalidInputError, RegionError
+from medplib.core.queries import ChatMessage, Query
+from medplib.core.regions import PointPrompt
 from medplib.core.results import AnswerResult, CacheHits, TextDelta
 
 KEY = "s3cret"
@@ -214,3 +217,18 @@ def test_a_streamed_answer_is_server_sent_events(client: TestClient, service: Fa
     service.raises = RuntimeError("a bug")
     events = list(parse_events(client.post("/v1/vqa", json={**GOOD, "stream": True}).text.splitlines()))
     assert events[-1][0] == "error" and json.loads(events[-1][1])["error"] == "internal"
+
+
+def test_http_bodies_become_the_one_request_type() -> None:
+    """What `/v1/vqa`, `/v1/ground` and `/v1/ground_volume` check and send on is the API's `Query`."""
+    image = {"uri": "scan.png", "frame": 2}
+    point = PointPrompt(points=[(1, 1)])
+    user, assistant = ChatMessage(role="user", content="a"), ChatMessage(role="assistant", content="b")
+    vqa = VQARequest(image=image, question="q", regions=[point], history=[user, assistant], capability="c")
+    assert vqa.query() == Query(
+        image=vqa.image, text="q", regions=[point], history=[user, assistant], capability="c"
+    )
+    ground = GroundRequest(image=image, text="the liver").query()
+    assert (ground.task, ground.text, ground.image.frame) == ("ground", "the liver", 2)
+    volume = GroundVolumeRequest(volume={"uri": "ct.nii.gz"}, text="the lung").query()
+    assert (volume.task, volume.text, volume.image.uri) == ("ground", "the lung", "ct.nii.gz")

@@ -107,9 +107,9 @@ async def test_a_grounding_request_goes_through_both_deployments(replicas: tuple
     )
     assert result.cache.sam in ("hit", "miss") and set(result.timings_ms) >= {"load", "encode_sam", "total"}
     assert len(generate.calls) == len(decode.calls) == 1
-    again = await ingress.answer(vqa())
-    assert again.timings_ms["load"] < result.timings_ms["load"]  # decoded once, then from the cache
-    assert ingress.images.stats().hits == 1
+    await ingress.answer(vqa())
+    # Decoded once, then from the cache (counted, not timed: a timing comparison flakes under load).
+    assert ingress.images.stats().hits == 1 and ingress.images.stats().misses == 1
 
 
 async def test_concurrent_requests_share_trunk_runs(

@@ -9,7 +9,7 @@ from torch import nn
 from medplib.core.errors import InvalidInputError
 from medplib.core.expert_spec import ExpertSpec, LoraSpec
 from medplib.core.model import MedPLIBForCausalLM, Request, Turn, build_medplib
-from medplib.core.model.modeling_medplib import COMPONENTS
+from medplib.core.model.pretrained import COMPONENTS
 from medplib.core.model.quantization import (
     Int4Linear,
     Int8Linear,

@@ -1,26 +1,5 @@
-"""The one way in: every form of model a user hands medplib is recognised here, and loaded here.
-
-    model = medplib.load("tiny")                # the assistant (`MedPLIB`) around `load_model`'s model
-    loaded = load_model("runs/stage4")          # the model and its handles (peft adapter, mixture)
-
-Each form has one recogniser, tried in this order (the first that matches loads the source):
-
-- `llava+sam`: a LLaVA-1.5 folder, given with `sam=` a SAM checkpoint (`core/model/loading.py`);
-- `preset`: `tiny`, `small` (seeded random weights); `medplib-7b` has none and is refused;
-- `quantized checkpoint`: a `medplib quantize` output, its layers loaded quantised as saved;
-- `stage folder`: a training stage's output (`stage.json`): the model as it answers (its active
-  adapter, or its mixture of experts), or, for the next stage, the trunk and its adapters;
-- `moe folder`: a stage IV `save_pretrained` folder or URI (`moe.safetensors`): its experts composed;
-- `medplib release`: MedPLIB's released checkpoint, recognised and refused: convert it first;
-- `converted release`: a `medplib convert` output (its config declares `routed_experts`);
-- `checkpoint`: any other `save_pretrained` folder or fsspec URI.
-
-`model_info` and `model_config` describe the same forms without loading their weights (`medplib info`,
-Serve's grounding deployment).
-
-The CLI, `eval`, training, Serve and the tools all come through here; this module sits above `core/`
-and `router/` and is the only one that knows all the forms.
-"""
+"""The forms of model medplib takes, each with its recogniser and its loader, and `load`/`load_model`
+over them (the overview of the forms: `medplib/loading/__init__.py`)."""
 
 from __future__ import annotations
 
@@ -36,44 +15,26 @@ import torch
 from peft import LoraConfig, PeftModel, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import AutoConfig
 
-from medplib.core.assistant import MedPLIB, resolve_device, resolve_dtype
+from medplib.core.assistant import MedPLIB
+from medplib.core.devices import resolve_device, resolve_dtype
 from medplib.core.errors import CheckpointError, describe_key_problems
 from medplib.core.expert_spec import ExpertSpec
 from medplib.core.io.sources import is_uri
 from medplib.core.model import (
     MODEL_PRESETS,
     MedPLIBForCausalLM,
-    build_config,
     build_medplib,
     load_llava_and_sam,
 )
-from medplib.core.model.configuration_medplib import MedPLIBConfig
-from medplib.core.model.medplib_release import convert_hint, is_release_config, read_release_config
-from medplib.core.model.modeling_medplib import COMPONENTS
-from medplib.core.model.quantization import check_quantization, quantize, weight_bytes
+from medplib.core.model.medplib_release import convert_hint, is_release_config
+from medplib.core.model.quantization import check_quantization, quantize
 from medplib.core.model.quantized_checkpoint import is_quantized_folder, load_quantized
-from medplib.core.model.storage import local_folder
-from medplib.core.model.tokenizer import load_tokenizer
-from medplib.core.model_info import (
-    ExpertSummary,
-    ModelInfo,
-    Weights,
-    config_summary,
-    converted_experts,
-    expert_summary,
-    held_experts,
-    registered_experts,
-    release_info,
-    special_tokens,
-)
 from medplib.core.per_image_cache import DEFAULT_MAX_BYTES, PerImageCache
-from medplib.core.plugins import get_experts
 from medplib.core.queries import DEFAULT_INFERENCE_LIMITS, InferenceLimits
 from medplib.router import MixtureOfExperts, attach_expert_adapter
 from medplib.router.dense import MedPLIBWithRoutedExperts
-from medplib.router.moe import MOE_FILE, read_moe_record
+from medplib.router.moe import MOE_FILE
 
 STAGE_FILE = "stage.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -182,92 +143,6 @@ def recognise(request: LoadRequest) -> Form:
     raise CheckpointError(
         f"{request.source} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a checkpoint folder"
     )
-
-
-def model_info(
-    preset_or_path: str | os.PathLike[str], *, dtype: str = "float32", quantization: str | None = None
-) -> ModelInfo:
-    """What the model `preset_or_path` holds, read without its weights (`medplib info`): a preset built on
-    the meta device, a folder's config and tokenizer. `bytes` counts the weights at `dtype`, the LLM's
-    linear layers at `quantization` if given."""
-    source = os.fspath(preset_or_path)
-    torch_dtype, quantization = resolve_dtype(dtype), check_quantization(quantization)
-    form = recognise(LoadRequest(source)).name
-    if form == "preset":
-        model = build_medplib(source, device="meta")
-        weights: Weights = "random (seeded)" if model.tokenizer is not None else "none (meta device)"
-        tokenizer = model.tokenizer
-        experts = registered_experts()
-    else:
-        stage_record = None
-        if form == "stage folder":  # describe its model, as load does
-            stage_record = read_record(Path(os.path.expanduser(source)))
-            source = os.path.join(os.path.expanduser(source), "model")
-        with local_folder(source) as folder:
-            if read_release_config(folder) is not None:
-                return release_info(source, folder, registered_experts())
-            try:
-                config = MedPLIBConfig.from_pretrained(folder)
-            except (OSError, ValueError) as exc:
-                raise CheckpointError(f"{source}: not a medplib checkpoint ({exc})") from None
-            tokenizer = load_tokenizer(folder)
-            experts = checkpoint_experts(folder, stage_record, config)
-        model_class = MedPLIBWithRoutedExperts if config.routed_experts else MedPLIBForCausalLM
-        with torch.device("meta"):
-            model = model_class(config)
-        weights = "checkpoint"
-    model.to(torch_dtype)  # on the meta device: only the element sizes change
-    return ModelInfo(
-        model=os.fspath(preset_or_path),
-        weights=weights,
-        parameters=model.parameter_counts(),
-        weights_dtype=str(torch_dtype).removeprefix("torch."),
-        quantization=quantization,
-        bytes=weight_bytes(model, COMPONENTS, quantization),
-        special_tokens=special_tokens(model.config, tokenizer),
-        config=config_summary(model.config),
-        experts=experts,
-        routed_experts=model.config.routed_experts,
-    )
-
-
-def checkpoint_experts(
-    folder: str | os.PathLike[str], stage_record: dict | None, config: MedPLIBConfig
-) -> list[ExpertSummary]:
-    """The experts a checkpoint holds, from its own records (the specs as they were when it was made):
-    those its router composes (`moe.safetensors`' header), else the adapters its stage folder carries
-    (`stage.json`), else those a converted release routes, else those whose tokens and heads the
-    trunk holds (`config.experts`; the built-ins for a checkpoint older than that record)."""
-    installed = get_experts()
-    moe_file = Path(folder, MOE_FILE)
-    if moe_file.is_file():
-        specs = [ExpertSpec.model_validate(spec) for spec in read_moe_record(moe_file)["experts"]]
-        return [expert_summary(spec, "routed", spec.name in installed) for spec in specs]
-    if stage_record is None:
-        return converted_experts(config.routed_experts) if config.routed_experts else held_experts(config)
-    recorded = stage_record.get("specs", {})
-    active = stage_record.get("active")
-    return [
-        expert_summary(
-            ExpertSpec.model_validate(recorded[name]),
-            "active adapter" if name == active else "adapter",
-            name in installed,
-        )
-        for name in stage_record.get("adapters", {})
-    ]
-
-
-def model_config(source: str | os.PathLike[str]) -> MedPLIBConfig:
-    """The config of the model `source` holds, without its weights: a preset's, or a folder's
-    config.json (a stage folder's model's)."""
-    source = os.fspath(source)
-    form = recognise(LoadRequest(source)).name
-    if form == "preset":
-        return build_config(source)
-    if form == "stage folder":
-        source = os.path.join(os.path.expanduser(source), "model")
-    with local_folder(source) as folder:
-        return AutoConfig.from_pretrained(folder, local_files_only=True)
 
 
 # ---- presets and LLaVA + SAM ---------------------------------------------------------------------------
