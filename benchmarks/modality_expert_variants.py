@@ -10,7 +10,12 @@ recipe: whether the plugin heads train (`expert_heads`), the head loss weight, a
 - `T<w>`: heads trained, head weight w (`T1` was the recipe before this benchmark);
 - `A<w>`: heads frozen, head weight w (`A0`: no head loss at all);
 - a suffix `-group-group`: those parameter groups (`stages.PARAMETER_GROUPS`) also frozen in stage IV;
-- a suffix `@N`: stage IV runs N steps (default: its recipe's length).
+- a suffix `@N`: stage IV runs N steps (default: its recipe's length);
+- a suffix `~anchor<w>`: the head anchor's weight (`StageSpec.head_anchor`; default: the recipe's);
+- a suffix `~router<x>`: the routers train at x times the stage's learning rate (`StageSpec.lr_scales`).
+
+A variant folder that already holds a trained `stage4` (e.g. the recipe's own run, linked there) is
+scored without training it again. `--seed` picks the chain (`modality_expert.py --seed`).
 
 Writes benchmarks/results/modality_expert_variants.json; `modality_expert.py` adds its table to the
 markdown. One torch thread (the machine is shared).
@@ -22,6 +27,7 @@ import argparse
 import importlib.util
 import json
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,21 +58,41 @@ class VariantRun(StageRun):
 
     heads_train: bool = True
     head_weight: float = 1.0
+    head_anchor: float | None = None  # None: the recipe's
+    router_lr_scale: float | None = None
 
     def spec(self) -> StageSpec:
         spec = super().spec()  # less `frozen`
         trains = tuple(g for g in spec.trains if g != "expert_heads")
         trains += ("expert_heads",) if self.heads_train else ()
         loss = spec.loss.model_copy(update={"head": self.head_weight})
-        return spec.model_copy(update={"trains": trains, "loss": loss})
+        update = {"trains": trains, "loss": loss}
+        if self.head_anchor is not None:
+            update["head_anchor"] = self.head_anchor
+        if self.router_lr_scale is not None:
+            update["lr_scales"] = {**spec.lr_scales, "router": self.router_lr_scale}
+        return spec.model_copy(update=update)
 
 
-def parse(name: str) -> tuple[bool, float, tuple[str, ...], int | None]:
-    match = re.fullmatch(r"([TA])(\d+(?:\.\d+)?)((?:-[a-z_]+)*)(?:@(\d+))?", name)
+def parse(name: str) -> dict:
+    number = r"\d+(?:\.\d+)?"
+    match = re.fullmatch(
+        rf"([TA])({number})((?:-[a-z_]+)*)(?:@(\d+))?(?:~anchor({number}))?(?:~router({number}))?", name
+    )
     frozen = tuple(match[3].split("-")[1:]) if match else ()
     if match is None or not set(frozen) <= set(PARAMETER_GROUPS):
-        raise SystemExit(f"variant {name!r}: use T<weight> or A<weight>, -<group> per frozen group, @<steps>")
-    return match[1] == "T", float(match[2]), frozen, int(match[4]) if match[4] else None
+        raise SystemExit(
+            f"variant {name!r}: use T<weight> or A<weight>, -<group> per frozen group, @<steps>,"
+            " ~anchor<weight>, ~router<lr scale>"
+        )
+    return {
+        "heads_train": match[1] == "T",
+        "head_weight": float(match[2]),
+        "frozen": frozen,
+        "steps": int(match[4]) if match[4] else None,
+        "head_anchor": float(match[5]) if match[5] else None,
+        "router_lr_scale": float(match[6]) if match[6] else None,
+    }
 
 
 def last_losses(stage4: Path, steps: int = 20) -> dict[str, float]:
@@ -75,34 +101,35 @@ def last_losses(stage4: Path, steps: int = 20) -> dict[str, float]:
     return {k: round(sum(s[k] for s in logged[-steps:]) / steps, 4) for k in ("ce", "router")}
 
 
-def run_variant(name: str, work: Path, module) -> dict:
+def run_variant(name: str, work: Path, module, seed: int = 0) -> dict:
     folder = work / "variants" / name
     if (folder / "variant.json").is_file():
         result = json.loads((folder / "variant.json").read_text())
         return result | {"last_losses": last_losses(folder / "stage4")}
-    heads_train, weight, frozen, steps = parse(name)
+    options = parse(name)
     began = time.perf_counter()
-    run = VariantRun(
-        stage="4",
-        model=str(work / "expert"),
-        data=str(work / "data"),
-        out=str(folder / "stage4"),
-        experts=module.EXPERTS,
-        steps=steps,
-        progress=False,
-        heads_train=heads_train,
-        head_weight=weight,
-        frozen=frozen,
-    )
-    run_stage(run)
-    seconds = time.perf_counter() - began
+    if not (folder / "stage4" / "stage.json").is_file():
+        run = VariantRun(
+            stage="4",
+            model=str(work / "expert"),
+            data=str(work / "data"),
+            out=str(folder / "stage4"),
+            experts=module.EXPERTS,
+            seed=seed,
+            progress=False,
+            **options,
+        )
+        run_stage(run)
+    seconds = json.loads((folder / "stage4" / "stage.json").read_text())["seconds"]
     store = ExampleStore.open(work / "data", split="test")
-    model = load_model(folder / "stage4").model.eval()
-    head = module.head_accuracy(MedPLIB(model, name=name), store)
-    result = {"variant": name, "heads_train": heads_train, "head_weight": weight, "frozen": list(frozen)}
-    result["steps"] = steps
+    assistant = MedPLIB(load_model(folder / "stage4").model.eval(), name=name)
+    head = module.head_accuracy(assistant, store)
+    result = {"variant": name, "seed": seed, **options, "frozen": list(options["frozen"])}
     result |= {"train_seconds": round(seconds, 1), "head": head}
+    result["head_wordings"] = module.head_wordings(assistant, work / "data")
+    result["eval"] = module.headline_scores(folder / "stage4", work / "data", folder / "stage4-eval")
     result["last_losses"] = last_losses(folder / "stage4")
+    print(f"variant {name}: {time.perf_counter() - began:.0f} s", file=sys.stderr)
     (folder / "variant.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -111,14 +138,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("variants", nargs="+")
     parser.add_argument("--work", type=Path, default=Path("/tmp/medplib-modality-bench"))
+    parser.add_argument("--seed", type=int, default=0, help="the chain's seed (its stage IV's too)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     module = benchmark()
     module.register_example()
-    results = {r["variant"]: r for r in json.loads(RESULTS.read_text())} if RESULTS.is_file() else {}
+    results = {}
+    if RESULTS.is_file():
+        results = {(r["variant"], r.get("seed", 0)): r for r in json.loads(RESULTS.read_text())}
     for name in args.variants:
-        results[name] = run_variant(name, args.work, module)
-        print(json.dumps(results[name]))
+        results[name, args.seed] = run_variant(name, args.work, module, args.seed)
+        print(json.dumps(results[name, args.seed]))
     RESULTS.write_text(json.dumps(list(results.values()), indent=1))
 
 

@@ -46,6 +46,9 @@ def train(
     routed_layers: str | None = typer.Option(
         None, "--routed-layers", help="stage 4: decoder layers to route, e.g. 0,2 (default: all)"
     ),
+    head_anchor: float | None = typer.Option(
+        None, "--head-anchor", help="stage 4: weight keeping plugin heads' input states (0: off; default 5)"
+    ),
 ) -> None:
     """Train one stage of the MedPLIB recipe (I align, II and III experts, IV mixture of experts)."""
     from medplib.trainers.distributed import launch
@@ -69,6 +72,7 @@ def train(
         resume=resume,
         router=router_options(router_top_k, capacity_factor, load_balancing_weight, routed_layers),
         experts=tuple(name.strip() for name in experts.split(",") if name.strip()) if experts else None,
+        head_anchor=head_anchor,
     )
     run.spec()  # an unknown stage, schedule, expert or router option fails here, before any data is read
     record = launch(run, workers, max_failures)

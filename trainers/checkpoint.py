@@ -176,7 +176,18 @@ def load_checkpoint(
     for key, value in opt_tensors.items():
         name, _, field = key.rpartition("/")
         per_param.setdefault(names.index(name), {})[field] = value
-    groups = [{**group, "params": list(range(len(names)))} for group in state["param_groups"]]
+    # The optimizer's groups hold the parameters in the order of `named_parameters`, group by group.
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    if len(sizes) != len(state["param_groups"]):
+        raise CheckpointError(
+            f"{folder} has {len(state['param_groups'])} learning-rate groups, this stage "
+            f"{len(sizes)}; resume with the same stage, model and options"
+        )
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    groups = [
+        {**group, "params": list(range(start, start + size))}
+        for group, start, size in zip(state["param_groups"], starts, sizes, strict=True)
+    ]
     optimizer.load_state_dict({"state": per_param, "param_groups": groups})
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(rng)

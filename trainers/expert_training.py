@@ -6,6 +6,10 @@
 - `plugin_examples`: the datasets an expert's plugin registers (`medplib_register_datasets`) named
   after the expert (`<expert>` or `<expert>_<anything>`), read from the stage's data folder, their
   answers' trigger tokens kept as the expert's tokens.
+- `anchor_states` / the anchor term of `head_losses` (stage IV, `StageSpec.head_anchor`): the state
+  each generic head reads, as the composed model gives it before stage IV trains (routed wholly to
+  the head's expert, which is its expert stage's model), is kept as a target, so the shared parts
+  stage IV trains for its routes do not move the head's input away from what the head learned on.
 - `routing_targets`: stage IV's routing target of each sample, a distribution over the composed
   experts: the experts whose trigger tokens its answer holds, else every expert whose `trains_on`
   accepts it, shared equally. So two experts that both accept a sample share it instead of the
@@ -42,6 +46,45 @@ def trigger_positions(model: Any, input_ids: torch.Tensor, attention_mask: torch
     return sorted(found)
 
 
+def anchor_states(
+    model: Any, moe: Any, examples: Sequence[Example], collator: Any, batch_size: int = 8
+) -> dict[str, torch.Tensor]:
+    """Per example id, the states (triggers, hidden) that predict its generic heads' trigger tokens,
+    each computed with every token routed to that head's expert: before stage IV trains, that is
+    the expert stage's own model. Examples without such a trigger are left out."""
+    chosen = [e for e in examples if _answer_ids(e, model) & set(_generic_triggers(model))]
+    anchors: dict[str, list[torch.Tensor]] = {}
+    training = model.training
+    model.eval()  # no LoRA dropout: the states the expert stage's model gives
+    try:
+        for start in range(0, len(chosen), batch_size):
+            part = chosen[start : start + batch_size]
+            batch = collator(part)
+            device = next(model.parameters()).device
+            inputs = {
+                key: batch[key].to(device) if torch.is_tensor(batch[key]) else batch[key]
+                for key in ("input_ids", "attention_mask", "pixel_values", "region_masks")
+            }
+            found = trigger_positions(model, batch["input_ids"], batch["attention_mask"])
+            hidden = {}
+            for name in dict.fromkeys(name for _, _, name in found):
+                with torch.no_grad(), moe.force_expert(name), moe.padding(inputs["attention_mask"]):
+                    hidden[name] = model(**inputs).last_hidden_state
+            for row, position, name in found:  # per row in position order, as `head_losses` finds them
+                anchors.setdefault(part[row].id, []).append(hidden[name][row, position])
+    finally:
+        model.train(training)
+    return {key: torch.stack(states) for key, states in anchors.items()}
+
+
+def _generic_triggers(model: Any) -> dict[int, str]:
+    return {
+        token_id: name
+        for token_id, name in model.trigger_experts.items()
+        if not model.expert_heads[name].image_conditioned
+    }
+
+
 def head_losses(
     loss: BatchLoss,
     model: Any,
@@ -49,14 +92,21 @@ def head_losses(
     batch: dict,
     weight: float,
     global_batch: int,
+    anchors: dict[str, torch.Tensor] | None = None,
+    anchor_weight: float = 0.0,
 ) -> BatchLoss:
     """`loss` plus every generic head's loss on its trigger tokens (logged as 'head'), each sample's
-    mean over its triggers of each head, summed over samples and divided by the global batch."""
+    mean over its triggers of each head, summed over samples and divided by the global batch; and,
+    with `anchors`, each trigger state's squared distance to its anchor relative to the anchor's
+    squared norm (logged as 'anchor'), weighted by `anchor_weight`, on the same scale."""
+    examples = batch["examples"]
+    found = trigger_positions(model, batch["input_ids"], batch["attention_mask"])
+    if anchors and anchor_weight > 0:
+        loss = _anchor_loss(loss, hidden, examples, found, anchors, anchor_weight, global_batch)
     if weight <= 0:
         return loss
-    examples = batch["examples"]
     per_expert: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
-    for row, position, name in trigger_positions(model, batch["input_ids"], batch["attention_mask"]):
+    for row, position, name in found:
         target = model.expert_heads[name].target(examples[row])
         if target is not None:
             per_expert.setdefault(name, []).append((row, hidden[row, position], target))
@@ -76,6 +126,34 @@ def head_losses(
     total = loss.total + weight * per_sample.sum() / global_batch
     parts = {**loss.parts, "head": float(per_sample[used].detach().mean())}
     return BatchLoss(total, parts, {**loss.counts, "head": int(used.sum())})
+
+
+def _anchor_loss(
+    loss: BatchLoss,
+    hidden: torch.Tensor,
+    examples: Sequence[Example],
+    found: list[tuple[int, int, str]],
+    anchors: dict[str, torch.Tensor],
+    weight: float,
+    global_batch: int,
+) -> BatchLoss:
+    rows: dict[int, list[int]] = {}
+    for row, position, _ in found:  # in position order per row, as `anchor_states` stored them
+        rows.setdefault(row, []).append(position)
+    terms = []
+    for row, positions in rows.items():
+        anchor = anchors.get(examples[row].id)
+        if anchor is None or len(anchor) != len(positions):
+            continue
+        states = hidden[row, positions].float()
+        anchor = anchor.to(states.device).float()
+        terms.append(((states - anchor).square().sum(-1) / anchor.square().sum(-1)).mean())
+    if not terms:
+        return loss
+    per_sample = torch.stack(terms)
+    total = loss.total + weight * per_sample.sum() / global_batch
+    parts = {**loss.parts, "anchor": float(per_sample.detach().mean())}
+    return BatchLoss(total, parts, {**loss.counts, "anchor": len(terms)})
 
 
 def routing_targets(experts: Sequence[ExpertSpec], examples: Sequence[Example], model: Any) -> torch.Tensor:

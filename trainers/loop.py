@@ -48,7 +48,7 @@ from medplib.trainers.data_parallel import (
     syncing,
 )
 from medplib.trainers.encoder_cache import FrozenEncoderCache
-from medplib.trainers.expert_training import head_losses, routing_targets
+from medplib.trainers.expert_training import anchor_states, head_losses, routing_targets
 from medplib.trainers.losses import (
     LOSS_PARTS,
     BatchLoss,
@@ -178,7 +178,9 @@ def forward_losses(
         spec.contrast.weight if spec.contrast is not None else 0.0,
         terms,
     )
-    loss = head_losses(loss, model, hidden, batch, spec.loss.head, global_batch)
+    loss = head_losses(
+        loss, model, hidden, batch, spec.loss.head, global_batch, prepared.head_anchors, spec.head_anchor
+    )
     if prepared.moe is not None and spec.router.load_balancing_weight > 0:
         loss = add_load_balancing(loss, prepared.moe.load_balancing_loss(), len(targets), global_batch)
     return loss, int(batch["attention_mask"].sum())
@@ -232,6 +234,21 @@ def _progress(total: int, initial: int, enabled: bool, title: str):
     )
 
 
+def optimizer_groups(
+    named: list[tuple[str, torch.nn.Parameter]], spec: StageSpec
+) -> tuple[list[tuple[str, torch.nn.Parameter]], list[dict]]:
+    """The trainable parameters ordered group by group, and AdamW's groups, one per learning rate
+    (`spec.lr_scales`). Checkpoints list parameters in this order, which is how a resume finds each
+    parameter's group again."""
+    by_scale: dict[float, list[tuple[str, torch.nn.Parameter]]] = {}
+    for name, parameter in named:
+        by_scale.setdefault(spec.lr_scale(name), []).append((name, parameter))
+    scales = sorted(by_scale, key=lambda scale: scale != 1.0)  # the stage's own lr first: it is logged
+    ordered = [item for scale in scales for item in by_scale[scale]]
+    groups = [{"params": [p for _, p in by_scale[scale]], "lr": spec.optim.lr * scale} for scale in scales]
+    return ordered, groups
+
+
 def train(
     prepared: StageModel,
     examples: Sequence[Example],
@@ -242,11 +259,13 @@ def train(
     """Train `prepared` on `examples` as `spec` says; checkpoints and log under `options.out`."""
     model = prepared.model.train()
     device = next(model.parameters()).device
-    named = prepared.trainable_parameters()
+    if prepared.moe is not None and spec.head_anchor > 0:  # before a resume loads trained weights
+        prepared.head_anchors = anchor_states(model, prepared.moe, examples, collator)
+    named, groups = optimizer_groups(prepared.trainable_parameters(), spec)
     parameters = [p for _, p in named]
     opt = spec.optim
     optimizer = torch.optim.AdamW(
-        parameters, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps
+        groups, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps
     )
     global_batch, per_epoch, warmup = schedule_lengths(spec, len(examples), options.world)
     total = options.steps or max(1, round(opt.epochs * per_epoch))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from medplib.core.model.losses import MASK_PARTS, dice_loss
 
 # Every part a `BatchLoss` may log, in the one order every worker sends them.
-LOSS_PARTS = ("ce", *MASK_PARTS, "router", "contrast", "prompt_contrast", "balance", "head")
+LOSS_PARTS = ("ce", *MASK_PARTS, "router", "contrast", "prompt_contrast", "balance", "head", "anchor")
 
 
 def pair_contrast(

@@ -53,6 +53,9 @@ class StageModel:
     model: MedPLIBForCausalLM
     peft: PeftModel | None = None
     moe: MixtureOfExperts | None = None
+    # Stage IV: per example id, the states its generic heads read before the stage trained
+    # (`expert_training.anchor_states`), kept as targets where `StageSpec.head_anchor` > 0.
+    head_anchors: dict[str, torch.Tensor] | None = None
 
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from medplib.core.errors import InvalidInputError
 from medplib.core.expert_spec import ExpertSpec, LoraSpec, LossWeights, SampleFilter
@@ -119,6 +119,24 @@ class StageSpec(BaseModel):
     # The `<SEG>` state reads the request's token states (`MedPLIBConfig.seg_read_request`): a model
     # without the reader gets a fresh one before training (`stage_folder.prepare`).
     seg_read_request: bool = False
+    # Learning-rate multipliers by parameter group: a parameter of a listed group trains at `optim.lr`
+    # times its scale (the first listed group it belongs to), every other one at `optim.lr`.
+    lr_scales: dict[str, float] = {}
+    # Stage IV: weight of the anchor loss that keeps each generic expert head's input state (the one
+    # predicting its trigger token) where the composed model had it before training, routed wholly
+    # to the head's expert, i.e. where its expert stage left it (`expert_training.anchor_states`).
+    head_anchor: float = Field(0.0, ge=0)
+
+    @field_validator("lr_scales")
+    @classmethod
+    def _known_groups(cls, scales: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(scales) - set(PARAMETER_GROUPS))
+        if unknown:
+            groups = ", ".join(PARAMETER_GROUPS)
+            raise ValueError(f"lr_scales names unknown groups {unknown}; the groups: {groups}")
+        if any(scale <= 0 for scale in scales.values()):
+            raise ValueError(f"lr_scales must be positive, got {scales}")
+        return scales
 
     def pattern(self, group: str) -> str:
         if group == "expert_head":
@@ -127,6 +145,13 @@ class StageSpec(BaseModel):
 
     def trainable(self, parameter_name: str) -> bool:
         return any(re.search(self.pattern(group), parameter_name) for group in self.trains)
+
+    def lr_scale(self, parameter_name: str) -> float:
+        """The multiplier of `optim.lr` that `parameter_name` trains at (`lr_scales`)."""
+        for group, scale in self.lr_scales.items():
+            if re.search(self.pattern(group), parameter_name):
+                return scale
+        return 1.0
 
     def trained_rows(self, parameter_name: str) -> list[str]:
         """Config fields of the token ids whose rows alone `parameter_name` trains; [] for all rows."""
@@ -170,6 +195,11 @@ JOINT_EXPERT = ExpertSpec(
 )
 # The paper's IV weights; a plugin expert's head keeps learning from its tokens (head 1).
 MOE_LOSS = LossWeights(ce=1.0, bce=2.0, dice=0.5, head=1.0)
+# Stage IV keeps each plugin head's input state near its expert stage's (`StageSpec.head_anchor`; not
+# in the paper, which has no plugin heads): without it the tiny MoE's modality head moved from -14 to
+# +10 points from chain to chain; with it, it scored what its expert stage scored on two of three
+# seeds and 2 of 102 decisions fewer on the third, as without it (benchmarks/results/modality_expert.md).
+HEAD_ANCHOR = 5.0
 
 PAPER_OPTIM = {
     "1": Optimization(lr=1e-3, epochs=1),  # LLaVA-1.5's alignment learning rate; MedPLIB reuses it
@@ -305,6 +335,7 @@ def _stage_spec(stage: str, schedule: str, expert: str | None) -> StageSpec:
             tasks=SampleFilter(tasks=ALL_TASKS),
             loss=MOE_LOSS,
             optim=optim["4"],
+            head_anchor=HEAD_ANCHOR,
         )
     if stage == "joint":
         # Whatever II and III train between them, on all data, with stage IV's loss weights.

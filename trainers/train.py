@@ -51,6 +51,7 @@ class StageRun:
     # stage IV with ("embeddings", "experts") keeps the experts' LoRA and the token embeddings as their
     # stages trained them (benchmarks/modality_expert_variants.py measures such variants).
     frozen: tuple[str, ...] = ()
+    head_anchor: float | None = None  # stage IV: the head anchor's weight (None: the recipe's)
 
     def spec(self) -> StageSpec:
         spec = stage_spec(self.stage, self.schedule, self.expert)
@@ -69,6 +70,12 @@ class StageRun:
             spec = spec.model_copy(update={"router": router})
         if self.experts is not None and spec.setup != "compose":
             raise InvalidInputError(f"--experts applies to stage 4, not stage {spec.key}")
+        if self.head_anchor is not None:
+            if spec.setup != "compose":
+                raise InvalidInputError(f"--head-anchor applies to stage 4, not stage {spec.key}")
+            if self.head_anchor < 0:
+                raise InvalidInputError(f"--head-anchor must be 0 (off) or more, got {self.head_anchor:g}")
+            spec = spec.model_copy(update={"head_anchor": self.head_anchor})
         if self.frozen:
             unknown = sorted(set(self.frozen) - set(spec.trains))
             if unknown:

@@ -13,11 +13,21 @@ from safetensors.torch import load_file
 
 from medplib.core.errors import InvalidInputError
 from medplib.core.expert_spec import ExpertSpec, SampleFilter
-from medplib.core.model import build_medplib
+from medplib.core.model import MedPLIBProcessor, build_medplib
 from medplib.core.plugins import get_experts
-from medplib.trainers.collate import ExampleStore
+from medplib.loading import load_model
+from medplib.trainers.collate import Collator, ExampleStore
 from medplib.trainers.data.loader import load_samples
-from medplib.trainers.expert_training import plugin_examples, routing_targets
+from medplib.trainers.expert_training import (
+    anchor_states,
+    head_losses,
+    plugin_examples,
+    routing_targets,
+    trigger_positions,
+)
+from medplib.trainers.losses import BatchLoss
+from medplib.trainers.stage_folder import load_source, prepare
+from medplib.trainers.stages import stage_spec
 from medplib.trainers.train import StageRun, run_stage
 
 MODALITIES = ["MRI", "CT", "X-ray"]
@@ -176,3 +186,58 @@ def test_stage_four_can_keep_the_experts_and_embeddings_as_their_stages_trained_
     assert record["run"]["frozen"] == list(frozen) and "experts" not in record["spec"]["trains"]
     with pytest.raises(InvalidInputError, match="frozen vision_tower: stage 4 trains only router"):
         StageRun(stage="4", model="m", data="d", out="o", frozen=("vision_tower",)).spec()
+
+
+def test_stage_four_anchors_the_heads_input_at_its_expert_stage_state(
+    example_module, small_dataset, tmp_path
+) -> None:
+    """`anchor_states` on the freshly composed model equals the expert stage's own `<MOD>` states, and
+    the anchor term is 0 there and grows as the state moves away."""
+
+    def stage(key: str, source: str, out: str, **options):
+        data, folder = str(small_dataset), str(tmp_path / out)
+        run = StageRun(key, source, data, folder, steps=2, batch_size=4, progress=False, **options)
+        return run_stage(run)
+
+    stage("2", "tiny", "stage2")
+    stage("expert", str(tmp_path / "stage2"), "modality", expert="modality")
+    spec = stage_spec("4").model_copy(update={"head_anchor": 2.0})
+    prepared = prepare(spec, load_source(str(tmp_path / "modality")), experts=("vision_language", "modality"))
+    model = prepared.model
+    collator = Collator(MedPLIBProcessor(model.config, model.tokenizer))
+    examples = plugin_examples([get_experts()["modality"]], small_dataset)
+    plain = ExampleStore(load_samples(small_dataset, split="train")).examples()  # no <MOD>: no anchor
+    model.train()  # as the loop has it: the anchors are still computed without dropout
+    anchors = anchor_states(model, prepared.moe, [*examples, *plain], collator)
+    assert sorted(anchors) == sorted(e.id for e in examples) and model.training
+
+    expert = load_model(tmp_path / "modality").model.eval()  # the expert stage, its adapter active
+    batch = collator(examples)
+    with torch.no_grad():
+        hidden = expert(
+            **{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+        ).last_hidden_state
+    found = trigger_positions(expert, batch["input_ids"], batch["attention_mask"])
+    assert len(found) == len(examples)
+    for row, position, name in found:
+        assert name == "modality"
+        assert torch.allclose(anchors[examples[row].id][0], hidden[row, position], atol=1e-5)
+
+    empty = BatchLoss(torch.zeros(()), {}, {})
+    kept = head_losses(empty, expert, hidden, batch, 0.0, len(examples), anchors, spec.head_anchor)
+    assert kept.parts["anchor"] == pytest.approx(0.0, abs=1e-9) and kept.counts["anchor"] == len(examples)
+    moved = head_losses(empty, expert, hidden * 0.5, batch, 0.0, len(examples), anchors, spec.head_anchor)
+    # Half the state: (0.5 h)^2 / h^2 = 0.25 per sample, weighted 2, averaged over the global batch.
+    assert moved.parts["anchor"] == pytest.approx(0.25, rel=1e-4)
+    assert moved.total.item() == pytest.approx(2.0 * 0.25, rel=1e-4)
+
+
+def test_stage_four_anchors_plugin_heads_by_default_and_the_option_is_checked() -> None:
+    assert stage_spec("4").head_anchor == stage_spec("4", "paper").head_anchor == 5.0
+    assert stage_spec("3").head_anchor == 0.0
+    run = StageRun(stage="4", model="m", data="d", out="o", head_anchor=0.0)
+    assert run.spec().head_anchor == 0.0  # off
+    with pytest.raises(InvalidInputError, match="--head-anchor applies to stage 4, not stage 2"):
+        StageRun(stage="2", model="m", data="d", out="o", head_anchor=1.0).spec()
+    with pytest.raises(InvalidInputError, match="--head-anchor must be 0 \\(off\\) or more, got -1"):
+        StageRun(stage="4", model="m", data="d", out="o", head_anchor=-1.0).spec()
