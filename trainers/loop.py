@@ -17,7 +17,6 @@ step is also reported to Ray, and checkpoints go to Ray and come back from it af
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -44,25 +43,22 @@ from medplib.trainers.data_parallel import (
     broadcast_trained,
     data_parallel,
     fill_missing_gradients,
-    sum_over_workers,
     syncing,
 )
 from medplib.trainers.encoder_cache import FrozenEncoderCache
 from medplib.trainers.expert_training import anchor_states, head_losses, routing_targets
 from medplib.trainers.losses import (
-    LOSS_PARTS,
     BatchLoss,
     add_load_balancing,
     combine_losses,
     pair_contrast,
     routing_loss,
 )
+from medplib.trainers.metrics_log import LOG_FILE, MetricsLog, step_record
 from medplib.trainers.prompt_contrast import prompt_terms
 from medplib.trainers.sampling import PairKey, paired_order
 from medplib.trainers.stage_folder import StageModel
 from medplib.trainers.stages import StageSpec
-
-LOG_FILE = "metrics.jsonl"
 
 
 @dataclass(frozen=True)
@@ -204,28 +200,6 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {key: move(value) for key, value in batch.items()}
 
 
-class MetricsLog:
-    """The JSONL metrics log; a run that starts at step N (resumed, or restarted by Ray) first drops
-    the lines after N, which a killed attempt wrote past its last checkpoint."""
-
-    def __init__(self, path: Path, enabled: bool, start: int) -> None:
-        self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if path.is_file():
-            kept = [
-                line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= start
-            ]
-        path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with self.path.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
-
-
 def _progress(total: int, initial: int, enabled: bool, title: str):
     from tqdm.auto import tqdm
 
@@ -335,7 +309,7 @@ def train(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            record = _step_record(tally, tokens, options.world)
+            record = step_record(tally, tokens, options.world)
             record |= {"stage": spec.key, "step": step + 1, "epoch": (step + 1) / per_epoch, "lr": lr}
             record |= {"grad_norm": float(norm), "samples_per_s": len(chosen) / (time.perf_counter() - tick)}
             record["tokens_per_s"] = record.pop("tokens") / (time.perf_counter() - tick)
@@ -391,17 +365,3 @@ def _tracked_forward(
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _step_record(tally: dict[str, list[float]], tokens: int, world: int) -> dict:
-    """The step's log values over all workers. Every worker sends every part, in one order: a
-    worker's share may lack some (no mask in it), and the all-reduce needs equal tensors."""
-    names = ("loss", *LOSS_PARTS)
-    values = [v for name in names for v in tally.get(name, (0.0, 0.0))] + [tokens]
-    values = sum_over_workers(torch.tensor(values, dtype=torch.float64), world).tolist()
-    record: dict[str, float] = {"loss": values[0], "tokens": values[-1]}
-    for i, name in enumerate(names[1:], start=1):
-        total, count = values[2 * i], values[2 * i + 1]
-        if count:
-            record[name] = total / count
-    return record

@@ -21,7 +21,8 @@ from medplib.trainers.checkpoint import (
 )
 from medplib.trainers.collate import LOSS_ONLY_KEYS, Collator, ExampleStore
 from medplib.trainers.encoder_cache import FrozenEncoderCache
-from medplib.trainers.loop import LOG_FILE, LoopOptions, forward_losses, step_samples, train
+from medplib.trainers.loop import LoopOptions, forward_losses, step_samples, train
+from medplib.trainers.metrics_log import LOG_FILE, step_record
 from medplib.trainers.stage_folder import StageStart, prepare
 from medplib.trainers.stages import stage_spec
 from medplib.trainers.train import stage_examples
@@ -157,16 +158,16 @@ def test_a_checkpoint_killed_mid_write_is_never_picked(tmp_path: Path) -> None:
 def test_workers_with_different_loss_parts_send_one_log_layout(monkeypatch: pytest.MonkeyPatch) -> None:
     # One worker's share has only VQA samples, the other's has masks: their all-reduced vectors must
     # line up (a mismatch aborts gloo), and the record is the global batch's.
-    import medplib.trainers.loop as loop
+    import medplib.trainers.metrics_log as metrics_log
 
     vqa = {"loss": [3.0, 0.0], "ce": [6.0, 2.0]}
     grounding = {"loss": [4.0, 0.0], "ce": [2.0, 1.0], "bce": [0.5, 1.0], "dice": [0.25, 1.0]}
     sent: list[torch.Tensor] = []
-    monkeypatch.setattr(loop, "sum_over_workers", lambda values, world: sent.append(values) or values)
-    loop._step_record(vqa, 10, world=2)
-    loop._step_record(grounding, 5, world=2)
+    monkeypatch.setattr(metrics_log, "sum_over_workers", lambda values, world: sent.append(values) or values)
+    step_record(vqa, 10, world=2)
+    step_record(grounding, 5, world=2)
     assert sent[0].shape == sent[1].shape
 
-    monkeypatch.setattr(loop, "sum_over_workers", lambda values, world: sent[0] + sent[1])
-    record = loop._step_record(vqa, 10, world=2)
+    monkeypatch.setattr(metrics_log, "sum_over_workers", lambda values, world: sent[0] + sent[1])
+    record = step_record(vqa, 10, world=2)
     assert record == pytest.approx({"loss": 7.0, "tokens": 15.0, "ce": 8.0 / 3, "bce": 0.5, "dice": 0.25})
