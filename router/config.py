@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -16,6 +18,10 @@ class RouterConfig(BaseModel):
       shared MLP and its gate weight but loses that expert's delta. None: no limit.
     - `load_balancing_weight`: weight of the Switch-Transformer auxiliary loss (0, as MedPLIB).
     - `layers`: decoder layers whose MLP is routed; None: all of them (MedPLIB).
+    - `top1_output`: top-1's forward scale. "probability" (MedPLIB) multiplies the chosen expert's
+      output by its gate probability; "unscaled" passes it at 1.0 and lets the gradient reach the gate
+      through the probability (p / stop_gradient(p)), so a composed model starts at its experts instead
+      of at about half their MLP output, and routing still learns.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -26,3 +32,4 @@ class RouterConfig(BaseModel):
     load_balancing_weight: float = Field(0.0, ge=0)
     layers: tuple[int, ...] | None = None
     router_init_std: float = Field(0.02, gt=0)
+    top1_output: Literal["probability", "unscaled"] = "probability"

@@ -34,7 +34,11 @@ class Routing:
 
 
 def route(
-    logits: torch.Tensor, top_k: int, capacity: int | None = None, real: torch.Tensor | None = None
+    logits: torch.Tensor,
+    top_k: int,
+    capacity: int | None = None,
+    real: torch.Tensor | None = None,
+    unscaled: bool = False,
 ) -> Routing:
     """Top-k gating; see `RouterConfig` for the weighting and the capacity policy.
 
@@ -46,6 +50,8 @@ def route(
     weights, experts = probs.topk(top_k, dim=-1)
     if top_k > 1:
         weights = weights / weights.sum(dim=-1, keepdim=True)
+    elif unscaled:  # 1.0 forward, the probability's gradient backward (`RouterConfig.top1_output`)
+        weights = weights / weights.detach()
     kept = None
     if capacity is not None:
         # Choice-major order serves every token's first choice before any second choice.
@@ -118,6 +124,7 @@ class RoutedMLP(nn.Module):
         )
         nn.init.normal_(self.router.weight, std=config.router_init_std)
         self.top_k = config.top_k
+        self.unscaled = config.top1_output == "unscaled"
         self.capacity_factor = config.capacity_factor
         self.min_capacity = config.min_capacity
         self.forced_expert: int | None = None
@@ -138,7 +145,7 @@ class RoutedMLP(nn.Module):
             real = None
         if self.forced_expert is None:
             num_real = len(flat) if real is None else int(real.sum())
-            routing = route(logits, self.top_k, self.capacity(num_real), real)
+            routing = route(logits, self.top_k, self.capacity(num_real), real, self.unscaled)
         else:
             routing = forced_routing(logits, self.forced_expert)
         self.last_routing = routing

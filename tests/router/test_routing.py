@@ -102,6 +102,26 @@ def test_load_balancing_loss_and_training_gradients(trunk, experts, input_ids) -
     assert mlp.experts[0].lora_B["down_proj"].weight.grad.abs().sum() > 0
 
 
+def test_an_unscaled_top1_gate_passes_the_expert_at_one_and_still_trains_the_router(
+    trunk, experts, input_ids
+) -> None:
+    logits = torch.tensor([[2.0, 0.5, 0.0], [1.0, 3.0, 0.0]], requires_grad=True)
+    weights = route(logits, 1, unscaled=True).weights
+    assert weights[:, 0].tolist() == [1.0, 1.0]
+    weights.sum().backward()  # p / stop_gradient(p): d/dlogits of 1/p * p, non-zero where p < 1
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    # The composed model then equals its chosen experts: forcing the routed choice changes nothing.
+    specs, adapters = experts(trunk, 3)
+    moe = compose(copy.deepcopy(trunk), specs, adapters, RouterConfig(top1_output="unscaled"))
+    with torch.no_grad():
+        routed = moe.model(input_ids).logits
+    layer = next(iter(moe.layers.values()))
+    assert layer.last_routing.weights.eq(1.0).all()
+    scaled = compose(copy.deepcopy(trunk), specs, adapters)
+    with torch.no_grad():
+        assert not torch.allclose(scaled.model(input_ids).logits, routed)
+
+
 def test_composition_defaults_and_partial_layers(trunk, experts) -> None:
     specs, adapters = experts(trunk, 3)
     model = copy.deepcopy(trunk)
