@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import random
 import shutil
@@ -11,8 +12,10 @@ import sys
 import uuid
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -108,6 +111,40 @@ def register_plugin(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[objec
     for plugin, name in registered:
         if plugins.pm.get_plugin(name) is plugin:
             plugins.pm.unregister(plugin)
+
+
+@pytest.fixture(scope="session")
+def scripted_lm_head() -> Callable[[Any, Sequence[int | Sequence[int]]], AbstractContextManager[None]]:
+    """`with scripted_lm_head(model, script):` the model's LM head says `script[step]` at each decoding
+    step whatever the hidden state (an int: every row; a list: one token per row), the last entry
+    once the script runs out; the trained head is put back after. The trunk stays real."""
+    import torch  # deferred: most tests never need torch
+
+    class ScriptedLMHead(torch.nn.Module):
+        def __init__(self, script: Sequence[int | Sequence[int]], vocab_size: int) -> None:
+            super().__init__()
+            self.script, self.vocab_size, self.step = list(script), vocab_size, 0
+
+        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+            logits = torch.zeros(*hidden.shape[:-1], self.vocab_size)
+            said = self.script[min(self.step, len(self.script) - 1)]
+            for row, token in enumerate([said] * len(hidden) if isinstance(said, int) else said):
+                logits[row, ..., token] = 1.0
+            self.step += 1
+            return logits
+
+    @contextlib.contextmanager
+    def scripted(model: Any, script: Sequence[int | Sequence[int]]) -> Iterator[None]:
+        # Swapped by hand: monkeypatch cannot, an nn.Module child is not in the module's `__dict__`.
+        language_model = model.language_model
+        original = language_model.lm_head
+        language_model.lm_head = ScriptedLMHead(script, model.config.text_config.vocab_size)
+        try:
+            yield
+        finally:
+            language_model.lm_head = original
+
+    return scripted
 
 
 @pytest.fixture(scope="session")

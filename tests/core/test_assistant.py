@@ -6,7 +6,6 @@ The tiny preset is untrained, so answers are random text; these tests check how 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -64,20 +63,6 @@ def encoder_calls(assistant: MedPLIB) -> Iterator[dict[str, list[int]]]:
     yield counted
     for handle in handles:
         handle.remove()
-
-
-class ScriptedHead(torch.nn.Module):
-    """An LM head that emits a scripted token per step (for every row), whatever the hidden state."""
-
-    def __init__(self, script: list[int], vocab_size: int) -> None:
-        super().__init__()
-        self.script, self.vocab_size, self.step = script, vocab_size, 0
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = torch.zeros(*hidden.shape[:-1], self.vocab_size)
-        logits[..., self.script[min(self.step, len(self.script) - 1)]] = 1.0
-        self.step += 1
-        return logits
 
 
 def test_answer_returns_a_result_that_round_trips_through_json(fresh: MedPLIB, ct: np.ndarray) -> None:
@@ -232,25 +217,13 @@ def test_grounding_always_gives_a_mask_and_says_when_it_was_forced(fresh: MedPLI
     assert GroundingResult.model_validate_json(result.model_dump_json()) == result
 
 
-@contextlib.contextmanager
-def scripted_head(assistant: MedPLIB, script: list[int]) -> Iterator[None]:
-    """Swap in a `ScriptedHead` (monkeypatch cannot: an nn.Module child is not in `__dict__`)."""
-    language_model = assistant.model.language_model
-    original = language_model.lm_head
-    language_model.lm_head = ScriptedHead(script, assistant.model.config.text_config.vocab_size)
-    try:
-        yield
-    finally:
-        language_model.lm_head = original
-
-
-def test_every_generated_seg_gives_a_mask(fresh: MedPLIB, ct: np.ndarray) -> None:
+def test_every_generated_seg_gives_a_mask(fresh: MedPLIB, ct: np.ndarray, scripted_lm_head) -> None:
     config = fresh.model.config
     seg, eos = config.seg_token_id, config.text_config.eos_token_id
-    with scripted_head(fresh, [seg, 300, seg, eos]):
+    with scripted_lm_head(fresh.model, [seg, 300, seg, eos]):
         answered = fresh.answer(ct, "Segment both.", max_new_tokens=TOKENS)
     assert answered.text.count("<SEG>") == 2 and len(answered.masks) == 2 and not answered.seg_forced
-    with scripted_head(fresh, [seg, eos]):
+    with scripted_lm_head(fresh.model, [seg, eos]):
         grounded = fresh.ground(ct, "the lungs", max_new_tokens=TOKENS)
     assert grounded.text == "<SEG>" and not grounded.seg_forced and len(grounded.masks) == 1
 
@@ -379,7 +352,7 @@ def test_a_stage_four_checkpoint_loads_with_its_experts(tiny_moe_checkpoint, ct:
 
 
 def test_a_prefilled_template_answer_gives_the_mask_its_decoding_gives(
-    fresh: MedPLIB, ct: np.ndarray
+    fresh: MedPLIB, ct: np.ndarray, scripted_lm_head
 ) -> None:
     from medplib.core.model.conversation import encode_conversation
     from medplib.core.prompts import GROUNDING_ANSWER, GROUNDING_QUESTION
@@ -396,7 +369,7 @@ def test_a_prefilled_template_answer_gives_the_mask_its_decoding_gives(
     prefilled = fresh.ground(ct, "the lungs", answer="template")
     assert prefilled.text == template and prefilled.new_tokens == len(answer_ids) and not prefilled.seg_forced
     # The same answer decoded token by token (the LM head scripted to emit it; the trunk is real).
-    with scripted_head(fresh, answer_ids):
+    with scripted_lm_head(fresh.model, answer_ids):
         decoded = fresh.ground(ct, "the lungs", answer="generate", max_new_tokens=len(answer_ids) + 2)
     assert decoded.text == template and decoded.cache.prefix == "hit"
     assert len(prefilled.masks) == len(decoded.masks) == 1

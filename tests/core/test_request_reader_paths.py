@@ -18,19 +18,7 @@ from medplib.trainers.stage_folder import add_request_reader
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-class _Scripted(torch.nn.Module):
-    def __init__(self, tokens: list[int], vocab_size: int) -> None:
-        super().__init__()
-        self.tokens, self.vocab_size, self.step = tokens, vocab_size, 0
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = torch.zeros(*hidden.shape[:-1], self.vocab_size)
-        logits[..., self.tokens[min(self.step, len(self.tokens) - 1)]] = 1.0
-        self.step += 1
-        return logits
-
-
-def test_prefill_decoding_and_training_give_one_mask_score() -> None:
+def test_prefill_decoding_and_training_give_one_mask_score(scripted_lm_head) -> None:
     torch.manual_seed(0)
     assistant = load("tiny", device="cpu")
     model = assistant.model
@@ -47,16 +35,10 @@ def test_prefill_decoding_and_training_give_one_mask_score() -> None:
     tokens, tokenizer = model.config.num_image_tokens, model.tokenizer
     prompt = encode_conversation(tokenizer, [Turn(question)], num_image_tokens=tokens).input_ids
     full = encode_conversation(tokenizer, [Turn(question, answer_parts(template))], num_image_tokens=tokens)
-    original = model.language_model.lm_head
-    model.language_model.lm_head = _Scripted(
-        full.input_ids[len(prompt) :], model.config.text_config.vocab_size
-    )
-    try:
+    with scripted_lm_head(model, full.input_ids[len(prompt) :]):
         decoded = assistant.ground(
             ct, text, answer="generate", max_new_tokens=len(full.input_ids) - len(prompt) + 2
         )
-    finally:
-        model.language_model.lm_head = original
     assert decoded.text == template and decoded.cache.prefix == "hit"
 
     processor = MedPLIBProcessor(model.config, tokenizer)

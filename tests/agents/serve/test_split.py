@@ -8,13 +8,10 @@ as the ingress merges them must be the in-process `answer_batch` results, masks 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 import medplib
 from medplib.agents.serve.config import ServeConfig
@@ -59,31 +56,6 @@ def ct() -> np.ndarray:
     return load_image(dicom_file("CT_small.dcm")).pixels
 
 
-class ScriptedHead(torch.nn.Module):
-    """An LM head that emits `tokens` in turn for every row, so answers hold <SEG>s whatever the weights."""
-
-    def __init__(self, tokens: list[int], vocab_size: int) -> None:
-        super().__init__()
-        self.tokens, self.vocab_size, self.step = tokens, vocab_size, 0
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = torch.zeros(*hidden.shape[:-1], self.vocab_size)
-        logits[..., self.tokens[min(self.step, len(self.tokens) - 1)]] = 1.0
-        self.step += 1
-        return logits
-
-
-@contextlib.contextmanager
-def scripted(assistant: MedPLIB, tokens: list[int]) -> Iterator[None]:
-    language_model = assistant.model.language_model
-    original = language_model.lm_head
-    language_model.lm_head = ScriptedHead(tokens, assistant.model.config.text_config.vocab_size)
-    try:
-        yield
-    finally:
-        language_model.lm_head = original
-
-
 def merged(trunk: Any, grounding: Any, queries: list[Query]) -> list[Any]:
     """The ingress's merge: the trunk's results, masks from the grounding decoder where `<SEG>`s are."""
     results = []
@@ -101,7 +73,7 @@ def comparable(result: Any) -> dict[str, Any]:
 
 
 def test_the_split_equals_the_assistant(
-    reference: MedPLIB, trunk: Any, grounding: Any, ct: np.ndarray
+    reference: MedPLIB, trunk: Any, grounding: Any, ct: np.ndarray, scripted_lm_head: Any
 ) -> None:
     other = np.ascontiguousarray(ct[::-1])
     queries = [
@@ -120,9 +92,9 @@ def test_the_split_equals_the_assistant(
 
     config = reference.model.config
     seg, eos = config.seg_token_id, config.text_config.eos_token_id
-    with scripted(reference, [seg, 300, seg, eos]):
+    with scripted_lm_head(reference.model, [seg, 300, seg, eos]):
         expected = reference.answer_batch(queries[:1], max_new_tokens=TOKENS)
-    with scripted(trunk.assistant, [seg, 300, seg, eos]):
+    with scripted_lm_head(trunk.assistant.model, [seg, 300, seg, eos]):
         (output,) = merged(trunk, grounding, queries[:1])
     assert len(output.masks) == 2 and comparable(output) == comparable(expected[0])
     assert output.cache.sam == "miss"  # the grounding decoder's own cache: first sight of the CT

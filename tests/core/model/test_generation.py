@@ -87,30 +87,15 @@ def test_sampling_is_reproducible_with_a_generator(
     assert never.isdisjoint(torch.cat(runs).flatten().tolist())
 
 
-class _ScriptedHead(torch.nn.Module):
-    """An LM head that emits a scripted token per row and step, whatever the hidden state."""
-
-    def __init__(self, script: list[list[int]], vocab_size: int) -> None:
-        super().__init__()
-        self.script, self.vocab_size, self.step = script, vocab_size, 0
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = torch.zeros(*hidden.shape[:-1], self.vocab_size)
-        for row, token in enumerate(self.script[self.step]):
-            logits[row, ..., token] = 1.0
-        self.step += 1
-        return logits
-
-
 def test_seg_hidden_states_are_kept_and_finished_rows_are_padded(
-    tiny_model: MedPLIBForCausalLM, processor, requests
+    tiny_model: MedPLIBForCausalLM, processor, requests, scripted_lm_head
 ) -> None:
     config = tiny_model.config
     seg, eos, pad = config.seg_token_id, config.text_config.eos_token_id, config.text_config.pad_token_id
     script = [[eos, seg], [seg, seg], [eos, eos], [seg, seg]]
-    tiny_model.language_model.lm_head = _ScriptedHead(script, config.text_config.vocab_size)
     batch = processor(requests)
-    out = tiny_model.generate(**_inputs(batch), max_new_tokens=10)
+    with scripted_lm_head(tiny_model, script):
+        out = tiny_model.generate(**_inputs(batch), max_new_tokens=10)
     assert out.sequences.tolist() == [[eos, pad, pad], [seg, seg, eos]]  # stopped once every row ended
     assert [len(states) for states in out.seg_hidden_states] == [0, 2]
     assert processor.decode(out.sequences) == ["", "<SEG><SEG>"]

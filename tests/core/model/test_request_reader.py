@@ -24,20 +24,6 @@ from medplib.trainers.stage_folder import add_request_reader
 from medplib.trainers.stages import stage_spec
 
 
-class _Scripted(torch.nn.Module):
-    """An LM head that says `tokens` in order, whatever the states."""
-
-    def __init__(self, tokens: list[int], vocab_size: int) -> None:
-        super().__init__()
-        self.tokens, self.vocab_size, self.step = tokens, vocab_size, 0
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = torch.zeros(*hidden.shape[:-1], self.vocab_size)
-        logits[..., self.tokens[min(self.step, len(self.tokens) - 1)]] = 1.0
-        self.step += 1
-        return logits
-
-
 def _reading(model: MedPLIBForCausalLM) -> MedPLIBForCausalLM:
     add_request_reader(model, seed=0)
     with torch.no_grad():  # a trained reader: a zero `out` would hide a wrong request
@@ -66,7 +52,7 @@ def test_a_new_reader_changes_nothing_until_trained(tiny_model, processor, image
 
 
 def test_training_decoding_and_the_template_prefill_read_the_same_request(
-    tiny_model: MedPLIBForCausalLM, processor: MedPLIBProcessor, image
+    tiny_model: MedPLIBForCausalLM, processor: MedPLIBProcessor, image, scripted_lm_head
 ) -> None:
     model = _reading(tiny_model)
     config = model.config
@@ -74,8 +60,8 @@ def test_training_decoding_and_the_template_prefill_read_the_same_request(
     answer = [*words, config.seg_token_id, config.text_config.eos_token_id]
     prompt = processor([Request(image, [Turn("Segment the left hemisphere.")])])
     inputs = {k: prompt[k] for k in ("input_ids", "attention_mask", "pixel_values")}
-    model.language_model.lm_head = _Scripted(answer, config.text_config.vocab_size)
-    decoded = model.generate(**inputs, max_new_tokens=8)
+    with scripted_lm_head(model, answer):
+        decoded = model.generate(**inputs, max_new_tokens=8)
     assert decoded.sequences[0].tolist() == answer
     full = torch.cat([prompt["input_ids"], torch.tensor([answer])], dim=1)
     ones = torch.ones_like(full)
