@@ -335,7 +335,8 @@ def variants_table() -> list[str]:
         "Stage IV retrained from the same expert stage (per seed's chain), one change each. `T`: plugin"
         " heads trained in IV (the recipe), `A`: frozen; the number is the head loss weight; a suffix"
         " `-group` names groups also frozen; @N: N stage IV steps (recipe: 372); `~anchor<w>`: the head"
-        " anchor's weight; `~router<x>`: the routers' learning rate times x. A routing loss left near"
+        " anchor's weight; `~router<x>`: the routers' learning rate times x; `~unscaled`: the top-1 gate"
+        " passes the chosen expert unscaled (`RouterConfig.top1_output`). A routing loss left near"
         " 0.7 (with CE near 0.8) is a router that did not learn its routes. Rows without a seed are the"
         " previous session's chain (seed 0, the code of then; its expert stage scored 0.952 on one wording).",
         "",

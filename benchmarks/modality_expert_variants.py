@@ -12,7 +12,8 @@ recipe: whether the plugin heads train (`expert_heads`), the head loss weight, a
 - a suffix `-group-group`: those parameter groups (`stages.PARAMETER_GROUPS`) also frozen in stage IV;
 - a suffix `@N`: stage IV runs N steps (default: its recipe's length);
 - a suffix `~anchor<w>`: the head anchor's weight (`StageSpec.head_anchor`; default: the recipe's);
-- a suffix `~router<x>`: the routers train at x times the stage's learning rate (`StageSpec.lr_scales`).
+- a suffix `~router<x>`: the routers train at x times the stage's learning rate (`StageSpec.lr_scales`);
+- a suffix `~unscaled`: the top-1 gate passes the chosen expert unscaled (`RouterConfig.top1_output`).
 
 A variant folder that already holds a trained `stage4` (e.g. the recipe's own run, linked there) is
 scored without training it again. `--seed` picks the chain (`modality_expert.py --seed`).
@@ -60,6 +61,7 @@ class VariantRun(StageRun):
     head_weight: float = 1.0
     head_anchor: float | None = None  # None: the recipe's
     router_lr_scale: float | None = None
+    unscaled: bool = False
 
     def spec(self) -> StageSpec:
         spec = super().spec()  # less `frozen`
@@ -71,19 +73,23 @@ class VariantRun(StageRun):
             update["head_anchor"] = self.head_anchor
         if self.router_lr_scale is not None:
             update["lr_scales"] = {**spec.lr_scales, "router": self.router_lr_scale}
+        if self.unscaled:
+            update["router"] = spec.router.model_copy(update={"top1_output": "unscaled"})
         return spec.model_copy(update=update)
 
 
 def parse(name: str) -> dict:
     number = r"\d+(?:\.\d+)?"
-    match = re.fullmatch(
-        rf"([TA])({number})((?:-[a-z_]+)*)(?:@(\d+))?(?:~anchor({number}))?(?:~router({number}))?", name
+    pattern = (
+        rf"([TA])({number})((?:-[a-z_]+)*)(?:@(\d+))?"
+        rf"(?:~anchor({number}))?(?:~router({number}))?(~unscaled)?"
     )
+    match = re.fullmatch(pattern, name)
     frozen = tuple(match[3].split("-")[1:]) if match else ()
     if match is None or not set(frozen) <= set(PARAMETER_GROUPS):
         raise SystemExit(
             f"variant {name!r}: use T<weight> or A<weight>, -<group> per frozen group, @<steps>,"
-            " ~anchor<weight>, ~router<lr scale>"
+            " ~anchor<weight>, ~router<lr scale>, ~unscaled"
         )
     return {
         "heads_train": match[1] == "T",
@@ -92,6 +98,7 @@ def parse(name: str) -> dict:
         "steps": int(match[4]) if match[4] else None,
         "head_anchor": float(match[5]) if match[5] else None,
         "router_lr_scale": float(match[6]) if match[6] else None,
+        "unscaled": bool(match[7]),
     }
 
 
