@@ -314,15 +314,33 @@ def seeds_table() -> list[str]:
         "## Seeds",
         "",
         "| seed | expert stage head (one wording / 3 test / 3 val+test) | stage IV head (same) |"
-        " stage IV closed / region recall / mDice |",
-        "|---|---|---|---|",
+        " stage IV closed / region recall / mDice | decisions stage IV lost (-) or gained (+), wording |",
+        "|---|---|---|---|---|",
     ]
     for payload in payloads:
         expert, moe = payload["scores"]["expert stage"], payload["scores"]["stage IV"]
         cells = [str(payload.get("seed", 0)), " / ".join(_head_cells(expert)), " / ".join(_head_cells(moe))]
         cells.append(" / ".join(_eval_cells(moe.get("eval"))))
+        cells.append(_changed_decisions(expert, moe))
         lines.append(f"| {' | '.join(cells)} |")
     return [*lines, ""]
+
+
+def _changed_decisions(expert: dict, moe: dict) -> str:
+    """The (wording, image) decisions of the 3-wording val+test measure that stage IV lost or gained."""
+    if "head_wordings" not in expert or "head_wordings" not in moe:
+        return "—"
+    wrong = {}
+    for name, entry in (("expert", expert), ("moe", moe)):
+        wrong[name] = {
+            (number, Path(image).stem)
+            for number, per_split in enumerate(entry["head_wordings"]["wordings"].values(), start=1)
+            for scores in per_split.values()
+            for image in scores["wrong"]
+        }
+    lost, gained = sorted(wrong["moe"] - wrong["expert"]), sorted(wrong["expert"] - wrong["moe"])
+    named = [f"{'-' if d in lost else '+'}{d[1]} (w{d[0]})" for d in sorted(lost + gained)]
+    return ", ".join(named) or "none"
 
 
 def variants_table() -> list[str]:
@@ -333,7 +351,8 @@ def variants_table() -> list[str]:
         "## Stage IV variants (`benchmarks/modality_expert_variants.py`)",
         "",
         "Stage IV retrained from the same expert stage (per seed's chain), one change each. `T`: plugin"
-        " heads trained in IV (the recipe), `A`: frozen; the number is the head loss weight; a suffix"
+        " heads trained in IV (the recipe until they were frozen), `A`: frozen (the recipe); the number"
+        " is the head loss weight; a suffix"
         " `-group` names groups also frozen; @N: N stage IV steps (recipe: 372); `~anchor<w>`: the head"
         " anchor's weight; `~router<x>`: the routers' learning rate times x; `~unscaled`: the top-1 gate"
         " passes the chosen expert unscaled (`RouterConfig.top1_output`). A routing loss left near"

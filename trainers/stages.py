@@ -193,12 +193,13 @@ JOINT_EXPERT = ExpertSpec(
     adapter=LoraSpec(r=16, alpha=16, dropout=0.05),
     trains_on=SampleFilter(tasks=ALL_TASKS),
 )
-# The paper's IV weights; a plugin expert's head keeps learning from its tokens (head 1).
+# The paper's IV weights; a plugin head's loss (head 1) still reaches its input states through the
+# head, which stage IV leaves as its expert stage trained it (not in PAPER_TRAINS["4"]).
 MOE_LOSS = LossWeights(ce=1.0, bce=2.0, dice=0.5, head=1.0)
 # Stage IV keeps each plugin head's input state near its expert stage's (`StageSpec.head_anchor`; not
 # in the paper, which has no plugin heads): without it the tiny MoE's modality head moved from -14 to
-# +10 points from chain to chain; with it, it scored what its expert stage scored on two of three
-# seeds and 2 of 102 decisions fewer on the third, as without it (benchmarks/results/modality_expert.md).
+# +10 points from chain to chain; with it (and the head frozen) it scored what its expert stage scored
+# on two of three seeds and 2 of 102 decisions fewer on the third (benchmarks/results/modality_expert.md).
 HEAD_ANCHOR = 5.0
 
 PAPER_OPTIM = {
@@ -220,7 +221,8 @@ PAPER_TRAINS = {
         "seg_head",
         "mask_decoder",
         "region_adapter",
-        "expert_heads",
+        # Not "expert_heads": the anchor keeps a plugin head's input where its expert stage trained the
+        # head; retrained on the few anchored states, the head moved decisions the anchor had kept.
     ),
 }
 # A plugin's expert stage: its LoRA, its head and its tokens' rows, on the frozen shared trunk.

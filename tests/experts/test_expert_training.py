@@ -177,8 +177,9 @@ def test_stage_four_can_keep_the_experts_and_embeddings_as_their_stages_trained_
     experts = ("vision_language", "modality")
     outcome = stage("4", str(tmp_path / "modality"), "moe", experts=experts, frozen=frozen)
     trained = {name for name, _ in outcome.prepared.trainable_parameters()}
-    assert any(".mlp.router." in name for name in trained) and any("modality_head." in n for n in trained)
-    assert not any(".mlp.experts." in name or "embed_tokens" in name for name in trained)
+    assert any(".mlp.router." in name for name in trained)
+    # Neither the frozen groups nor the plugin's head (stage IV leaves it as its expert stage trained it).
+    assert not any(".mlp.experts." in n or "embed_tokens" in n or "modality_head." in n for n in trained)
     embeddings = "language_model.model.embed_tokens.weight"
     before = load_file(str(tmp_path / "modality" / "model" / "model.safetensors"))[embeddings]
     assert torch.equal(before, load_file(str(tmp_path / "moe" / "model" / "model.safetensors"))[embeddings])
@@ -234,6 +235,9 @@ def test_stage_four_anchors_the_heads_input_at_its_expert_stage_state(
 
 def test_stage_four_anchors_plugin_heads_by_default_and_the_option_is_checked() -> None:
     assert stage_spec("4").head_anchor == stage_spec("4", "paper").head_anchor == 5.0
+    # The anchored heads stay as their expert stages trained them; their loss still trains the states.
+    assert all("expert_heads" not in stage_spec("4", schedule).trains for schedule in ("tiny", "paper"))
+    assert stage_spec("4").loss.head == 1.0
     assert stage_spec("3").head_anchor == 0.0
     run = StageRun(stage="4", model="m", data="d", out="o", head_anchor=0.0)
     assert run.spec().head_anchor == 0.0  # off
