@@ -304,7 +304,7 @@ def seeds_table() -> list[str]:
         (
             json.loads(path.read_text())
             for path in RESULTS.glob("modality_expert*.json")
-            if "variants" not in path.name
+            if path.name == results_file(0).name or path.stem.startswith("modality_expert_seed")
         ),
         key=lambda payload: payload.get("seed", 0),
     )
