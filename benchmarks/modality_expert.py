@@ -355,8 +355,11 @@ def variants_table() -> list[str]:
         " is the head loss weight; a suffix"
         " `-group` names groups also frozen; @N: N stage IV steps (recipe: 372); `~anchor<w>`: the head"
         " anchor's weight; `~router<x>`: the routers' learning rate times x; `~unscaled`: the top-1 gate"
-        " passes the chosen expert unscaled (`RouterConfig.top1_output`). A routing loss left near"
-        " 0.7 (with CE near 0.8) is a router that did not learn its routes. Rows without a seed are the"
+        " passes the chosen expert unscaled (`RouterConfig.top1_output`); `~S-fitV`: helper stage4's"
+        ' candidate stage IV (`RouterConfig(top1_output="supervised")`, `RouterFit(prefix_expert='
+        '"vision_language")`; measured with branch stage4 at 7e7e781 merged, a suffix this branch\'s'
+        " script does not parse). A routing loss left near 0.7 (with CE near 0.8) is a router that did"
+        " not learn its routes. Rows without a seed are the"
         " previous session's chain (seed 0, the code of then; its expert stage scored 0.952 on one wording).",
         "",
         "| variant | seed | also frozen | head, one wording | 3 wordings (test) | 3 wordings (val+test) |"
