@@ -17,16 +17,20 @@ finite (its output is never read).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
+from transformers.activations import SiLUActivation
 from transformers.cache_utils import Cache
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm
 
 from medplib.core.model.fused import FusedProjections, fused_projections
+from medplib.core.model.quantization import Int8Linear
 
 
 class RotaryTable:
@@ -40,8 +44,8 @@ class RotaryTable:
         self.cos, self.sin = cos[0], signed_sin(sin[0])
 
     def __call__(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and `signed_sin` (B, T, 1, head_dim) at the positions, for `rotate`."""
-        return self.cos[position_ids][:, :, None], self.sin[position_ids][:, :, None]
+        """cos and `signed_sin` (B, 1, T, head_dim) at the positions, for `rotate`."""
+        return self.cos[position_ids][:, None], self.sin[position_ids][:, None]
 
 
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:
@@ -53,7 +57,7 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor:
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """LLaMA's rotary embedding (`apply_rotary_pos_emb`, the same products in the same order) of x
-    (B, T, heads, head_dim), in four ops instead of its slicing, negating and concatenating."""
+    (B, heads, T, head_dim), in four ops instead of its slicing, negating and concatenating."""
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
@@ -67,10 +71,12 @@ class StaticKVCache:
         length: int,
         rotary: RotaryTable | None = None,
         fused: list[FusedProjections | None] | None = None,
+        plans: list[LayerPlan] | None = None,
     ) -> None:
         self.keys, self.values, self.length = keys, values, length
         self.rotary = rotary  # cos and sin of every position it can hold, or None: computed per call
         self.fused = fused  # per layer, its fused int8 products (`fused.py`), checked once per cache
+        self.plans = plans  # per layer, what `run_trunk` calls (`LayerPlan`); None: built per call
 
     @property
     def capacity(self) -> int:
@@ -91,7 +97,9 @@ class StaticKVCache:
         fixed = getattr(trunk.rotary_emb, "rope_type", "default") == "default"
         rotary = RotaryTable(trunk, capacity, like) if fixed else None
         fused = [fused_projections(layer) for layer in trunk.layers] if fuse else None
-        return cls(make[:layers], make[layers:], 0, rotary, fused)
+        per_layer = fused or [None] * layers
+        plans = [LayerPlan.of(layer, f) for layer, f in zip(trunk.layers, per_layer, strict=True)]
+        return cls(make[:layers], make[layers:], 0, rotary, fused, plans)
 
     @classmethod
     def from_cache(
@@ -111,6 +119,58 @@ class StaticKVCache:
                 values[:, :, :length] = layer.values
         static.length = length
         return static
+
+
+Product = Callable[[torch.Tensor], torch.Tensor]
+
+
+def direct_call(module: nn.Module) -> Product:
+    """`module(x)` with less around it: an `Int8Linear`'s kernel alone, an `nn.Linear`'s `F.linear`,
+    SiLU's `F.silu` (each what their forward computes); any other module (a peft LoRA wrapper, a
+    routed MLP, int4, bitsandbytes) is called as it is."""
+    if type(module) is Int8Linear:
+        return module.kernel() or module
+    if type(module) is nn.Linear:
+        weight, bias = module.weight, module.bias
+        return lambda x: F.linear(x, weight, bias)
+    if type(module) is SiLUActivation or (type(module) is nn.SiLU and not module.inplace):
+        return F.silu
+    return module
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What `run_trunk` calls in one decoder layer, looked up once per generation: a decoded token
+    pays a module call and two reshapes per product otherwise, a tenth of its step at the `small`
+    preset (int8). The same arithmetic as the layer's modules, bit for bit."""
+
+    qkv: Product | None  # the fused q/k/v product (`fused.py`), or None: `projections`
+    projections: tuple[Product, Product, Product]  # q, k, v apart
+    o: Product
+    gate_up: Product | None  # the fused gate/up product of a `LlamaMLP`, or None
+    gate: Product | None  # a `LlamaMLP`'s gate and up apart (None: fused, or not a `LlamaMLP`)
+    up: Product | None
+    act: Product | None
+    down: Product | None
+    mlp: Product  # the whole MLP: whatever a layer holds that is not a `LlamaMLP` (a routed MLP)
+
+    @classmethod
+    def of(cls, layer: nn.Module, products: FusedProjections | None) -> LayerPlan:
+        attention, mlp = layer.self_attn, layer.mlp
+        fused_qkv = products.qkv if products is not None else None
+        fused_gate_up = products.gate_up if products is not None else None
+        llama_mlp = type(mlp) is LlamaMLP
+        return cls(
+            qkv=direct_call(fused_qkv) if fused_qkv is not None else None,
+            projections=tuple(direct_call(p) for p in (attention.q_proj, attention.k_proj, attention.v_proj)),
+            o=direct_call(attention.o_proj),
+            gate_up=direct_call(fused_gate_up) if fused_gate_up is not None and llama_mlp else None,
+            gate=direct_call(mlp.gate_proj) if llama_mlp and fused_gate_up is None else None,
+            up=direct_call(mlp.up_proj) if llama_mlp and fused_gate_up is None else None,
+            act=direct_call(mlp.act_fn) if llama_mlp else None,
+            down=direct_call(mlp.down_proj) if llama_mlp else None,
+            mlp=mlp,
+        )
 
 
 class PrefixKV:
@@ -157,39 +217,41 @@ def run_trunk(
         cos, sin = rotary(position_ids)
     else:
         cos, sin = trunk.rotary_emb(hidden, position_ids)
-        cos, sin = cos[:, :, None], signed_sin(sin)[:, :, None]
-    fused = cache.fused or [None] * len(trunk.layers)
-    for layer, keys, values, products in zip(trunk.layers, cache.keys, cache.values, fused, strict=True):
-        attention, mlp = layer.self_attn, layer.mlp
+        cos, sin = cos[:, None], signed_sin(sin)[:, None]
+    plans = cache.plans or [LayerPlan.of(layer, None) for layer in trunk.layers]
+    for layer, keys, values, plan in zip(trunk.layers, cache.keys, cache.values, plans, strict=True):
+        attention = layer.self_attn
+        kv_heads = keys.shape[1]
         normed = _rms_norm(layer.input_layernorm, hidden)
-        if products is not None and products.qkv is not None:  # (B, T, q heads + 2 kv heads, head_dim)
-            qkv = products.qkv(normed).view(batch, steps, -1, attention.head_dim)
-            query_heads = qkv.shape[2] - 2 * keys.shape[1]
-            query_key = rotate(qkv[:, :, : -keys.shape[1]], cos, sin)  # both rotated in one pass
-            query, key = query_key[:, :, :query_heads], query_key[:, :, query_heads:]
-            value = qkv[:, :, -keys.shape[1] :]
+        # Heads first, (B, heads, T, head_dim), as sdpa and the cache take them.
+        if plan.qkv is not None:  # q heads, then k's, then v's
+            qkv = plan.qkv(normed).view(batch, steps, -1, attention.head_dim).transpose(1, 2)
+            query_key = rotate(qkv[:, :-kv_heads], cos, sin)  # both rotated in one pass
+            query, key = query_key[:, :-kv_heads], query_key[:, -kv_heads:]
+            value = qkv[:, -kv_heads:]
         else:
             shape = (batch, steps, -1, attention.head_dim)
-            query = rotate(attention.q_proj(normed).view(shape), cos, sin)
-            key = rotate(attention.k_proj(normed).view(shape), cos, sin)
-            value = attention.v_proj(normed).view(shape)
-        keys[:, :, start:end] = key.transpose(1, 2)
-        values[:, :, start:end] = value.transpose(1, 2)
+            q, k, v = (product(normed).view(shape).transpose(1, 2) for product in plan.projections)
+            query, key, value = rotate(q, cos, sin), rotate(k, cos, sin), v
+        keys[:, :, start:end] = key
+        values[:, :, start:end] = value
         attended = F.scaled_dot_product_attention(
-            query.transpose(1, 2),
+            query,
             keys[:, :, :end],
             values[:, :, :end],
             attn_mask=allowed,
             scale=attention.scaling,
             enable_gqa=attention.num_key_value_groups > 1,
         )
-        hidden = hidden + attention.o_proj(attended.transpose(1, 2).reshape(batch, steps, -1))
+        hidden = hidden + plan.o(attended.transpose(1, 2).reshape(batch, steps, -1))
         normed = _rms_norm(layer.post_attention_layernorm, hidden)
-        if products is not None and products.gate_up is not None:  # LlamaMLP's arithmetic, one product
-            gate, up = products.gate_up(normed).chunk(2, dim=-1)
-            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+        if plan.gate_up is not None:  # LlamaMLP's arithmetic, one product
+            gate, up = plan.gate_up(normed).chunk(2, dim=-1)
+            hidden = hidden + plan.down(plan.act(gate) * up)
+        elif plan.gate is not None:
+            hidden = hidden + plan.down(plan.act(plan.gate(normed)) * plan.up(normed))
         else:
-            hidden = hidden + mlp(normed)
+            hidden = hidden + plan.mlp(normed)
     cache.length = end
     return _rms_norm(trunk.norm, hidden)
 
