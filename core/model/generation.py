@@ -9,8 +9,9 @@ Two entry points serve callers that cache per image: `image_features` replace th
 `past_key_values` hold the KV of a prefix of every row (the template up to the image, identical for
 every question about that image), so only the rest of the prompt is prefilled. A LLaMA trunk runs
 through `kv_cache.run_trunk` over keys and values allocated once for the whole generation; another
-trunk through transformers' forward and `DynamicCache`. Every pass, the prompt's and each step's, is
-`MedPLIBForCausalLM.forward` over that cache, the pass training and scoring run too. `require_seg` makes
+trunk through transformers' forward and `DynamicCache`. Every pass runs the model's own trunk over that
+cache: the prompt's is `MedPLIBForCausalLM.forward`, the pass training and scoring run too, each step's
+its `step_pass` (the same trunk and LM head, without building an output object). `require_seg` makes
 rows that must yield a mask (grounding) emit `<SEG>` where they would otherwise end.
 """
 
@@ -133,7 +134,7 @@ def decode_steps(
         never = [config.image_token_id, config.region_token_id]
 
     device = input_ids.device
-    never = torch.tensor(never, device=device)
+    never = torch.tensor(never, dtype=torch.long, device=device)
     start = time.perf_counter()
     past = 0 if past_key_values is None else past_key_values.get_seq_length()
     embeds = model.embed_inputs(input_ids[:, past:], pixel_values, region_masks, image_features)
@@ -183,11 +184,14 @@ def decode_steps(
     embedding = model.get_input_embeddings()
     # Whether any row must say a token before it ends: else the forcing rules are skipped per step.
     rules = bool(require.any())
-    kept = torch.cat([triggers, triggers.new_tensor([seg_id])])  # tokens whose hidden state is kept
+    kept = {*triggers.tolist(), seg_id}  # tokens whose hidden state is kept
     trigger_ids = set(triggers.tolist())
+    # `finished` as a list too: the per-step checks on a few rows are cheaper in Python than as
+    # tensor ops, and while no row has finished the masking below is the identity and is skipped.
+    done = finished.tolist()
     for step in range(max_new_tokens):
         logits = logits.float()
-        logits[:, never] = float("-inf")
+        logits.index_fill_(-1, never, float("-inf"))
         token = _pick(
             logits,
             do_sample=do_sample,
@@ -196,7 +200,8 @@ def decode_steps(
             top_p=top_p,
             generator=generator,
         )
-        token = token.masked_fill(finished, pad_id)
+        if any(done):
+            token = token.masked_fill(finished, pad_id)
         force = None
         if rules:
             ending = (token == eos_id) | (step == max_new_tokens - 1)
@@ -208,38 +213,39 @@ def decode_steps(
                 force = force & ~at_start
             token = torch.where(force, required, token)
             forced |= force
-        keeping = torch.isin(token, kept) & ~finished
-        if keeping.any():
-            for row in torch.nonzero(keeping).flatten().tolist():
-                said = int(token[row])
-                if said == seg_id:
+        said = token.tolist()
+        for row, token_id in enumerate(said):
+            if token_id in kept and not done[row]:
+                if token_id == seg_id:
                     seg_hidden[row].append(last[row])
                     seg_steps[row].append(step)
-                if said in trigger_ids:
-                    triggered[row].append((said, last[row]))
+                if token_id in trigger_ids:
+                    triggered[row].append((token_id, last[row]))
         generated.append(token)
         yield token
         if rules:
             has_seg |= token == required
             finished |= (token == eos_id) | force  # a forced <SEG> stands where the answer ended
-        else:
+            done = finished.tolist()
+        elif eos_id in said:
             finished |= token == eos_id
-        if finished.all() or step == max_new_tokens - 1:
+            done = finished.tolist()
+        if all(done) or step == max_new_tokens - 1:
             break
-        out = model(
-            inputs_embeds=embedding(token[:, None]),
-            attention_mask=full_mask[:, : length + step + 1],
-            position_ids=positions,
-            past_key_values=cache,
-            logits_to_keep=1,
+        hidden, logits = model.step_pass(
+            embedding(token[:, None]), full_mask[:, : length + step + 1], positions, cache
         )
-        hidden, logits = out.last_hidden_state, out.logits[:, -1]
         if reads:
             step_hidden.append(hidden[:, -1])
-        running = ~finished[:, None]
-        if medplib:
-            before_last = torch.where(running, last, before_last)
-        last = torch.where(running, hidden[:, -1], last)
+        if any(done):
+            running = ~finished[:, None]
+            if medplib:
+                before_last = torch.where(running, last, before_last)
+            last = torch.where(running, hidden[:, -1], last)
+        else:  # every row still running: the update above keeps every row's new state
+            if medplib:
+                before_last = last
+            last = hidden[:, -1]
         positions = positions + 1
     if medplib:
         for row in torch.nonzero(require & ~has_seg & (required == seg_id)).flatten().tolist():

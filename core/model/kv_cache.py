@@ -127,7 +127,9 @@ Product = Callable[[torch.Tensor], torch.Tensor]
 def direct_call(module: nn.Module) -> Product:
     """`module(x)` with less around it: an `Int8Linear`'s kernel alone, an `nn.Linear`'s `F.linear`,
     SiLU's `F.silu` (each what their forward computes); any other module (a peft LoRA wrapper, a
-    routed MLP, int4, bitsandbytes) is called as it is."""
+    routed MLP, int4, bitsandbytes), or one with forward hooks, is called as it is."""
+    if _hooked(module):
+        return module
     if type(module) is Int8Linear:
         return module.kernel() or module
     if type(module) is nn.Linear:
@@ -138,6 +140,16 @@ def direct_call(module: nn.Module) -> Product:
     return module
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling the module runs hooks (its own or global ones) a direct call would skip."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or nn.modules.module._global_forward_hooks
+        or nn.modules.module._global_forward_pre_hooks
+    )
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     """What `run_trunk` calls in one decoder layer, looked up once per generation: a decoded token
@@ -145,7 +157,7 @@ class LayerPlan:
     preset (int8). The same arithmetic as the layer's modules, bit for bit."""
 
     qkv: Product | None  # the fused q/k/v product (`fused.py`), or None: `projections`
-    projections: tuple[Product, Product, Product]  # q, k, v apart
+    projections: tuple[Product, ...]  # q, k, v apart
     o: Product
     gate_up: Product | None  # the fused gate/up product of a `LlamaMLP`, or None
     gate: Product | None  # a `LlamaMLP`'s gate and up apart (None: fused, or not a `LlamaMLP`)
@@ -159,7 +171,7 @@ class LayerPlan:
         attention, mlp = layer.self_attn, layer.mlp
         fused_qkv = products.qkv if products is not None else None
         fused_gate_up = products.gate_up if products is not None else None
-        llama_mlp = type(mlp) is LlamaMLP
+        llama_mlp = type(mlp) is LlamaMLP and not _hooked(mlp)
         return cls(
             qkv=direct_call(fused_qkv) if fused_qkv is not None else None,
             projections=tuple(direct_call(p) for p in (attention.q_proj, attention.k_proj, attention.v_proj)),

@@ -173,6 +173,19 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
         )
         return outputs.last_hidden_state, outputs.cache
 
+    def step_pass(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Cache | StaticKVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward(inputs_embeds=..., past_key_values=cache, logits_to_keep=1)` for a decoding step,
+        without building its output object (a fifth of a product's time, per token): the hidden states
+        (B, T, hidden) and the last position's logits (B, V)."""
+        hidden, _ = self.run_language_model(inputs_embeds, attention_mask, position_ids, cache)
+        return hidden, self.language_model.lm_head(hidden[:, -1])
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,

@@ -158,6 +158,8 @@ def test_the_layer_plan_calls_compute_what_the_modules_do_bit_for_bit() -> None:
         assert direct_call(with_bias) is with_bias and direct_call(per_token) is per_token
         gelu = nn.GELU()
         assert direct_call(gelu) is gelu
+        int8.register_forward_hook(lambda *_: None)
+        assert direct_call(int8) is int8  # a hook is not skipped
     model = _int8_model()
     layer = model.language_model.model.layers[0]
     plan = LayerPlan.of(layer, fused_projections(layer))
