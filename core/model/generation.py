@@ -26,7 +26,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from medplib.core.errors import InvalidInputError
-from medplib.core.model.kv_cache import PrefixKV, generation_cache
+from medplib.core.model.kv_cache import PrefixKV, StaticKVCache, generation_cache
 from medplib.core.model.request_states import grounding_head, read_requests, request_columns
 
 if TYPE_CHECKING:
@@ -142,6 +142,8 @@ def decode_steps(
     # The mask of the whole generation, allocated once: the prompt's, then one real column per step.
     full_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, max_new_tokens)], dim=1)
     cache = generation_cache(model, past_key_values, rows, length + max_new_tokens, embeds)
+    # Without padding the lean trunk's steps need no mask (`run_trunk`).
+    step_masks = not isinstance(cache, StaticKVCache) or not bool(attention_mask.all())
     # Positions count real tokens only, so padding (left or after the prefix) shifts nothing.
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = model(
@@ -232,20 +234,19 @@ def decode_steps(
             done = finished.tolist()
         if all(done) or step == max_new_tokens - 1:
             break
-        hidden, logits = model.step_pass(
-            embedding(token[:, None]), full_mask[:, : length + step + 1], positions, cache
-        )
+        step_mask = full_mask[:, : length + step + 1] if step_masks else None
+        newest, logits = model.step_pass(embedding(token[:, None]), step_mask, positions, cache)
         if reads:
-            step_hidden.append(hidden[:, -1])
+            step_hidden.append(newest)
         if any(done):
             running = ~finished[:, None]
             if medplib:
                 before_last = torch.where(running, last, before_last)
-            last = torch.where(running, hidden[:, -1], last)
+            last = torch.where(running, newest, last)
         else:  # every row still running: the update above keeps every row's new state
             if medplib:
                 before_last = last
-            last = hidden[:, -1]
+            last = newest
         positions = positions + 1
     if medplib:
         for row in torch.nonzero(require & ~has_seg & (required == seg_id)).flatten().tolist():

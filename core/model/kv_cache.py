@@ -78,6 +78,7 @@ class StaticKVCache:
         self.fused = fused  # per layer, its fused int8 products (`fused.py`), checked once per cache
         self.plans = plans  # per layer, what `run_trunk` calls (`LayerPlan`); None: built per call
         self.buffer: torch.Tensor | None = None  # (layers, 2, B, heads_kv, capacity, head_dim), from `empty`
+        self.final_norm: Product | None = None  # the trunk's last norm, as `LayerPlan`'s norms
 
     @property
     def capacity(self) -> int:
@@ -100,9 +101,10 @@ class StaticKVCache:
         rotary = RotaryTable(trunk, capacity, like) if fixed else None
         fused = [fused_projections(layer) for layer in trunk.layers] if fuse else None
         per_layer = fused or [None] * layers
-        plans = [LayerPlan.of(layer, f) for layer, f in zip(trunk.layers, per_layer, strict=True)]
+        plans = [LayerPlan.of(layer, f, like.dtype) for layer, f in zip(trunk.layers, per_layer, strict=True)]
         static = cls(list(buffer[:, 0].unbind()), list(buffer[:, 1].unbind()), 0, rotary, fused, plans)
         static.buffer = buffer
+        static.final_norm = norm_call(trunk.norm, like.dtype)
         return static
 
     @classmethod
@@ -158,6 +160,8 @@ class LayerPlan:
     pays a module call and two reshapes per product otherwise, a tenth of its step at the `small`
     preset (int8). The same arithmetic as the layer's modules, bit for bit."""
 
+    input_norm: Product
+    post_attention_norm: Product
     qkv: Product | None  # the fused q/k/v product (`fused.py`), or None: `projections`
     projections: tuple[Product, ...]  # q, k, v apart
     o: Product
@@ -169,12 +173,15 @@ class LayerPlan:
     mlp: Product  # the whole MLP: whatever a layer holds that is not a `LlamaMLP` (a routed MLP)
 
     @classmethod
-    def of(cls, layer: nn.Module, products: FusedProjections | None) -> LayerPlan:
+    def of(cls, layer: nn.Module, products: FusedProjections | None, dtype: torch.dtype) -> LayerPlan:
+        """The plan of `layer` for hidden states of `dtype`, with its fused products (or None)."""
         attention, mlp = layer.self_attn, layer.mlp
         fused_qkv = products.qkv if products is not None else None
         fused_gate_up = products.gate_up if products is not None else None
         llama_mlp = type(mlp) is LlamaMLP and not _hooked(mlp)
         return cls(
+            input_norm=norm_call(layer.input_layernorm, dtype),
+            post_attention_norm=norm_call(layer.post_attention_layernorm, dtype),
             qkv=direct_call(fused_qkv) if fused_qkv is not None else None,
             projections=tuple(direct_call(p) for p in (attention.q_proj, attention.k_proj, attention.v_proj)),
             o=direct_call(attention.o_proj),
@@ -211,20 +218,21 @@ def supports_static_cache(trunk: nn.Module) -> bool:
 def run_trunk(
     trunk: nn.Module,
     inputs_embeds: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor,
     cache: StaticKVCache,
 ) -> torch.Tensor:
     """The trunk (`LlamaModel`) on T new embeddings (B, T, hidden) after `cache.length` cached columns.
 
-    `attention_mask` (B, cache.length + T) marks the real columns; the new keys and values are written
-    into the cache, whose `length` grows by T. Returns the final-norm hidden states (B, T, hidden).
+    `attention_mask` (B, cache.length + T) marks the real columns (None: all are); the new keys and
+    values are written into the cache, whose `length` grows by T. Returns the final-norm hidden states
+    (B, T, hidden).
     """
     batch, steps, _ = inputs_embeds.shape
     start, end = cache.length, cache.length + steps
     if end > cache.capacity:
         raise RuntimeError(f"the KV cache holds {cache.capacity} columns, {end} needed")
-    allowed = _attention_mask(attention_mask, start, steps)
+    allowed = _attention_mask(attention_mask, start, steps, inputs_embeds.device)
     hidden = inputs_embeds
     rotary = cache.rotary
     if rotary is not None:
@@ -232,11 +240,11 @@ def run_trunk(
     else:
         cos, sin = trunk.rotary_emb(hidden, position_ids)
         cos, sin = cos[:, None], signed_sin(sin)[:, None]
-    plans = cache.plans or [LayerPlan.of(layer, None) for layer in trunk.layers]
+    plans = cache.plans or [LayerPlan.of(layer, None, hidden.dtype) for layer in trunk.layers]
     for layer, keys, values, plan in zip(trunk.layers, cache.keys, cache.values, plans, strict=True):
         attention = layer.self_attn
         kv_heads = keys.shape[1]
-        normed = _rms_norm(layer.input_layernorm, hidden)
+        normed = plan.input_norm(hidden)
         # Heads first, (B, heads, T, head_dim), as sdpa and the cache take them.
         if plan.qkv is not None:  # q heads, then k's, then v's
             qkv = plan.qkv(normed).view(batch, steps, -1, attention.head_dim).transpose(1, 2)
@@ -258,7 +266,7 @@ def run_trunk(
             enable_gqa=attention.num_key_value_groups > 1,
         )
         hidden = hidden + plan.o(attended.transpose(1, 2).reshape(batch, steps, -1))
-        normed = _rms_norm(layer.post_attention_layernorm, hidden)
+        normed = plan.post_attention_norm(hidden)
         if plan.gate_up is not None:  # LlamaMLP's arithmetic, one product
             gate, up = plan.gate_up(normed).chunk(2, dim=-1)
             hidden = hidden + plan.down(plan.act(gate) * up)
@@ -267,12 +275,19 @@ def run_trunk(
         else:
             hidden = hidden + plan.mlp(normed)
     cache.length = end
-    return _rms_norm(trunk.norm, hidden)
+    return (cache.final_norm or norm_call(trunk.norm, hidden.dtype))(hidden)
 
 
-def _attention_mask(attention_mask: torch.Tensor, start: int, steps: int) -> torch.Tensor | None:
+def _attention_mask(
+    attention_mask: torch.Tensor | None, start: int, steps: int, device: torch.device
+) -> torch.Tensor | None:
     """allowed (B, 1, T, start + T): key j is real and not after query t; each query always sees itself.
-    None where that is every key (one new token per row and no padding): sdpa then needs no mask."""
+    None where that is every key (one new token per row and no padding): sdpa then needs no mask.
+    `attention_mask` None: every column is real."""
+    if attention_mask is None:
+        if steps == 1:
+            return None
+        attention_mask = torch.ones(1, start + steps, dtype=torch.bool, device=device)
     real = attention_mask.bool()
     if steps == 1:
         return None if real.all() else real[:, None, None, :]
@@ -280,6 +295,15 @@ def _attention_mask(attention_mask: torch.Tensor, start: int, steps: int) -> tor
     query_columns = torch.arange(start, start + steps, device=real.device)[:, None]
     allowed = (real[:, None, :] & (columns <= query_columns)) | (columns == query_columns)
     return allowed[:, None]
+
+
+def norm_call(norm: nn.Module, dtype: torch.dtype) -> Product:
+    """`_rms_norm(norm, hidden)` for hidden states of `dtype`, its checks done once: torch's fused op
+    itself where everything is float32."""
+    if isinstance(norm, LlamaRMSNorm) and dtype == torch.float32 == norm.weight.dtype:
+        shape, weight, eps = (norm.weight.shape[-1],), norm.weight, norm.variance_epsilon
+        return lambda hidden: torch.rms_norm(hidden, shape, weight, eps)
+    return lambda hidden: _rms_norm(norm, hidden)
 
 
 def _rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from medplib.core.expert_heads import attach_head, build_expert_heads, trigger_e
 from medplib.core.expert_spec import LossWeights
 from medplib.core.model.configuration_medplib import MedPLIBConfig
 from medplib.core.model.generation import GenerationOutput, decode
-from medplib.core.model.kv_cache import StaticKVCache, run_trunk
+from medplib.core.model.kv_cache import StaticKVCache, direct_call, run_trunk
 from medplib.core.model.losses import (
     answer_cross_entropy,
     supervised_positions,
@@ -176,15 +176,16 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
     def step_pass(
         self,
         inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor,
         cache: Cache | StaticKVCache,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward(inputs_embeds=..., past_key_values=cache, logits_to_keep=1)` for a decoding step,
-        without building its output object (a fifth of a product's time, per token): the hidden states
-        (B, T, hidden) and the last position's logits (B, V)."""
+        without building its output object (a fifth of a product's time, per token): the last
+        position's hidden state (B, hidden) and logits (B, V). `attention_mask` None: no padding."""
         hidden, _ = self.run_language_model(inputs_embeds, attention_mask, position_ids, cache)
-        return hidden, self.language_model.lm_head(hidden[:, -1])
+        last = hidden[:, -1]
+        return last, direct_call(self.language_model.lm_head)(last)
 
     def forward(
         self,

@@ -13,7 +13,15 @@ from medplib.core.expert_spec import ExpertSpec, LoraSpec
 from medplib.core.model import MedPLIBForCausalLM, Request, Turn, build_medplib
 from medplib.core.model.fused import fuse_int8, fused_projections
 from medplib.core.model.generation import decode
-from medplib.core.model.kv_cache import LayerPlan, StaticKVCache, direct_call, rotate, run_trunk, signed_sin
+from medplib.core.model.kv_cache import (
+    LayerPlan,
+    StaticKVCache,
+    direct_call,
+    norm_call,
+    rotate,
+    run_trunk,
+    signed_sin,
+)
 from medplib.core.model.quantization import Int8Linear, quantize
 
 
@@ -162,6 +170,12 @@ def test_the_layer_plan_calls_compute_what_the_modules_do_bit_for_bit() -> None:
         assert direct_call(int8) is int8  # a hook is not skipped
     model = _int8_model()
     layer = model.language_model.model.layers[0]
-    plan = LayerPlan.of(layer, fused_projections(layer))
+    plan = LayerPlan.of(layer, fused_projections(layer), torch.float32)
     assert plan.qkv is not None and plan.gate_up is not None and plan.gate is None
-    assert LayerPlan.of(layer, None).gate is not None  # unfused: gate and up apart
+    assert LayerPlan.of(layer, None, torch.float32).gate is not None  # unfused: gate and up apart
+    norm = layer.input_layernorm
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn_like(norm.weight))
+        for dtype in (torch.float32, torch.bfloat16):  # the fused op itself, or the cast and product
+            hidden = torch.randn(2, 3, norm.weight.shape[0]).to(dtype)
+            assert torch.equal(norm_call(norm, dtype)(hidden), norm(hidden))
