@@ -77,7 +77,6 @@ class StaticKVCache:
         self.rotary = rotary  # cos and sin of every position it can hold, or None: computed per call
         self.fused = fused  # per layer, its fused int8 products (`fused.py`), checked once per cache
         self.plans = plans  # per layer, what `run_trunk` calls (`LayerPlan`); None: built per call
-        self.buffer: torch.Tensor | None = None  # (layers, 2, B, heads_kv, capacity, head_dim), from `empty`
         self.final_norm: Product | None = None  # the trunk's last norm, as `LayerPlan`'s norms
 
     @property
@@ -93,8 +92,7 @@ class StaticKVCache:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         shape = (batch, config.num_key_value_heads, capacity, head_dim)
         layers = len(trunk.layers)
-        # One buffer, (layers, 2, *shape): a cached prefix goes in by one copy per row (`from_cache`).
-        buffer = like.new_empty((layers, 2, *shape))
+        make = [like.new_empty(shape) for _ in range(2 * layers)]
         # Positions count real tokens, so they stay below the capacity. A dynamic rope (frequencies
         # that depend on the longest position of the call) is computed per call, as transformers does.
         fixed = getattr(trunk.rotary_emb, "rope_type", "default") == "default"
@@ -102,8 +100,7 @@ class StaticKVCache:
         fused = [fused_projections(layer) for layer in trunk.layers] if fuse else None
         per_layer = fused or [None] * layers
         plans = [LayerPlan.of(layer, f, like.dtype) for layer, f in zip(trunk.layers, per_layer, strict=True)]
-        static = cls(list(buffer[:, 0].unbind()), list(buffer[:, 1].unbind()), 0, rotary, fused, plans)
-        static.buffer = buffer
+        static = cls(make[:layers], make[layers:], 0, rotary, fused, plans)
         static.final_norm = norm_call(trunk.norm, like.dtype)
         return static
 
@@ -115,8 +112,10 @@ class StaticKVCache:
         length = cache.get_seq_length()
         static = cls.empty(trunk, like.shape[0], max(capacity, length), like)
         if isinstance(cache, PrefixKV):
-            for row, prefix in enumerate(cache.rows):  # (layers, 2, heads_kv, P, head_dim)
-                static.buffer[:, :, row, :, :length] = prefix
+            for row, prefix in enumerate(cache.rows):
+                for layer, (keys, values) in enumerate(zip(static.keys, static.values, strict=True)):
+                    keys[row, :, :length] = prefix[layer, 0]
+                    values[row, :, :length] = prefix[layer, 1]
         else:
             for layer, keys, values in zip(cache.layers, static.keys, static.values, strict=True):
                 keys[:, :, :length] = layer.keys
