@@ -119,6 +119,9 @@ class StageSpec(BaseModel):
     # The `<SEG>` state reads the request's token states (`MedPLIBConfig.seg_read_request`): a model
     # without the reader gets a fresh one before training (`stage_folder.prepare`).
     seg_read_request: bool = False
+    # The reader's keys and values also carry the request tokens' input embeddings
+    # (`MedPLIBConfig.seg_read_embeddings`); applies where the stage adds the reader.
+    seg_read_embeddings: bool = False
     # Learning-rate multipliers by parameter group: a parameter of a listed group trains at `optim.lr`
     # times its scale (the first listed group it belongs to), every other one at `optim.lr`.
     lr_scales: dict[str, float] = {}

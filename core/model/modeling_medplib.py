@@ -280,7 +280,7 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
             return states
         columns = [torch.nonzero(row_is_seg).flatten() for row_is_seg in is_seg]
         request = request_columns(input_ids, attention_mask, self.config.im_end_token_id)
-        return read_requests(self, states, columns, hidden, request)
+        return read_requests(self, states, columns, hidden, request, input_ids)
 
     # ---- grounding ----------------------------------------------------------------------------------
 
