@@ -83,6 +83,8 @@ def prepare(
     model = source.model
     if spec.seg_read_request:
         add_request_reader(model, seed, embeddings=spec.seg_read_embeddings)
+    if spec.seg_image_film:
+        add_image_film(model)
     torch.manual_seed(seed)  # fresh LoRA factors and router weights start the same on every worker
     prepared = StageModel(model)
     if spec.setup == "adapter":
@@ -120,6 +122,16 @@ def add_request_reader(model: MedPLIBForCausalLM, seed: int, embeddings: bool = 
         head.add_request_reader(embeddings=embeddings)
     model.config.seg_read_request = True
     model.config.seg_read_embeddings = head.reads_embeddings
+
+
+def add_image_film(model: MedPLIBForCausalLM) -> None:
+    """Switch `seg_image_film` on: the grounding head gets a zero-gain `ImageFiLM` unless it has one;
+    the config records it, so the saved stage loads with it."""
+    head = model.expert_heads.get(model.trigger_experts.get(model.config.seg_token_id))
+    if head is None or not hasattr(head, "add_image_film"):
+        raise InvalidInputError("seg_image_film needs the pixel-grounding head; this model has none")
+    head.add_image_film()
+    model.config.seg_image_film = True
 
 
 def composed_experts(source: StageStart, names: Sequence[str] | None = None) -> list[ExpertSpec]:

@@ -122,6 +122,9 @@ class StageSpec(BaseModel):
     # The reader's keys and values also carry the request tokens' input embeddings
     # (`MedPLIBConfig.seg_read_embeddings`); applies where the stage adds the reader.
     seg_read_embeddings: bool = False
+    # The `<SEG>` prompt also scales SAM's image embedding channel-wise (`MedPLIBConfig.seg_image_film`):
+    # a model without it gets a zero-gain one before training (`stage_folder.prepare`).
+    seg_image_film: bool = False
     # Learning-rate multipliers by parameter group: a parameter of a listed group trains at `optim.lr`
     # times its scale (the first listed group it belongs to), every other one at `optim.lr`.
     lr_scales: dict[str, float] = {}

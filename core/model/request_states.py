@@ -34,7 +34,9 @@ def grounding_head(model: MedPLIBForCausalLM) -> torch.nn.Module | None:
     return head if head is not None and getattr(head, "reads_request", False) else None
 
 
-def request_embeddings(model: MedPLIBForCausalLM, token_ids: torch.Tensor, request: torch.Tensor) -> torch.Tensor:
+def request_embeddings(
+    model: MedPLIBForCausalLM, token_ids: torch.Tensor, request: torch.Tensor
+) -> torch.Tensor:
     """(B, T, H) input embeddings of the `request` (B, T) columns of `token_ids`; zeros elsewhere (the
     image's and padding's slots, whose ids may be placeholders, are never read)."""
     embeddings = model.get_input_embeddings()(torch.where(request, token_ids, 0))

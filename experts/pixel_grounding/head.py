@@ -62,6 +62,26 @@ class ZeroLinear(nn.Linear):
         nn.init.zeros_(self.bias)
 
 
+class ImageFiLM(nn.Module):
+    """The `<SEG>` prompt also scales SAM's image embedding channel-wise (`MedPLIBConfig.seg_image_film`).
+
+    SAM's decoder reads image embedding + dense prompt, so a dense term gain(q) * embedding makes that
+    embedding * (1 + gain(q)) + dense, q the layer-normalised sparse prompt. The positional FiLM lets a
+    prompt pick places (left, right); structures that differ by intensity or texture, not place (grey
+    and white matter), need the prompt to pick the image's channels. `gain` starts at zero: a head that
+    gets it first predicts what it did without.
+    """
+
+    def __init__(self, prompt_embed_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(prompt_embed_dim, elementwise_affine=False)
+        self.gain = ZeroLinear(prompt_embed_dim, prompt_embed_dim)
+
+    def forward(self, prompts: torch.Tensor, image_embedding: torch.Tensor) -> torch.Tensor:
+        """(n, C) prompts, (1, C, g, g) image embedding -> (n, C, g, g) dense term gain(q) * embedding."""
+        return self.gain(self.norm(prompts))[..., None, None] * image_embedding
+
+
 class RequestReader(nn.Module):
     """The `<SEG>` state reads the request's words (`MedPLIBConfig.seg_read_request`).
 
@@ -131,26 +151,38 @@ class GroundingHead(nn.Module):
         dense_film: bool = False,
         read_request: bool = False,
         read_embeddings: bool = False,
+        image_film: bool = False,
     ) -> None:
         super().__init__()
         self.fc1 = nn.Linear(hidden_size, hidden_size)
         self.act = nn.ReLU()
         self.fc2 = nn.Linear(hidden_size, prompt_embed_dim)
         self.dense_film = DensePromptFiLM(prompt_embed_dim) if dense_film else None
+        self.image_film = ImageFiLM(prompt_embed_dim) if image_film else None
         self.request = RequestReader(hidden_size, embeddings=read_embeddings) if read_request else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(hidden_states)))
 
-    def dense_prompts(self, prompts: torch.Tensor, prompt_encoder: PromptEncoder) -> torch.Tensor | None:
-        """The dense prompts (n, C, g, g) for sparse `prompts` (n, C); None: SAM's no-mask embedding."""
-        if self.dense_film is None:
+    def dense_prompts(
+        self, prompts: torch.Tensor, prompt_encoder: PromptEncoder, image_embedding: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The dense prompts (n, C, g, g) for sparse `prompts` (n, C) on one image's SAM embedding
+        (1, C, g, g); None: SAM's no-mask embedding."""
+        if self.dense_film is None and self.image_film is None:
             return None
-        # segment-anything builds its positional encoding in float32; autocast bridges a half-precision SAM.
-        half = prompts.dtype != torch.float32
-        with torch.autocast(prompts.device.type, dtype=prompts.dtype, enabled=half):
-            positional = prompt_encoder.get_dense_pe()[0].to(prompts.dtype)
-        return self.dense_film(prompts, prompt_encoder.no_mask_embed.weight[0], positional)
+        no_mask = prompt_encoder.no_mask_embed.weight[0]
+        if self.dense_film is None:
+            dense = no_mask[None, :, None, None].expand(len(prompts), -1, *image_embedding.shape[-2:])
+        else:
+            # segment-anything builds its positional encoding in float32; autocast bridges a half SAM.
+            half = prompts.dtype != torch.float32
+            with torch.autocast(prompts.device.type, dtype=prompts.dtype, enabled=half):
+                positional = prompt_encoder.get_dense_pe()[0].to(prompts.dtype)
+            dense = self.dense_film(prompts, no_mask, positional)
+        if self.image_film is not None:
+            dense = dense + self.image_film(prompts, image_embedding)
+        return dense
 
 
 class PixelGroundingHead(ExpertHead):
@@ -194,6 +226,15 @@ class PixelGroundingHead(ExpertHead):
         read = reader(states.to(dtype), context.to(dtype), mask, words)
         return read.to(states.dtype)
 
+    def add_image_film(self) -> bool:
+        """Give a head built without one its `ImageFiLM` (zero gain); False when it has one already."""
+        if self.prompt.image_film is not None:
+            return False
+        parameter = self.prompt.fc2.weight
+        film = ImageFiLM(parameter.shape[0])
+        self.prompt.image_film = film.to(device=parameter.device, dtype=parameter.dtype)
+        return True
+
     def add_request_reader(self, embeddings: bool = False) -> bool:
         """Give a head built without one its `RequestReader` (fresh; reading the tokens' input
         `embeddings` too if asked); False when it has one already."""
@@ -213,5 +254,6 @@ def build_grounding_head(config: MedPLIBConfig) -> PixelGroundingHead:
         dense_film=config.seg_dense_film,
         read_request=getattr(config, "seg_read_request", False),
         read_embeddings=getattr(config, "seg_read_embeddings", False),
+        image_film=getattr(config, "seg_image_film", False),
     )
     return PixelGroundingHead(prompt, build_sam(config.sam_config))

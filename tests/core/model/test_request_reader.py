@@ -137,7 +137,9 @@ def test_a_reader_of_embeddings_needs_them_and_uses_them() -> None:
 
 
 @pytest.mark.parametrize("embeddings", [False, True])
-def test_a_stage_model_with_a_reader_saves_and_loads_bit_identical(tiny_model, tmp_path: Path, embeddings) -> None:
+def test_a_stage_model_with_a_reader_saves_and_loads_bit_identical(
+    tiny_model, tmp_path: Path, embeddings
+) -> None:
     model = _reading(tiny_model, embeddings)
     model.save_pretrained(tmp_path / "read")
     stored = json.loads((tmp_path / "read" / "config.json").read_text())
