@@ -21,7 +21,7 @@ from medplib.core.model.generation import prefill_answers
 from medplib.core.model.presets import build_config
 from medplib.core.model.request_states import request_columns
 from medplib.experts.pixel_grounding.head import RequestReader
-from medplib.trainers.stage_folder import add_request_reader
+from medplib.trainers.stage_folder import StageStart, add_request_reader, prepare
 from medplib.trainers.stages import stage_spec
 
 
@@ -121,6 +121,8 @@ def test_presets_and_checkpoints_keep_it_off_and_the_tiny_grounding_stages_turn_
     for preset in ("tiny", "small", "medplib-7b"):
         assert not build_config(preset).seg_read_embeddings
     assert not stage_spec("3", schedule="paper").seg_read_embeddings
+    assert all(stage_spec(stage).seg_read_embeddings for stage in ("3", "4", "joint"))
+    assert not stage_spec("2").seg_read_embeddings
 
 
 def test_a_reader_of_embeddings_needs_them_and_uses_them() -> None:
@@ -163,3 +165,16 @@ def test_a_checkpoint_without_the_field_loads_without_a_reader(tmp_path: Path) -
     assert loaded.seg_head.request is None and not loaded.config.seg_read_request
     saved, reloaded = model.state_dict(), loaded.state_dict()
     assert [k for k in saved if not torch.equal(saved[k], reloaded[k])] == []
+
+
+def test_the_tiny_stage_three_reads_embeddings_and_a_reader_from_before_is_kept_as_it_is() -> None:
+    torch.manual_seed(0)
+    fresh = prepare(stage_spec("3"), StageStart("tiny", build_medplib("tiny"))).model
+    assert fresh.seg_head.request.reads_embeddings and fresh.config.seg_read_embeddings
+    # A stage III trained before the option (its reader reads the states only) stays that way.
+    older = build_medplib("tiny")
+    add_request_reader(older, seed=0)
+    weights = {k: v.clone() for k, v in older.seg_head.request.state_dict().items()}
+    kept = prepare(stage_spec("3"), StageStart("tiny", older)).model
+    assert not kept.seg_head.request.reads_embeddings and not kept.config.seg_read_embeddings
+    assert all(torch.equal(v, kept.seg_head.request.state_dict()[k]) for k, v in weights.items())
