@@ -257,8 +257,10 @@ def decode_steps(
     empty = last.new_zeros(0, last.shape[-1])
     seg_states = [torch.stack(states) if states else empty for states in seg_hidden]
     if reads:
+        steps = generated[: len(step_hidden)]  # step s's state is the one after generated token s
+        step_ids = torch.stack(steps, dim=1) if steps else prompt_ids.new_zeros(rows, 0)
         seg_states = _read_decoded_requests(
-            model, seg_states, seg_steps, prompt_hidden, step_hidden, prompt_ids, prompt_mask
+            model, seg_states, seg_steps, prompt_hidden, step_hidden, prompt_ids, prompt_mask, step_ids
         )
     return GenerationOutput(
         sequences=torch.stack(generated, dim=1),
@@ -310,7 +312,7 @@ def prefill_answers(
         columns = [first + torch.nonzero(seg).flatten() for seg in is_seg]
         suffix_ids, suffix_mask = input_ids[:, past:], attention_mask[:, past:]
         request = request_columns(suffix_ids, suffix_mask, model.config.im_end_token_id)
-        seg_states = read_requests(model, seg_states, columns, hidden, request)
+        seg_states = read_requests(model, seg_states, columns, hidden, request, suffix_ids)
     triggers = torch.tensor(sorted(getattr(model, "trigger_experts", {})), dtype=torch.long)
     is_trigger = torch.isin(answers.cpu(), triggers)
     triggered = [
@@ -334,9 +336,11 @@ def _read_decoded_requests(
     step_hidden: list[torch.Tensor],
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
+    step_ids: torch.Tensor,
 ) -> list[torch.Tensor]:
     """The decoded `<SEG>` states as the grounding head takes them: a `<SEG>` picked at step s was
-    predicted by the state of column T + s - 1 of the prompt's T states and the steps' states."""
+    predicted by the state of column T + s - 1 of the prompt's T states and the steps' states (the
+    states after the `step_ids` (B, S) tokens)."""
     rows, length = prompt_ids.shape
     request = request_columns(prompt_ids, prompt_mask, model.config.im_end_token_id)
     hidden = prompt_hidden
@@ -345,4 +349,5 @@ def _read_decoded_requests(
     # A step's state is real wherever a <SEG> reads it: its row was still running at that step.
     request = torch.cat([request, request.new_ones(rows, hidden.shape[1] - length)], dim=1)
     columns = [torch.tensor([length - 1 + s for s in steps], dtype=torch.long) for steps in seg_steps]
-    return read_requests(model, seg_states, columns, hidden, request)
+    token_ids = torch.cat([prompt_ids, step_ids.to(prompt_ids.device)], dim=1)
+    return read_requests(model, seg_states, columns, hidden, request, token_ids)

@@ -294,7 +294,7 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
             return states
         columns = [torch.nonzero(row_is_seg).flatten() for row_is_seg in is_seg]
         request = request_columns(input_ids, attention_mask, self.config.im_end_token_id)
-        return read_requests(self, states, columns, hidden, request)
+        return read_requests(self, states, columns, hidden, request, input_ids)
 
     # ---- grounding ----------------------------------------------------------------------------------
 
@@ -336,7 +336,7 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
                 predictions.append(none)
                 continue
             prompts = self.seg_head(states).to(sam_dtype)
-            dense = self.seg_head.dense_prompts(prompts, self.sam.prompt_encoder)
+            dense = self.seg_head.dense_prompts(prompts, self.sam.prompt_encoder, embeddings[i][None])
             low_res, scores = self.sam.decode(embeddings[i][None], prompts, dense)
             logits = self.sam.postprocess(low_res, tuple(sam_input_sizes[i]), (height, width))
             masks = logits > self.config.sam_config.mask_threshold
