@@ -12,6 +12,9 @@ Dice, swap IoU, closed accuracy, region recall). A variant is the tiny schedule'
 - `S`: the top-1 gate at 1.0 and trained by the routing loss alone (`top1_output="supervised"`);
 - `-rows`: the embeddings and LM head frozen but for the `<SEG>` rows (`seg_token`);
 - `-fix`: the experts' LoRA frozen too (`experts` not trained);
+- `-nortr`: the routers do not train (with `-fit`: they keep their fitted weights);
+- `-onlyrouter`: the routers alone train;
+- `-fit`: the gates are fitted to the routing targets before training (`StageSpec.router_fit`);
 - `-exp<x>`: the experts' LoRA at x times the stage's learning rate (`lr_scales`);
 - `-emb<x>`: the embeddings and LM head at x times the stage's learning rate;
 - `-rtr<x>`: the routers at x times the stage's learning rate;
@@ -34,10 +37,13 @@ import torch
 
 from medplib.router.config import RouterConfig
 from medplib.trainers.pipeline import run_and_score
+from medplib.trainers.router_fit import RouterFit
 from medplib.trainers.stages import StageSpec
 from medplib.trainers.train import StageRun
 
-VARIANT = re.compile(r"^(default|U|S)((?:-(?:rows|fix|exp[\d.]+|emb[\d.]+|rtr[\d.]+|rw[\d.]+))*)(?:@(\d+))?$")
+VARIANT = re.compile(
+    r"^(default|U|S)((?:-(?:rows|fix|nortr|onlyrouter|fit|exp[\d.]+|emb[\d.]+|rtr[\d.]+|rw[\d.]+))*)(?:@(\d+))?$"
+)
 
 
 def variant_spec(spec: StageSpec, name: str) -> StageSpec:
@@ -48,12 +54,19 @@ def variant_spec(spec: StageSpec, name: str) -> StageSpec:
     base, suffixes, _ = match.groups()
     trains, scales, router = list(spec.trains), dict(spec.lr_scales), spec.router
     routing_weight = spec.routing_weight
+    update_fit = spec.router_fit
     if base != "default":
         output = {"U": "unscaled", "S": "supervised"}[base]
         router = RouterConfig.model_validate(router.model_dump() | {"top1_output": output})
     for suffix in filter(None, suffixes.split("-")):
         if suffix == "rows":
             trains = [g for g in trains if g not in ("embeddings", "lm_head")] + ["seg_token"]
+        elif suffix == "fit":
+            update_fit = RouterFit()
+        elif suffix == "nortr":
+            trains = [g for g in trains if g != "router"]
+        elif suffix == "onlyrouter":
+            trains = ["router"]
         elif suffix == "fix":
             trains = [g for g in trains if g != "experts"]
         elif suffix.startswith("exp"):
@@ -69,6 +82,7 @@ def variant_spec(spec: StageSpec, name: str) -> StageSpec:
         "lr_scales": scales,
         "router": router,
         "routing_weight": routing_weight,
+        "router_fit": update_fit,
     }
     return spec.model_copy(update=update)
 
