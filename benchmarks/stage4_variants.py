@@ -15,6 +15,10 @@ Dice, swap IoU, closed accuracy, region recall). A variant is the tiny schedule'
 - `-nortr`: the routers do not train (with `-fit`: they keep their fitted weights);
 - `-onlyrouter`: the routers alone train;
 - `-fit`: the gates are fitted to the routing targets before training (`StageSpec.router_fit`);
+- `-fitV`, `-fitG`: the same, the system prompt and image tokens fitted to the VQA (V) or the
+  grounding (G) expert (`RouterFit.prefix_expert`); a final `u`: fitted by the tokens' numbers,
+  not class-balanced (`RouterFit.balanced=False`); a `1` after V/G: the first routed layer sends
+  every token to that expert (`RouterFit.shared_layers=1`);
 - `-exp<x>`: the experts' LoRA at x times the stage's learning rate (`lr_scales`);
 - `-emb<x>`: the embeddings and LM head at x times the stage's learning rate;
 - `-rtr<x>`: the routers at x times the stage's learning rate;
@@ -42,7 +46,7 @@ from medplib.trainers.stages import StageSpec
 from medplib.trainers.train import StageRun
 
 VARIANT = re.compile(
-    r"^(default|U|S)((?:-(?:rows|fix|nortr|onlyrouter|fit|exp[\d.]+|emb[\d.]+|rtr[\d.]+|rw[\d.]+))*)(?:@(\d+))?$"
+    r"^(default|U|S)((?:-(?:rows|fix|nortr|onlyrouter|fit[VG]?1?u?|exp[\d.]+|emb[\d.]+|rtr[\d.]+|rw[\d.]+))*)(?:@(\d+))?$"
 )
 
 
@@ -61,8 +65,12 @@ def variant_spec(spec: StageSpec, name: str) -> StageSpec:
     for suffix in filter(None, suffixes.split("-")):
         if suffix == "rows":
             trains = [g for g in trains if g not in ("embeddings", "lm_head")] + ["seg_token"]
-        elif suffix == "fit":
-            update_fit = RouterFit()
+        elif suffix.startswith("fit"):
+            prefix = {"V": "vision_language", "G": "pixel_grounding"}.get(suffix[3:4])
+            shared = int("1" in suffix)
+            update_fit = RouterFit(
+                prefix_expert=prefix, balanced=not suffix.endswith("u"), shared_layers=shared
+            )
         elif suffix == "nortr":
             trains = [g for g in trains if g != "router"]
         elif suffix == "onlyrouter":

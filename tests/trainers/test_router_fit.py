@@ -39,7 +39,10 @@ def test_stage_four_fits_only_its_gates_and_routes_requests_to_their_experts(
     built_dataset: Path, tmp_path: Path
 ) -> None:
     spec = stage_spec("4").model_copy(
-        update={"router": RouterConfig(top1_output="supervised"), "router_fit": RouterFit(per_expert=6)}
+        update={
+            "router": RouterConfig(top1_output="supervised"),
+            "router_fit": RouterFit(per_expert=6, prefix_expert="vision_language"),
+        }
     )
     torch.manual_seed(0)
     prepared = prepare(spec, StageStart("tiny", build_medplib("tiny")))
@@ -49,7 +52,9 @@ def test_stage_four_fits_only_its_gates_and_routes_requests_to_their_experts(
     chosen = [e for e in examples if e.task == "grounding"][:4] + [e for e in examples if e.task == "vqa"][:4]
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
 
-    def right_share() -> float:
+    def right_shares() -> tuple[float, float]:
+        """At the last routed layer: the question and answer tokens routed to the request's expert,
+        and the system prompt and image tokens routed to the VQA expert (the `prefix_expert`)."""
         batch = collator(chosen)
         model.eval()
         with torch.no_grad():
@@ -57,10 +62,13 @@ def test_stage_four_fits_only_its_gates_and_routes_requests_to_their_experts(
         tokens = answer_side(batch["input_ids"], batch["attention_mask"], model.config.im_end_token_id)
         target = routing_targets(moe.experts, chosen, model).argmax(1)[:, None].expand_as(tokens)
         last = moe.layers[max(moe.layers)].last_routing.experts[:, 0].view_as(tokens)
-        return float((last == target)[tokens].float().mean())
+        prefix = batch["attention_mask"].bool() & ~tokens
+        vqa = moe.expert_index("vision_language")
+        return float((last == target)[tokens].float().mean()), float((last == vqa)[prefix].float().mean())
 
-    fresh = right_share()
+    fresh = right_shares()
     fit_gates(prepared, examples, spec, collator, LoopOptions(out=tmp_path, progress=False))
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     assert changed and all(".mlp.router." in name for name in changed)
-    assert right_share() > max(0.9, fresh)
+    requests, prefixes = right_shares()
+    assert requests > max(0.75, fresh[0]) and prefixes > max(0.95, fresh[1])
