@@ -120,14 +120,39 @@ def summary_line(name: str, metrics: dict) -> str:
     )
 
 
+def markdown_row(seed: int, name: str, metrics: dict) -> str:
+    """One row of the per-seed table of `benchmarks/results/pipeline.md`."""
+    dice = metrics["mdice_per_structure"]
+    swap = metrics["swap_iou"]
+    cells = [
+        metrics["closed_accuracy"],
+        metrics["region_recall"],
+        metrics["mdice"],
+        dice["cell nuclei"],
+        dice["grey matter"],
+        dice["white matter"],
+        dice["left hemisphere"],
+        dice["right hemisphere"],
+    ]
+    pairs = ["left hemisphere / right hemisphere", "grey matter / white matter"]
+    swaps = [f"{swap[p]['mean_iou']:.2f} / {swap[p]['max_iou']:.2f}" for p in pairs]
+    return f"| {seed} | {name} | " + " | ".join([*(f"{c:.3f}" for c in cells), *swaps]) + " |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--source", required=True, help="a finished stage III folder")
     parser.add_argument("--data", default="/work/runs/data")
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--markdown", action="store_true", help="print the seed's table rows and stop")
     parser.add_argument("variants", nargs="+")
     args = parser.parse_args()
+    if args.markdown:
+        summary = json.loads((args.work / f"seed-{args.seed}" / "summary.json").read_text())
+        for name in args.variants:
+            print(markdown_row(args.seed, name, summary[name]["metrics"]))
+        return
     torch.set_num_threads(1)
     for name in args.variants:
         variant_spec(StageSpec.model_validate(_any_spec()), name)  # fail on a bad name before training
