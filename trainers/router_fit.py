@@ -18,7 +18,8 @@ regression on those states:
 
 The tokens before the question (system prompt and image) are the same whichever expert a request
 needs, so no gate can route them by request; `prefix_expert` names the expert they are fitted to
-(None: they are left out of the fit and go wherever the fitted gate sends them).
+(None, or an expert the mixture does not hold: they are left out of the fit and go wherever the
+fitted gate sends them).
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def fit_routers(
     `forward(batch)` runs the model on a collated batch as training does."""
     model = moe.model
     device = next(model.parameters()).device
-    prefix = None if fit.prefix_expert is None else moe.expert_index(fit.prefix_expert)
+    # A mixture without the named expert (`--experts` leaving it out) fits no prefix.
+    prefix = moe.expert_index(fit.prefix_expert) if fit.prefix_expert in moe.expert_names else None
     chosen: dict[int, list[Example]] = {}
     for example in examples:
         row = targets([example])[0]
@@ -85,7 +87,8 @@ def fit_routers(
     accuracy = {}
     try:
         for position, (layer, mlp) in enumerate(sorted(moe.layers.items())):
-            shared = position < fit.shared_layers  # each fit sees the earlier layers' fitted routes
+            # Each fit sees the earlier layers' fitted routes.
+            shared = prefix is not None and position < fit.shared_layers
             states, labels = [], []
             for expert, items in sorted(chosen.items()):
                 for start in range(0, len(items), batch_size):
