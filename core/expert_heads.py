@@ -49,12 +49,24 @@ class ExpertHead(nn.Module):
         """Whether the head also reads the request's token states (`read_request`)."""
         return False
 
-    def read_request(self, states: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    @property
+    def reads_embeddings(self) -> bool:
+        """Whether `read_request` also takes the request tokens' input embeddings."""
+        return False
+
+    def read_request(
+        self,
+        states: torch.Tensor,
+        context: torch.Tensor,
+        mask: torch.Tensor,
+        embeddings: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The trigger states (n, hidden) as the head takes them, given the request's last-layer token
         states `context` (n, T, hidden) and which of them belong to each state's request `mask`
         (n, T) bool: the tokens after the image up to the state's own position
-        (`core.model.request_states`). Default: the states unchanged. Every path that hands a head
-        its states (training, scoring, decoding, the template prefill) calls this first."""
+        (`core.model.request_states`); `embeddings` (n, T, hidden), those tokens' input embeddings,
+        come to a head that `reads_embeddings`. Default: the states unchanged. Every path that hands
+        a head its states (training, scoring, decoding, the template prefill) calls this first."""
         return states
 
     def target(self, sample: Any) -> torch.Tensor | None:

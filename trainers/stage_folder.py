@@ -82,7 +82,9 @@ def prepare(
     stage IV composes `experts` (default: every adapter the source carries)."""
     model = source.model
     if spec.seg_read_request:
-        add_request_reader(model, seed)
+        add_request_reader(model, seed, embeddings=spec.seg_read_embeddings)
+    if spec.seg_image_film:
+        add_image_film(model)
     torch.manual_seed(seed)  # fresh LoRA factors and router weights start the same on every worker
     prepared = StageModel(model)
     if spec.setup == "adapter":
@@ -108,16 +110,28 @@ def prepare(
     return prepared
 
 
-def add_request_reader(model: MedPLIBForCausalLM, seed: int) -> None:
+def add_request_reader(model: MedPLIBForCausalLM, seed: int, embeddings: bool = False) -> None:
     """Switch `seg_read_request` on: the grounding head gets its reader (seeded, the global random
-    state untouched) unless it has one; the config records it, so the saved stage loads with it."""
+    state untouched; reading the input `embeddings` too if asked) unless it has one, which is kept as
+    it is; the config records the reader the head has, so the saved stage loads with it."""
     head = model.expert_heads.get(model.trigger_experts.get(model.config.seg_token_id))
     if head is None or not hasattr(head, "add_request_reader"):
         raise InvalidInputError("seg_read_request needs the pixel-grounding head; this model has none")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head.add_request_reader()
+        head.add_request_reader(embeddings=embeddings)
     model.config.seg_read_request = True
+    model.config.seg_read_embeddings = head.reads_embeddings
+
+
+def add_image_film(model: MedPLIBForCausalLM) -> None:
+    """Switch `seg_image_film` on: the grounding head gets a zero-gain `ImageFiLM` unless it has one;
+    the config records it, so the saved stage loads with it."""
+    head = model.expert_heads.get(model.trigger_experts.get(model.config.seg_token_id))
+    if head is None or not hasattr(head, "add_image_film"):
+        raise InvalidInputError("seg_image_film needs the pixel-grounding head; this model has none")
+    head.add_image_film()
+    model.config.seg_image_film = True
 
 
 def composed_experts(source: StageStart, names: Sequence[str] | None = None) -> list[ExpertSpec]:

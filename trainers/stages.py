@@ -122,6 +122,12 @@ class StageSpec(BaseModel):
     # The `<SEG>` state reads the request's token states (`MedPLIBConfig.seg_read_request`): a model
     # without the reader gets a fresh one before training (`stage_folder.prepare`).
     seg_read_request: bool = False
+    # The reader's keys and values also carry the request tokens' input embeddings
+    # (`MedPLIBConfig.seg_read_embeddings`); applies where the stage adds the reader.
+    seg_read_embeddings: bool = False
+    # The `<SEG>` prompt also scales SAM's image embedding channel-wise (`MedPLIBConfig.seg_image_film`):
+    # a model without it gets a zero-gain one before training (`stage_folder.prepare`).
+    seg_image_film: bool = False
     # Learning-rate multipliers by parameter group: a parameter of a listed group trains at `optim.lr`
     # times its scale (the first listed group it belongs to), every other one at `optim.lr`.
     lr_scales: dict[str, float] = {}
@@ -246,7 +252,12 @@ TINY_OPTIM = {
 # Stage IV's gates also learn which expert's `trains_on` each sample belongs to (see TINY_NOTES).
 TINY_ROUTING_WEIGHT = 1.0
 # The stages that train the grounding head pair requests on one image and contrast left with right.
-TINY_GROUNDING = {"same_image_pairs": True, "contrast": PairContrast(), "seg_read_request": True}
+TINY_GROUNDING = {
+    "same_image_pairs": True,
+    "contrast": PairContrast(),
+    "seg_read_request": True,
+    "seg_read_embeddings": True,
+}
 TINY_NOTES = (
     "Stage I trains the CLIP tower and the whole LLM with the projector, and stage II trains the CLIP "
     "tower and the LLM's attention, MLP, norms, embeddings and LM head with the expert's LoRA: the tiny "
@@ -279,6 +290,11 @@ TINY_NOTES = (
     "On the pipeline seeds' stage II the state that predicts <SEG> is the same for 'left' and 'right' "
     "(relative difference 0.2-0.9 %) while the words' own states differ by 34-97 %; stage III trains "
     "no attention, so without the reader nothing can carry the name to the head.",
+    "The reader's keys and values also carry the request tokens' input embeddings "
+    "(`seg_read_embeddings`): reading the last-layer states alone, stage III split one pair of "
+    "structures per seed (left/right on seeds 0 and 1, grey/white on seed 2), since the word's "
+    "last-layer state differs by only 15-27 % between grey and white; with the words' own embeddings "
+    "it split both pairs on all three seeds (benchmarks/results/pipeline.md, 'Session 6').",
     "Stage IV adds a routing loss (weight 1, not in the paper): cross-entropy of each routed layer's "
     "gate, on the question and answer tokens, against the expert whose `trains_on` accepts the sample. "
     "Top-1 gating scales the chosen expert by its gate probability, about 0.5 for a fresh router, so the "

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
+import httpx
 from ray import serve
 
-from medplib.agents.serve.config import ROLE_DEFAULTS, DeploymentConfig, RoleDefaults, ServeConfig
+from medplib.agents.serve.config import ROLE_DEFAULTS, DeploymentConfig, Http, RoleDefaults, ServeConfig
 from medplib.agents.serve.deployments import ExpertHead, GroundingDecoder, Trunk
 from medplib.agents.serve.ingress import Ingress
 from medplib.agents.serve.schemas import DeploymentInfo, ExpertsResponse, HostedExpert
@@ -167,16 +169,43 @@ def deploy(config: ServeConfig, *, address: str | None = None, ray_init: dict[st
         ray.init(address=address, **(ray_init or {}))
     if config.check_resources:
         check_resources(config, ray.cluster_resources())
-    http = config.http
-    serve.start(
-        proxy_location=http.proxy_location,
-        http_options={
-            "host": http.host,
-            "port": http.port,
-            # Serve's own bound, behind the ingress's: a request never outlives it, whatever happens.
-            "request_timeout_s": config.limits.request_timeout_s + 30,
-        },
-    )
-    serve.run(build_app(config), name=config.app_name, route_prefix=http.route_prefix)
+    start_serve(config.http, request_timeout_s=config.limits.request_timeout_s + 30)
+    serve.run(build_app(config), name=config.app_name, route_prefix=config.http.route_prefix)
+    return f"{proxy_url(config.http)}{config.http.route_prefix.rstrip('/')}"
+
+
+def proxy_url(http: Http) -> str:
     host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
-    return f"http://{host}:{http.port}{http.route_prefix.rstrip('/')}"
+    return f"http://{host}:{http.port}"
+
+
+def start_serve(http: Http, *, request_timeout_s: float) -> None:
+    """Start Serve (or join the running one) with its HTTP proxy up, waiting up to
+    `http.startup_timeout_s` for the proxy: Serve gives up after a fixed 60 s, which a loaded machine
+    exceeds, while the proxy actor goes on starting."""
+    options = {
+        "proxy_location": http.proxy_location,
+        # Serve's own bound, behind the ingress's: a request never outlives it, whatever happens.
+        "http_options": {"host": http.host, "port": http.port, "request_timeout_s": request_timeout_s},
+    }
+    started = time.monotonic()
+    try:
+        serve.start(**options)
+        return
+    except TimeoutError as error:
+        logger.warning(
+            "Serve's HTTP proxy is slow to start (%s); waiting up to %.0f s", error, http.startup_timeout_s
+        )
+    health = proxy_url(http) + "/-/healthz"
+    while time.monotonic() - started < http.startup_timeout_s:
+        try:
+            httpx.get(health, timeout=5)  # any answer: the proxy listens (it is healthy once routes come)
+            serve.start(**options)  # the controller is running: this connects to it
+            return
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    raise CapacityError(
+        f"Serve's HTTP proxy on {proxy_url(http)} did not start within {http.startup_timeout_s:.0f} s "
+        "(http.startup_timeout_s); is the machine overloaded or the port taken?"
+    )

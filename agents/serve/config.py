@@ -152,6 +152,8 @@ class Http(_Strict):
     port: int = Field(8000, ge=0, le=65535)
     proxy_location: Literal["HeadOnly", "EveryNode"] = "HeadOnly"
     route_prefix: str = Field("/", pattern=r"^/[\w/-]*$", description="the API's path under the host")
+    # Serve itself waits a fixed 60 s for its HTTP proxy, which a loaded machine can exceed.
+    startup_timeout_s: float = Field(300.0, gt=0, description="how long deploying waits for the HTTP proxy")
 
 
 class ServeLimits(_Strict):

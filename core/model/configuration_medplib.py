@@ -109,6 +109,12 @@ class MedPLIBConfig(PreTrainedConfig):
     # the tiny schedule's grounding stages (`StageSpec.seg_read_request`); off for loaded checkpoints
     # whose config lacks it and for the 7B preset.
     seg_read_request: bool = False
+    # With `seg_read_request`: the reader's keys and values also carry the request tokens' input
+    # embeddings (the words' identity; `StageSpec.seg_read_embeddings`). Off unless a stage sets it.
+    seg_read_embeddings: bool = False
+    # The `<SEG>` prompt also scales SAM's image embedding channel-wise (`grounding.ImageFiLM`), for
+    # structures told apart by intensity, not place. Off unless a stage sets it (`StageSpec.seg_image_film`).
+    seg_image_film: bool = False
     image_token_id: int = -1
     im_start_token_id: int = -1
     im_end_token_id: int = -1

@@ -84,10 +84,10 @@ class _Encoder:
             self.ids(tokenize_user_text(self.tokenizer, text), supervised=supervised)
 
     def control(self, *tokens: ControlToken, supervised: bool = False) -> None:
-        # One lookup per token: `get_vocab()` would copy the whole vocabulary for every conversation.
-        self.ids(
-            [self.tokenizer.convert_tokens_to_ids(token.value) for token in tokens], supervised=supervised
-        )
+        # One lookup per distinct token (the image's run of placeholders is one): `get_vocab()` would
+        # copy the whole vocabulary for every conversation.
+        lookup = {token: self.tokenizer.convert_tokens_to_ids(token.value) for token in set(tokens)}
+        self.ids([lookup[token] for token in tokens], supervised=supervised)
 
     def user_parts(self, parts: Sequence[Part]) -> None:
         for part in parts:

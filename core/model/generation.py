@@ -9,8 +9,9 @@ Two entry points serve callers that cache per image: `image_features` replace th
 `past_key_values` hold the KV of a prefix of every row (the template up to the image, identical for
 every question about that image), so only the rest of the prompt is prefilled. A LLaMA trunk runs
 through `kv_cache.run_trunk` over keys and values allocated once for the whole generation; another
-trunk through transformers' forward and `DynamicCache`. Every pass, the prompt's and each step's, is
-`MedPLIBForCausalLM.forward` over that cache, the pass training and scoring run too. `require_seg` makes
+trunk through transformers' forward and `DynamicCache`. Every pass runs the model's own trunk over that
+cache: the prompt's is `MedPLIBForCausalLM.forward`, the pass training and scoring run too, each step's
+its `step_pass` (the same trunk and LM head, without building an output object). `require_seg` makes
 rows that must yield a mask (grounding) emit `<SEG>` where they would otherwise end.
 """
 
@@ -25,7 +26,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from medplib.core.errors import InvalidInputError
-from medplib.core.model.kv_cache import PrefixKV, generation_cache
+from medplib.core.model.kv_cache import PrefixKV, StaticKVCache, generation_cache
 from medplib.core.model.request_states import grounding_head, read_requests, request_columns
 
 if TYPE_CHECKING:
@@ -133,7 +134,7 @@ def decode_steps(
         never = [config.image_token_id, config.region_token_id]
 
     device = input_ids.device
-    never = torch.tensor(never, device=device)
+    never = torch.tensor(never, dtype=torch.long, device=device)
     start = time.perf_counter()
     past = 0 if past_key_values is None else past_key_values.get_seq_length()
     embeds = model.embed_inputs(input_ids[:, past:], pixel_values, region_masks, image_features)
@@ -141,6 +142,8 @@ def decode_steps(
     # The mask of the whole generation, allocated once: the prompt's, then one real column per step.
     full_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, max_new_tokens)], dim=1)
     cache = generation_cache(model, past_key_values, rows, length + max_new_tokens, embeds)
+    # Without padding the lean trunk's steps need no mask (`run_trunk`).
+    step_masks = not isinstance(cache, StaticKVCache) or not bool(attention_mask.all())
     # Positions count real tokens only, so padding (left or after the prefix) shifts nothing.
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = model(
@@ -183,11 +186,14 @@ def decode_steps(
     embedding = model.get_input_embeddings()
     # Whether any row must say a token before it ends: else the forcing rules are skipped per step.
     rules = bool(require.any())
-    kept = torch.cat([triggers, triggers.new_tensor([seg_id])])  # tokens whose hidden state is kept
+    kept = {*triggers.tolist(), seg_id}  # tokens whose hidden state is kept
     trigger_ids = set(triggers.tolist())
+    # `finished` as a list too: the per-step checks on a few rows are cheaper in Python than as
+    # tensor ops, and while no row has finished the masking below is the identity and is skipped.
+    done = finished.tolist()
     for step in range(max_new_tokens):
         logits = logits.float()
-        logits[:, never] = float("-inf")
+        logits.index_fill_(-1, never, float("-inf"))
         token = _pick(
             logits,
             do_sample=do_sample,
@@ -196,7 +202,8 @@ def decode_steps(
             top_p=top_p,
             generator=generator,
         )
-        token = token.masked_fill(finished, pad_id)
+        if any(done):
+            token = token.masked_fill(finished, pad_id)
         force = None
         if rules:
             ending = (token == eos_id) | (step == max_new_tokens - 1)
@@ -208,38 +215,38 @@ def decode_steps(
                 force = force & ~at_start
             token = torch.where(force, required, token)
             forced |= force
-        keeping = torch.isin(token, kept) & ~finished
-        if keeping.any():
-            for row in torch.nonzero(keeping).flatten().tolist():
-                said = int(token[row])
-                if said == seg_id:
+        said = token.tolist()
+        for row, token_id in enumerate(said):
+            if token_id in kept and not done[row]:
+                if token_id == seg_id:
                     seg_hidden[row].append(last[row])
                     seg_steps[row].append(step)
-                if said in trigger_ids:
-                    triggered[row].append((said, last[row]))
+                if token_id in trigger_ids:
+                    triggered[row].append((token_id, last[row]))
         generated.append(token)
         yield token
         if rules:
             has_seg |= token == required
             finished |= (token == eos_id) | force  # a forced <SEG> stands where the answer ended
-        else:
+            done = finished.tolist()
+        elif eos_id in said:
             finished |= token == eos_id
-        if finished.all() or step == max_new_tokens - 1:
+            done = finished.tolist()
+        if all(done) or step == max_new_tokens - 1:
             break
-        out = model(
-            inputs_embeds=embedding(token[:, None]),
-            attention_mask=full_mask[:, : length + step + 1],
-            position_ids=positions,
-            past_key_values=cache,
-            logits_to_keep=1,
-        )
-        hidden, logits = out.last_hidden_state, out.logits[:, -1]
+        step_mask = full_mask[:, : length + step + 1] if step_masks else None
+        newest, logits = model.step_pass(embedding(token[:, None]), step_mask, positions, cache)
         if reads:
-            step_hidden.append(hidden[:, -1])
-        running = ~finished[:, None]
-        if medplib:
-            before_last = torch.where(running, last, before_last)
-        last = torch.where(running, hidden[:, -1], last)
+            step_hidden.append(newest)
+        if any(done):
+            running = ~finished[:, None]
+            if medplib:
+                before_last = torch.where(running, last, before_last)
+            last = torch.where(running, newest, last)
+        else:  # every row still running: the update above keeps every row's new state
+            if medplib:
+                before_last = last
+            last = newest
         positions = positions + 1
     if medplib:
         for row in torch.nonzero(require & ~has_seg & (required == seg_id)).flatten().tolist():
@@ -250,8 +257,10 @@ def decode_steps(
     empty = last.new_zeros(0, last.shape[-1])
     seg_states = [torch.stack(states) if states else empty for states in seg_hidden]
     if reads:
+        steps = generated[: len(step_hidden)]  # step s's state is the one after generated token s
+        step_ids = torch.stack(steps, dim=1) if steps else prompt_ids.new_zeros(rows, 0)
         seg_states = _read_decoded_requests(
-            model, seg_states, seg_steps, prompt_hidden, step_hidden, prompt_ids, prompt_mask
+            model, seg_states, seg_steps, prompt_hidden, step_hidden, prompt_ids, prompt_mask, step_ids
         )
     return GenerationOutput(
         sequences=torch.stack(generated, dim=1),
@@ -303,7 +312,7 @@ def prefill_answers(
         columns = [first + torch.nonzero(seg).flatten() for seg in is_seg]
         suffix_ids, suffix_mask = input_ids[:, past:], attention_mask[:, past:]
         request = request_columns(suffix_ids, suffix_mask, model.config.im_end_token_id)
-        seg_states = read_requests(model, seg_states, columns, hidden, request)
+        seg_states = read_requests(model, seg_states, columns, hidden, request, suffix_ids)
     triggers = torch.tensor(sorted(getattr(model, "trigger_experts", {})), dtype=torch.long)
     is_trigger = torch.isin(answers.cpu(), triggers)
     triggered = [
@@ -327,9 +336,11 @@ def _read_decoded_requests(
     step_hidden: list[torch.Tensor],
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
+    step_ids: torch.Tensor,
 ) -> list[torch.Tensor]:
     """The decoded `<SEG>` states as the grounding head takes them: a `<SEG>` picked at step s was
-    predicted by the state of column T + s - 1 of the prompt's T states and the steps' states."""
+    predicted by the state of column T + s - 1 of the prompt's T states and the steps' states (the
+    states after the `step_ids` (B, S) tokens)."""
     rows, length = prompt_ids.shape
     request = request_columns(prompt_ids, prompt_mask, model.config.im_end_token_id)
     hidden = prompt_hidden
@@ -338,4 +349,5 @@ def _read_decoded_requests(
     # A step's state is real wherever a <SEG> reads it: its row was still running at that step.
     request = torch.cat([request, request.new_ones(rows, hidden.shape[1] - length)], dim=1)
     columns = [torch.tensor([length - 1 + s for s in steps], dtype=torch.long) for steps in seg_steps]
-    return read_requests(model, seg_states, columns, hidden, request)
+    token_ids = torch.cat([prompt_ids, step_ids.to(prompt_ids.device)], dim=1)
+    return read_requests(model, seg_states, columns, hidden, request, token_ids)

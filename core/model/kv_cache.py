@@ -17,16 +17,20 @@ finite (its output is never read).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
+from transformers.activations import SiLUActivation
 from transformers.cache_utils import Cache
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm
 
 from medplib.core.model.fused import FusedProjections, fused_projections
+from medplib.core.model.quantization import Int8Linear
 
 
 class RotaryTable:
@@ -40,8 +44,8 @@ class RotaryTable:
         self.cos, self.sin = cos[0], signed_sin(sin[0])
 
     def __call__(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and `signed_sin` (B, T, 1, head_dim) at the positions, for `rotate`."""
-        return self.cos[position_ids][:, :, None], self.sin[position_ids][:, :, None]
+        """cos and `signed_sin` (B, 1, T, head_dim) at the positions, for `rotate`."""
+        return self.cos[position_ids][:, None], self.sin[position_ids][:, None]
 
 
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:
@@ -53,7 +57,7 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor:
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """LLaMA's rotary embedding (`apply_rotary_pos_emb`, the same products in the same order) of x
-    (B, T, heads, head_dim), in four ops instead of its slicing, negating and concatenating."""
+    (B, heads, T, head_dim), in four ops instead of its slicing, negating and concatenating."""
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
@@ -67,10 +71,13 @@ class StaticKVCache:
         length: int,
         rotary: RotaryTable | None = None,
         fused: list[FusedProjections | None] | None = None,
+        plans: list[LayerPlan] | None = None,
     ) -> None:
         self.keys, self.values, self.length = keys, values, length
         self.rotary = rotary  # cos and sin of every position it can hold, or None: computed per call
         self.fused = fused  # per layer, its fused int8 products (`fused.py`), checked once per cache
+        self.plans = plans  # per layer, what `run_trunk` calls (`LayerPlan`); None: built per call
+        self.final_norm: Product | None = None  # the trunk's last norm, as `LayerPlan`'s norms
 
     @property
     def capacity(self) -> int:
@@ -91,7 +98,11 @@ class StaticKVCache:
         fixed = getattr(trunk.rotary_emb, "rope_type", "default") == "default"
         rotary = RotaryTable(trunk, capacity, like) if fixed else None
         fused = [fused_projections(layer) for layer in trunk.layers] if fuse else None
-        return cls(make[:layers], make[layers:], 0, rotary, fused)
+        per_layer = fused or [None] * layers
+        plans = [LayerPlan.of(layer, f, like.dtype) for layer, f in zip(trunk.layers, per_layer, strict=True)]
+        static = cls(make[:layers], make[layers:], 0, rotary, fused, plans)
+        static.final_norm = norm_call(trunk.norm, like.dtype)
+        return static
 
     @classmethod
     def from_cache(
@@ -111,6 +122,75 @@ class StaticKVCache:
                 values[:, :, :length] = layer.values
         static.length = length
         return static
+
+
+Product = Callable[[torch.Tensor], torch.Tensor]
+
+
+def direct_call(module: nn.Module) -> Product:
+    """`module(x)` with less around it: an `Int8Linear`'s kernel alone, an `nn.Linear`'s `F.linear`,
+    SiLU's `F.silu` (each what their forward computes); any other module (a peft LoRA wrapper, a
+    routed MLP, int4, bitsandbytes), or one with forward hooks, is called as it is."""
+    if _hooked(module):
+        return module
+    if type(module) is Int8Linear:
+        return module.kernel() or module
+    if type(module) is nn.Linear:
+        weight, bias = module.weight, module.bias
+        return lambda x: F.linear(x, weight, bias)
+    if type(module) is SiLUActivation or (type(module) is nn.SiLU and not module.inplace):
+        return F.silu
+    return module
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling the module runs hooks (its own or global ones) a direct call would skip."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or nn.modules.module._global_forward_hooks
+        or nn.modules.module._global_forward_pre_hooks
+    )
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What `run_trunk` calls in one decoder layer, looked up once per generation: a decoded token
+    pays a module call and two reshapes per product otherwise, a tenth of its step at the `small`
+    preset (int8). The same arithmetic as the layer's modules, bit for bit."""
+
+    input_norm: Product
+    post_attention_norm: Product
+    qkv: Product | None  # the fused q/k/v product (`fused.py`), or None: `projections`
+    projections: tuple[Product, ...]  # q, k, v apart
+    o: Product
+    gate_up: Product | None  # the fused gate/up product of a `LlamaMLP`, or None
+    gate: Product | None  # a `LlamaMLP`'s gate and up apart (None: fused, or not a `LlamaMLP`)
+    up: Product | None
+    act: Product | None
+    down: Product | None
+    mlp: Product  # the whole MLP: whatever a layer holds that is not a `LlamaMLP` (a routed MLP)
+
+    @classmethod
+    def of(cls, layer: nn.Module, products: FusedProjections | None, dtype: torch.dtype) -> LayerPlan:
+        """The plan of `layer` for hidden states of `dtype`, with its fused products (or None)."""
+        attention, mlp = layer.self_attn, layer.mlp
+        fused_qkv = products.qkv if products is not None else None
+        fused_gate_up = products.gate_up if products is not None else None
+        llama_mlp = type(mlp) is LlamaMLP and not _hooked(mlp)
+        return cls(
+            input_norm=norm_call(layer.input_layernorm, dtype),
+            post_attention_norm=norm_call(layer.post_attention_layernorm, dtype),
+            qkv=direct_call(fused_qkv) if fused_qkv is not None else None,
+            projections=tuple(direct_call(p) for p in (attention.q_proj, attention.k_proj, attention.v_proj)),
+            o=direct_call(attention.o_proj),
+            gate_up=direct_call(fused_gate_up) if fused_gate_up is not None and llama_mlp else None,
+            gate=direct_call(mlp.gate_proj) if llama_mlp and fused_gate_up is None else None,
+            up=direct_call(mlp.up_proj) if llama_mlp and fused_gate_up is None else None,
+            act=direct_call(mlp.act_fn) if llama_mlp else None,
+            down=direct_call(mlp.down_proj) if llama_mlp else None,
+            mlp=mlp,
+        )
 
 
 class PrefixKV:
@@ -137,66 +217,76 @@ def supports_static_cache(trunk: nn.Module) -> bool:
 def run_trunk(
     trunk: nn.Module,
     inputs_embeds: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor,
     cache: StaticKVCache,
 ) -> torch.Tensor:
     """The trunk (`LlamaModel`) on T new embeddings (B, T, hidden) after `cache.length` cached columns.
 
-    `attention_mask` (B, cache.length + T) marks the real columns; the new keys and values are written
-    into the cache, whose `length` grows by T. Returns the final-norm hidden states (B, T, hidden).
+    `attention_mask` (B, cache.length + T) marks the real columns (None: all are); the new keys and
+    values are written into the cache, whose `length` grows by T. Returns the final-norm hidden states
+    (B, T, hidden).
     """
     batch, steps, _ = inputs_embeds.shape
     start, end = cache.length, cache.length + steps
     if end > cache.capacity:
         raise RuntimeError(f"the KV cache holds {cache.capacity} columns, {end} needed")
-    allowed = _attention_mask(attention_mask, start, steps)
+    allowed = _attention_mask(attention_mask, start, steps, inputs_embeds.device)
     hidden = inputs_embeds
     rotary = cache.rotary
     if rotary is not None:
         cos, sin = rotary(position_ids)
     else:
         cos, sin = trunk.rotary_emb(hidden, position_ids)
-        cos, sin = cos[:, :, None], signed_sin(sin)[:, :, None]
-    fused = cache.fused or [None] * len(trunk.layers)
-    for layer, keys, values, products in zip(trunk.layers, cache.keys, cache.values, fused, strict=True):
-        attention, mlp = layer.self_attn, layer.mlp
-        normed = _rms_norm(layer.input_layernorm, hidden)
-        if products is not None and products.qkv is not None:  # (B, T, q heads + 2 kv heads, head_dim)
-            qkv = products.qkv(normed).view(batch, steps, -1, attention.head_dim)
-            query_heads = qkv.shape[2] - 2 * keys.shape[1]
-            query_key = rotate(qkv[:, :, : -keys.shape[1]], cos, sin)  # both rotated in one pass
-            query, key = query_key[:, :, :query_heads], query_key[:, :, query_heads:]
-            value = qkv[:, :, -keys.shape[1] :]
+        cos, sin = cos[:, None], signed_sin(sin)[:, None]
+    plans = cache.plans or [LayerPlan.of(layer, None, hidden.dtype) for layer in trunk.layers]
+    for layer, keys, values, plan in zip(trunk.layers, cache.keys, cache.values, plans, strict=True):
+        attention = layer.self_attn
+        kv_heads = keys.shape[1]
+        normed = plan.input_norm(hidden)
+        # Heads first, (B, heads, T, head_dim), as sdpa and the cache take them.
+        if plan.qkv is not None:  # q heads, then k's, then v's
+            qkv = plan.qkv(normed).view(batch, steps, -1, attention.head_dim).transpose(1, 2)
+            query_key = rotate(qkv[:, :-kv_heads], cos, sin)  # both rotated in one pass
+            query, key = query_key[:, :-kv_heads], query_key[:, -kv_heads:]
+            value = qkv[:, -kv_heads:]
         else:
             shape = (batch, steps, -1, attention.head_dim)
-            query = rotate(attention.q_proj(normed).view(shape), cos, sin)
-            key = rotate(attention.k_proj(normed).view(shape), cos, sin)
-            value = attention.v_proj(normed).view(shape)
-        keys[:, :, start:end] = key.transpose(1, 2)
-        values[:, :, start:end] = value.transpose(1, 2)
+            q, k, v = (product(normed).view(shape).transpose(1, 2) for product in plan.projections)
+            query, key, value = rotate(q, cos, sin), rotate(k, cos, sin), v
+        keys[:, :, start:end] = key
+        values[:, :, start:end] = value
         attended = F.scaled_dot_product_attention(
-            query.transpose(1, 2),
+            query,
             keys[:, :, :end],
             values[:, :, :end],
             attn_mask=allowed,
             scale=attention.scaling,
             enable_gqa=attention.num_key_value_groups > 1,
         )
-        hidden = hidden + attention.o_proj(attended.transpose(1, 2).reshape(batch, steps, -1))
-        normed = _rms_norm(layer.post_attention_layernorm, hidden)
-        if products is not None and products.gate_up is not None:  # LlamaMLP's arithmetic, one product
-            gate, up = products.gate_up(normed).chunk(2, dim=-1)
-            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+        hidden = hidden + plan.o(attended.transpose(1, 2).reshape(batch, steps, -1))
+        normed = plan.post_attention_norm(hidden)
+        if plan.gate_up is not None:  # LlamaMLP's arithmetic, one product
+            gate, up = plan.gate_up(normed).chunk(2, dim=-1)
+            hidden = hidden + plan.down(plan.act(gate) * up)
+        elif plan.gate is not None:
+            hidden = hidden + plan.down(plan.act(plan.gate(normed)) * plan.up(normed))
         else:
-            hidden = hidden + mlp(normed)
+            hidden = hidden + plan.mlp(normed)
     cache.length = end
-    return _rms_norm(trunk.norm, hidden)
+    return (cache.final_norm or norm_call(trunk.norm, hidden.dtype))(hidden)
 
 
-def _attention_mask(attention_mask: torch.Tensor, start: int, steps: int) -> torch.Tensor | None:
+def _attention_mask(
+    attention_mask: torch.Tensor | None, start: int, steps: int, device: torch.device
+) -> torch.Tensor | None:
     """allowed (B, 1, T, start + T): key j is real and not after query t; each query always sees itself.
-    None where that is every key (one new token per row and no padding): sdpa then needs no mask."""
+    None where that is every key (one new token per row and no padding): sdpa then needs no mask.
+    `attention_mask` None: every column is real."""
+    if attention_mask is None:
+        if steps == 1:
+            return None
+        attention_mask = torch.ones(1, start + steps, dtype=torch.bool, device=device)
     real = attention_mask.bool()
     if steps == 1:
         return None if real.all() else real[:, None, None, :]
@@ -204,6 +294,15 @@ def _attention_mask(attention_mask: torch.Tensor, start: int, steps: int) -> tor
     query_columns = torch.arange(start, start + steps, device=real.device)[:, None]
     allowed = (real[:, None, :] & (columns <= query_columns)) | (columns == query_columns)
     return allowed[:, None]
+
+
+def norm_call(norm: nn.Module, dtype: torch.dtype) -> Product:
+    """`_rms_norm(norm, hidden)` for hidden states of `dtype`, its checks done once: torch's fused op
+    itself where everything is float32."""
+    if isinstance(norm, LlamaRMSNorm) and dtype == torch.float32 == norm.weight.dtype:
+        shape, weight, eps = (norm.weight.shape[-1],), norm.weight, norm.variance_epsilon
+        return lambda hidden: torch.rms_norm(hidden, shape, weight, eps)
+    return lambda hidden: _rms_norm(norm, hidden)
 
 
 def _rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from medplib.core.expert_heads import attach_head, build_expert_heads, trigger_e
 from medplib.core.expert_spec import LossWeights
 from medplib.core.model.configuration_medplib import MedPLIBConfig
 from medplib.core.model.generation import GenerationOutput, decode
-from medplib.core.model.kv_cache import StaticKVCache, run_trunk
+from medplib.core.model.kv_cache import StaticKVCache, direct_call, run_trunk
 from medplib.core.model.losses import (
     answer_cross_entropy,
     supervised_positions,
@@ -173,6 +173,20 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
         )
         return outputs.last_hidden_state, outputs.cache
 
+    def step_pass(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cache: Cache | StaticKVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward(inputs_embeds=..., past_key_values=cache, logits_to_keep=1)` for a decoding step,
+        without building its output object (a fifth of a product's time, per token): the last
+        position's hidden state (B, hidden) and logits (B, V). `attention_mask` None: no padding."""
+        hidden, _ = self.run_language_model(inputs_embeds, attention_mask, position_ids, cache)
+        last = hidden[:, -1]
+        return last, direct_call(self.language_model.lm_head)(last)
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -280,7 +294,7 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
             return states
         columns = [torch.nonzero(row_is_seg).flatten() for row_is_seg in is_seg]
         request = request_columns(input_ids, attention_mask, self.config.im_end_token_id)
-        return read_requests(self, states, columns, hidden, request)
+        return read_requests(self, states, columns, hidden, request, input_ids)
 
     # ---- grounding ----------------------------------------------------------------------------------
 
@@ -322,7 +336,7 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
                 predictions.append(none)
                 continue
             prompts = self.seg_head(states).to(sam_dtype)
-            dense = self.seg_head.dense_prompts(prompts, self.sam.prompt_encoder)
+            dense = self.seg_head.dense_prompts(prompts, self.sam.prompt_encoder, embeddings[i][None])
             low_res, scores = self.sam.decode(embeddings[i][None], prompts, dense)
             logits = self.sam.postprocess(low_res, tuple(sam_input_sizes[i]), (height, width))
             masks = logits > self.config.sam_config.mask_threshold

@@ -145,22 +145,17 @@ class MedPLIBProcessor:
         those prefixes lines up with the batch.
         """
         length = max(len(c.input_ids) for c in encoded)
-        input_ids = torch.full((len(encoded), length), self.tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(encoded), length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
-        for row, conversation in enumerate(encoded):
+        fillers = (self.tokenizer.pad_token_id, IGNORE_INDEX, 0)
+        rows: tuple[list[list[int]], ...] = ([], [], [])  # ids, labels, mask: lists made tensors at once
+        for conversation in encoded:
             n = len(conversation.input_ids)
-            if prefix:
-                pieces = [
-                    (slice(0, prefix), slice(0, prefix)),
-                    (slice(prefix, n), slice(length - n + prefix, length)),
-                ]
-            else:
-                pieces = [(slice(0, n), slice(length - n, length) if side == "left" else slice(0, n))]
-            for source, target in pieces:
-                input_ids[row, target] = torch.tensor(conversation.input_ids[source])
-                labels[row, target] = torch.tensor(conversation.labels[source])
-                attention_mask[row, target] = 1
+            # The padding goes after the first `head` tokens: the prefix, or none (left), or all (right).
+            head = prefix if prefix else (0 if side == "left" else n)
+            gap = length - n
+            columns = (list(conversation.input_ids), list(conversation.labels), [1] * n)
+            for out, values, filler in zip(rows, columns, fillers, strict=True):
+                out.append(values[:head] + [filler] * gap + values[head:])
+        input_ids, labels, attention_mask = (torch.tensor(values, dtype=torch.long) for values in rows)
         return input_ids, attention_mask, labels
 
     def decode(self, sequences: torch.Tensor) -> list[str]:

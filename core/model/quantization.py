@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -193,6 +194,15 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def kernel(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """fbgemm's product alone, `self(x)` without the module call and the reshapes around it (the
+        kernel flattens leading dims itself), for the lean trunk's per-token calls; None where the
+        forward does more than that (a slice of a fused layer, a bias, per-token ranges)."""
+        if self.slice_of is not None or self.bias is not None or self.per_token:
+            return None
+        packed, reduce_range = self._packed, self.reduce_range
+        return lambda x: _LINEAR_DYNAMIC(x, packed, reduce_range)
 
     def shared_output(self, x: torch.Tensor) -> torch.Tensor:
         """This (fused) layer's output on x, computed once for its `readers` slices, which a trunk

@@ -34,19 +34,33 @@ def grounding_head(model: MedPLIBForCausalLM) -> torch.nn.Module | None:
     return head if head is not None and getattr(head, "reads_request", False) else None
 
 
+def request_embeddings(
+    model: MedPLIBForCausalLM, token_ids: torch.Tensor, request: torch.Tensor
+) -> torch.Tensor:
+    """(B, T, H) input embeddings of the `request` (B, T) columns of `token_ids`; zeros elsewhere (the
+    image's and padding's slots, whose ids may be placeholders, are never read)."""
+    embeddings = model.get_input_embeddings()(torch.where(request, token_ids, 0))
+    return embeddings * request[..., None].to(embeddings.dtype)
+
+
 def read_requests(
     model: MedPLIBForCausalLM,
     states: Sequence[torch.Tensor],
     columns: Sequence[torch.Tensor],
     hidden: torch.Tensor,
     request: torch.Tensor,
+    token_ids: torch.Tensor,
 ) -> list[torch.Tensor]:
     """Per row, its `<SEG>` states (n, H), at `columns` (n,) of `hidden` (B, T, H), as the grounding
-    head takes them: each reads the `request` (B, T) bool columns up to its own. Unchanged when the
+    head takes them: each reads the `request` (B, T) bool columns up to its own, the states and, for
+    a head that `reads_embeddings`, the input embeddings of `token_ids` (B, T). Unchanged when the
     head does not read requests."""
     head = grounding_head(model)
     if head is None:
         return list(states)
+    embeddings = None
+    if getattr(head, "reads_embeddings", False):
+        embeddings = request_embeddings(model, token_ids.to(hidden.device), request.to(hidden.device))
     read = []
     span = torch.arange(hidden.shape[1], device=hidden.device)
     for row, (row_states, row_columns) in enumerate(zip(states, columns, strict=True)):
@@ -57,5 +71,9 @@ def read_requests(
         mask = request[row][None, :] & (span[None, :] <= row_columns[:, None])
         mask[torch.arange(len(row_columns), device=hidden.device), row_columns] = True  # its own state
         context = hidden[row].expand(len(row_states), -1, -1)
-        read.append(head.read_request(row_states, context, mask))
+        if embeddings is None:
+            read.append(head.read_request(row_states, context, mask))
+        else:
+            words = embeddings[row].expand(len(row_states), -1, -1)
+            read.append(head.read_request(row_states, context, mask, words))
     return read

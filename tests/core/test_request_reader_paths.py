@@ -30,11 +30,12 @@ class _Scripted(torch.nn.Module):
         return logits
 
 
-def test_prefill_decoding_and_training_give_one_mask_score() -> None:
+@pytest.mark.parametrize("embeddings", [False, True])
+def test_prefill_decoding_and_training_give_one_mask_score(embeddings: bool) -> None:
     torch.manual_seed(0)
     assistant = load("tiny", device="cpu")
     model = assistant.model
-    add_request_reader(model, seed=0)
+    add_request_reader(model, seed=0, embeddings=embeddings)
     with torch.no_grad():
         model.seg_head.request.out.weight.normal_(std=0.3)
     ct = load_image(dicom_file("CT_small.dcm")).pixels

@@ -13,7 +13,15 @@ from medplib.core.expert_spec import ExpertSpec, LoraSpec
 from medplib.core.model import MedPLIBForCausalLM, Request, Turn, build_medplib
 from medplib.core.model.fused import fuse_int8, fused_projections
 from medplib.core.model.generation import decode
-from medplib.core.model.kv_cache import StaticKVCache, rotate, run_trunk, signed_sin
+from medplib.core.model.kv_cache import (
+    LayerPlan,
+    StaticKVCache,
+    direct_call,
+    norm_call,
+    rotate,
+    run_trunk,
+    signed_sin,
+)
 from medplib.core.model.quantization import Int8Linear, quantize
 
 
@@ -137,3 +145,37 @@ def test_a_routed_mlp_keeps_its_own_path_and_its_attention_is_fused(processor, i
     assert torch.equal(hidden[0], hidden[1])
     output = decode(model, ids, mask, batch["pixel_values"], max_new_tokens=8, require_seg=True)
     assert output.seg_hidden_states[0].shape[0] >= 1  # the routed layers decode through the fused ones
+
+
+def test_the_layer_plan_calls_compute_what_the_modules_do_bit_for_bit() -> None:
+    """The lean trunk calls an int8 layer's kernel, an fp32 layer's `F.linear` and SiLU's `F.silu`
+    directly (`LayerPlan`), on (B, T, width) inputs as the trunk has them; anything else as it is."""
+    torch.manual_seed(0)
+    int8 = Int8Linear.from_linear(nn.Linear(64, 48, bias=False))
+    fp32 = nn.Linear(64, 48)
+    with_bias = Int8Linear.from_linear(nn.Linear(64, 48))
+    per_token = Int8Linear.from_linear(nn.Linear(64, 48, bias=False), per_token=True)
+    x = torch.randn(3, 5, 64) * 4
+    with torch.no_grad():
+        for module in (int8, fp32, with_bias, per_token, nn.SiLU()):
+            direct = direct_call(module)
+            assert torch.equal(direct(x), module(x))
+            assert torch.equal(direct(x[:, -1:]), module(x[:, -1:]))  # one token per row
+        assert direct_call(int8) is not int8 and direct_call(fp32) is not fp32
+        # their forward does more than the kernel
+        assert direct_call(with_bias) is with_bias and direct_call(per_token) is per_token
+        gelu = nn.GELU()
+        assert direct_call(gelu) is gelu
+        int8.register_forward_hook(lambda *_: None)
+        assert direct_call(int8) is int8  # a hook is not skipped
+    model = _int8_model()
+    layer = model.language_model.model.layers[0]
+    plan = LayerPlan.of(layer, fused_projections(layer), torch.float32)
+    assert plan.qkv is not None and plan.gate_up is not None and plan.gate is None
+    assert LayerPlan.of(layer, None, torch.float32).gate is not None  # unfused: gate and up apart
+    norm = layer.input_layernorm
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn_like(norm.weight))
+        for dtype in (torch.float32, torch.bfloat16):  # the fused op itself, or the cast and product
+            hidden = torch.randn(2, 3, norm.weight.shape[0]).to(dtype)
+            assert torch.equal(norm_call(norm, dtype)(hidden), norm(hidden))

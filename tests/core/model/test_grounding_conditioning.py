@@ -9,6 +9,9 @@ import torch
 
 from medplib.core.model import MedPLIBForCausalLM, build_medplib
 from medplib.core.model.presets import build_config
+from medplib.experts.pixel_grounding.head import ImageFiLM
+from medplib.trainers.stage_folder import add_image_film
+from medplib.trainers.stages import stage_spec
 
 
 def test_sam_and_seg_head_start_from_their_modules_own_init(tiny_model: MedPLIBForCausalLM) -> None:
@@ -86,7 +89,7 @@ def test_film_off_reproduces_the_sparse_only_decoder() -> None:
     hidden = torch.randn(3, config.text_config.hidden_size)
     with torch.no_grad():
         prompts = model.seg_head(hidden)
-        assert model.seg_head.dense_prompts(prompts, model.sam.prompt_encoder) is None
+        assert model.seg_head.dense_prompts(prompts, model.sam.prompt_encoder, embedding) is None
         predicted = model.predict_masks(
             [hidden], None, [(128, 128)], [(128, 128)], image_embeddings=embedding
         )
@@ -99,8 +102,9 @@ def test_film_off_reproduces_the_sparse_only_decoder() -> None:
 def test_film_makes_the_dense_prompt_depend_on_the_seg_prompt(tiny_model: MedPLIBForCausalLM) -> None:
     encoder = tiny_model.sam.prompt_encoder
     prompts = torch.randn(2, encoder.embed_dim)
+    embedding = torch.randn(1, encoder.embed_dim, *encoder.image_embedding_size)
     with torch.no_grad():
-        dense = tiny_model.seg_head.dense_prompts(prompts, encoder)
+        dense = tiny_model.seg_head.dense_prompts(prompts, encoder, embedding)
         film = tiny_model.seg_head.dense_film
         positional = encoder.get_dense_pe()[0]
         q = torch.nn.functional.layer_norm(prompts, (encoder.embed_dim,))
@@ -112,3 +116,38 @@ def test_film_makes_the_dense_prompt_depend_on_the_seg_prompt(tiny_model: MedPLI
     assert dense.shape == (2, encoder.embed_dim, *encoder.image_embedding_size)
     assert torch.allclose(dense, expected, atol=1e-5)
     assert (dense[0] - dense[1]).abs().mean() > 0.1  # two prompts, two different dense prompts
+
+
+def test_image_film_scales_the_image_embedding_by_the_prompt_and_starts_as_no_change(
+    tiny_model: MedPLIBForCausalLM,
+) -> None:
+    """`seg_image_film`: a fresh one changes no mask; a trained one adds gain(q) * embedding per prompt,
+    so two prompts pick different channels of one image (where the positional FiLM picks places)."""
+    torch.manual_seed(0)
+    model = tiny_model.eval()
+    encoder = model.sam.prompt_encoder
+    grid = model.config.sam_config.embedding_size
+    embedding = torch.randn(1, encoder.embed_dim, grid, grid)
+    hidden = torch.randn(2, model.config.text_config.hidden_size)
+    with torch.no_grad():
+        before = model.predict_masks([hidden], None, [(128, 128)], [(128, 128)], image_embeddings=embedding)
+        add_image_film(model)
+        assert model.config.seg_image_film and isinstance(model.seg_head.image_film, ImageFiLM)
+        fresh = model.predict_masks([hidden], None, [(128, 128)], [(128, 128)], image_embeddings=embedding)
+        assert torch.equal(before[0].logits, fresh[0].logits)
+        model.seg_head.image_film.gain.weight.normal_(std=0.3)
+        prompts = model.seg_head(hidden)
+        plain = model.seg_head.dense_film(prompts, encoder.no_mask_embed.weight[0], encoder.get_dense_pe()[0])
+        dense = model.seg_head.dense_prompts(prompts, encoder, embedding)
+        q = torch.nn.functional.layer_norm(prompts, (encoder.embed_dim,))
+        gain = model.seg_head.image_film.gain(q)[..., None, None]
+        after = model.predict_masks([hidden], None, [(128, 128)], [(128, 128)], image_embeddings=embedding)
+    torch.testing.assert_close(dense, plain + gain * embedding)
+    assert not torch.allclose(gain[0], gain[1])
+    assert not torch.allclose(before[0].logits, after[0].logits)
+
+
+def test_image_film_is_off_in_every_preset_and_the_paper_schedule() -> None:
+    for preset in ("tiny", "small", "medplib-7b"):
+        assert not build_config(preset).seg_image_film
+    assert not stage_spec("3", schedule="paper").seg_image_film

@@ -161,3 +161,28 @@ def test_a_slice_mask_goes_back_onto_the_volume(ui_server: UiServer, tmp_path: P
     assert refused.status_code == 400 and "not 189x197" in refused.json()["message"]
     flat = {**body, "image": {"base64": b64(dicom_file("CT_small.dcm"))}}
     assert httpx.post(ui_server.url + "/v1/render/mask-nifti", json=flat, timeout=60).status_code == 400
+
+
+def test_a_capability_steers_the_answer_and_an_unknown_one_is_refused(ui_server: UiServer) -> None:
+    """The same `capability` field as the Serve ingress: "grounding" forces the `<SEG>` token and its
+    head's mask into a VQA answer, "vqa" (no head) leaves the answer as it is, one the model lacks
+    is a 400."""
+    body = {
+        "image": {"base64": b64(dicom_file("CT_small.dcm"))},
+        "question": "Which structure?",
+        "decoding": {"max_new_tokens": 4},
+    }
+
+    def ask(capability: str | None) -> httpx.Response:
+        return httpx.post(ui_server.url + "/v1/vqa", json={**body, "capability": capability}, timeout=60)
+
+    plain = AnswerResult.model_validate_json(ask(None).content)
+    grounded = AnswerResult.model_validate_json(ask("grounding").content)
+    assert grounded.forced and grounded.text.endswith("<SEG>") and len(grounded.masks) == 1
+    assert list(grounded.outputs) == ["pixel_grounding"]
+    unsteered = AnswerResult.model_validate_json(ask("vqa").content)
+    assert not unsteered.forced and unsteered.masks == [] and unsteered.text == plain.text
+    refused = ask("laterality")
+    assert refused.status_code == 400
+    message = refused.json()["message"]
+    assert "unknown capability 'laterality'; this model has: grounding, region_vqa, vqa" in message
