@@ -21,7 +21,10 @@ class RouterConfig(BaseModel):
     - `top1_output`: top-1's forward scale. "probability" (MedPLIB) multiplies the chosen expert's
       output by its gate probability; "unscaled" passes it at 1.0 and lets the gradient reach the gate
       through the probability (p / stop_gradient(p)), so a composed model starts at its experts instead
-      of at about half their MLP output, and routing still learns.
+      of at about half their MLP output, and routing still learns. "supervised" passes it at 1.0 with
+      no gradient to the gate from the outputs: the router learns from a routing loss alone (the tiny
+      schedule's stage IV `routing_weight`), which the language loss through p / stop_gradient(p) can
+      otherwise outweigh; the gate's logits still reach the load-balancing loss.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -32,4 +35,4 @@ class RouterConfig(BaseModel):
     load_balancing_weight: float = Field(0.0, ge=0)
     layers: tuple[int, ...] | None = None
     router_init_std: float = Field(0.02, gt=0)
-    top1_output: Literal["probability", "unscaled"] = "probability"
+    top1_output: Literal["probability", "unscaled", "supervised"] = "probability"

@@ -38,7 +38,7 @@ def route(
     top_k: int,
     capacity: int | None = None,
     real: torch.Tensor | None = None,
-    unscaled: bool = False,
+    output: str = "probability",
 ) -> Routing:
     """Top-k gating; see `RouterConfig` for the weighting and the capacity policy.
 
@@ -50,8 +50,10 @@ def route(
     weights, experts = probs.topk(top_k, dim=-1)
     if top_k > 1:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    elif unscaled:  # 1.0 forward, the probability's gradient backward (`RouterConfig.top1_output`)
+    elif output == "unscaled":  # 1.0 forward, the probability's gradient backward (`RouterConfig`)
         weights = weights / weights.detach()
+    elif output == "supervised":  # 1.0 forward and no gradient: only a routing loss trains the gate
+        weights = torch.ones_like(weights)
     kept = None
     if capacity is not None:
         # Choice-major order serves every token's first choice before any second choice.
@@ -124,7 +126,7 @@ class RoutedMLP(nn.Module):
         )
         nn.init.normal_(self.router.weight, std=config.router_init_std)
         self.top_k = config.top_k
-        self.unscaled = config.top1_output == "unscaled"
+        self.top1_output = config.top1_output
         self.capacity_factor = config.capacity_factor
         self.min_capacity = config.min_capacity
         self.forced_expert: int | None = None
@@ -145,7 +147,7 @@ class RoutedMLP(nn.Module):
             real = None
         if self.forced_expert is None:
             num_real = len(flat) if real is None else int(real.sum())
-            routing = route(logits, self.top_k, self.capacity(num_real), real, self.unscaled)
+            routing = route(logits, self.top_k, self.capacity(num_real), real, self.top1_output)
         else:
             routing = forced_routing(logits, self.forced_expert)
         self.last_routing = routing

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ from medplib.trainers.losses import (
 )
 from medplib.trainers.metrics_log import LOG_FILE, MetricsLog, step_record
 from medplib.trainers.prompt_contrast import prompt_terms
+from medplib.trainers.router_fit import fit_routers
 from medplib.trainers.sampling import PairKey, paired_order
 from medplib.trainers.stage_folder import StageModel
 from medplib.trainers.stages import StageSpec
@@ -182,6 +184,29 @@ def forward_losses(
     return loss, int(batch["attention_mask"].sum())
 
 
+def fit_gates(
+    prepared: StageModel,
+    examples: Sequence[Example],
+    spec: StageSpec,
+    collator: Collator,
+    options: LoopOptions,
+) -> None:
+    """Stage IV's router fit (`router_fit.fit_routers`) on the stage's examples; logged to stderr."""
+    model, moe = prepared.model, prepared.moe
+    accuracy = fit_routers(
+        moe,
+        examples,
+        collator,
+        lambda chosen: routing_targets(moe.experts, chosen, model),
+        lambda batch: answer_side(batch["input_ids"], batch["attention_mask"], model.config.im_end_token_id),
+        lambda batch: model(**model_inputs(batch, spec, len(batch["examples"]))),
+        spec.router_fit,
+    )
+    if options.progress and options.rank == 0:
+        shown = ", ".join(f"layer {layer} {value:.3f}" for layer, value in accuracy.items())
+        print(f"router fit (balanced accuracy on its states): {shown}", file=sys.stderr)
+
+
 def answer_side(input_ids: torch.Tensor, attention_mask: torch.Tensor, im_end_id: int) -> torch.Tensor:
     """(B, T) the real tokens after the image: the question and the answer. The system prompt and the
     image come first and do not depend on the question, so no router could tell tasks apart there."""
@@ -235,6 +260,8 @@ def train(
     device = next(model.parameters()).device
     if prepared.moe is not None and spec.head_anchor > 0:  # before a resume loads trained weights
         prepared.head_anchors = anchor_states(model, prepared.moe, examples, collator)
+    if prepared.moe is not None and spec.router_fit is not None:  # a resume then loads the trained gates
+        fit_gates(prepared, examples, spec, collator, options)
     named, groups = optimizer_groups(prepared.trainable_parameters(), spec)
     parameters = [p for _, p in named]
     opt = spec.optim

@@ -31,6 +31,7 @@ from medplib.core.expert_spec import ExpertSpec, LoraSpec, LossWeights, SampleFi
 from medplib.core.plugins import require_experts
 from medplib.router.config import RouterConfig
 from medplib.trainers.prompt_contrast import PromptContrast
+from medplib.trainers.router_fit import RouterFit
 
 PARAMETER_GROUPS: dict[str, str] = {
     "vision_tower": r"^vision_tower\.",
@@ -111,6 +112,8 @@ class StageSpec(BaseModel):
     expert: ExpertSpec | None = None  # the adapter an "adapter" stage trains
     routing_weight: float = Field(0.0, ge=0)  # stage IV: gates supervised by the experts' `trains_on`
     router: RouterConfig = RouterConfig()  # stage IV: top-k, capacity, load balancing, routed layers
+    # Stage IV: fit each gate to the routing targets before training (`router_fit.fit_routers`).
+    router_fit: RouterFit | None = None
     # Batches hold two grounding requests about different structures of one image side by side
     # (`sampling.paired_order`), so a mask loss can only fall if the two masks differ.
     same_image_pairs: bool = False

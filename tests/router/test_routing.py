@@ -106,7 +106,7 @@ def test_an_unscaled_top1_gate_passes_the_expert_at_one_and_still_trains_the_rou
     trunk, experts, input_ids
 ) -> None:
     logits = torch.tensor([[2.0, 0.5, 0.0], [1.0, 3.0, 0.0]], requires_grad=True)
-    weights = route(logits, 1, unscaled=True).weights
+    weights = route(logits, 1, output="unscaled").weights
     assert weights[:, 0].tolist() == [1.0, 1.0]
     weights.sum().backward()  # p / stop_gradient(p): d/dlogits of 1/p * p, non-zero where p < 1
     assert logits.grad is not None and logits.grad.abs().sum() > 0
@@ -120,6 +120,27 @@ def test_an_unscaled_top1_gate_passes_the_expert_at_one_and_still_trains_the_rou
     scaled = compose(copy.deepcopy(trunk), specs, adapters)
     with torch.no_grad():
         assert not torch.allclose(scaled.model(input_ids).logits, routed)
+
+
+def test_a_supervised_top1_gate_passes_the_expert_at_one_and_takes_no_gradient_from_the_output(
+    trunk, experts, input_ids
+) -> None:
+    logits = torch.tensor([[2.0, 0.5, 0.0], [1.0, 3.0, 0.0]], requires_grad=True)
+    routing = route(logits, 1, output="supervised")
+    assert routing.weights[:, 0].tolist() == [1.0, 1.0] and routing.experts[:, 0].tolist() == [0, 1]
+    assert not routing.weights.requires_grad  # the outputs give the gate nothing to learn from
+    specs, adapters = experts(trunk, 3)
+    moe = compose(copy.deepcopy(trunk), specs, adapters, RouterConfig(top1_output="supervised"))
+    moe.model(input_ids).logits.sum().backward()
+    layer = next(iter(moe.layers.values()))
+    assert layer.router.weight.grad is None or not layer.router.weight.grad.any()
+    assert layer.experts[0].lora_B["down_proj"].weight.grad is not None  # the experts still learn
+    # A loss on the gate's logits (stage IV's routing loss) does train it.
+    moe.model.zero_grad()
+    moe.model(input_ids)
+    targets = torch.zeros(input_ids.numel(), dtype=torch.long)
+    torch.nn.functional.cross_entropy(layer.last_routing.logits, targets).backward()
+    assert layer.router.weight.grad.abs().sum() > 0
 
 
 def test_composition_defaults_and_partial_layers(trunk, experts) -> None:
