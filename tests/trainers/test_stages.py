@@ -154,3 +154,11 @@ def test_a_plugin_expert_stage_trains_its_own_lora(register_plugin) -> None:
 def test_bad_stage_arguments_are_refused(args: tuple, error: type) -> None:
     with pytest.raises(error):
         stage_spec(*args)
+
+
+def test_the_tiny_stage_iv_gate_is_supervised_and_fitted_the_papers_is_not() -> None:
+    tiny, paper = stage_spec("4", "tiny"), stage_spec("4", "paper")
+    assert tiny.router.top1_output == "supervised" and tiny.routing_weight == 5.0
+    assert tiny.router_fit is not None and tiny.router_fit.prefix_expert == "vision_language"
+    assert paper.router.top1_output == "probability" and paper.router_fit is None
+    assert paper.routing_weight == 0.0
