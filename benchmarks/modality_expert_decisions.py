@@ -37,31 +37,14 @@ RESULTS = HERE / "results" / "modality_expert_decisions.json"
 def decisions(data: Path) -> list[dict]:
     """One MeCoVQA record per (image, wording) of the test and validation splits, as the expert's
     dataset words them (`<MOD> modality.`)."""
-    from medplib_expert_modality.data import QUESTIONS
+    from medplib_expert_modality.data import QUESTIONS, images_with_modality, modality_record
 
     records = []
     for split in ("test", "val"):
-        seen = set()
-        for sample in json.loads((data / f"{split}.json").read_text()):
-            image, modality = sample.get("image"), sample.get("modality")
-            if not image or not modality or image in seen:
-                continue
-            seen.add(image)
+        for _, image, modality in images_with_modality(data / f"{split}.json"):
             for number, question in enumerate(QUESTIONS, start=1):
-                records.append(
-                    {
-                        "id": f"{split}/{Path(image).stem}/w{number}",
-                        "image": image,
-                        "conversations": [
-                            {"from": "human", "value": f"<image>\n{question}"},
-                            {"from": "gpt", "value": f"<MOD> {modality}."},
-                        ],
-                        "answer_type": "closed",
-                        "split": split,
-                        "modality": modality,
-                        "question_kind": "modality",
-                    }
-                )
+                record_id = f"{split}/{Path(image).stem}/w{number}"
+                records.append(modality_record(record_id, image, modality, question, split))
     return records
 
 
