@@ -78,6 +78,12 @@ class ExpertHead(nn.Module):
         """Per-trigger loss (n,) of predictions (n, ...) against targets (n, ...)."""
         raise NotImplementedError(f"{type(self).__name__} is not trained through the generic head loss")
 
+    def refit_loss(self, prediction: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+        """Per-row loss (n,) of predictions (n, ...) against this head's own earlier predictions on
+        other states (stage IV's head refit, `trainers.head_refit`). Default: the mean squared
+        difference; a classifier may compare the probabilities instead."""
+        return (prediction.float() - wanted.float()).square().flatten(1).mean(1)
+
     def to_outputs(self, prediction: torch.Tensor) -> list[BaseModel]:
         """One output (the spec's `head_output`) per row of `prediction`."""
         raise NotImplementedError(f"{type(self).__name__} has no generic outputs")

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,15 +53,33 @@ def anchor_states(
     """Per example id, the states (triggers, hidden) that predict its generic heads' trigger tokens,
     each computed with every token routed to that head's expert: before stage IV trains, that is
     the expert stage's own model. Examples without such a trigger are left out."""
-    chosen = [e for e in examples if _answer_ids(e, model) & set(_generic_triggers(model))]
     anchors: dict[str, list[torch.Tensor]] = {}
+    for example, _, state in head_input_states(model, examples, collator, moe, True, batch_size):
+        anchors.setdefault(example.id, []).append(state)
+    return {key: torch.stack(states) for key, states in anchors.items()}
+
+
+def head_input_states(
+    model: Any,
+    examples: Sequence[Example],
+    collator: Any,
+    moe: Any = None,
+    forced: bool = False,
+    batch_size: int = 8,
+) -> list[tuple[Example, str, torch.Tensor]]:
+    """(example, expert, state) per trigger token of a generic head in the examples' answers, in
+    position order per example: the hidden state that predicts the token, computed without dropout
+    and without gradients. A composed model (`moe`) routes them as its gates do, or, `forced`, with
+    every token routed to the head's own expert."""
+    chosen = [e for e in examples if _answer_ids(e, model) & set(_generic_triggers(model))]
+    found_states: list[tuple[Example, str, torch.Tensor]] = []
     training = model.training
-    model.eval()  # no LoRA dropout: the states the expert stage's model gives
+    model.eval()  # no LoRA dropout: the states the model gives when it answers
+    device = next(model.parameters()).device
     try:
         for start in range(0, len(chosen), batch_size):
             part = chosen[start : start + batch_size]
             batch = collator(part)
-            device = next(model.parameters()).device
             inputs = {
                 key: batch[key].to(device) if torch.is_tensor(batch[key]) else batch[key]
                 for key in ("input_ids", "attention_mask", "pixel_values", "region_masks")
@@ -68,13 +87,22 @@ def anchor_states(
             found = trigger_positions(model, batch["input_ids"], batch["attention_mask"])
             hidden = {}
             for name in dict.fromkeys(name for _, _, name in found):
-                with torch.no_grad(), moe.force_expert(name), moe.padding(inputs["attention_mask"]):
+                with torch.no_grad(), _routing(moe, forced, name, inputs["attention_mask"]):
                     hidden[name] = model(**inputs).last_hidden_state
-            for row, position, name in found:  # per row in position order, as `head_losses` finds them
-                anchors.setdefault(part[row].id, []).append(hidden[name][row, position])
+            found_states += [(part[row], name, hidden[name][row, position]) for row, position, name in found]
     finally:
         model.train(training)
-    return {key: torch.stack(states) for key, states in anchors.items()}
+    return found_states
+
+
+def _routing(moe: Any, forced: bool, name: str, attention_mask: torch.Tensor) -> contextlib.ExitStack:
+    """A composed model's routed layers told the padding, and, `forced`, every token sent to `name`."""
+    stack = contextlib.ExitStack()
+    if moe is not None:
+        if forced:
+            stack.enter_context(moe.force_expert(name))
+        stack.enter_context(moe.padding(attention_mask))
+    return stack
 
 
 def _generic_triggers(model: Any) -> dict[int, str]:

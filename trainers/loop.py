@@ -48,6 +48,7 @@ from medplib.trainers.data_parallel import (
 )
 from medplib.trainers.encoder_cache import FrozenEncoderCache
 from medplib.trainers.expert_training import anchor_states, head_losses, routing_targets
+from medplib.trainers.head_refit import refit_heads, refit_targets
 from medplib.trainers.losses import (
     BatchLoss,
     add_load_balancing,
@@ -85,6 +86,7 @@ class LoopResult:
     started_at: int = 0  # the step this run began from: > 0 when it resumed from a checkpoint
     losses: list[float] = field(default_factory=list)  # per step, this run's (resumed runs: from there)
     seconds: float = 0.0
+    head_refit: dict | None = None  # stage IV: per refitted head, its samples and loss before / after
 
 
 def schedule_lengths(spec: StageSpec, num_examples: int, world: int) -> tuple[int, int, int]:
@@ -260,6 +262,8 @@ def train(
     device = next(model.parameters()).device
     if prepared.moe is not None and spec.head_anchor > 0:  # before a resume loads trained weights
         prepared.head_anchors = anchor_states(model, prepared.moe, examples, collator)
+    if prepared.moe is not None and spec.head_refit is not None:  # the expert stages' head outputs
+        prepared.refit_targets = refit_targets(model, prepared.moe, examples, collator)
     if prepared.moe is not None and spec.router_fit is not None:  # a resume then loads the trained gates
         fit_gates(prepared, examples, spec, collator, options)
     named, groups = optimizer_groups(prepared.trainable_parameters(), spec)
@@ -359,6 +363,12 @@ def train(
                     checkpoints, position, named, optimizer, scheduler,
                     options.rank, options.world, options.keep_checkpoints,
                 )  # fmt: skip
+    if prepared.moe is not None and spec.head_refit is not None:
+        result.head_refit = refit_heads(
+            model, prepared.moe, examples, collator, prepared.refit_targets or {}, spec.head_refit
+        )
+        if options.progress and options.rank == 0:
+            print(f"head refit (loss before -> after): {result.head_refit}", file=sys.stderr)
     result.seconds = time.perf_counter() - began
     return result
 

@@ -56,6 +56,9 @@ class StageModel:
     # Stage IV: per example id, the states its generic heads read before the stage trained
     # (`expert_training.anchor_states`), kept as targets where `StageSpec.head_anchor` > 0.
     head_anchors: dict[str, torch.Tensor] | None = None
+    # Stage IV: each generic head's outputs on its training samples' expert-stage states, the targets
+    # of its refit after training (`head_refit.refit_targets`), where `StageSpec.head_refit` is set.
+    refit_targets: dict[str, list[tuple[str, torch.Tensor]]] | None = None
 
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]

@@ -30,6 +30,7 @@ from medplib.core.errors import InvalidInputError
 from medplib.core.expert_spec import ExpertSpec, LoraSpec, LossWeights, SampleFilter
 from medplib.core.plugins import require_experts
 from medplib.router.config import RouterConfig
+from medplib.trainers.head_refit import HeadRefit
 from medplib.trainers.prompt_contrast import PromptContrast
 from medplib.trainers.router_fit import RouterFit
 
@@ -135,6 +136,9 @@ class StageSpec(BaseModel):
     # predicting its trigger token) where the composed model had it before training, routed wholly
     # to the head's expert, i.e. where its expert stage left it (`expert_training.anchor_states`).
     head_anchor: float = Field(0.0, ge=0)
+    # Stage IV: after training, fit each generic expert head to the states the mixture gives it, so
+    # it decides as it did on its expert stage's states (`head_refit.refit_heads`).
+    head_refit: HeadRefit | None = None
 
     @field_validator("lr_scales")
     @classmethod
@@ -258,6 +262,7 @@ TINY_STAGE_IV = {
     "routing_weight": TINY_ROUTING_WEIGHT,
     "router": RouterConfig(top1_output="supervised"),
     "router_fit": RouterFit(prefix_expert="vision_language"),
+    "head_refit": HeadRefit(),
 }
 # The stages that train the grounding head pair requests on one image and contrast left with right.
 TINY_GROUNDING = {

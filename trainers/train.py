@@ -23,6 +23,7 @@ from medplib.router.config import RouterConfig
 from medplib.trainers.checkpoint import Session
 from medplib.trainers.collate import Collator, Example, ExampleStore, caption_examples
 from medplib.trainers.expert_training import plugin_examples
+from medplib.trainers.head_refit import HeadRefit
 from medplib.trainers.loop import LoopOptions, train
 from medplib.trainers.stage_folder import StageModel, load_source, prepare, save_stage
 from medplib.trainers.stages import StageSpec, stage_spec
@@ -52,6 +53,7 @@ class StageRun:
     # stages trained them (benchmarks/modality_expert_variants.py measures such variants).
     frozen: tuple[str, ...] = ()
     head_anchor: float | None = None  # stage IV: the head anchor's weight (None: the recipe's)
+    head_refit: bool | None = None  # stage IV: False skips the recipe's head refit (None: the recipe's)
 
     def spec(self) -> StageSpec:
         spec = stage_spec(self.stage, self.schedule, self.expert)
@@ -76,6 +78,13 @@ class StageRun:
             if self.head_anchor < 0:
                 raise InvalidInputError(f"--head-anchor must be 0 (off) or more, got {self.head_anchor:g}")
             spec = spec.model_copy(update={"head_anchor": self.head_anchor})
+        if self.head_refit is not None:
+            if spec.setup != "compose":
+                raise InvalidInputError(f"head_refit applies to stage 4, not stage {spec.key}")
+            if self.head_refit and spec.head_refit is None:
+                spec = spec.model_copy(update={"head_refit": HeadRefit()})
+            elif not self.head_refit:
+                spec = spec.model_copy(update={"head_refit": None})
         if self.frozen:
             unknown = sorted(set(self.frozen) - set(spec.trains))
             if unknown:
@@ -183,6 +192,7 @@ def run_stage(
         "final_loss": result.losses[-1] if result.losses else None,
         "spec": spec.model_dump(mode="json"),
         "experts": [e.name for e in experts] if prepared.moe is not None else None,
+        "head_refit": result.head_refit,
     }
     if rank == 0:
         save_stage(out, spec, prepared, source, record)

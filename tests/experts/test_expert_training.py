@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from medplib.core.errors import InvalidInputError
@@ -30,38 +27,7 @@ from medplib.trainers.stage_folder import load_source, prepare
 from medplib.trainers.stages import stage_spec
 from medplib.trainers.train import StageRun, run_stage
 
-MODALITIES = ["MRI", "CT", "X-ray"]
-
-
-@pytest.fixture(scope="module")
-def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Six images of three modalities, each with a modality question, as `medplib data build` writes."""
-    root = tmp_path_factory.mktemp("modality-data")
-    (root / "images").mkdir()
-    rng = np.random.default_rng(0)
-    samples = []
-    for index in range(6):
-        modality = MODALITIES[index % 3]
-        pixels = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) // (1 + index % 3)
-        Image.fromarray(pixels).save(root / "images" / f"{index}.png")
-        samples.append(
-            {
-                "id": f"s{index}",
-                "image": f"images/{index}.png",
-                "conversations": [
-                    {"from": "human", "value": "<image>\nWhat modality is this scan?"},
-                    {"from": "gpt", "value": modality},
-                ],
-                "answer_type": "closed",
-                "split": "train",
-                "part": "C",
-                "modality": modality,
-                "question_kind": "modality",
-            }
-        )
-    for split in ("train", "val", "test"):
-        (root / f"{split}.json").write_text(json.dumps([{**s, "split": split} for s in samples]))
-    return root
+MODALITIES = ["MRI", "CT", "X-ray"]  # the modalities of `small_dataset` (conftest.py)
 
 
 def test_the_plugins_dataset_feeds_its_expert_with_its_token_in_the_answers(
