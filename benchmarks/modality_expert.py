@@ -240,6 +240,7 @@ def markdown(payload: dict) -> str:
         f"`python benchmarks/modality_expert.py --seed {payload.get('seed', 0)}`, tiny preset, steps per"
         f" stage {payload['steps']}, stage IV with {', '.join(payload.get('stage4_frozen', [])) or 'nothing'}"
         f" frozen, head anchor {payload.get('stage4_head_anchor', 0.0):g}"
+        f", {_refit_words(payload.get('stage4_head_refit'))}"
         f" (training {sum(payload['stage_seconds'].values()):.0f} s), one torch thread on a shared 2-core"
         ' machine. The head: one `answer(..., capability="modality_classification")` per image; \'one'
         " wording' is the benchmark's question on the 21 test images (one image = 4.8 points), '3 wordings'"
@@ -292,6 +293,12 @@ def markdown(payload: dict) -> str:
         lines.append(f"| {group} | {entry['samples']} | {' / '.join(f'{v:.2f}' for v in mean)} |")
     lines += ["", "Per-layer shares and per-modality counts are in `modality_expert.json`.", ""]
     return "\n".join(lines + seeds_table() + variants_table())
+
+
+def _refit_words(refit: dict | None) -> str:
+    if not refit:
+        return "no head refit"
+    return f"head refit {refit['steps']} steps at lr {refit['lr']:g} (`StageSpec.head_refit`)"
 
 
 def results_file(seed: int) -> Path:
@@ -404,6 +411,8 @@ def main() -> None:
         "seed": args.seed,
         "stage4_frozen": list(frozen),
         "stage4_head_anchor": records["4"]["spec"].get("head_anchor", 0.0),
+        "stage4_head_refit": records["4"]["spec"].get("head_refit"),  # None: no refit (older runs too)
+        "stage4_head_refit_losses": records["4"].get("head_refit"),
         "steps": {stage: record["steps"] for stage, record in records.items()},
         "stage_seconds": {stage: record["seconds"] for stage, record in records.items()},
         "stage_iv_experts": records["4"].get("experts"),
