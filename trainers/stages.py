@@ -212,7 +212,8 @@ MOE_LOSS = LossWeights(ce=1.0, bce=2.0, dice=0.5, head=1.0)
 # Stage IV keeps each plugin head's input state near its expert stage's (`StageSpec.head_anchor`; not
 # in the paper, which has no plugin heads): without it the tiny MoE's modality head moved from -14 to
 # +10 points from chain to chain; with it (and the head frozen) it scored what its expert stage scored
-# on two of three seeds and 2 of 102 decisions fewer on the third (benchmarks/results/modality_expert.md).
+# on two of three seeds and 2 of 102 decisions fewer on the third (benchmarks/results/modality_expert.md);
+# the tiny recipe's head refit after training (`TINY_STAGE_IV`) takes those back.
 HEAD_ANCHOR = 5.0
 
 PAPER_OPTIM = {
@@ -256,7 +257,8 @@ TINY_OPTIM = {
     "joint": Optimization(lr=1e-3, epochs=5, warmup_fraction=0.25),  # the pipeline sets its steps
 }
 # Stage IV's gates learn which expert's `trains_on` each sample belongs to, from the routing loss
-# alone (the supervised top-1 gate), starting from a fit to those targets (see TINY_NOTES).
+# alone (the supervised top-1 gate), starting from a fit to those targets; after training each plugin
+# head is refitted to the states the mixture gives it (see TINY_NOTES).
 TINY_ROUTING_WEIGHT = 5.0
 TINY_STAGE_IV = {
     "routing_weight": TINY_ROUTING_WEIGHT,
@@ -317,6 +319,13 @@ TINY_NOTES = (
     "and the MoE answered some grounding requests in words; with the probability-scaled gate of "
     "weight 1 a seed lost a hemisphere or white matter (mDice 0.747 worst of three, against 0.870; "
     "benchmarks/results/pipeline.md, session 6).",
+    "After stage IV trains, each plugin head is refitted (`head_refit`, not in the paper, which has no "
+    "plugin heads): with the composed model frozen, the head is fitted to its own outputs on its "
+    "expert stage's states of its training samples, on the states the final mixture gives them. The "
+    "head anchor alone left the drift that flipped the modality head's borderline decisions on one "
+    "seed of three (2 of 63 test decisions, taken at p 0.55 and 0.52 by its expert stage); fitted to "
+    "the labels instead, it still lost one of the 21 test images there "
+    "(benchmarks/results/head_refit.md).",
 )
 
 
