@@ -17,9 +17,11 @@ decisions on one seed of three, taken at p 0.55 and 0.52 by its expert stage). S
    (`refit_heads`).
 
 The targets are the head's own outputs, not the labels: fitted to the labels (cross-entropy) on the
-same 108 samples, the head still lost one of the 21 test images on that seed; fitted to its outputs
-(`ExpertHead.refit_loss`, by default their mean squared difference), it took every test and
-validation decision as its expert stage did on all three seeds (benchmarks/results/modality_expert.md).
+same 108 samples, the head lost one or two of the 21 test images on that seed at every length tried
+and, from 500 steps on, decisions the mixture had kept on the other two; fitted to its outputs
+(`ExpertHead.refit_loss`, by default their mean squared difference) for 1000 steps or more, it took
+every test and validation decision as its expert stage did on all three seeds
+(benchmarks/results/head_refit.md, benchmarks/results/modality_expert.md).
 Full batch, fixed steps, no dropout: a resumed stage IV refits exactly as an uninterrupted one.
 """
 

@@ -324,8 +324,10 @@ TINY_NOTES = (
     "expert stage's states of its training samples, on the states the final mixture gives them. The "
     "head anchor alone left the drift that flipped the modality head's borderline decisions on one "
     "seed of three (2 of 63 test decisions, taken at p 0.55 and 0.52 by its expert stage); fitted to "
-    "the labels instead, it still lost one of the 21 test images there "
-    "(benchmarks/results/head_refit.md).",
+    "the labels instead, it lost one or two of the 21 test images there and, from 500 steps on, "
+    "decisions on the other seeds; fitted to its outputs for 2000 steps it decided as its expert "
+    "stage did on all 102 test and validation decisions of all three seeds "
+    "(benchmarks/results/head_refit.md, modality_expert.md).",
 )
 
 
