@@ -64,6 +64,8 @@ def measure(folder: str, data: str, per_task: int) -> dict:
     chosen = defaultdict(list)
     for example in examples:
         group = GROUPS.get(example.task)
+        if group == "vqa" and example.held_out_wording:
+            group = "vqa_new_wording"  # the test split's wordings no training sample uses
         if group and len(chosen[group]) < per_task:
             chosen[group].append(example)
     names = moe.expert_names

@@ -10,7 +10,8 @@ Dice, swap IoU, closed accuracy, region recall). A variant is the tiny schedule'
 - `default`: nothing changed (the recipe);
 - `U`: the top-1 gate unscaled (`RouterConfig(top1_output="unscaled")`);
 - `S`: the top-1 gate at 1.0 and trained by the routing loss alone (`top1_output="supervised"`);
-- `-rows`: the embeddings and LM head frozen but for the `<SEG>` rows (`seg_token`);
+- `-rows`: the embeddings and LM head frozen but for the `<SEG>` rows (`seg_token`); `-rowsE`: the
+  embeddings alone, `-rowsH`: the LM head alone;
 - `-fix`: the experts' LoRA frozen too (`experts` not trained);
 - `-nortr`: the routers do not train (with `-fit`: they keep their fitted weights);
 - `-onlyrouter`: the routers alone train;
@@ -46,7 +47,7 @@ from medplib.trainers.stages import StageSpec
 from medplib.trainers.train import StageRun
 
 VARIANT = re.compile(
-    r"^(default|U|S)((?:-(?:rows|fix|nortr|onlyrouter|fit[VG]?1?u?|exp[\d.]+|emb[\d.]+|rtr[\d.]+|rw[\d.]+))*)(?:@(\d+))?$"
+    r"^(default|U|S)((?:-(?:rows[EH]?|fix|nortr|onlyrouter|fit[VG]?1?u?|exp[\d.]+|emb[\d.]+|rtr[\d.]+|rw[\d.]+))*)(?:@(\d+))?$"
 )
 
 
@@ -63,8 +64,9 @@ def variant_spec(spec: StageSpec, name: str) -> StageSpec:
         output = {"U": "unscaled", "S": "supervised"}[base]
         router = RouterConfig.model_validate(router.model_dump() | {"top1_output": output})
     for suffix in filter(None, suffixes.split("-")):
-        if suffix == "rows":
-            trains = [g for g in trains if g not in ("embeddings", "lm_head")] + ["seg_token"]
+        if suffix in ("rows", "rowsE", "rowsH"):
+            frozen = {"rows": ("embeddings", "lm_head"), "rowsE": ("embeddings",), "rowsH": ("lm_head",)}
+            trains = [g for g in trains if g not in frozen[suffix]] + ["seg_token"]
         elif suffix.startswith("fit"):
             prefix = {"V": "vision_language", "G": "pixel_grounding"}.get(suffix[3:4])
             shared = int("1" in suffix)
