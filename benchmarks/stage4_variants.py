@@ -12,6 +12,7 @@ Dice, swap IoU, closed accuracy, region recall). A variant is the tiny schedule'
 - `S`: the top-1 gate at 1.0 and trained by the routing loss alone (`top1_output="supervised"`);
 - `-rows`: the embeddings and LM head frozen but for the `<SEG>` rows (`seg_token`); `-rowsE`: the
   embeddings alone, `-rowsH`: the LM head alone;
+- `-attn`: the LLM's attention (shared by every expert) trains as well;
 - `-fix`: the experts' LoRA frozen too (`experts` not trained);
 - `-nortr`: the routers do not train (with `-fit`: they keep their fitted weights);
 - `-onlyrouter`: the routers alone train;
@@ -47,7 +48,7 @@ from medplib.trainers.stages import StageSpec
 from medplib.trainers.train import StageRun
 
 VARIANT = re.compile(
-    r"^(default|U|S)((?:-(?:rows[EH]?|fix|nortr|onlyrouter|fit[VG]?1?u?|exp[\d.]+|emb[\d.]+|rtr[\d.]+|rw[\d.]+))*)(?:@(\d+))?$"
+    r"^(default|U|S)((?:-(?:rows[EH]?|attn|fix|nortr|onlyrouter|fit[VG]?1?u?|exp[\d.]+|emb[\d.]+|rtr[\d.]+|rw[\d.]+))*)(?:@(\d+))?$"
 )
 
 
@@ -73,6 +74,8 @@ def variant_spec(spec: StageSpec, name: str) -> StageSpec:
             update_fit = RouterFit(
                 prefix_expert=prefix, balanced=not suffix.endswith("u"), shared_layers=shared
             )
+        elif suffix == "attn":
+            trains = [*trains, "attention"]
         elif suffix == "nortr":
             trains = [g for g in trains if g != "router"]
         elif suffix == "onlyrouter":
