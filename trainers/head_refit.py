@@ -50,10 +50,18 @@ class HeadRefit(BaseModel):
     lr: float = Field(1e-2, gt=0)
 
 
-def refit_targets(model: Any, moe: Any, examples: Sequence[Example], collator: Any) -> RefitTargets:
-    """Each generic head's outputs on its training samples' states routed wholly to its expert."""
+def refit_targets(
+    model: Any,
+    moe: Any,
+    examples: Sequence[Example],
+    collator: Any,
+    states: list[tuple[Example, str, torch.Tensor]] | None = None,
+) -> RefitTargets:
+    """Each generic head's outputs on its training samples' states routed wholly to its expert
+    (`states`: those states already computed by `head_input_states(..., forced=True)`)."""
     targets: RefitTargets = {}
-    states = head_input_states(model, examples, collator, moe, forced=True)
+    if states is None:
+        states = head_input_states(model, examples, collator, moe, forced=True)
     with torch.no_grad():
         for example, name, state in states:
             output = model.expert_heads[name](state.unsqueeze(0))[0]

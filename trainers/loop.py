@@ -47,7 +47,7 @@ from medplib.trainers.data_parallel import (
     syncing,
 )
 from medplib.trainers.encoder_cache import FrozenEncoderCache
-from medplib.trainers.expert_training import anchor_states, head_losses, routing_targets
+from medplib.trainers.expert_training import anchor_states, head_input_states, head_losses, routing_targets
 from medplib.trainers.head_refit import refit_heads, refit_targets
 from medplib.trainers.losses import (
     BatchLoss,
@@ -260,10 +260,13 @@ def train(
     """Train `prepared` on `examples` as `spec` says; checkpoints and log under `options.out`."""
     model = prepared.model.train()
     device = next(model.parameters()).device
-    if prepared.moe is not None and spec.head_anchor > 0:  # before a resume loads trained weights
-        prepared.head_anchors = anchor_states(model, prepared.moe, examples, collator)
-    if prepared.moe is not None and spec.head_refit is not None:  # the expert stages' head outputs
-        prepared.refit_targets = refit_targets(model, prepared.moe, examples, collator)
+    if prepared.moe is not None and (spec.head_anchor > 0 or spec.head_refit is not None):
+        # Before a resume loads trained weights: the expert stages' head states, computed once for both.
+        expert_states = head_input_states(model, examples, collator, prepared.moe, forced=True)
+        if spec.head_anchor > 0:
+            prepared.head_anchors = anchor_states(model, None, examples, collator, states=expert_states)
+        if spec.head_refit is not None:
+            prepared.refit_targets = refit_targets(model, None, examples, collator, states=expert_states)
     if prepared.moe is not None and spec.router_fit is not None:  # a resume then loads the trained gates
         fit_gates(prepared, examples, spec, collator, options)
     named, groups = optimizer_groups(prepared.trainable_parameters(), spec)
