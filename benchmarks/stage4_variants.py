@@ -25,6 +25,9 @@ Dice, swap IoU, closed accuracy, region recall). A variant is the tiny schedule'
 - `-emb<x>`: the embeddings and LM head at x times the stage's learning rate;
 - `-rtr<x>`: the routers at x times the stage's learning rate;
 - `-rw<x>`: the routing loss at weight x (`StageSpec.routing_weight`; the tiny recipe's is 1);
+- `-dw<x>`: the routing loss adds the last prompt token's cross-entropy at weight x
+  (`StageSpec.routing_decision_weight`); `-bal`: samples weighed by their expert's inverse batch
+  share (`StageSpec.routing_balanced`);
 - `@N`: N steps instead of the recipe's.
 
 Writes `--work/seed-N/summary.json` (the variants' metrics) and prints one line per variant. One
@@ -48,7 +51,7 @@ from medplib.trainers.stages import StageSpec
 from medplib.trainers.train import StageRun
 
 VARIANT = re.compile(
-    r"^(default|U|S)((?:-(?:rows[EH]?|attn|fix|nortr|onlyrouter|fit[VG]?1?u?|exp[\d.]+|emb[\d.]+|rtr[\d.]+|rw[\d.]+))*)(?:@(\d+))?$"
+    r"^(default|U|S)((?:-(?:rows[EH]?|attn|fix|nortr|onlyrouter|fit[VG]?1?u?|exp[\d.]+|emb[\d.]+|rtr[\d.]+|rw[\d.]+|dw[\d.]+|bal))*)(?:@(\d+))?$"
 )
 
 
@@ -60,6 +63,7 @@ def variant_spec(spec: StageSpec, name: str) -> StageSpec:
     base, suffixes, _ = match.groups()
     trains, scales, router = list(spec.trains), dict(spec.lr_scales), spec.router
     routing_weight = spec.routing_weight
+    decision_weight, balanced = spec.routing_decision_weight, spec.routing_balanced
     update_fit = spec.router_fit
     if base != "default":
         output = {"U": "unscaled", "S": "supervised"}[base]
@@ -88,6 +92,10 @@ def variant_spec(spec: StageSpec, name: str) -> StageSpec:
             scales["router"] = float(suffix[3:])
         elif suffix.startswith("rw"):
             routing_weight = float(suffix[2:])
+        elif suffix.startswith("dw"):
+            decision_weight = float(suffix[2:])
+        elif suffix == "bal":
+            balanced = True
         elif suffix.startswith("emb"):
             scales |= {"embeddings": float(suffix[3:]), "lm_head": float(suffix[3:])}
     update = {
@@ -95,6 +103,8 @@ def variant_spec(spec: StageSpec, name: str) -> StageSpec:
         "lr_scales": scales,
         "router": router,
         "routing_weight": routing_weight,
+        "routing_decision_weight": decision_weight,
+        "routing_balanced": balanced,
         "router_fit": update_fit,
     }
     return spec.model_copy(update=update)

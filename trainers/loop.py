@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from transformers import get_linear_schedule_with_warmup
 
+from medplib.core.model.conversation import IGNORE_INDEX
 from medplib.core.model.losses import targeted_mask_logits
 from medplib.router.statistics import RoutingStatistics
 from medplib.trainers.checkpoint import (
@@ -158,6 +159,9 @@ def forward_losses(
             list(prepared.moe.router_logits().values()),
             routing_targets(prepared.moe.experts, batch["examples"], model).to(hidden.device),
             answer_side(batch["input_ids"], batch["attention_mask"], model.config.im_end_token_id),
+            decision_tokens(batch["labels"]),
+            spec.routing_decision_weight,
+            spec.routing_balanced,
         )
     contrast = None
     if spec.contrast is not None and spec.contrast.weight > 0:
@@ -214,6 +218,11 @@ def answer_side(input_ids: torch.Tensor, attention_mask: torch.Tensor, im_end_id
     image come first and do not depend on the question, so no router could tell tasks apart there."""
     after_image = (input_ids == im_end_id).long().cumsum(dim=1) > 0
     return after_image & (input_ids != im_end_id) & attention_mask.bool()
+
+
+def decision_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """(B,) each sample's last prompt token: the one whose output predicts the answer's first token."""
+    return ((labels != IGNORE_INDEX).long().argmax(dim=1) - 1).clamp(min=0)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

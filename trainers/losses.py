@@ -49,23 +49,42 @@ def pair_contrast(
 
 
 def routing_loss(
-    layer_logits: Sequence[torch.Tensor], targets: torch.Tensor, tokens: torch.Tensor
+    layer_logits: Sequence[torch.Tensor],
+    targets: torch.Tensor,
+    tokens: torch.Tensor,
+    decision: torch.Tensor | None = None,
+    decision_weight: float = 0.0,
+    balanced: bool = False,
 ) -> torch.Tensor:
     """Per-sample cross-entropy of the router's gates against each sample's experts (batch,).
 
     `layer_logits` are each routed layer's gate logits over the flattened batch (B * T, K); `targets`
     (B, K) each sample's share of each expert (`expert_training.routing_targets`; a row of zeros:
     no expert, loss 0); `tokens` (B, T) which positions count. The mean is over a sample's counted
-    tokens and the layers.
+    tokens and the layers. `decision` (B,) is each sample's last prompt token, whose routed state
+    predicts the answer's first token and so whether the answer is words or `<SEG>`: its
+    cross-entropy is added at `decision_weight`. `balanced` weighs each sample by the inverse share
+    of its expert in the batch, so that the one grounding request in five counts as much as the VQA.
     """
     batch, length = tokens.shape
     soft = targets.float()[:, None, :].expand(batch, length, -1).reshape(batch * length, -1)
-    weights = (tokens & (targets.sum(1) > 0)[:, None]).float()
-    per_layer = [
-        (F.cross_entropy(logits.float(), soft, reduction="none").view(batch, length) * weights).sum(1)
-        for logits in layer_logits
+    has_target = targets.sum(1) > 0
+    weights = (tokens & has_target[:, None]).float()
+    per_token = [
+        F.cross_entropy(logits.float(), soft, reduction="none").view(batch, length) for logits in layer_logits
     ]
-    return torch.stack(per_layer).mean(0) / weights.sum(1).clamp(min=1)
+    counted = weights.sum(1).clamp(min=1)
+    per_sample = torch.stack([(ce * weights).sum(1) for ce in per_token]).mean(0) / counted
+    if decision is not None and decision_weight > 0:
+        rows = torch.arange(batch, device=tokens.device)
+        at_decision = torch.stack([ce[rows, decision] for ce in per_token]).mean(0)
+        per_sample = per_sample + decision_weight * at_decision * has_target
+    if balanced:
+        shares = targets.float().sum(0)  # each expert's number of samples in the batch
+        present = int((shares > 0).sum())
+        scale = torch.where(shares > 0, targets.float().sum() / (present * shares.clamp(min=1e-6)), 0.0)
+        per_sample = per_sample * (targets.float() @ scale)
+    return per_sample
 
 
 @dataclass(frozen=True)

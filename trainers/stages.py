@@ -112,6 +112,10 @@ class StageSpec(BaseModel):
     optim: Optimization
     expert: ExpertSpec | None = None  # the adapter an "adapter" stage trains
     routing_weight: float = Field(0.0, ge=0)  # stage IV: gates supervised by the experts' `trains_on`
+    # Stage IV: the routing loss's extra weight on each sample's last prompt token, whose expert
+    # decides between words and `<SEG>`; and samples weighed by their expert's inverse batch share.
+    routing_decision_weight: float = Field(0.0, ge=0)
+    routing_balanced: bool = False
     router: RouterConfig = RouterConfig()  # stage IV: top-k, capacity, load balancing, routed layers
     # Stage IV: fit each gate to the routing targets before training (`router_fit.fit_routers`).
     router_fit: RouterFit | None = None
