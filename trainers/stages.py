@@ -251,7 +251,13 @@ TINY_TRAINS = {
     "1": ("projector", "vision_tower", *LLM),
     "2": (*PAPER_TRAINS["2"], "vision_tower", *LLM),
     "3": (*PAPER_TRAINS["3"], "sam_image_encoder"),
-    "4": PAPER_TRAINS["4"],
+    # Stage IV keeps the shared words where stage II put them (but `<SEG>`'s rows) and trains the
+    # shared attention instead, which carries the request to the last prompt token (TINY_NOTES).
+    "4": (
+        *(group for group in PAPER_TRAINS["4"] if group not in ("embeddings", "lm_head")),
+        "seg_token",
+        "attention",
+    ),
 }
 TINY_OPTIM = {
     "1": Optimization(lr=2e-3, epochs=12, warmup_fraction=0.5),
@@ -266,6 +272,7 @@ TINY_OPTIM = {
 TINY_ROUTING_WEIGHT = 5.0
 TINY_STAGE_IV = {
     "routing_weight": TINY_ROUTING_WEIGHT,
+    "routing_decision_weight": 20.0,
     "router": RouterConfig(top1_output="supervised"),
     "router_fit": RouterFit(prefix_expert="vision_language"),
     "head_refit": HeadRefit(),

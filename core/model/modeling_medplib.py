@@ -71,6 +71,7 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
             config.region_max_cells,
             norm=config.visual_token_norm,
             medplib_sampling=config.compat == "medplib",
+            location_norm=config.region_location_norm,
         )
         # Every expert's head, the grounding expert's `<SEG>` head and SAM included, through its spec.
         self.expert_heads: dict[str, nn.Module] = {}
