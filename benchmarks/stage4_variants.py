@@ -12,7 +12,9 @@ Dice, swap IoU, closed accuracy, region recall). A variant is the tiny schedule'
 - `S`: the top-1 gate at 1.0 and trained by the routing loss alone (`top1_output="supervised"`);
 - `-rows`: the embeddings and LM head frozen but for the `<SEG>` rows (`seg_token`); `-rowsE`: the
   embeddings alone, `-rowsH`: the LM head alone;
-- `-attn`: the LLM's attention (shared by every expert) trains as well;
+- `-attn`: the LLM's attention (shared by every expert) trains as well; `-noattn`: it does not;
+- `-words`: the whole embeddings and LM head train (the paper's stage IV; the tiny one trains only
+  their `<SEG>` rows);
 - `-fix`: the experts' LoRA frozen too (`experts` not trained);
 - `-nortr`: the routers do not train (with `-fit`: they keep their fitted weights);
 - `-onlyrouter`: the routers alone train;
@@ -51,7 +53,7 @@ from medplib.trainers.stages import StageSpec
 from medplib.trainers.train import StageRun
 
 VARIANT = re.compile(
-    r"^(default|U|S)((?:-(?:rows[EH]?|attn|fix|nortr|onlyrouter|fit[VG]?1?u?|exp[\d.]+|emb[\d.]+|rtr[\d.]+|rw[\d.]+|dw[\d.]+|bal))*)(?:@(\d+))?$"
+    r"^(default|U|S)((?:-(?:rows[EH]?|attn|fix|nortr|onlyrouter|fit[VG]?1?u?|exp[\d.]+|emb[\d.]+|rtr[\d.]+|rw[\d.]+|dw[\d.]+|bal|words|noattn))*)(?:@(\d+))?$"
 )
 
 
@@ -80,6 +82,10 @@ def variant_spec(spec: StageSpec, name: str) -> StageSpec:
             )
         elif suffix == "attn":
             trains = [*trains, "attention"]
+        elif suffix == "noattn":
+            trains = [g for g in trains if g != "attention"]
+        elif suffix == "words":  # the paper's stage IV: the whole embeddings and LM head train
+            trains = [g for g in trains if g != "seg_token"] + ["embeddings", "lm_head"]
         elif suffix == "nortr":
             trains = [g for g in trains if g != "router"]
         elif suffix == "onlyrouter":

@@ -105,8 +105,8 @@ class MedPLIBConfig(PreTrainedConfig):
     # the tiny and small presets need it to tell left from right. Off for SAM checkpoints.
     seg_dense_film: bool = False
     # The region token's content and place (box and centroid) each get a LayerNorm before they are
-    # added (`RegionEncoder`), so "which hemisphere holds this region" is answerable: the tiny and small
-    # presets. Off for loaded checkpoints whose config lacks it and for the 7B preset.
+    # added (`RegionEncoder`), so "which hemisphere holds this region" becomes learnable. An option:
+    # no preset sets it (benchmarks/results/pipeline.md, "Session 8", for why not yet).
     region_location_norm: bool = False
     # The `<SEG>` state reads the request's token states before the head (`RequestReader`): a trunk
     # trained from scratch may not carry the structure's name to the `<SEG>` position. Switched on by

@@ -11,11 +11,12 @@ Averaged features say what is in a region but little of where it is: on a left-r
 the region's place in the image, its bounding box and centroid in the CLIP frame, through a second
 linear map (`location`), and "which hemisphere holds this region" becomes answerable.
 
-With `location_norm` (`MedPLIBConfig.region_location_norm`) each part gets its own LayerNorm before
-they are added, so the place weighs as much as the content. Without it the tiny preset's place part
-had about a tenth of the token's norm: along the direction between left and right regions the two
-classes overlapped (55 % by a threshold), and the trunk never learned "which hemisphere", not even
-trained on those questions alone.
+With `location_norm` (`MedPLIBConfig.region_location_norm`, an option no preset sets yet) each part
+gets its own LayerNorm before they are added, so the place weighs as much as the content. Without it
+the tiny preset's place part had about a tenth of the token's norm: along the direction between left
+and right regions the two classes overlapped (55 % by a threshold), and the trunk never learned
+"which hemisphere", not even trained on those questions alone (benchmarks/results/pipeline.md,
+"Session 8").
 """
 
 from __future__ import annotations

@@ -26,6 +26,26 @@ def test_routing_loss_counts_only_marked_tokens_of_samples_with_an_expert() -> N
     assert shared[0].item() == pytest.approx((one[0].item() + expected) / 2, rel=1e-5)
 
 
+def test_routing_loss_weighs_the_decision_token_and_balances_experts() -> None:
+    # Three samples of three tokens, one layer; samples 0 and 1 belong to expert 0, sample 2 to 1.
+    logits = torch.tensor([[0.0, 0.0]] * 9)
+    logits[1] = torch.tensor([0.0, 4.0])  # sample 0's second token leans to the wrong expert
+    tokens = torch.ones(3, 3, dtype=torch.bool)
+    targets = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    plain = routing_loss([logits], targets, tokens)
+    decision = torch.tensor([1, 0, 2])
+    weighted = routing_loss([logits], targets, tokens, decision, decision_weight=2.0)
+    wrong = 4 + math.log(1 + math.exp(-4))  # CE of sample 0's decision token
+    assert weighted.tolist() == pytest.approx(
+        [plain[0].item() + 2 * wrong, plain[1].item() + 2 * math.log(2), plain[2].item() + 2 * math.log(2)]
+    )
+    # Balanced: expert 1's one sample counts as much as expert 0's two (3 / (2 * n_e) each).
+    balanced = routing_loss([logits], targets, tokens, balanced=True)
+    assert balanced.tolist() == pytest.approx(
+        [0.75 * plain[0].item(), 0.75 * plain[1].item(), 1.5 * plain[2].item()]
+    )
+
+
 def test_pair_contrast_by_hand() -> None:
     """relu(margin + softDice(pred_A, target_B) - softDice(pred_A, target_A)) for each anchor."""
     left = torch.tensor([[[1.0, 1.0, 0.0, 0.0]]])

@@ -254,6 +254,31 @@ def test_mirror_regions_of_a_symmetric_image_get_different_tokens() -> None:
     assert torch.allclose(tokens[0], tokens[1])
 
 
+def test_location_norm_gives_the_place_as_much_weight_as_the_content() -> None:
+    """Content features far larger than the place part (as the tiny preset's trained adapter makes
+    them) drown a left/right difference, unless each part has its own LayerNorm."""
+    torch.manual_seed(0)
+    features = 50 * torch.randn(64, 8)  # an 8 x 8 grid of varied patch features
+    left, right = torch.zeros(2, 1, 32, 32)
+    left[0, 8:24, 4:14], right[0, 8:24, 18:28] = 1, 1
+    masks = torch.cat([left, right])
+    share = {}
+    for location_norm in (False, True):
+        torch.manual_seed(1)
+        encoder = RegionEncoder(8, 16, max_cells=64, location_norm=location_norm)
+        place = encoder.location(region_location(masks))
+        if location_norm:
+            place = encoder.part_norms[1](place)
+        tokens = encoder(features, masks)
+        share[location_norm] = float((place[0] - place[1]).norm() / tokens.norm(dim=1).mean())
+    assert share[False] < 0.1 < 0.3 < share[True]
+    # An option of the config: a model built with it has the two norms, checkpoints without it do not.
+    assert not MedPLIBConfig().region_location_norm and not build_config("tiny").region_location_norm
+    config = build_config("tiny")
+    config.region_location_norm = True
+    assert MedPLIBForCausalLM(config).region_encoder.part_norms is not None
+
+
 def test_half_precision_forward(tiny_model: MedPLIBForCausalLM, processor, image, box_mask) -> None:
     turns = [Turn(["What is", ControlToken.REGION, "?"], SEG_ANSWER)]
     batch = processor([Request(image, turns, [box_mask])])
