@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from medplib.core.model.conversation import IGNORE_INDEX
 from medplib.core.model.losses import targeted_mask_logits
 from medplib.router.statistics import RoutingStatistics
 from medplib.trainers.checkpoint import (
@@ -54,6 +53,7 @@ from medplib.trainers.losses import (
     BatchLoss,
     add_load_balancing,
     combine_losses,
+    decision_tokens,
     pair_contrast,
     routing_loss,
 )
@@ -218,11 +218,6 @@ def answer_side(input_ids: torch.Tensor, attention_mask: torch.Tensor, im_end_id
     image come first and do not depend on the question, so no router could tell tasks apart there."""
     after_image = (input_ids == im_end_id).long().cumsum(dim=1) > 0
     return after_image & (input_ids != im_end_id) & attention_mask.bool()
-
-
-def decision_tokens(labels: torch.Tensor) -> torch.Tensor:
-    """(B,) each sample's last prompt token: the one whose output predicts the answer's first token."""
-    return ((labels != IGNORE_INDEX).long().argmax(dim=1) - 1).clamp(min=0)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

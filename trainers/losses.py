@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from medplib.core.model.conversation import IGNORE_INDEX
 from medplib.core.model.losses import MASK_PARTS, dice_loss
 
 # Every part a `BatchLoss` may log, in the one order every worker sends them.
@@ -46,6 +47,11 @@ def pair_contrast(
             other = 1 - dice_loss(logits, mask_targets[partner][:1].float())
             terms.append(F.relu(margin + other - own)[0])
     return torch.stack(terms) if terms else torch.zeros(0)
+
+
+def decision_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """(B,) each sample's last prompt token: the one whose output predicts the answer's first token."""
+    return ((labels != IGNORE_INDEX).long().argmax(dim=1) - 1).clamp(min=0)
 
 
 def routing_loss(

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from medplib.trainers.losses import combine_losses, pair_contrast, routing_loss
+from medplib.trainers.losses import combine_losses, decision_tokens, pair_contrast, routing_loss
 
 
 def test_routing_loss_counts_only_marked_tokens_of_samples_with_an_expert() -> None:
@@ -33,6 +33,8 @@ def test_routing_loss_weighs_the_decision_token_and_balances_experts() -> None:
     tokens = torch.ones(3, 3, dtype=torch.bool)
     targets = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     plain = routing_loss([logits], targets, tokens)
+    labels = torch.tensor([[-100, -100, 7], [-100, 5, 6], [-100, -100, -100]])  # sample 2: no answer
+    assert decision_tokens(labels).tolist() == [1, 0, 0]
     decision = torch.tensor([1, 0, 2])
     weighted = routing_loss([logits], targets, tokens, decision, decision_weight=2.0)
     wrong = 4 + math.log(1 + math.exp(-4))  # CE of sample 0's decision token
