@@ -251,13 +251,7 @@ TINY_TRAINS = {
     "1": ("projector", "vision_tower", *LLM),
     "2": (*PAPER_TRAINS["2"], "vision_tower", *LLM),
     "3": (*PAPER_TRAINS["3"], "sam_image_encoder"),
-    # Stage IV keeps the shared words where stage II put them (but `<SEG>`'s rows) and trains the
-    # shared attention instead, which carries the request to the last prompt token (TINY_NOTES).
-    "4": (
-        *(group for group in PAPER_TRAINS["4"] if group not in ("embeddings", "lm_head")),
-        "seg_token",
-        "attention",
-    ),
+    "4": PAPER_TRAINS["4"],
 }
 TINY_OPTIM = {
     "1": Optimization(lr=2e-3, epochs=12, warmup_fraction=0.5),
@@ -272,7 +266,6 @@ TINY_OPTIM = {
 TINY_ROUTING_WEIGHT = 5.0
 TINY_STAGE_IV = {
     "routing_weight": TINY_ROUTING_WEIGHT,
-    "routing_decision_weight": 20.0,
     "router": RouterConfig(top1_output="supervised"),
     "router_fit": RouterFit(prefix_expert="vision_language"),
     "head_refit": HeadRefit(),
@@ -329,16 +322,7 @@ TINY_NOTES = (
     "language loss reaching the gate, 90-100 % of the grounding requests' tokens went to the VQA expert "
     "and the MoE answered some grounding requests in words; with the probability-scaled gate of "
     "weight 1 a seed lost a hemisphere or white matter (mDice 0.747 worst of three, against 0.870; "
-    "benchmarks/results/pipeline.md, session 6). The routing loss also weighs each sample's last "
-    "prompt token 20 times more (`routing_decision_weight`): that token's expert decides whether "
-    "the answer is words or `<SEG>`.",
-    "Stage IV trains the LLM's shared attention and keeps the input embeddings and the LM head as "
-    "stage II left them, but for the `<SEG>` rows (the paper trains both and not the attention). "
-    "Trained, the shared words moved until the last prompt token told grounding from VQA, and VQA "
-    "in wordings the training split never uses fell from 0.55-0.68 to 0.33-0.55 closed accuracy; "
-    "frozen without the attention, the MoE answered up to 38 of 45 grounding requests in words. "
-    "With the attention it grounds every request on all three seeds (benchmarks/results/pipeline.md, "
-    "'Session 8').",
+    "benchmarks/results/pipeline.md, session 6).",
     "After stage IV trains, each plugin head is refitted (`head_refit`, not in the paper, which has no "
     "plugin heads): with the composed model frozen, the head is fitted to its own outputs on its "
     "expert stage's states of its training samples, on the states the final mixture gives them. The "

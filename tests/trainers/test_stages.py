@@ -101,11 +101,11 @@ def test_stage_four_trains_router_experts_and_heads_not_the_shared_mlp() -> None
     assert not any(
         n.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")) for n in names
     )
-    # The tiny stage IV keeps the shared words (but `<SEG>`'s rows) and trains the shared attention.
+    # The tiny stage IV trains what the paper's does; the last prompt token's extra routing weight
+    # and the class-balanced routing loss are options (measured, not the recipe: pipeline.md).
     tiny = stage_spec("4")
-    assert "attention" in tiny.trains and not {"embeddings", "lm_head"} & set(tiny.trains)
-    assert tiny.trained_rows("language_model.lm_head.weight") == ["seg_token_id"]
-    assert tiny.routing_decision_weight == 20.0 and stage_spec("4", "paper").routing_decision_weight == 0.0
+    assert tiny.trains == stage_spec("4", "paper").trains
+    assert tiny.routing_decision_weight == 0.0 and not tiny.routing_balanced
 
 
 def test_expert_stages_take_samples_losses_and_lora_from_the_expert_specs() -> None:
