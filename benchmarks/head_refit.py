@@ -131,7 +131,7 @@ def chain(folder: Path, question_index: int) -> dict:
     scored = states(model, moe, groups)
     # The recipe's targets: the head's outputs on its samples' states with every token sent to its
     # expert; the final mixture's experts are stage IV's, so those come from the expert stage's model.
-    targets = refit_targets(expert, None, train, collator)
+    targets = refit_targets(expert, head_input_states(expert, train, collator, forced=True))
     routed = head_input_states(model, train, collator, moe)
     hidden = torch.stack([s for _, _, s in routed])
     labels = torch.tensor([MODALITIES.index(e.modality) for e, _, _ in routed])

@@ -47,24 +47,14 @@ def trigger_positions(model: Any, input_ids: torch.Tensor, attention_mask: torch
     return sorted(found)
 
 
-def anchor_states(
-    model: Any,
-    moe: Any,
-    examples: Sequence[Example],
-    collator: Any,
-    batch_size: int = 8,
-    states: list[tuple[Example, str, torch.Tensor]] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Per example id, the states (triggers, hidden) that predict its generic heads' trigger tokens,
-    each computed with every token routed to that head's expert: before stage IV trains, that is
-    the expert stage's own model. Examples without such a trigger are left out. `states`: those
-    already computed (`head_input_states(..., forced=True)`), so they are not computed again."""
-    if states is None:
-        states = head_input_states(model, examples, collator, moe, True, batch_size)
+def anchor_states(states: Sequence[tuple[Example, str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per example id, its generic heads' trigger states stacked, from `head_input_states(...,
+    forced=True)`: every token routed to the head's expert, which before stage IV trains is the
+    expert stage's own model. Examples without such a trigger have no states and no entry."""
     anchors: dict[str, list[torch.Tensor]] = {}
     for example, _, state in states:
         anchors.setdefault(example.id, []).append(state)
-    return {key: torch.stack(states) for key, states in anchors.items()}
+    return {key: torch.stack(found) for key, found in anchors.items()}
 
 
 def head_input_states(

@@ -50,18 +50,10 @@ class HeadRefit(BaseModel):
     lr: float = Field(1e-2, gt=0)
 
 
-def refit_targets(
-    model: Any,
-    moe: Any,
-    examples: Sequence[Example],
-    collator: Any,
-    states: list[tuple[Example, str, torch.Tensor]] | None = None,
-) -> RefitTargets:
+def refit_targets(model: Any, states: Sequence[tuple[Example, str, torch.Tensor]]) -> RefitTargets:
     """Each generic head's outputs on its training samples' states routed wholly to its expert
-    (`states`: those states already computed by `head_input_states(..., forced=True)`)."""
+    (`head_input_states(..., forced=True)`)."""
     targets: RefitTargets = {}
-    if states is None:
-        states = head_input_states(model, examples, collator, moe, forced=True)
     with torch.no_grad():
         for example, name, state in states:
             output = model.expert_heads[name](state.unsqueeze(0))[0]

@@ -268,9 +268,9 @@ def train(
         # Before a resume loads trained weights: the expert stages' head states, computed once for both.
         expert_states = head_input_states(model, examples, collator, prepared.moe, forced=True)
         if spec.head_anchor > 0:
-            prepared.head_anchors = anchor_states(model, None, examples, collator, states=expert_states)
+            prepared.head_anchors = anchor_states(expert_states)
         if spec.head_refit is not None:
-            prepared.refit_targets = refit_targets(model, None, examples, collator, states=expert_states)
+            prepared.refit_targets = refit_targets(model, expert_states)
     if prepared.moe is not None and spec.router_fit is not None:  # a resume then loads the trained gates
         fit_gates(prepared, examples, spec, collator, options)
     named, groups = optimizer_groups(prepared.trainable_parameters(), spec)

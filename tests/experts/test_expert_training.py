@@ -17,6 +17,7 @@ from medplib.trainers.collate import Collator, ExampleStore
 from medplib.trainers.data.loader import load_samples
 from medplib.trainers.expert_training import (
     anchor_states,
+    head_input_states,
     head_losses,
     plugin_examples,
     routing_targets,
@@ -175,7 +176,7 @@ def test_stage_four_anchors_the_heads_input_at_its_expert_stage_state(
     examples = plugin_examples([get_experts()["modality"]], small_dataset)
     plain = ExampleStore(load_samples(small_dataset, split="train")).examples()  # no <MOD>: no anchor
     model.train()  # as the loop has it: the anchors are still computed without dropout
-    anchors = anchor_states(model, prepared.moe, [*examples, *plain], collator)
+    anchors = anchor_states(head_input_states(model, [*examples, *plain], collator, prepared.moe, True))
     assert sorted(anchors) == sorted(e.id for e in examples) and model.training
 
     expert = load_model(tmp_path / "modality").model.eval()  # the expert stage, its adapter active

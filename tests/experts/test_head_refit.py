@@ -101,7 +101,7 @@ def test_refit_refuses_targets_taken_on_other_samples(example_module, small_data
     model = loaded.model
     collator = Collator(MedPLIBProcessor(model.config, model.tokenizer))
     examples = plugin_examples([get_experts()["modality"]], small_dataset)
-    targets = refit_targets(model, None, examples, collator)
+    targets = refit_targets(model, head_input_states(model, examples, collator, forced=True))
     assert [key for key, _ in targets["modality"]] == [e.id for e in examples]
     with pytest.raises(MedplibError, match="head refit of 'modality': the examples' trigger tokens changed"):
         refit_heads(model, None, examples[1:], collator, targets, HeadRefit(steps=1))
