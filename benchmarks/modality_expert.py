@@ -41,7 +41,7 @@ from medplib.trainers.data.builder import build_dataset
 from medplib.trainers.eval.evaluate import run_evaluation
 from medplib.trainers.eval.metrics import exact_match
 from medplib.trainers.expert_training import plugin_examples
-from medplib.trainers.loop import answer_side
+from medplib.trainers.losses import answer_side
 from medplib.trainers.train import StageRun, run_stage
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -191,3 +191,16 @@ class Collator:
             torch.from_numpy(np.stack(example.targets)) if example.targets else None for example in examples
         ]
         return batch
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A collated batch with its tensors, those in lists too (`region_masks`), on `device`."""
+
+    def move(value):
+        if torch.is_tensor(value):
+            return value.to(device)
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        return value
+
+    return {key: move(value) for key, value in batch.items()}

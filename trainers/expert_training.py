@@ -30,7 +30,7 @@ from medplib.core.errors import InvalidInputError, PluginError, validation_messa
 from medplib.core.expert_spec import ExpertSpec
 from medplib.core.model.conversation import ExpertToken
 from medplib.core.plugins import get_datasets
-from medplib.trainers.collate import Example, ExampleStore
+from medplib.trainers.collate import Example, ExampleStore, to_device
 from medplib.trainers.data.loader import LoadedSamples
 from medplib.trainers.data.mecovqa import Sample, dataset_root
 from medplib.trainers.losses import BatchLoss
@@ -78,10 +78,8 @@ def head_input_states(
         for start in range(0, len(chosen), batch_size):
             part = chosen[start : start + batch_size]
             batch = collator(part)
-            inputs = {
-                key: batch[key].to(device) if torch.is_tensor(batch[key]) else batch[key]
-                for key in ("input_ids", "attention_mask", "pixel_values", "region_masks")
-            }
+            keys = ("input_ids", "attention_mask", "pixel_values", "region_masks")
+            inputs = to_device({key: batch[key] for key in keys}, device)
             found = trigger_positions(model, batch["input_ids"], batch["attention_mask"])
             hidden = {}
             for name in dict.fromkeys(name for _, _, name in found):

@@ -38,7 +38,7 @@ from medplib.trainers.checkpoint import (
     load_checkpoint,
     report_step,
 )
-from medplib.trainers.collate import LOSS_ONLY_KEYS, Collator, Example
+from medplib.trainers.collate import LOSS_ONLY_KEYS, Collator, Example, to_device
 from medplib.trainers.data_parallel import (
     MicroBatchLoss,
     broadcast_trained,
@@ -52,6 +52,7 @@ from medplib.trainers.head_refit import refit_heads, refit_targets
 from medplib.trainers.losses import (
     BatchLoss,
     add_load_balancing,
+    answer_side,
     combine_losses,
     decision_tokens,
     pair_contrast,
@@ -213,24 +214,6 @@ def fit_gates(
         print(f"router fit (balanced accuracy on its states): {shown}", file=sys.stderr)
 
 
-def answer_side(input_ids: torch.Tensor, attention_mask: torch.Tensor, im_end_id: int) -> torch.Tensor:
-    """(B, T) the real tokens after the image: the question and the answer. The system prompt and the
-    image come first and do not depend on the question, so no router could tell tasks apart there."""
-    after_image = (input_ids == im_end_id).long().cumsum(dim=1) > 0
-    return after_image & (input_ids != im_end_id) & attention_mask.bool()
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    def move(value):
-        if torch.is_tensor(value):
-            return value.to(device)
-        if isinstance(value, list):
-            return [move(v) for v in value]
-        return value
-
-    return {key: move(value) for key, value in batch.items()}
-
-
 def _progress(total: int, initial: int, enabled: bool, title: str):
     from tqdm.auto import tqdm
 
@@ -328,7 +311,7 @@ def train(
             tokens = 0
             statistics = RoutingStatistics(prepared.moe.expert_names) if prepared.moe is not None else None
             for number, indices in enumerate(micro, start=1):
-                batch = _to_device(collator([examples[i] for i in indices]), device)
+                batch = to_device(collator([examples[i] for i in indices]), device)
                 with syncing(runner, number == len(micro)):  # gradients are summed once per step
                     with autocast:
                         loss, count = runner(batch, len(chosen), statistics if weight else None)

@@ -49,6 +49,14 @@ def pair_contrast(
     return torch.stack(terms) if terms else torch.zeros(0)
 
 
+def answer_side(input_ids: torch.Tensor, attention_mask: torch.Tensor, im_end_id: int) -> torch.Tensor:
+    """(B, T) the real tokens after the image: the question and the answer, the tokens the routing
+    loss scores. The system prompt and the image come first and do not depend on the question, so no
+    router could tell tasks apart there."""
+    after_image = (input_ids == im_end_id).long().cumsum(dim=1) > 0
+    return after_image & (input_ids != im_end_id) & attention_mask.bool()
+
+
 def decision_tokens(labels: torch.Tensor) -> torch.Tensor:
     """(B,) each sample's last prompt token: the one whose output predicts the answer's first token."""
     return ((labels != IGNORE_INDEX).long().argmax(dim=1) - 1).clamp(min=0)

@@ -11,7 +11,7 @@ regression on those states:
 1. up to `per_expert` training examples whose routing target is one expert run through the composed
    model, layer by layer from the first: a layer's gate is fitted to its MLP's inputs as the gates
    of the layers before it, fitted already, route them (at inference those are its inputs);
-2. the inputs are kept at the question and answer tokens (`loop.answer_side`: the tokens the
+2. the inputs are kept at the question and answer tokens (`losses.answer_side`: the tokens the
    routing loss scores), labelled with the sample's expert;
 3. each gate is fitted to those states by full-batch AdamW on a cross-entropy that weighs every
    expert's tokens equally (`balanced`), starting from the gate's own weights.
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from medplib.trainers.collate import Collator, Example
+from medplib.trainers.collate import Collator, Example, to_device
 
 
 class RouterFit(BaseModel):
@@ -93,7 +93,7 @@ def fit_routers(
             for expert, items in sorted(chosen.items()):
                 for start in range(0, len(items), batch_size):
                     batch = collator(items[start : start + batch_size])
-                    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    batch = to_device(batch, device)
                     scored = tokens(batch).reshape(-1)
                     label = torch.full(scored.shape, expert, device=device)
                     keep = scored

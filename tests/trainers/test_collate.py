@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medplib.core.model import ControlToken, MedPLIBProcessor, build_medplib
-from medplib.trainers.collate import Collator, ExampleStore, caption_examples, split_markup
+from medplib.trainers.collate import Collator, ExampleStore, caption_examples, split_markup, to_device
 
 
 def test_markup_becomes_control_tokens_and_spaces_stay_inside_the_text() -> None:
@@ -73,6 +73,11 @@ def test_collated_batches_carry_labels_on_answers_and_mask_targets(store: Exampl
     generation = collator(chosen, train=False)
     assert generation["attention_mask"][:, -1].all()  # left-padded, ready for generation
     assert not np.any(generation["input_ids"].numpy() == seg)
+    # On a device, tensors inside lists go too: the region masks, the grounding targets.
+    moved = to_device(batch, torch.device("meta"))
+    assert moved["input_ids"].is_meta and moved["region_masks"][1].is_meta
+    assert moved["mask_targets"][0] is None and moved["mask_targets"][2].is_meta
+    assert moved["examples"] == batch["examples"]
 
 
 def test_held_out_wordings_are_marked(store: ExampleStore, built_dataset: Path) -> None:

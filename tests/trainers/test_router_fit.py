@@ -11,7 +11,8 @@ from medplib.core.model import MedPLIBProcessor, build_medplib
 from medplib.router.config import RouterConfig
 from medplib.trainers.collate import Collator, ExampleStore
 from medplib.trainers.expert_training import routing_targets
-from medplib.trainers.loop import LoopOptions, answer_side, fit_gates, forward_losses
+from medplib.trainers.loop import LoopOptions, fit_gates, forward_losses
+from medplib.trainers.losses import answer_side
 from medplib.trainers.router_fit import RouterFit, _fit_gate
 from medplib.trainers.stage_folder import StageStart, prepare
 from medplib.trainers.stages import stage_spec
