@@ -25,8 +25,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/medplib demo --out demo-output
 
+# Formatting too, Python blocks of the Markdown files included.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The browser tests drive Debian's chromium (Playwright cannot download its own browsers offline); a
 # missing browser fails them, so it is installed here (the machines run as root).
