@@ -73,15 +73,17 @@ def run_and_score(run: StageRun, test_data: str, threads: int | None) -> dict:
     """Train one stage (or reuse its finished folder), score it, and return its record with metrics."""
     set_threads(threads)
     folder = Path(run.out)
-    if (folder / STAGE_FILE).is_file():
+    if (folder / STAGE_FILE).is_file():  # finished earlier: `reused`, its `seconds` are that run's
         if (folder / EVAL_FILE).is_file():
-            return read_record(folder) | {"metrics": json.loads((folder / EVAL_FILE).read_text())}
-        return read_record(folder) | {"metrics": evaluate_stage(folder, Path(test_data))}
+            metrics = json.loads((folder / EVAL_FILE).read_text())
+        else:
+            metrics = evaluate_stage(folder, Path(test_data))
+        return read_record(folder) | {"metrics": metrics, "reused": True}
     outcome = run_stage(replace(run, resume=True))
     metrics = score(outcome.prepared.model, ExampleStore.open(Path(test_data), split="test").examples())
     (folder / EVAL_FILE).write_text(json.dumps(metrics, indent=1))
     _plot(folder)
-    return read_record(folder) | {"metrics": metrics}
+    return read_record(folder) | {"metrics": metrics, "reused": False}
 
 
 def _plot(folder: Path) -> None:

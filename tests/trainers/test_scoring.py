@@ -111,19 +111,26 @@ def test_seed_report_gives_each_seed_its_mean_and_worst() -> None:
     table = format_seed_table(report)
     assert "| Dice left hemisphere | >= 0.85 | 0.900 | 0.840 | 0.870 | 0.840 | **no** |" in table
     assert "swap IoU (largest) left hemisphere / right hemisphere | <= 0.20" in table
+    assert "seed 1: training minutes per stage: not recorded; reused: none" in table
     json.dumps(report)
 
 
 def test_report_checks_goals_and_the_paper_claim() -> None:
+    # Stages I and II reused from an earlier run (their seconds are that run's), III, IV and joint trained.
     records = {
-        "1": {"title": "I", "metrics": _metrics(0.1, 0.1, 0.0)},
-        "2": {"title": "II", "metrics": _metrics(0.90, 0.80, 0.0)},
-        "3": {"title": "III", "metrics": _metrics(0.20, 0.20, 0.85)},
-        "4": {"title": "IV", "metrics": _metrics(0.89, 0.70, 0.86)},
-        "joint": {"title": "joint", "metrics": _metrics(0.87, 0.75, 0.84)},
+        "1": {"title": "I", "metrics": _metrics(0.1, 0.1, 0.0), "seconds": 90.0, "reused": True},
+        "2": {"title": "II", "metrics": _metrics(0.90, 0.80, 0.0), "seconds": 180.0, "reused": True},
+        "3": {"title": "III", "metrics": _metrics(0.20, 0.20, 0.85), "seconds": 300.0, "reused": False},
+        "4": {"title": "IV", "metrics": _metrics(0.89, 0.70, 0.86), "seconds": 150.0, "reused": False},
+        "joint": {"title": "joint", "metrics": _metrics(0.87, 0.75, 0.84), "seconds": 600.0},
     }
     report = build_report(records, _metrics(0.5, 0.3, 0.2), wall_minutes=12.3, schedule="tiny")
     assert report["mdice"] == 0.86 and report["wall_minutes"] == 12.3
+    assert report["stage_minutes"] == {"1": 1.5, "2": 3.0, "3": 5.0, "4": 2.5, "joint": 10.0}
+    assert report["reused_stages"] == ["1", "2"]
+    assert "training minutes per stage: 1 1.5, 2 3.0, 3 5.0, 4 2.5, joint 10.0; reused: 1, 2" in format_table(
+        report
+    )
     assert report["goals"]["closed_accuracy"]["met"] and not report["goals"]["region_recall"]["met"]
     assert set(report["goals"]) == set(GOALS) | set(SWAP_GOAL_NAMES)
     assert [row["stage"] for row in report["comparison"]] == ["2", "3", "joint", "4"]

@@ -100,7 +100,10 @@ def build_report(records: dict[str, dict], baselines: dict, *, wall_minutes: flo
         joint = records["joint"]["metrics"]
         beats = [name for name in SKILLS if (metric(moe, name) or 0) > (metric(joint, name) or 0)]
     return {
-        "wall_minutes": round(wall_minutes, 2),
+        "wall_minutes": round(wall_minutes, 2),  # this pass's, which may have reused finished stages
+        # Each stage's training time as it ran (a reused stage's from its own run), and the reused ones.
+        "stage_minutes": {key: round(r["seconds"] / 60, 2) for key, r in records.items() if "seconds" in r},
+        "reused_stages": [key for key, record in records.items() if record.get("reused")],
         **_headline(final),
         "goals": goals,
         "comparison": comparison,
@@ -152,7 +155,16 @@ def format_table(report: dict) -> str:
         else f"MoE beats joint training on: {', '.join(beats) or 'nothing'}"
     )
     lines.append(f"\nwall time {report['wall_minutes']:.1f} min; {versus}")
+    lines.append(stage_time_line(report))
     return "\n".join(lines)
+
+
+def stage_time_line(report: dict) -> str:
+    """Each stage's training minutes as it ran, and which stages this pass reused rather than trained:
+    a pass that reuses finished stages takes a fraction of the pipeline's wall time."""
+    minutes = ", ".join(f"{key} {value:.1f}" for key, value in report.get("stage_minutes", {}).items())
+    reused = report.get("reused_stages") or []
+    return f"training minutes per stage: {minutes or 'not recorded'}; reused: {', '.join(reused) or 'none'}"
 
 
 def goal_label(name: str) -> str:
@@ -232,4 +244,5 @@ def format_seed_table(report: dict) -> str:
         lines.append(f"| {label} | {bound} | {' | '.join(cells)} |")
     walls = ", ".join(f"seed {s} {report['wall_minutes'][str(s)]:.1f} min" for s in seeds)
     lines.append(f"\nwall time per seed: {walls}")
+    lines += [f"seed {s}: {stage_time_line(report['per_seed'][str(s)])}" for s in seeds]
     return "\n".join(lines)
