@@ -74,6 +74,7 @@ def run_and_score(run: StageRun, test_data: str, threads: int | None) -> dict:
     set_threads(threads)
     folder = Path(run.out)
     if (folder / STAGE_FILE).is_file():  # finished earlier: `reused`, its `seconds` are that run's
+        check_reusable(folder, run)
         if (folder / EVAL_FILE).is_file():
             metrics = json.loads((folder / EVAL_FILE).read_text())
         else:
@@ -84,6 +85,19 @@ def run_and_score(run: StageRun, test_data: str, threads: int | None) -> dict:
     (folder / EVAL_FILE).write_text(json.dumps(metrics, indent=1))
     _plot(folder)
     return read_record(folder) | {"metrics": metrics, "reused": False}
+
+
+def check_reusable(folder: Path, run: StageRun) -> None:
+    """Refuse a finished stage trained with another seed or schedule: two pipelines given one --out
+    would otherwise report the first one's stages as the second's."""
+    trained = read_record(folder).get("run", {})
+    wanted = {"seed": run.seed, "schedule": run.schedule}
+    found = {key: trained.get(key, value) for key, value in wanted.items()}
+    if found != wanted:
+        raise InvalidInputError(
+            f"{folder} holds a stage trained with seed {found['seed']} and schedule {found['schedule']!r}; "
+            f"this pipeline runs seed {run.seed} and schedule {run.schedule!r}: choose another --out"
+        )
 
 
 def _plot(folder: Path) -> None:

@@ -10,12 +10,14 @@ import torch
 from PIL import Image
 
 import medplib
+from medplib.core.errors import InvalidInputError
 from medplib.core.io.registry_data import dicom_file
 from medplib.demo import ask_questions
 from medplib.loading import load_model, read_record
 from medplib.router import MixtureOfExperts
 from medplib.trainers.collate import ExampleStore
 from medplib.trainers.eval.metrics import mask_scores
+from medplib.trainers.pipeline import run_and_score
 from medplib.trainers.stage_folder import load_source
 from medplib.trainers.train import StageRun, run_stage
 
@@ -113,3 +115,18 @@ def test_the_demo_asks_the_trained_model_its_questions(
     for item in asked[1:]:
         assert Image.open(tmp_path / item["overlay"]).mode == "RGB"
     json.dumps(asked)
+
+
+def test_the_pipeline_reuses_a_finished_stage_of_its_own_seed_only(chain: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "stage2"
+    folder.mkdir()
+    (folder / "stage.json").write_text((chain / "2" / "stage.json").read_text())  # seed 0, tiny
+    (folder / "eval.json").write_text(json.dumps({"closed_accuracy": 0.5}))
+    run = StageRun(stage="2", model="tiny", data=str(chain), out=str(folder))
+    record = run_and_score(run, str(chain), threads=None)
+    assert record["reused"] and record["metrics"] == {"closed_accuracy": 0.5}
+    assert record["seconds"] == read_record(chain / "2")["seconds"]  # the training time as it ran
+    with pytest.raises(InvalidInputError, match=r"seed 0 .* runs seed 1"):
+        run_and_score(StageRun(**{**run.__dict__, "seed": 1}), str(chain), threads=None)
+    with pytest.raises(InvalidInputError, match=r"schedule 'tiny'.* schedule 'paper'"):
+        run_and_score(StageRun(**{**run.__dict__, "schedule": "paper"}), str(chain), threads=None)
