@@ -13,8 +13,7 @@ Dice, swap IoU, closed accuracy, region recall). A variant is the tiny schedule'
 - `-rows`: the embeddings and LM head frozen but for the `<SEG>` rows (`seg_token`); `-rowsE`: the
   embeddings alone, `-rowsH`: the LM head alone;
 - `-attn`: the LLM's attention (shared by every expert) trains as well; `-noattn`: it does not;
-- `-words`: the whole embeddings and LM head train (the paper's stage IV; the tiny one trains only
-  their `<SEG>` rows);
+- `-words`: the whole embeddings and LM head train, as in the recipe (undoes an earlier `-rows`);
 - `-fix`: the experts' LoRA frozen too (`experts` not trained);
 - `-nortr`: the routers do not train (with `-fit`: they keep their fitted weights);
 - `-onlyrouter`: the routers alone train;
@@ -26,7 +25,7 @@ Dice, swap IoU, closed accuracy, region recall). A variant is the tiny schedule'
 - `-exp<x>`: the experts' LoRA at x times the stage's learning rate (`lr_scales`);
 - `-emb<x>`: the embeddings and LM head at x times the stage's learning rate;
 - `-rtr<x>`: the routers at x times the stage's learning rate;
-- `-rw<x>`: the routing loss at weight x (`StageSpec.routing_weight`; the tiny recipe's is 1);
+- `-rw<x>`: the routing loss at weight x (`StageSpec.routing_weight`; the tiny recipe's is 5);
 - `-dw<x>`: the routing loss adds the last prompt token's cross-entropy at weight x
   (`StageSpec.routing_decision_weight`); `-bal`: samples weighed by their expert's inverse batch
   share (`StageSpec.routing_balanced`);

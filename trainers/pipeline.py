@@ -74,12 +74,13 @@ def run_and_score(run: StageRun, test_data: str, threads: int | None) -> dict:
     set_threads(threads)
     folder = Path(run.out)
     if (folder / STAGE_FILE).is_file():  # finished earlier: `reused`, its `seconds` are that run's
-        check_reusable(folder, run)
+        record = read_record(folder)
+        check_reusable(folder, record, run)
         if (folder / EVAL_FILE).is_file():
             metrics = json.loads((folder / EVAL_FILE).read_text())
         else:
             metrics = evaluate_stage(folder, Path(test_data))
-        return read_record(folder) | {"metrics": metrics, "reused": True}
+        return record | {"metrics": metrics, "reused": True}
     outcome = run_stage(replace(run, resume=True))
     metrics = score(outcome.prepared.model, ExampleStore.open(Path(test_data), split="test").examples())
     (folder / EVAL_FILE).write_text(json.dumps(metrics, indent=1))
@@ -87,10 +88,10 @@ def run_and_score(run: StageRun, test_data: str, threads: int | None) -> dict:
     return read_record(folder) | {"metrics": metrics, "reused": False}
 
 
-def check_reusable(folder: Path, run: StageRun) -> None:
-    """Refuse a finished stage trained with another seed or schedule: two pipelines given one --out
-    would otherwise report the first one's stages as the second's."""
-    trained = read_record(folder).get("run", {})
+def check_reusable(folder: Path, record: dict, run: StageRun) -> None:
+    """Refuse a finished stage (its `stage.json` `record`) trained with another seed or schedule: two
+    pipelines given one --out would otherwise report the first one's stages as the second's."""
+    trained = record.get("run", {})
     wanted = {"seed": run.seed, "schedule": run.schedule}
     found = {key: trained.get(key, value) for key, value in wanted.items()}
     if found != wanted:
