@@ -100,6 +100,15 @@ class MedPLIBConfig(PreTrainedConfig):
     # preset's image tokens grew to 100-700 times the norm of its word embeddings, and its attention
     # stayed diffuse (plane and which-half questions near chance). Off for LLaVA checkpoints.
     visual_token_norm: bool = False
+    # Standardise each CLIP feature channel over the images and patches seen (BatchNorm) before the
+    # projector. MNI152 slices share most of their features (a sagittal and an axial slice's mean image
+    # tokens have cosine 0.95 in the tiny preset's stage II), so what tells images apart is a small part
+    # of each token, and the LLM did not learn the plane even on its training images. An option no preset
+    # sets (benchmarks/results/pipeline.md, "Session 10"); off for LLaVA.
+    image_feature_standardize: bool = False
+    # Word vectors the input embeddings of the tokenizer's word pieces start from when a preset is built
+    # from scratch (`word_vectors.WORD_VECTORS`); read only by `build_medplib`. None: random rows.
+    word_vectors: str | None = None
     # The `<SEG>` prompt also modulates SAM's dense prompt (`grounding.DensePromptFiLM`). A SAM trained
     # from scratch has no absolute position in its mask features and learns to ignore a sparse prompt;
     # the tiny and small presets need it to tell left from right. Off for SAM checkpoints.

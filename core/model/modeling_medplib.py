@@ -63,7 +63,12 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
         super().__init__(config)
         vision_width, text_width = config.vision_config.hidden_size, config.text_config.hidden_size
         self.vision_tower = build_vision_tower(config.vision_config)
-        self.projector = MultiModalProjector(vision_width, text_width, norm=config.visual_token_norm)
+        self.projector = MultiModalProjector(
+            vision_width,
+            text_width,
+            norm=config.visual_token_norm,
+            standardize=config.image_feature_standardize,
+        )
         self.language_model = LlamaForCausalLM(config.text_config)
         self.region_encoder = RegionEncoder(
             vision_width,

@@ -22,6 +22,7 @@ from medplib.core.errors import InvalidInputError
 from medplib.core.model.configuration_medplib import MedPLIBConfig
 from medplib.core.model.modeling_medplib import MedPLIBForCausalLM
 from medplib.core.model.tokenizer import ControlToken, add_control_tokens, tiny_tokenizer
+from medplib.core.model.word_vectors import init_from_word_vectors
 
 LLAVA_VOCAB_SIZE = 32000
 
@@ -133,12 +134,19 @@ def preset_tokenizer(preset: str) -> PreTrainedTokenizerFast | None:
     return tiny_tokenizer() if _spec(preset)["tokenizer"] == "trained" else None
 
 
-def build_config(preset: str, tokenizer: PreTrainedTokenizerFast | None = None) -> MedPLIBConfig:
+def build_config(
+    preset: str, tokenizer: PreTrainedTokenizerFast | None = None, options: dict[str, Any] | None = None
+) -> MedPLIBConfig:
     """The preset's config, its token ids and vocab size from `tokenizer` (default: the preset's).
 
-    Without a tokenizer, a `llava` preset takes LLaVA-1.5's ids and LLaMA's BOS/EOS (1, 2).
+    Without a tokenizer, a `llava` preset takes LLaVA-1.5's ids and LLaMA's BOS/EOS (1, 2). `options`
+    change top-level config fields from the preset's, e.g. `{"word_vectors": "glove-6b-50d"}`.
     """
     spec = _spec(preset)
+    options = options or {}
+    unknown = sorted(name for name in options if not hasattr(MedPLIBConfig, name))
+    if unknown:
+        raise InvalidInputError(f"unknown config options {unknown} for preset {preset!r}")
     tokenizer = tokenizer if tokenizer is not None else preset_tokenizer(preset)
     if tokenizer is not None:
         ids, vocab_size = add_control_tokens(tokenizer), len(tokenizer)
@@ -155,7 +163,7 @@ def build_config(preset: str, tokenizer: PreTrainedTokenizerFast | None = None) 
         vision_config=dict(spec["vision_config"]),
         text_config=text_config,
         sam_config=dict(spec["sam_config"]),
-        **spec.get("config", {}),
+        **{**spec.get("config", {}), **options},
         **ids,
     )
 
@@ -165,15 +173,20 @@ def build_medplib(
     *,
     tokenizer: PreTrainedTokenizerFast | None = None,
     device: str | torch.device | None = None,
+    options: dict[str, Any] | None = None,
 ) -> MedPLIBForCausalLM:
     """A randomly initialised model of `preset`, with its tokenizer attached.
 
     `tiny` and `small` train their tokenizer when none is given; `medplib-7b` takes a checkpoint's
     tokenizer or, without one, LLaVA-1.5's ids (enough on `device="meta"` to count parameters).
+    `options` change config fields from the preset's (`build_config`); with `word_vectors` the word
+    pieces' input embeddings start from those vectors (`word_vectors.py`).
     """
     tokenizer = tokenizer if tokenizer is not None else preset_tokenizer(preset)
-    config = build_config(preset, tokenizer)
+    config = build_config(preset, tokenizer, options)
     with torch.device(device or "cpu"):
         model = MedPLIBForCausalLM(config)
+    if config.word_vectors is not None and str(device) != "meta":
+        init_from_word_vectors(model.get_input_embeddings(), tokenizer, config.word_vectors)
     model.tokenizer = tokenizer
     return model

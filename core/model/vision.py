@@ -82,14 +82,26 @@ class MultiModalProjector(nn.Module):
     Named like transformers' `LlavaMultiModalProjector`, so LLaVA checkpoints load without renaming.
     """
 
-    def __init__(self, vision_hidden_size: int, text_hidden_size: int, norm: bool = False) -> None:
+    def __init__(
+        self, vision_hidden_size: int, text_hidden_size: int, norm: bool = False, standardize: bool = False
+    ) -> None:
         super().__init__()
+        # See `MedPLIBConfig.image_feature_standardize`; None for LLaVA's projector.
+        self.standardize = nn.BatchNorm1d(vision_hidden_size) if standardize else None
         self.linear_1 = nn.Linear(vision_hidden_size, text_hidden_size)
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(text_hidden_size, text_hidden_size)
         # See `MedPLIBConfig.visual_token_norm`; LLaVA has none, so its checkpoints load unchanged.
         self.norm = nn.LayerNorm(text_hidden_size) if norm else None
 
+    def train(self, mode: bool = True) -> MultiModalProjector:
+        super().train(mode)
+        if self.standardize is not None and not self.standardize.weight.requires_grad:
+            self.standardize.eval()  # a stage that freezes the projector keeps its statistics too
+        return self
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.standardize is not None:
+            features = self.standardize(features.flatten(0, -2)).view_as(features)
         tokens = self.linear_2(self.act(self.linear_1(features)))
         return tokens if self.norm is None else self.norm(tokens)

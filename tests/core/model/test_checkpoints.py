@@ -11,7 +11,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medplib.core.errors import CheckpointError
-from medplib.core.model import ControlToken, MedPLIBForCausalLM, MedPLIBProcessor, Request, Turn
+from medplib.core.model import (
+    ControlToken,
+    MedPLIBForCausalLM,
+    MedPLIBProcessor,
+    Request,
+    Turn,
+    build_medplib,
+)
 from medplib.core.model.tokenizer import control_token_ids
 
 
@@ -52,6 +59,17 @@ def test_round_trip_local_folder_is_exact(
     names = {p.name for p in (tmp_path / "ckpt").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
     _assert_same_model(tiny_model, MedPLIBForCausalLM.from_pretrained(tmp_path / "ckpt"), batch)
+
+
+def test_round_trip_keeps_the_image_feature_statistics(batch: dict, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_medplib("tiny", options={"image_feature_standardize": True}).eval()
+    model.projector.standardize.running_mean.uniform_(-2, 2)
+    model.projector.standardize.running_var.uniform_(0.5, 3)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = MedPLIBForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config.image_feature_standardize
+    _assert_same_model(model, loaded, batch)
 
 
 def test_round_trip_memory_uri_is_exact(tiny_model: MedPLIBForCausalLM, batch: dict) -> None:

@@ -15,9 +15,10 @@ from medplib.core.model import (
     Request,
     Turn,
     build_config,
+    build_medplib,
 )
 from medplib.core.model.region_encoder import RegionEncoder, region_location
-from medplib.core.model.vision import preprocess_region_mask
+from medplib.core.model.vision import MultiModalProjector, preprocess_region_mask
 
 SEG_ANSWER = ["Sure, it is", ControlToken.SEG, "."]
 
@@ -229,6 +230,34 @@ def test_visual_token_norm_puts_image_and_region_tokens_at_unit_scale(
     assert plain.projector.norm is None and plain.region_encoder.norm is None
 
 
+def test_image_feature_standardize_removes_what_every_image_shares() -> None:
+    projector = MultiModalProjector(4, 3, norm=True, standardize=True).train()
+    features = torch.randn(2, 5, 4)
+    shared = torch.tensor([40.0, -7.0, 3.0, 12.0])  # a part of every image's every patch
+    assert torch.allclose(projector(features), projector(features + shared), atol=1e-4)
+    assert not torch.allclose(projector.standardize.running_mean, torch.zeros(4))
+    # LLaVA's projector has none: a config without the flag builds none, so its checkpoints load as is.
+    assert MultiModalProjector(4, 3).standardize is None and not MedPLIBConfig().image_feature_standardize
+
+
+def test_a_frozen_projector_keeps_its_feature_statistics(processor, image) -> None:
+    torch.manual_seed(0)
+    model = build_medplib("tiny", options={"image_feature_standardize": True})
+    batch = processor([Request(image, [Turn("What is this?")])])
+    statistics = model.projector.standardize
+    before = statistics.running_mean.clone()
+    model.projector.requires_grad_(False)
+    with torch.no_grad():
+        model.train()(**batch)  # a stage that does not train the projector
+    assert not statistics.training and torch.equal(statistics.running_mean, before)
+    model.projector.requires_grad_(True)
+    with torch.no_grad():
+        model.train()(**batch)
+    assert statistics.training and not torch.equal(statistics.running_mean, before)
+    with pytest.raises(InvalidInputError, match="unknown config options"):
+        build_medplib("tiny", options={"image_feature_standardise": True})
+
+
 def test_region_location_is_the_box_and_centroid_in_the_clip_frame() -> None:
     masks = torch.zeros(2, 8, 8)
     masks[0, 2:4, 5:7] = 1  # rows 2-3, columns 5-6
@@ -266,10 +295,11 @@ def test_location_norm_gives_the_place_as_much_weight_as_the_content() -> None:
     for location_norm in (False, True):
         torch.manual_seed(1)
         encoder = RegionEncoder(8, 16, max_cells=64, location_norm=location_norm)
-        place = encoder.location(region_location(masks))
-        if location_norm:
-            place = encoder.part_norms[1](place)
-        tokens = encoder(features, masks)
+        with torch.no_grad():
+            place = encoder.location(region_location(masks))
+            if location_norm:
+                place = encoder.part_norms[1](place)
+            tokens = encoder(features, masks)
         share[location_norm] = float((place[0] - place[1]).norm() / tokens.norm(dim=1).mean())
     assert share[False] < 0.1 < 0.3 < share[True]
     # An option of the config: a model built with it has the two norms, checkpoints without it do not.
