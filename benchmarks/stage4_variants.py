@@ -15,6 +15,7 @@ Dice, swap IoU, closed accuracy, region recall). A variant is the tiny schedule'
 - `-attn`: the LLM's attention (shared by every expert) trains as well; `-noattn`: it does not;
 - `-words`: the whole embeddings and LM head train, as in the recipe (undoes an earlier `-rows`);
 - `-fix`: the experts' LoRA frozen too (`experts` not trained);
+- `-noseg`: the `<SEG>` head and SAM's mask decoder frozen (`seg_head`, `mask_decoder` not trained);
 - `-nortr`: the routers do not train (with `-fit`: they keep their fitted weights);
 - `-onlyrouter`: the routers alone train;
 - `-fit`: the gates are fitted to the routing targets before training (`StageSpec.router_fit`);
@@ -52,7 +53,7 @@ from medplib.trainers.stages import StageSpec
 from medplib.trainers.train import StageRun
 
 VARIANT = re.compile(
-    r"^(default|U|S)((?:-(?:rows[EH]?|attn|fix|nortr|onlyrouter|fit[VG]?1?u?|exp[\d.]+|emb[\d.]+|rtr[\d.]+|rw[\d.]+|dw[\d.]+|bal|words|noattn))*)(?:@(\d+))?$"
+    r"^(default|U|S)((?:-(?:rows[EH]?|attn|fix|nortr|onlyrouter|fit[VG]?1?u?|exp[\d.]+|emb[\d.]+|rtr[\d.]+|rw[\d.]+|dw[\d.]+|bal|words|noattn|noseg))*)(?:@(\d+))?$"
 )
 
 
@@ -85,6 +86,8 @@ def variant_spec(spec: StageSpec, name: str) -> StageSpec:
             trains = [g for g in trains if g != "attention"]
         elif suffix == "words":  # the paper's stage IV: the whole embeddings and LM head train
             trains = [g for g in trains if g != "seg_token"] + ["embeddings", "lm_head"]
+        elif suffix == "noseg":  # the grounding head and SAM's decoder stay as stage III left them
+            trains = [g for g in trains if g not in ("seg_head", "mask_decoder")]
         elif suffix == "nortr":
             trains = [g for g in trains if g != "router"]
         elif suffix == "onlyrouter":
