@@ -69,7 +69,7 @@ def word_vector_rows(tokenizer: PreTrainedTokenizerFast) -> tuple[list[int], np.
 
 @torch.no_grad()
 def init_from_word_vectors(
-    embedding: torch.nn.Embedding, tokenizer: PreTrainedTokenizerFast, name: str = "glove-6b-50d"
+    embedding: torch.nn.Embedding, tokenizer: PreTrainedTokenizerFast, name: str
 ) -> list[int]:
     """Overwrite the rows of `tokenizer`'s word pieces with projected word vectors; returns their ids.
 
