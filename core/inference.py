@@ -102,16 +102,21 @@ class CachedGenerator:
         input_ids, attention_mask, _ = self.processor.pad(
             [c for c, _ in encoded], "left", prefix=prefix_length
         )
-        row_features = None
+        row_features = row_pixels = None
         if with_regions:  # the region encoder reads the features of the rows that mark regions
             filler = torch.zeros_like(next(iter(features.values())))
             row_features = torch.stack([features[d] if d in with_regions else filler for d in digests])
+            if self.model.config.region_appearance:  # and their pixels
+                pixels = {d: self.processor.clip_pixels(images[d]) for d in with_regions}
+                blank = torch.zeros_like(next(iter(pixels.values())))
+                row_pixels = torch.stack([pixels.get(d, blank) for d in digests]).to(self.model.device)
         device = self.model.device
         inputs = {
             "input_ids": input_ids.to(device),
             "attention_mask": attention_mask.to(device),
             "region_masks": [masks.to(device) for _, masks in encoded],
             "image_features": row_features,
+            "pixel_values": row_pixels,
             "past_key_values": self._batch_cache([prefixes[digest] for digest in digests]),
         }
         if answer_length:  # the known answer is prefilled: one pass, no step to stream

@@ -117,6 +117,11 @@ class MedPLIBConfig(PreTrainedConfig):
     # added (`RegionEncoder`), so "which hemisphere holds this region" becomes learnable. An option:
     # no preset sets it (benchmarks/results/pipeline.md, "Session 8", for why not yet).
     region_location_norm: bool = False
+    # The region token also gets what the region's pixels look like (`RegionEncoder.appearance`: each
+    # channel's mean and spread inside the mask, at the CLIP input's resolution). The tiny CLIP's patch
+    # features, sampled inside a thin region such as the cortical ribbon, name its structure for 0.60
+    # of the test regions (linear probe); the pixels' mean and spread for 1.00. Not under `compat`.
+    region_appearance: bool = False
     # The `<SEG>` state reads the request's token states before the head (`RequestReader`): a trunk
     # trained from scratch may not carry the structure's name to the `<SEG>` position. Switched on by
     # the tiny schedule's grounding stages (`StageSpec.seg_read_request`); off for loaded checkpoints
@@ -163,6 +168,11 @@ class MedPLIBConfig(PreTrainedConfig):
             raise ValueError(f"unknown compat profile {self.compat!r}; only 'medplib' exists")
         if self.region_max_cells < 1:
             raise ValueError(f"region_max_cells must be at least 1, got {self.region_max_cells}")
+        if self.region_appearance and self.compat is not None:
+            raise ValueError(
+                "region_appearance is medplib's own region encoding; "
+                "a compat profile samples regions as MedPLIB does"
+            )
 
     @property
     def num_image_tokens(self) -> int:

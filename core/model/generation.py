@@ -278,6 +278,7 @@ def prefill_answers(
     attention_mask: torch.Tensor,
     answer_length: int,
     *,
+    pixel_values: torch.Tensor | None = None,
     region_masks: list[torch.Tensor] | None = None,
     image_features: torch.Tensor | None = None,
     past_key_values: Cache | PrefixKV | None = None,
@@ -295,7 +296,7 @@ def prefill_answers(
     if not (answers == answers[:1]).all() or not attention_mask[:, -answer_length:].all():
         raise InvalidInputError("prefilled answers must be the same real tokens in every row")
     start = time.perf_counter()
-    embeds = model.embed_inputs(input_ids[:, past:], None, region_masks, image_features)
+    embeds = model.embed_inputs(input_ids[:, past:], pixel_values, region_masks, image_features)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     hidden = model(
         inputs_embeds=embeds,

@@ -77,6 +77,7 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
             norm=config.visual_token_norm,
             medplib_sampling=config.compat == "medplib",
             location_norm=config.region_location_norm,
+            appearance=config.region_appearance,
         )
         # Every expert's head, the grounding expert's `<SEG>` head and SAM included, through its spec.
         self.expert_heads: dict[str, nn.Module] = {}
@@ -120,6 +121,7 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
         cache, stand in for running the tower on `pixel_values`; with them, the input may also be a
         continuation without `<image>` slots (its prefix, image included, is in the KV cache), whose
         region slots the features still fill. Otherwise every row holds all its `<image>` slots.
+        With `config.region_appearance` the region encoder also reads `pixel_values`, features or not.
         """
         embeds = self.get_input_embeddings()(input_ids)
         image_slots = input_ids == self.config.image_token_id
@@ -145,7 +147,11 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
         if not any(given):
             return embeds
         region_tokens = torch.cat(
-            [self.region_encoder(features[i], masks) for i, masks in enumerate(region_masks) if len(masks)]
+            [
+                self.region_encoder(features[i], masks, None if pixel_values is None else pixel_values[i])
+                for i, masks in enumerate(region_masks)
+                if len(masks)
+            ]
         )
         return embeds.masked_scatter(region_slots[..., None], region_tokens.to(embeds.dtype))
 

@@ -29,6 +29,7 @@ from medplib.core.errors import RegionError
 from medplib.core.model.compat import sample_region_features
 
 LOCATION_FEATURES = 6  # x0, y0, x1, y1 of the bounding box and the centroid's x, y, in [-1, 1]
+APPEARANCE_FEATURES = 6  # each of the 3 pixel channels' mean and standard deviation inside the region
 
 
 class RegionEncoder(nn.Module):
@@ -43,6 +44,7 @@ class RegionEncoder(nn.Module):
         norm: bool = False,
         medplib_sampling: bool = False,
         location_norm: bool = False,
+        appearance: bool = False,
     ) -> None:
         super().__init__()
         self.max_cells = max_cells
@@ -50,9 +52,13 @@ class RegionEncoder(nn.Module):
         self.adapter = nn.Linear(vision_hidden_size, text_hidden_size)
         self.location = None if medplib_sampling else nn.Linear(LOCATION_FEATURES, text_hidden_size)
         self.norm = nn.LayerNorm(text_hidden_size) if norm else None  # `MedPLIBConfig.visual_token_norm`
-        self.part_norms = None  # `MedPLIBConfig.region_location_norm`: content and place, one each
+        if appearance and medplib_sampling:
+            raise ValueError("region appearance is not part of MedPLIB's own region sampling")
+        self.appearance = nn.Linear(APPEARANCE_FEATURES, text_hidden_size) if appearance else None
+        self.part_norms = None  # `MedPLIBConfig.region_location_norm`: content, place (and appearance)
         if location_norm and self.location is not None:
-            self.part_norms = nn.ModuleList([nn.LayerNorm(text_hidden_size), nn.LayerNorm(text_hidden_size)])
+            parts = 3 if appearance else 2
+            self.part_norms = nn.ModuleList([nn.LayerNorm(text_hidden_size) for _ in range(parts)])
 
     def sample_points(self, masks: torch.Tensor, grid_size: int) -> list[torch.Tensor]:
         """Per mask, the sampling points (n, 2) as (x, y) in [-1, 1] (`grid_sample`'s convention).
@@ -80,8 +86,13 @@ class RegionEncoder(nn.Module):
             points.append(torch.stack([xs.flatten()[cells] / total, ys.flatten()[cells] / total], dim=-1))
         return points
 
-    def forward(self, patch_features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """(grid*grid, C) features of one image and (R, S, S) masks -> (R, text_hidden) region tokens."""
+    def forward(
+        self, patch_features: torch.Tensor, masks: torch.Tensor, pixels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(grid*grid, C) features of one image and (R, S, S) masks -> (R, text_hidden) region tokens.
+
+        `pixels` (3, S, S): the image as the CLIP tower takes it; read only with `appearance`.
+        """
         num_patches, channels = patch_features.shape
         grid_size = round(num_patches**0.5)
         if self.medplib_sampling:
@@ -96,10 +107,16 @@ class RegionEncoder(nn.Module):
                 feature_map, points.view(1, 1, -1, 2), mode="bilinear", align_corners=False
             )
             pooled.append(samples[0, :, 0].mean(dim=-1))
-        content, place = self.adapter(torch.stack(pooled)), self.location(region_location(masks))
+        parts = [self.adapter(torch.stack(pooled)), self.location(region_location(masks))]
+        if self.appearance is not None:
+            if pixels is None:
+                raise RegionError(
+                    "this model describes a region by its pixels too: pass the image's pixel_values"
+                )
+            parts.append(self.appearance(region_appearance(pixels.to(masks.dtype), masks)))
         if self.part_norms is not None:
-            content, place = self.part_norms[0](content), self.part_norms[1](place)
-        tokens = content + place
+            parts = [norm(part) for norm, part in zip(self.part_norms, parts, strict=True)]
+        tokens = torch.stack(parts).sum(dim=0)
         return tokens if self.norm is None else self.norm(tokens)
 
 
@@ -118,3 +135,12 @@ def region_location(masks: torch.Tensor) -> torch.Tensor:
     centroid_x = (masks.sum(dim=1) * axis).sum(dim=1) / total
     centroid_y = (masks.sum(dim=2) * axis).sum(dim=1) / total
     return torch.stack([x0, y0, x1, y1, centroid_x, centroid_y], dim=-1)
+
+
+def region_appearance(pixels: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(3, S, S) pixels and (R, S, S) coverage -> (R, 6): each channel's mean, then its standard
+    deviation, inside each region, weighted by the coverage."""
+    weights = masks / masks.sum(dim=(1, 2), keepdim=True).clamp(min=1e-6)
+    mean = torch.einsum("rhw,chw->rc", weights, pixels)
+    variance = torch.einsum("rhw,rchw->rc", weights, (pixels[None] - mean[..., None, None]) ** 2)
+    return torch.cat([mean, variance.clamp(min=0).sqrt()], dim=-1)
