@@ -109,6 +109,10 @@ class MedPLIBConfig(PreTrainedConfig):
     # Word vectors the input embeddings of the tokenizer's word pieces start from when a preset is built
     # from scratch (`word_vectors.WORD_VECTORS`); read only by `build_medplib`. None: random rows.
     word_vectors: str | None = None
+    # The input embedding's rows start at this root mean square per channel when a preset is built
+    # from scratch (after `word_vectors`); read only by `build_medplib`. None: the LLM's own init
+    # (N(0, 0.02): row RMS 0.02, while `visual_token_norm` puts image and region tokens at about 1).
+    word_embedding_rms: float | None = None
     # The `<SEG>` prompt also modulates SAM's dense prompt (`grounding.DensePromptFiLM`). A SAM trained
     # from scratch has no absolute position in its mask features and learns to ignore a sparse prompt;
     # the tiny and small presets need it to tell left from right. Off for SAM checkpoints.

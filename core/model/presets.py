@@ -188,5 +188,9 @@ def build_medplib(
         model = MedPLIBForCausalLM(config)
     if config.word_vectors is not None and str(device) != "meta":
         init_from_word_vectors(model.get_input_embeddings(), tokenizer, config.word_vectors)
+    if config.word_embedding_rms is not None and str(device) != "meta":
+        weight = model.get_input_embeddings().weight
+        with torch.no_grad():
+            weight.mul_(config.word_embedding_rms / weight.pow(2).mean().sqrt())
     model.tokenizer = tokenizer
     return model
