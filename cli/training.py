@@ -49,6 +49,11 @@ def train(
     head_anchor: float | None = typer.Option(
         None, "--head-anchor", help="stage 4: weight keeping plugin heads' input states (0: off; default 5)"
     ),
+    config_option: list[str] = typer.Option(
+        [],
+        "--option",
+        help="a preset's config field changed, KEY=VALUE (repeatable), e.g. --option region_appearance=true",
+    ),
 ) -> None:
     """Train one stage of the MedPLIB recipe (I align, II and III experts, IV mixture of experts)."""
     from medplib.trainers.distributed import launch
@@ -73,6 +78,7 @@ def train(
         router=router_options(router_top_k, capacity_factor, load_balancing_weight, routed_layers),
         experts=tuple(name.strip() for name in experts.split(",") if name.strip()) if experts else None,
         head_anchor=head_anchor,
+        config_options=config_options(config_option),
     )
     run.spec()  # an unknown stage, schedule, expert or router option fails here, before any data is read
     record = launch(run, workers, max_failures)
@@ -106,6 +112,27 @@ def router_options(
     return options or None
 
 
+def config_options(pairs: list[str]) -> dict | None:
+    """`--option KEY=VALUE` pairs as config fields; a VALUE that reads as JSON (true, 1.5, null) is
+    that value, any other is the string itself (glove-6b-50d)."""
+    import json
+
+    from medplib.core.errors import InvalidInputError
+    from medplib.core.model.presets import check_options
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise InvalidInputError(f"--option {pair!r} is not KEY=VALUE, e.g. region_appearance=true")
+        try:
+            options[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key.strip()] = text
+    check_options(options)
+    return options or None
+
+
 @app.command(context_settings={"allow_extra_args": True})
 @user_errors
 def pipeline(
@@ -122,6 +149,11 @@ def pipeline(
     threads: int = typer.Option(1, "--threads", help="torch CPU threads per process"),
     sequential: bool = typer.Option(False, "--sequential", help="train the joint baseline after, not beside"),
     joint: bool = typer.Option(True, "--joint/--no-joint", help="also train the joint-training baseline"),
+    config_option: list[str] = typer.Option(
+        [],
+        "--option",
+        help="a preset's config field changed, KEY=VALUE (repeatable), e.g. --option region_appearance=true",
+    ),
 ) -> None:
     """Run stages I -> IV and the joint baseline, score each on the test split, write the report."""
     from medplib.core.errors import InvalidInputError
@@ -134,6 +166,7 @@ def pipeline(
     schedule = schedule or ("tiny" if preset == "tiny" else "paper")
     options = {"preset": preset, "schedule": schedule, "threads": threads, "parallel": not sequential}
     options["joint"] = joint
+    options["config_options"] = config_options(config_option)
     if len(seeds) == 1:
         typer.echo(format_table(run_pipeline(data, out, seed=seeds[0], **options)))
     else:

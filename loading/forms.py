@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from medplib.core.assistant import MedPLIB
 from medplib.core.devices import resolve_device, resolve_dtype
-from medplib.core.errors import CheckpointError, describe_key_problems
+from medplib.core.errors import CheckpointError, InvalidInputError, describe_key_problems
 from medplib.core.expert_spec import ExpertSpec
 from medplib.core.io.sources import is_uri
 from medplib.core.model import (
@@ -69,6 +69,7 @@ class LoadRequest:
     seed: int = 0
     dtype: torch.dtype | None = None  # the LLaVA + SAM weights are read at this dtype
     active_adapter: bool = True  # a stage folder: with its active adapter / mixture, or the bare trunk
+    options: dict[str, Any] | None = None  # a preset: config fields changed from the preset's
 
 
 @dataclass(frozen=True)
@@ -127,12 +128,20 @@ def load_model(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     active_adapter: bool = True,
+    options: dict[str, Any] | None = None,
 ) -> LoadedModel:
-    """The model `source` holds, in whichever form it comes (see the module's list)."""
+    """The model `source` holds, in whichever form it comes (see the module's list). `options` change
+    a preset's config fields (`build_config`); a checkpoint keeps the config it was saved with."""
     request = LoadRequest(
-        os.fspath(source), None if sam is None else os.fspath(sam), seed, dtype, active_adapter
+        os.fspath(source), None if sam is None else os.fspath(sam), seed, dtype, active_adapter, options
     )
-    return recognise(request).load(request)
+    form = recognise(request)
+    if options and form.name != "preset":
+        raise InvalidInputError(
+            f"config options ({', '.join(sorted(options))}) apply to a preset built from scratch; "
+            f"{request.source} is a {form.name} with its own saved config"
+        )
+    return form.load(request)
 
 
 def recognise(request: LoadRequest) -> Form:
@@ -157,7 +166,7 @@ def _load_preset(request: LoadRequest) -> LoadedModel:
         )
     with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
         torch.manual_seed(request.seed)
-        model = build_medplib(request.source)
+        model = build_medplib(request.source, options=request.options)
     return LoadedModel(model, "preset", untrained=True, seed=request.seed)
 
 

@@ -213,3 +213,27 @@ def test_a_file_that_is_not_utf8_exits_2_with_one_line(name: str, args: list[str
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert name in lines[0] or "UTF-8" in lines[0]
+
+
+BAD_CONFIG_OPTIONS = {
+    "no value": ("region_appearance", "not key=value"),
+    "unknown field": ("region_apearance=true", "unknown config options"),
+    "switch given text": ("region_appearance=yes", "true or false"),
+}
+
+
+@pytest.mark.parametrize("command", ["train", "pipeline"])
+@pytest.mark.parametrize("case", sorted(BAD_CONFIG_OPTIONS))
+def test_a_bad_config_option_exits_2_with_one_line_before_training(
+    command: str, case: str, tmp_path: Path
+) -> None:
+    option, fragment = BAD_CONFIG_OPTIONS[case]
+    where = ["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--option", option]
+    args = (
+        ["train", "--stage", "1", "--model", "tiny", *where] if command == "train" else ["pipeline", *where]
+    )
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0].lower(), lines
+    assert not (tmp_path / "out").exists()

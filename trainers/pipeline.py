@@ -89,15 +89,22 @@ def run_and_score(run: StageRun, test_data: str, threads: int | None) -> dict:
 
 
 def check_reusable(folder: Path, record: dict, run: StageRun) -> None:
-    """Refuse a finished stage (its `stage.json` `record`) trained with another seed or schedule: two
-    pipelines given one --out would otherwise report the first one's stages as the second's."""
+    """Refuse a finished stage (its `stage.json` `record`) trained with another seed, schedule or config
+    options: two pipelines given one --out would otherwise report the first one's stages as the second's."""
     trained = record.get("run", {})
-    wanted = {"seed": run.seed, "schedule": run.schedule}
-    found = {key: trained.get(key, value) for key, value in wanted.items()}
+    wanted = {"seed": run.seed, "schedule": run.schedule, "config_options": run.config_options}
+    found = {"seed": trained.get("seed", run.seed), "schedule": trained.get("schedule", run.schedule)}
+    found["config_options"] = trained.get("config_options")  # a record from before the field: none
     if found != wanted:
+
+        def says(values: dict) -> str:
+            options = values["config_options"]
+            extra = f" with config options {options}" if options else " without config options"
+            return f"seed {values['seed']} and schedule {values['schedule']!r}{extra}"
+
         raise InvalidInputError(
-            f"{folder} holds a stage trained with seed {found['seed']} and schedule {found['schedule']!r}; "
-            f"this pipeline runs seed {run.seed} and schedule {run.schedule!r}: choose another --out"
+            f"{folder} holds a stage trained with {says(found)}; this pipeline runs {says(wanted)}: "
+            "choose another --out"
         )
 
 
@@ -118,11 +125,14 @@ def run_pipeline(
     parallel: bool = True,
     progress: bool = True,
     joint: bool = True,
+    config_options: dict | None = None,
 ) -> dict:
     """Run I -> IV and (`joint`) the joint baseline into `out`; returns the report (also written to disk).
 
     Without the joint baseline the pipeline costs about half the CPU time; the report then has no
-    joint-training row and compares the MoE with the experts only."""
+    joint-training row and compares the MoE with the experts only. `config_options` change the preset's
+    config fields (`build_config`); stage I builds the model with them and every later stage inherits
+    them through its folder."""
     began = time.perf_counter()
     load_at_start = os.getloadavg()
     out.mkdir(parents=True, exist_ok=True)
@@ -141,7 +151,8 @@ def run_pipeline(
             progress=progress,
         )
 
-    records = {"1": run_and_score(stage_run("1", preset), str(data), threads)}
+    first = replace(stage_run("1", preset), config_options=config_options or None)
+    records = {"1": run_and_score(first, str(data), threads)}
     joint_steps = sum(planned_steps(stage, schedule, train) for stage in ("2", "3", "4"))
     baseline = replace(stage_run("joint", str(out / FOLDERS["1"])), steps=joint_steps, progress=False)
     pool = None
@@ -168,6 +179,7 @@ def run_pipeline(
         joint=joint,
         cpus=os.cpu_count(),
         seed=seed,
+        config_options=config_options or {},
         # Other jobs on the machine slow the pipeline: the 1/5/15-minute load averages, start and end.
         load_average={"start": load_at_start, "end": os.getloadavg()},
     )

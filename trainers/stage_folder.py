@@ -22,6 +22,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -64,10 +65,11 @@ class StageModel:
         return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
 
 
-def load_source(location: str, seed: int = 0) -> StageStart:
-    """The trunk and adapters a stage starts from: a preset (seeded random init), a stage folder's trunk
-    and adapters, or any other form `medplib.loading` recognises but a composed model."""
-    loaded = load_model(location, seed=seed, active_adapter=False)
+def load_source(location: str, seed: int = 0, options: dict[str, Any] | None = None) -> StageStart:
+    """The trunk and adapters a stage starts from: a preset (seeded random init, its config changed by
+    `options`), a stage folder's trunk and adapters, or any other form `medplib.loading` recognises but
+    a composed model."""
+    loaded = load_model(location, seed=seed, active_adapter=False, options=options)
     record = loaded.record
     if loaded.moe is not None or record.get("active") == "moe":
         raise InvalidInputError(f"{location} holds a composed model (stage IV); no stage starts from one")

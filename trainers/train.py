@@ -54,6 +54,7 @@ class StageRun:
     frozen: tuple[str, ...] = ()
     head_anchor: float | None = None  # stage IV: the head anchor's weight (None: the recipe's)
     head_refit: bool | None = None  # stage IV: False skips the recipe's head refit (None: the recipe's)
+    config_options: dict | None = None  # a stage that starts from a preset: its config fields changed
 
     def spec(self) -> StageSpec:
         spec = stage_spec(self.stage, self.schedule, self.expert)
@@ -158,7 +159,7 @@ def run_stage(
     spec = run.spec()
     store = ExampleStore.open(Path(run.data), split="train")
     examples = stage_examples(spec, store.examples())
-    source = load_source(run.model, seed=run.seed)
+    source = load_source(run.model, seed=run.seed, options=run.config_options)
     source.model.to(device or device_for(rank))
     prepared = prepare(spec, source, seed=run.seed, experts=run.experts)
     experts = prepared.moe.experts if prepared.moe is not None else [spec.expert] if spec.expert else []

@@ -172,6 +172,9 @@ class MedPLIBConfig(PreTrainedConfig):
             raise ValueError(f"unknown compat profile {self.compat!r}; only 'medplib' exists")
         if self.region_max_cells < 1:
             raise ValueError(f"region_max_cells must be at least 1, got {self.region_max_cells}")
+        rms = self.word_embedding_rms
+        if rms is not None and (isinstance(rms, bool) or not isinstance(rms, int | float) or rms <= 0):
+            raise ValueError(f"word_embedding_rms must be a positive number or None, got {rms!r}")
         if self.region_appearance and self.compat is not None:
             raise ValueError(
                 "region_appearance is medplib's own region encoding; "

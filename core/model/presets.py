@@ -134,6 +134,16 @@ def preset_tokenizer(preset: str) -> PreTrainedTokenizerFast | None:
     return tiny_tokenizer() if _spec(preset)["tokenizer"] == "trained" else None
 
 
+def check_options(options: dict[str, Any]) -> None:
+    """Refuse config options that name no field of `MedPLIBConfig` or give a switch a non-boolean."""
+    unknown = sorted(name for name in options if not hasattr(MedPLIBConfig, name))
+    if unknown:
+        raise InvalidInputError(f"unknown config options {unknown}")
+    for name, value in options.items():
+        if isinstance(getattr(MedPLIBConfig, name), bool) and not isinstance(value, bool):
+            raise InvalidInputError(f"config option {name} is true or false, got {value!r}")
+
+
 def build_config(
     preset: str, tokenizer: PreTrainedTokenizerFast | None = None, options: dict[str, Any] | None = None
 ) -> MedPLIBConfig:
@@ -144,9 +154,7 @@ def build_config(
     """
     spec = _spec(preset)
     options = options or {}
-    unknown = sorted(name for name in options if not hasattr(MedPLIBConfig, name))
-    if unknown:
-        raise InvalidInputError(f"unknown config options {unknown} for preset {preset!r}")
+    check_options(options)
     tokenizer = tokenizer if tokenizer is not None else preset_tokenizer(preset)
     if tokenizer is not None:
         ids, vocab_size = add_control_tokens(tokenizer), len(tokenizer)
@@ -159,13 +167,16 @@ def build_config(
         ids, vocab_size = _llava_token_ids()
         special = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": LLAVA_VOCAB_SIZE + 1}
     text_config = {**spec["text_config"], "vocab_size": vocab_size, **special}
-    return MedPLIBConfig(
-        vision_config=dict(spec["vision_config"]),
-        text_config=text_config,
-        sam_config=dict(spec["sam_config"]),
-        **{**spec.get("config", {}), **options},
-        **ids,
-    )
+    try:
+        return MedPLIBConfig(
+            vision_config=dict(spec["vision_config"]),
+            text_config=text_config,
+            sam_config=dict(spec["sam_config"]),
+            **{**spec.get("config", {}), **options},
+            **ids,
+        )
+    except ValueError as exc:  # a config check refused an option's value
+        raise InvalidInputError(f"config options for preset {preset!r}: {exc}") from None
 
 
 def build_medplib(

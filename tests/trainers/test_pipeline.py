@@ -130,3 +130,16 @@ def test_the_pipeline_reuses_a_finished_stage_of_its_own_seed_only(chain: Path, 
         run_and_score(StageRun(**{**run.__dict__, "seed": 1}), str(chain), threads=None)
     with pytest.raises(InvalidInputError, match=r"schedule 'tiny'.* schedule 'paper'"):
         run_and_score(StageRun(**{**run.__dict__, "schedule": "paper"}), str(chain), threads=None)
+    options = {"region_appearance": True}
+    with pytest.raises(InvalidInputError, match=r"without config options; .* \{'region_appearance': True\}"):
+        run_and_score(StageRun(**{**run.__dict__, "config_options": options}), str(chain), threads=None)
+
+
+def test_config_options_build_the_preset_and_are_refused_for_a_folder(chain: Path) -> None:
+    options = {"region_appearance": True, "word_embedding_rms": 1.0}
+    source = load_source("tiny", options=options)
+    assert source.model.config.region_appearance and source.model.region_encoder.appearance is not None
+    rms = source.model.get_input_embeddings().weight.pow(2).mean().sqrt()
+    assert torch.isclose(rms, torch.tensor(1.0))
+    with pytest.raises(InvalidInputError, match="apply to a preset built from scratch"):
+        load_source(str(chain / "2"), options=options)
