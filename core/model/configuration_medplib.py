@@ -109,6 +109,9 @@ class MedPLIBConfig(PreTrainedConfig):
     # Word vectors the input embeddings of the tokenizer's word pieces start from when a preset is built
     # from scratch (`word_vectors.WORD_VECTORS`); read only by `build_medplib`. None: random rows.
     word_vectors: str | None = None
+    # The word vectors' share of each such row's squared norm, the rest the row's random init
+    # (`init_from_word_vectors`): below 1, antonyms that GloVe puts together start apart.
+    word_vector_share: float = 1.0
     # The input embedding's rows start at this root mean square per channel when a preset is built
     # from scratch (after `word_vectors`); read only by `build_medplib`. None: the LLM's own init
     # (N(0, 0.02): row RMS 0.02, while `visual_token_norm` puts image and region tokens at about 1).

@@ -198,7 +198,8 @@ def build_medplib(
     with torch.device(device or "cpu"):
         model = MedPLIBForCausalLM(config)
     if config.word_vectors is not None and str(device) != "meta":
-        init_from_word_vectors(model.get_input_embeddings(), tokenizer, config.word_vectors)
+        embedding = model.get_input_embeddings()
+        init_from_word_vectors(embedding, tokenizer, config.word_vectors, config.word_vector_share)
     if config.word_embedding_rms is not None and str(device) != "meta":
         weight = model.get_input_embeddings().weight
         with torch.no_grad():
