@@ -112,10 +112,6 @@ class MedPLIBConfig(PreTrainedConfig):
     # The word vectors' share of each such row's squared norm, the rest the row's random init
     # (`init_from_word_vectors`): below 1, antonyms that GloVe puts together start apart.
     word_vector_share: float = 1.0
-    # The input embedding's rows start at this root mean square per channel when a preset is built
-    # from scratch (after `word_vectors`); read only by `build_medplib`. None: the LLM's own init
-    # (N(0, 0.02): row RMS 0.02, while `visual_token_norm` puts image and region tokens at about 1).
-    word_embedding_rms: float | None = None
     # The `<SEG>` prompt also modulates SAM's dense prompt (`grounding.DensePromptFiLM`). A SAM trained
     # from scratch has no absolute position in its mask features and learns to ignore a sparse prompt;
     # the tiny and small presets need it to tell left from right. Off for SAM checkpoints.
@@ -175,9 +171,6 @@ class MedPLIBConfig(PreTrainedConfig):
             raise ValueError(f"unknown compat profile {self.compat!r}; only 'medplib' exists")
         if self.region_max_cells < 1:
             raise ValueError(f"region_max_cells must be at least 1, got {self.region_max_cells}")
-        rms = self.word_embedding_rms
-        if rms is not None and (isinstance(rms, bool) or not isinstance(rms, int | float) or rms <= 0):
-            raise ValueError(f"word_embedding_rms must be a positive number or None, got {rms!r}")
         if self.region_appearance and self.compat is not None:
             raise ValueError(
                 "region_appearance is medplib's own region encoding; "

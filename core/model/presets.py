@@ -200,9 +200,5 @@ def build_medplib(
     if config.word_vectors is not None and str(device) != "meta":
         embedding = model.get_input_embeddings()
         init_from_word_vectors(embedding, tokenizer, config.word_vectors, config.word_vector_share)
-    if config.word_embedding_rms is not None and str(device) != "meta":
-        weight = model.get_input_embeddings().weight
-        with torch.no_grad():
-            weight.mul_(config.word_embedding_rms / weight.pow(2).mean().sqrt())
     model.tokenizer = tokenizer
     return model

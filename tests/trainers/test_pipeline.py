@@ -136,10 +136,9 @@ def test_the_pipeline_reuses_a_finished_stage_of_its_own_seed_only(chain: Path, 
 
 
 def test_config_options_build_the_preset_and_are_refused_for_a_folder(chain: Path) -> None:
-    options = {"region_appearance": True, "word_embedding_rms": 1.0}
+    options = {"region_appearance": True, "region_location_norm": True}
     source = load_source("tiny", options=options)
     assert source.model.config.region_appearance and source.model.region_encoder.appearance is not None
-    rms = source.model.get_input_embeddings().weight.pow(2).mean().sqrt()
-    assert torch.isclose(rms, torch.tensor(1.0))
+    assert len(source.model.region_encoder.part_norms) == 3  # content, place and appearance
     with pytest.raises(InvalidInputError, match="apply to a preset built from scratch"):
         load_source(str(chain / "2"), options=options)

@@ -36,6 +36,25 @@ def test_words_that_mean_alike_start_alike(worded: MedPLIBForCausalLM) -> None:
     assert rows[sorted(ids)].norm(dim=1).mean() == pytest.approx(rows.norm(dim=1).mean().item(), rel=0.1)
 
 
+def test_a_share_below_one_starts_antonyms_apart_and_keeps_synonyms_closer(worded) -> None:
+    torch.manual_seed(0)
+    mixed = build_medplib("tiny", options={"word_vectors": "glove-6b-50d", "word_vector_share": 0.5})
+
+    def cosine(model: MedPLIBForCausalLM, a: str, b: str) -> float:
+        return torch.cosine_similarity(_row(model, a), _row(model, b), dim=0).item()
+
+    assert cosine(worded, "Ġlarger", "Ġsmaller") > 0.9 and cosine(worded, "Ġleft", "Ġright") > 0.7
+    assert cosine(mixed, "Ġlarger", "Ġsmaller") < 0.55 and cosine(mixed, "Ġleft", "Ġright") < 0.5
+    assert cosine(mixed, "Ġimage", "Ġpicture") > 0.3 > 0.15 > abs(cosine(mixed, "Ġimage", "Ġhemisphere"))
+    # Each word row keeps about the norm its word vector gave it (up to the two parts' chance overlap).
+    ids = word_vector_rows(mixed.tokenizer)[0]
+    norms = [model.get_input_embeddings().weight[ids].detach().norm(dim=1) for model in (worded, mixed)]
+    assert torch.allclose(norms[0], norms[1], rtol=0.25)
+    assert norms[1].mean() == pytest.approx(norms[0].mean().item(), rel=0.02)
+    with pytest.raises(InvalidInputError, match="share"):
+        init_from_word_vectors(mixed.get_input_embeddings(), mixed.tokenizer, "glove-6b-50d", share=0.0)
+
+
 def test_pieces_name_words_without_their_leading_space(worded: MedPLIBForCausalLM) -> None:
     assert piece_word("Ġpicture") == "picture" and piece_word("Would") == "would"
     ids, vectors = word_vector_rows(worded.tokenizer)
