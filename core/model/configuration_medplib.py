@@ -171,6 +171,8 @@ class MedPLIBConfig(PreTrainedConfig):
             raise ValueError(f"unknown compat profile {self.compat!r}; only 'medplib' exists")
         if self.region_max_cells < 1:
             raise ValueError(f"region_max_cells must be at least 1, got {self.region_max_cells}")
+        if not 0 < self.word_vector_share <= 1:
+            raise ValueError(f"word_vector_share must be in (0, 1], got {self.word_vector_share}")
         if self.region_appearance and self.compat is not None:
             raise ValueError(
                 "region_appearance is medplib's own region encoding; "

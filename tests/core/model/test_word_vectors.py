@@ -53,6 +53,8 @@ def test_a_share_below_one_starts_antonyms_apart_and_keeps_synonyms_closer(worde
     assert norms[1].mean() == pytest.approx(norms[0].mean().item(), rel=0.02)
     with pytest.raises(InvalidInputError, match="share"):
         init_from_word_vectors(mixed.get_input_embeddings(), mixed.tokenizer, "glove-6b-50d", share=0.0)
+    with pytest.raises(InvalidInputError, match="word_vector_share must be in"):
+        build_config("tiny", options={"word_vector_share": 1.5})
 
 
 def test_pieces_name_words_without_their_leading_space(worded: MedPLIBForCausalLM) -> None:
