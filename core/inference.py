@@ -104,12 +104,10 @@ class CachedGenerator:
         )
         row_features = row_pixels = None
         if with_regions:  # the region encoder reads the features of the rows that mark regions
-            filler = torch.zeros_like(next(iter(features.values())))
-            row_features = torch.stack([features[d] if d in with_regions else filler for d in digests])
+            row_features = _region_rows({d: features[d] for d in with_regions}, digests)
             if self.model.config.region_appearance:  # and their pixels
                 pixels = {d: self.processor.clip_pixels(images[d]) for d in with_regions}
-                blank = torch.zeros_like(next(iter(pixels.values())))
-                row_pixels = torch.stack([pixels.get(d, blank) for d in digests]).to(self.model.device)
+                row_pixels = _region_rows(pixels, digests).to(self.model.device)
         device = self.model.device
         inputs = {
             "input_ids": input_ids.to(device),
@@ -318,3 +316,9 @@ class CachedGenerator:
         start = time.perf_counter()
         yield
         ms[name] += 1000 * elapsed(start, self.model.device)
+
+
+def _region_rows(values: dict[str, torch.Tensor], digests: list[str]) -> torch.Tensor:
+    """One row per request: its image's value if it marks regions, else zeros its slots never read."""
+    filler = torch.zeros_like(next(iter(values.values())))
+    return torch.stack([values.get(digest, filler) for digest in digests])
