@@ -49,6 +49,9 @@ def train(
     head_anchor: float | None = typer.Option(
         None, "--head-anchor", help="stage 4: weight keeping plugin heads' input states (0: off; default 5)"
     ),
+    restarts: int | None = typer.Option(
+        None, "--restarts", help="starts probed before one is kept (1: off; default: stage 3 probes 3)"
+    ),
     config_option: list[str] = typer.Option(
         [],
         "--option",
@@ -79,6 +82,7 @@ def train(
         experts=tuple(name.strip() for name in experts.split(",") if name.strip()) if experts else None,
         head_anchor=head_anchor,
         config_options=config_options(config_option),
+        restarts={"candidates": restarts} if restarts is not None else None,
     )
     run.spec()  # an unknown stage, schedule, expert or router option fails here, before any data is read
     record = launch(run, workers, max_failures)

@@ -80,6 +80,10 @@ class LoopOptions:
     rank: int = 0
     world: int = 1
     session: Session | None = None  # Ray Train: checkpoints go to it and resume from it
+    # Stop after this many steps of the schedule, with a checkpoint there (`restarts.py`'s probes).
+    stop_after: int | None = None
+    # A checkpoint to begin from when neither the session nor `resume` gives one (a kept probe's).
+    start_from: Path | None = None
 
 
 @dataclass
@@ -87,6 +91,7 @@ class LoopResult:
     steps: int
     started_at: int = 0  # the step this run began from: > 0 when it resumed from a checkpoint
     losses: list[float] = field(default_factory=list)  # per step, this run's (resumed runs: from there)
+    records: list[dict] = field(default_factory=list)  # per step, the metrics log's record
     seconds: float = 0.0
     head_refit: dict | None = None  # stage IV: per refitted head, its samples and loss before / after
 
@@ -97,6 +102,12 @@ def schedule_lengths(spec: StageSpec, num_examples: int, world: int) -> tuple[in
     per_epoch = math.ceil(num_examples / global_batch)
     warmup = max(1, round(spec.optim.warmup_fraction * per_epoch))
     return global_batch, per_epoch, warmup
+
+
+def total_steps(spec: StageSpec, num_examples: int, world: int, steps: int | None) -> int:
+    """The optimizer steps of a stage's schedule: `steps` if given, else its epochs'."""
+    _, per_epoch, _ = schedule_lengths(spec, num_examples, world)
+    return steps or max(1, round(spec.optim.epochs * per_epoch))
 
 
 def step_samples(
@@ -263,7 +274,8 @@ def train(
         groups, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps
     )
     global_batch, per_epoch, warmup = schedule_lengths(spec, len(examples), options.world)
-    total = options.steps or max(1, round(opt.epochs * per_epoch))
+    total = total_steps(spec, len(examples), options.world, options.steps)
+    stop = min(total, options.stop_after or total)
     # From 0 up to the peak over `warmup` steps, then down to 0 at `total`; its state resumes exactly.
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
     broadcast_trained(parameters, options.world)  # every worker builds the same model; this makes sure
@@ -275,6 +287,7 @@ def train(
         if options.session is not None
         else contextlib.nullcontext(latest_checkpoint(checkpoints) if options.resume else None)
     ) as found:
+        found = found or options.start_from
         if found is not None:
             start = load_checkpoint(found, named, optimizer, scheduler, options.rank).step
     log = MetricsLog(options.out / LOG_FILE, options.rank == 0, start)
@@ -295,7 +308,7 @@ def train(
     began = time.perf_counter()
     bar = _progress(total, start, options.progress and options.rank == 0, spec.title)
     with bar:
-        for step in range(start, total):
+        for step in range(start, stop):
             tick = time.perf_counter()
             chosen = step_samples(
                 step, len(examples), global_batch, per_epoch, options.seed, pair_keys, preferred
@@ -340,10 +353,12 @@ def train(
                 record["routing"] = {"experts": shares["experts"], "layers": layers}
             log.write(record)
             result.losses.append(record["loss"])
+            result.records.append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
             done = step + 1
-            due = bool(options.checkpoint_every) and done % options.checkpoint_every == 0 and done < total
+            every = bool(options.checkpoint_every) and done % options.checkpoint_every == 0
+            due = (every or done == stop) and done < total
             epoch, offset = divmod(done, per_epoch)
             position = Position(step=done, epoch=epoch, index=offset * global_batch) if due else None
             if options.session is not None:
@@ -353,7 +368,7 @@ def train(
                     checkpoints, position, named, optimizer, scheduler,
                     options.rank, options.world, options.keep_checkpoints,
                 )  # fmt: skip
-    if prepared.moe is not None and spec.head_refit is not None:
+    if prepared.moe is not None and spec.head_refit is not None and stop == total:
         result.head_refit = refit_heads(
             model, prepared.moe, examples, collator, prepared.refit_targets or {}, spec.head_refit
         )

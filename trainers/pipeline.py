@@ -37,7 +37,7 @@ from medplib.trainers.eval.pipeline_report import (
     format_table,
 )
 from medplib.trainers.eval.scoring import evaluate, trivial_baselines
-from medplib.trainers.loop import schedule_lengths
+from medplib.trainers.loop import total_steps
 from medplib.trainers.stages import stage_spec
 from medplib.trainers.train import StageRun, run_stage, stage_examples
 
@@ -65,8 +65,7 @@ def evaluate_stage(folder: Path, data: Path) -> dict:
 def planned_steps(stage: str, schedule: str, train: list[Example]) -> int:
     """The optimizer steps a stage takes by its schedule on this training split (one worker)."""
     spec = stage_spec(stage, schedule)
-    _, per_epoch, _ = schedule_lengths(spec, len(stage_examples(spec, train)), world=1)
-    return max(1, round(spec.optim.epochs * per_epoch))
+    return total_steps(spec, len(stage_examples(spec, train)), world=1, steps=None)
 
 
 def run_and_score(run: StageRun, test_data: str, threads: int | None) -> dict:

@@ -32,6 +32,7 @@ from medplib.core.plugins import require_experts
 from medplib.router.config import RouterConfig
 from medplib.trainers.head_refit import HeadRefit
 from medplib.trainers.prompt_contrast import PromptContrast
+from medplib.trainers.restarts import Restarts
 from medplib.trainers.router_fit import RouterFit
 
 PARAMETER_GROUPS: dict[str, str] = {
@@ -124,6 +125,8 @@ class StageSpec(BaseModel):
     same_image_pairs: bool = False
     contrast: PairContrast | None = None  # needs `same_image_pairs` to find its pairs
     prompt_contrast: PromptContrast | None = None  # on the `<SEG>` prompts, by structure
+    # Probe a few starts (seeds) for a few steps and keep one whose signal has fallen (`restarts.py`).
+    restarts: Restarts | None = None
     # The `<SEG>` state reads the request's token states (`MedPLIBConfig.seg_read_request`): a model
     # without the reader gets a fresh one before training (`stage_folder.prepare`).
     seg_read_request: bool = False
@@ -304,6 +307,11 @@ TINY_NOTES = (
     "structures of one image, with a contrast loss on left/right pairs (weight 3, margin 0.3; not in "
     "the paper, whose decoder arrives pretrained to follow prompts). Without them the decoder returned "
     "one mask per image by step 8 and both hemispheres scored the whole brain's Dice.",
+    "Stage III probes its starts (`restarts`, not in the paper): from a given stage II trunk, one stage "
+    "III seed in three or four kept one mask per image for left and right (the pair contrast at its "
+    "margin for all 384 steps) while another seed from the same trunk grounded. Each start runs 50 "
+    "steps; the first whose contrast has fallen below half the margin continues, so a start that "
+    "learns costs nothing extra.",
     "The same grounding stages give the <SEG> head a request reader (`seg_read_request`): the "
     "<SEG>-predicting state attends over the request's own last-layer token states before the head. "
     "On the pipeline seeds' stage II the state that predicts <SEG> is the same for 'left' and 'right' "
@@ -347,6 +355,8 @@ def stage_spec(stage: str, schedule: str = "tiny", expert: str | None = None) ->
         return spec
     if spec.tasks.accepts("grounding"):
         spec = spec.model_copy(update=TINY_GROUNDING)
+    if stage == "3":
+        spec = spec.model_copy(update={"restarts": Restarts()})
     if stage == "4":
         return spec.model_copy(update=TINY_STAGE_IV)
     return spec

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -24,8 +25,9 @@ from medplib.trainers.checkpoint import Session
 from medplib.trainers.collate import Collator, Example, ExampleStore, caption_examples
 from medplib.trainers.expert_training import plugin_examples
 from medplib.trainers.head_refit import HeadRefit
-from medplib.trainers.loop import LoopOptions, train
-from medplib.trainers.stage_folder import StageModel, load_source, prepare, save_stage
+from medplib.trainers.loop import LoopOptions, total_steps, train
+from medplib.trainers.restarts import Restarts, Start, choose_start
+from medplib.trainers.stage_folder import StageModel, StageStart, load_source, prepare, save_stage
 from medplib.trainers.stages import StageSpec, stage_spec
 
 
@@ -55,6 +57,7 @@ class StageRun:
     head_anchor: float | None = None  # stage IV: the head anchor's weight (None: the recipe's)
     head_refit: bool | None = None  # stage IV: False skips the recipe's head refit (None: the recipe's)
     config_options: dict | None = None  # a stage that starts from a preset: its config fields changed
+    restarts: dict | None = None  # `restarts.Restarts` fields to change, e.g. {"candidates": 1}: off
 
     def spec(self) -> StageSpec:
         spec = stage_spec(self.stage, self.schedule, self.expert)
@@ -86,6 +89,12 @@ class StageRun:
                 spec = spec.model_copy(update={"head_refit": HeadRefit()})
             elif not self.head_refit:
                 spec = spec.model_copy(update={"head_refit": None})
+        if self.restarts:
+            try:
+                restarts = Restarts.model_validate((spec.restarts or Restarts()).model_dump() | self.restarts)
+            except ValidationError as exc:
+                raise InvalidInputError(f"restart options: {validation_message(exc)}") from None
+            spec = spec.model_copy(update={"restarts": restarts})
         if self.frozen:
             unknown = sorted(set(self.frozen) - set(spec.trains))
             if unknown:
@@ -157,30 +166,29 @@ def run_stage(
     checkpoints and says where a restarted worker group continues from."""
     out = Path(run.out)
     spec = run.spec()
-    store = ExampleStore.open(Path(run.data), split="train")
-    examples = stage_examples(spec, store.examples())
-    source = load_source(run.model, seed=run.seed, options=run.config_options)
-    source.model.to(device or device_for(rank))
-    prepared = prepare(spec, source, seed=run.seed, experts=run.experts)
-    experts = prepared.moe.experts if prepared.moe is not None else [spec.expert] if spec.expert else []
-    # The experts' own datasets, registered by their plugins (`medplib_register_datasets`).
-    examples += plugin_examples([e for e in experts if e.name != "joint"], Path(run.data))
-    require_examples(examples, run, spec)
+    device = device or device_for(rank)
+    began = time.perf_counter()
+    start = None
+    if spec.restarts is not None and spec.restarts.candidates > 1:
+        start = probe_starts(run, spec, rank, world, device)
+    seed = start.seed if start is not None else run.seed
+    source, prepared, examples = set_up(run, spec, seed, device)
+    experts = _composed(prepared, spec)
     if prepared.moe is not None and rank == 0 and run.progress:
         print(f"stage {spec.key} composes: {', '.join(e.name for e in experts)}", file=sys.stderr)
     processor = MedPLIBProcessor(prepared.model.config, prepared.model.tokenizer)
     options = LoopOptions(
         out=out,
-        seed=run.seed,
+        seed=seed,
         steps=run.steps,
         checkpoint_every=run.checkpoint_every,
-        resume=run.resume,
+        resume=run.resume or start is not None,
         progress=run.progress,
         rank=rank,
         world=world,
         session=session,
+        start_from=start.checkpoint if start is not None else None,
     )
-    began = time.perf_counter()
     result = train(prepared, examples, spec, Collator(processor), options)
     record = {
         "run": asdict(run),
@@ -194,6 +202,7 @@ def run_stage(
         "spec": spec.model_dump(mode="json"),
         "experts": [e.name for e in experts] if prepared.moe is not None else None,
         "head_refit": result.head_refit,
+        "start": start.record() if start is not None else None,  # restarts: the starts probed, the kept
     }
     if rank == 0:
         save_stage(out, spec, prepared, source, record)
@@ -205,3 +214,54 @@ def run_stage(
         summary = {"rank": rank, "weights": digest.hexdigest(), "losses": result.losses}
         (out / f"worker-{rank}.json").write_text(json.dumps(summary))
     return StageOutcome(record, prepared, result.losses)
+
+
+def _composed(prepared: StageModel, spec: StageSpec) -> list:
+    return prepared.moe.experts if prepared.moe is not None else [spec.expert] if spec.expert else []
+
+
+def set_up(
+    run: StageRun, spec: StageSpec, seed: int, device: torch.device
+) -> tuple[StageStart, StageModel, list[Example]]:
+    """The stage's source, its model set up as the stage trains it, and its training examples (the
+    experts' plugin datasets included), all from `seed`."""
+    examples = stage_examples(spec, ExampleStore.open(Path(run.data), split="train").examples())
+    source = load_source(run.model, seed=seed, options=run.config_options)
+    source.model.to(device)
+    prepared = prepare(spec, source, seed=seed, experts=run.experts)
+    # The experts' own datasets, registered by their plugins (`medplib_register_datasets`).
+    examples += plugin_examples([e for e in _composed(prepared, spec) if e.name != "joint"], Path(run.data))
+    require_examples(examples, run, spec)
+    return source, prepared, examples
+
+
+def probe_starts(run: StageRun, spec: StageSpec, rank: int, world: int, device: torch.device) -> Start | None:
+    """`restarts.choose_start` for this stage: each probe is the stage itself from another seed,
+    stopped after `probe_steps` (no start is probed when the schedule is no longer than that)."""
+    restarts = spec.restarts
+    examples = stage_examples(spec, ExampleStore.open(Path(run.data), split="train").examples())
+    if total_steps(spec, len(examples), world, run.steps) <= restarts.probe_steps:
+        return None
+
+    def run_probe(seed: int, folder: Path) -> list[dict]:
+        if rank == 0:  # a probe killed earlier starts again: its records decide, so all must be its own
+            shutil.rmtree(folder, ignore_errors=True)
+        _, prepared, chosen = set_up(run, spec, seed, device)
+        processor = MedPLIBProcessor(prepared.model.config, prepared.model.tokenizer)
+        options = LoopOptions(
+            out=folder,
+            seed=seed,
+            steps=run.steps,
+            progress=run.progress,
+            rank=rank,
+            world=world,
+            stop_after=restarts.probe_steps,
+        )
+        return train(prepared, chosen, spec, Collator(processor), options).records
+
+    start = choose_start(Path(run.out), restarts, run.seed, run_probe, rank=rank)
+    if rank == 0 and run.progress:
+        tried = ", ".join(f"seed {p.seed}: {p.signal}" for p in start.probes)
+        shown = f"restarts ({restarts.signal} at the end of each probe): {tried}; kept seed {start.seed}"
+        print(shown, file=sys.stderr)
+    return start
