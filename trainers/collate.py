@@ -47,6 +47,7 @@ class Example:
     answer_type: str | None = None
     kind: str | None = None  # the question kind, e.g. modality, describe, region_name, segment
     modality: str | None = None
+    plane: str | None = None  # axial, coronal or sagittal for a brain slice
     structure: str | None = None
     reference: str = ""  # the last answer as the model should say it (`<SEG>` kept, mask paths dropped)
     held_out_wording: bool = False  # asked with a wording the training split never uses
@@ -137,6 +138,7 @@ class ExampleStore:
             answer_type=sample.answer_type,
             kind=sample.question_kind,
             modality=sample.modality,
+            plane=sample.plane,
             structure=sample.structure,
             reference=strip_references(sample.conversations[-1].value),
             held_out_wording=is_held_out(sample.template),

@@ -37,7 +37,7 @@ class Restarts(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     candidates: int = Field(3, ge=1)  # starts tried at most; 1 turns restarts off
-    probe_steps: int = Field(50, ge=1)  # steps of the stage's schedule each start runs before it is judged
+    probe_steps: int = Field(100, ge=1)  # steps of the stage's schedule each start runs before it is judged
     signal: str = "contrast"  # the metrics log's loss part that must have fallen
     window: int = Field(10, ge=1)  # the probe's last steps the signal is averaged over
     keep_below: float = 0.15  # half the pair contrast's margin: the masks have left it

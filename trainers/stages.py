@@ -125,6 +125,9 @@ class StageSpec(BaseModel):
     same_image_pairs: bool = False
     contrast: PairContrast | None = None  # needs `same_image_pairs` to find its pairs
     prompt_contrast: PromptContrast | None = None  # on the `<SEG>` prompts, by structure
+    # Each step mirrors each axial or coronal image of its batch with this probability, "left" and
+    # "right" swapped in its text (`mirror.py`).
+    mirror: float = Field(0.0, ge=0, le=1)
     # Probe a few starts (seeds) for a few steps and keep one whose signal has fallen (`restarts.py`).
     restarts: Restarts | None = None
     # The `<SEG>` state reads the request's token states (`MedPLIBConfig.seg_read_request`): a model
@@ -273,6 +276,8 @@ TINY_STAGE_IV = {
     "router_fit": RouterFit(prefix_expert="vision_language"),
     "head_refit": HeadRefit(),
 }
+# The stages that ask which hemisphere holds a region see half their brain slices mirrored.
+TINY_MIRROR = 0.5
 # The stages that train the grounding head pair requests on one image and contrast left with right.
 TINY_GROUNDING = {
     "same_image_pairs": True,
@@ -357,6 +362,8 @@ def stage_spec(stage: str, schedule: str = "tiny", expert: str | None = None) ->
         spec = spec.model_copy(update=TINY_GROUNDING)
     if stage == "3":
         spec = spec.model_copy(update={"restarts": Restarts()})
+    if spec.tasks.accepts("region_vqa"):
+        spec = spec.model_copy(update={"mirror": TINY_MIRROR})
     if stage == "4":
         return spec.model_copy(update=TINY_STAGE_IV)
     return spec
