@@ -38,8 +38,10 @@ class Restarts(BaseModel):
 
     candidates: int = Field(3, ge=1)  # starts tried at most; 1 turns restarts off
     probe_steps: int = Field(100, ge=1)  # steps of the stage's schedule each start runs before it is judged
-    signal: str = "contrast"  # the metrics log's loss part that must have fallen
-    window: int = Field(10, ge=1)  # the probe's last steps the signal is averaged over
+    # The metrics log's loss parts that must all have fallen: the trained left/right contrast and the
+    # grey/white one, which is only measured.
+    signals: tuple[str, ...] = Field(("contrast", "contrast_watched"), min_length=1)
+    window: int = Field(20, ge=1)  # the probe's last steps each signal is averaged over
     keep_below: float = 0.15  # half the pair contrast's margin: the masks have left it
 
 
@@ -67,9 +69,15 @@ def candidate_seeds(seed: int, count: int) -> list[int]:
 
 
 def probe_signal(records: Sequence[dict], restarts: Restarts) -> float | None:
-    """The mean of the signal's part over the last `window` steps of a probe's log records."""
-    values = [r[restarts.signal] for r in records[-restarts.window :] if restarts.signal in r]
-    return sum(values) / len(values) if values else None
+    """The largest of the signals, each the mean of its part over the probe's last `window` steps;
+    None when a part never appears there."""
+    means = []
+    for name in restarts.signals:
+        values = [r[name] for r in records[-restarts.window :] if name in r]
+        if not values:
+            return None
+        means.append(sum(values) / len(values))
+    return max(means)
 
 
 def passes(probe: Probe, restarts: Restarts) -> bool:

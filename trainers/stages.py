@@ -97,6 +97,9 @@ class PairContrast(BaseModel):
     weight: float = Field(3.0, ge=0)
     margin: float = Field(0.3, ge=0)
     pairs: tuple[tuple[str, str], ...] = (("left hemisphere", "right hemisphere"),)
+    # Pairs whose contrast is only measured (the log's `contrast_watched`, a restart's signal), not
+    # trained: on every pair the loss cost grey matter Dice (../shared/GROUNDING.md).
+    watched: tuple[tuple[str, str], ...] = (("grey matter", "white matter"),)
 
 
 class StageSpec(BaseModel):
@@ -314,9 +317,14 @@ TINY_NOTES = (
     "one mask per image by step 8 and both hemispheres scored the whole brain's Dice.",
     "Stage III probes its starts (`restarts`, not in the paper): from a given stage II trunk, one stage "
     "III seed in three or four kept one mask per image for left and right (the pair contrast at its "
-    "margin for all 384 steps) while another seed from the same trunk grounded. Each start runs 50 "
-    "steps; the first whose contrast has fallen below half the margin continues, so a start that "
-    "learns costs nothing extra.",
+    "margin for all 384 steps) while another seed from the same trunk grounded; on the starts that "
+    "ground the contrast leaves its margin between steps 40 and 80. Each start runs 100 steps; the "
+    "first whose contrast has fallen below half the margin continues, so a start that learns costs "
+    "nothing extra.",
+    "Stages II and IV mirror half their axial and coronal slices, 'left' and 'right' swapped in the "
+    "text (`mirror`, not in the paper): on the symmetric template only a region's place says which "
+    "hemisphere holds it, and without mirrored copies two trunks of three answered 0.66 of the training "
+    "questions about it and 4-5 of 18 test questions (below chance).",
     "The same grounding stages give the <SEG> head a request reader (`seg_read_request`): the "
     "<SEG>-predicting state attends over the request's own last-layer token states before the head. "
     "On the pipeline seeds' stage II the state that predicts <SEG> is the same for 'left' and 'right' "

@@ -262,6 +262,7 @@ def probe_starts(run: StageRun, spec: StageSpec, rank: int, world: int, device: 
     start = choose_start(Path(run.out), restarts, run.seed, run_probe, rank=rank)
     if rank == 0 and run.progress:
         tried = ", ".join(f"seed {p.seed}: {p.signal}" for p in start.probes)
-        shown = f"restarts ({restarts.signal} at the end of each probe): {tried}; kept seed {start.seed}"
+        signals = ", ".join(restarts.signals)
+        shown = f"restarts ({signals} at the end of each probe): {tried}; kept seed {start.seed}"
         print(shown, file=sys.stderr)
     return start

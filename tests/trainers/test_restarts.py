@@ -36,10 +36,17 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_the_signal_is_the_mean_of_its_part_over_the_probes_last_steps() -> None:
+def test_the_signal_is_the_largest_mean_of_its_parts_over_the_probes_last_steps() -> None:
     restarts = Restarts(window=2)
-    records = [{"contrast": 0.3}, {"loss": 1.0}, {"contrast": 0.1}, {"contrast": 0.0}]
-    assert probe_signal(records, restarts) == pytest.approx(0.05)
+    records = [
+        {"contrast": 0.3, "contrast_watched": 0.3},
+        {"loss": 1.0, "contrast_watched": 0.2},
+        {"contrast": 0.1, "contrast_watched": 0.25},
+        {"contrast": 0.0},
+    ]
+    assert probe_signal(records, restarts) == pytest.approx(0.25)  # grey/white has not split yet
+    assert probe_signal(records, Restarts(window=2, signals=("contrast",))) == pytest.approx(0.05)
+    assert probe_signal([{"contrast_watched": 0.0}, {"contrast": 0.0}], restarts) == 0.0
     assert probe_signal([{"contrast": 0.3}, {"loss": 1.0}, {"loss": 2.0}], restarts) is None
     # The lowest signal is kept; a probe whose part never appeared ranks last.
     probes = [Probe(0, None, 1.0), Probe(1000, 0.29, 1.0), Probe(2000, 0.31, 1.0)]
@@ -59,7 +66,7 @@ def test_the_tiny_recipe_probes_stage_iii_alone_and_bad_options_are_refused(tmp_
 def test_a_start_that_passes_is_kept_and_costs_nothing(built_dataset: Path, tmp_path: Path) -> None:
     """The run's own seed passes its probe: no other start is tried, and the stage ends bit for bit
     where a run without restarts ends."""
-    passing = {"probe_steps": 3, "window": 3, "signal": "loss", "keep_below": 1e9}
+    passing = {"probe_steps": 3, "window": 3, "signals": ("loss",), "keep_below": 1e9}
     probed = run_stage(stage3(built_dataset, tmp_path / "probed", restarts=passing)).record
     plain = run_stage(stage3(built_dataset, tmp_path / "plain", restarts={"candidates": 1})).record
     assert plain["start"] is None
@@ -72,7 +79,7 @@ def test_a_start_that_passes_is_kept_and_costs_nothing(built_dataset: Path, tmp_
 def test_when_no_start_passes_the_lowest_is_kept_and_continued_from_its_probe(
     built_dataset: Path, tmp_path: Path
 ) -> None:
-    failing = {"candidates": 2, "probe_steps": 3, "window": 3, "signal": "loss", "keep_below": -1.0}
+    failing = {"candidates": 2, "probe_steps": 3, "window": 3, "signals": ("loss",), "keep_below": -1.0}
     out = tmp_path / "probed"
     record = run_stage(stage3(built_dataset, out, restarts=failing)).record
     probes = record["start"]["probes"]
