@@ -44,9 +44,10 @@ def test_the_signal_is_the_largest_mean_of_its_parts_over_the_probes_last_steps(
         {"contrast": 0.1, "contrast_watched": 0.25},
         {"contrast": 0.0},
     ]
-    assert probe_signal(records, restarts) == pytest.approx(0.25)  # grey/white has not split yet
-    assert probe_signal(records, Restarts(window=2, signals=("contrast",))) == pytest.approx(0.05)
-    assert probe_signal([{"contrast_watched": 0.0}, {"contrast": 0.0}], restarts) == 0.0
+    assert probe_signal(records, restarts) == pytest.approx(0.05)
+    both = Restarts(window=2, signals=("contrast", "contrast_watched"))
+    assert probe_signal(records, both) == pytest.approx(0.25)  # grey/white has not split yet
+    assert probe_signal([{"contrast_watched": 0.0}, {"contrast": 0.0}], both) == 0.0
     assert probe_signal([{"contrast": 0.3}, {"loss": 1.0}, {"loss": 2.0}], restarts) is None
     # The lowest signal is kept; a probe whose part never appeared ranks last.
     probes = [Probe(0, None, 1.0), Probe(1000, 0.29, 1.0), Probe(2000, 0.31, 1.0)]
