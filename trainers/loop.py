@@ -55,7 +55,6 @@ from medplib.trainers.losses import (
     answer_side,
     combine_losses,
     decision_tokens,
-    log_watched_pairs,
     pair_contrast,
     routing_loss,
 )
@@ -196,9 +195,6 @@ def forward_losses(
         spec.contrast.weight if spec.contrast is not None else 0.0,
         terms,
     )
-    if spec.contrast is not None and spec.contrast.watched:
-        logits = targeted_mask_logits(out.pred_masks, targets)
-        log_watched_pairs(loss, logits, targets, batch["pair_keys"], spec)
     loss = head_losses(
         loss, model, hidden, batch, spec.loss.head, global_batch, prepared.head_anchors, spec.head_anchor
     )

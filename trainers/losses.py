@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,14 +16,8 @@ import torch.nn.functional as F
 from medplib.core.model.conversation import IGNORE_INDEX
 from medplib.core.model.losses import MASK_PARTS, dice_loss
 
-if TYPE_CHECKING:
-    from medplib.trainers.stages import StageSpec
-
 # Every part a `BatchLoss` may log, in the one order every worker sends them.
-LOSS_PARTS = (
-    "ce", *MASK_PARTS, "router", "contrast", "contrast_watched", "prompt_contrast",
-    "balance", "head", "anchor",
-)  # fmt: skip
+LOSS_PARTS = ("ce", *MASK_PARTS, "router", "contrast", "prompt_contrast", "balance", "head", "anchor")
 
 
 def pair_contrast(
@@ -54,20 +47,6 @@ def pair_contrast(
             other = 1 - dice_loss(logits, mask_targets[partner][:1].float())
             terms.append(F.relu(margin + other - own)[0])
     return torch.stack(terms) if terms else torch.zeros(0)
-
-
-def log_watched_pairs(
-    loss: BatchLoss,
-    mask_logits: Sequence[torch.Tensor | None],
-    mask_targets: Sequence[torch.Tensor | None],
-    keys: Sequence[tuple[str, str] | None],
-    spec: StageSpec,
-) -> None:
-    """Add the pair contrast of the stage's watched pairs to the batch's logged parts, untrained."""
-    with torch.no_grad():
-        values = pair_contrast(mask_logits, mask_targets, keys, spec.contrast.watched, spec.contrast.margin)
-    if len(values):
-        loss.parts["contrast_watched"], loss.counts["contrast_watched"] = float(values.mean()), len(values)
 
 
 def answer_side(input_ids: torch.Tensor, attention_mask: torch.Tensor, im_end_id: int) -> torch.Tensor:

@@ -39,15 +39,15 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def test_the_signal_is_the_largest_mean_of_its_parts_over_the_probes_last_steps() -> None:
     restarts = Restarts(window=2)
     records = [
-        {"contrast": 0.3, "contrast_watched": 0.3},
-        {"loss": 1.0, "contrast_watched": 0.2},
-        {"contrast": 0.1, "contrast_watched": 0.25},
+        {"contrast": 0.3, "dice": 0.3},
+        {"loss": 1.0, "dice": 0.2},
+        {"contrast": 0.1, "dice": 0.25},
         {"contrast": 0.0},
     ]
     assert probe_signal(records, restarts) == pytest.approx(0.05)
-    both = Restarts(window=2, signals=("contrast", "contrast_watched"))
-    assert probe_signal(records, both) == pytest.approx(0.25)  # grey/white has not split yet
-    assert probe_signal([{"contrast_watched": 0.0}, {"contrast": 0.0}], both) == 0.0
+    both = Restarts(window=2, signals=("contrast", "dice"))
+    assert probe_signal(records, both) == pytest.approx(0.25)  # the masks still miss
+    assert probe_signal([{"dice": 0.0}, {"contrast": 0.0}], both) == 0.0
     assert probe_signal([{"contrast": 0.3}, {"loss": 1.0}, {"loss": 2.0}], restarts) is None
     # The lowest signal is kept; a probe whose part never appeared ranks last.
     probes = [Probe(0, None, 1.0), Probe(1000, 0.29, 1.0), Probe(2000, 0.31, 1.0)]
