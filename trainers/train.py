@@ -196,7 +196,8 @@ def run_stage(
         "workers": world,
         "examples": len(examples),
         "steps": result.steps,
-        "started_at_step": result.started_at,  # > 0: resumed (or restarted by Ray) from a checkpoint
+        # > 0: resumed (or restarted by Ray) from a checkpoint, or continued from a kept probe's
+        "started_at_step": result.started_at,
         "seconds": round(time.perf_counter() - began, 1),
         "final_loss": result.losses[-1] if result.losses else None,
         "spec": spec.model_dump(mode="json"),

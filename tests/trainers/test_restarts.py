@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from medplib.core.errors import InvalidInputError
-from medplib.trainers.restarts import PROBES, START_FILE, Probe, Restarts, best, probe_signal
+from medplib.trainers.restarts import PROBES, START_FILE, Probe, Restarts, best, choose_start, probe_signal
 from medplib.trainers.stages import stage_spec
 from medplib.trainers.train import StageRun, run_stage
 
@@ -104,3 +104,18 @@ def test_when_no_start_passes_the_lowest_is_kept_and_continued_from_its_probe(
     run_stage(stage3(built_dataset, direct, seed=kept, restarts={"candidates": 1}))
     assert [r["loss"] for r in log(direct)] == [r["loss"] for r in stage_log]
     assert same(weights(direct), weights(out))
+
+
+def test_a_folder_that_kept_a_start_keeps_it_on_resume(built_dataset: Path, tmp_path: Path) -> None:
+    """What `--resume` (and the pipeline, which always resumes) relies on after a kill past the choice."""
+    failing = {"candidates": 2, "probe_steps": 3, "window": 3, "signals": ("loss",), "keep_below": -1.0}
+    out = tmp_path / "probed"
+    record = run_stage(stage3(built_dataset, out, restarts=failing)).record
+
+    def must_not_probe(seed: int, folder: Path) -> list[dict]:
+        raise AssertionError(f"probed seed {seed} again")
+
+    again = choose_start(out, Restarts(**failing), 0, must_not_probe)
+    assert again.seed == record["start"]["seed"]
+    assert [p.seed for p in again.probes] == [0, 1000]
+    assert again.checkpoint is not None and again.checkpoint.parent.parent.name == f"seed-{again.seed}"
