@@ -17,14 +17,12 @@ step is also reported to Ray, and checkpoints go to Ray and come back from it af
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import get_linear_schedule_with_warmup
 
@@ -62,7 +60,7 @@ from medplib.trainers.metrics_log import LOG_FILE, MetricsLog, step_record
 from medplib.trainers.mirror import as_drawn, mirrored_images
 from medplib.trainers.prompt_contrast import prompt_terms
 from medplib.trainers.router_fit import fit_routers
-from medplib.trainers.sampling import PairKey, paired_order
+from medplib.trainers.sampling import PairKey, schedule_lengths, step_samples, total_steps
 from medplib.trainers.stage_folder import StageModel
 from medplib.trainers.stages import StageSpec
 
@@ -95,39 +93,6 @@ class LoopResult:
     records: list[dict] = field(default_factory=list)  # per step, the metrics log's record
     seconds: float = 0.0
     head_refit: dict | None = None  # stage IV: per refitted head, its samples and loss before / after
-
-
-def schedule_lengths(spec: StageSpec, num_examples: int, world: int) -> tuple[int, int, int]:
-    """(global batch, steps per epoch, warm-up steps) of a stage over `num_examples`."""
-    global_batch = spec.optim.batch_size * spec.optim.grad_accum * world
-    per_epoch = math.ceil(num_examples / global_batch)
-    warmup = max(1, round(spec.optim.warmup_fraction * per_epoch))
-    return global_batch, per_epoch, warmup
-
-
-def total_steps(spec: StageSpec, num_examples: int, world: int, steps: int | None) -> int:
-    """The optimizer steps of a stage's schedule: `steps` if given, else its epochs'."""
-    _, per_epoch, _ = schedule_lengths(spec, num_examples, world)
-    return steps or max(1, round(spec.optim.epochs * per_epoch))
-
-
-def step_samples(
-    step: int,
-    num_examples: int,
-    global_batch: int,
-    per_epoch: int,
-    seed: int,
-    pair_keys: Sequence[PairKey] | None = None,
-    preferred_pairs: Sequence[tuple[str, str]] = (),
-) -> np.ndarray:
-    """Indices of the global batch of optimizer step `step`; with `pair_keys`, requests about one
-    image come in pairs (`sampling.paired_order`)."""
-    epoch, offset = divmod(step, per_epoch)
-    rng = np.random.default_rng([seed, epoch])
-    order = (
-        rng.permutation(num_examples) if pair_keys is None else paired_order(pair_keys, rng, preferred_pairs)
-    )
-    return order[offset * global_batch : (offset + 1) * global_batch]
 
 
 def model_inputs(

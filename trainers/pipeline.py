@@ -37,7 +37,7 @@ from medplib.trainers.eval.pipeline_report import (
     format_table,
 )
 from medplib.trainers.eval.scoring import evaluate, trivial_baselines
-from medplib.trainers.loop import total_steps
+from medplib.trainers.sampling import total_steps
 from medplib.trainers.stages import stage_spec
 from medplib.trainers.train import StageRun, run_stage, stage_examples
 

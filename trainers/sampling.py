@@ -1,5 +1,6 @@
 """The order a stage visits its examples in: a seeded permutation per epoch, optionally with
-grounding requests about one image paired side by side (`StageSpec.same_image_pairs`).
+grounding requests about one image paired side by side (`StageSpec.same_image_pairs`), and how many
+steps its schedule takes.
 
 A decoder trained from scratch first learns one mask per image; a batch that holds "the left
 hemisphere" and "the right hemisphere" of the same slice is what makes that answer expensive, and
@@ -12,10 +13,15 @@ one worker.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from medplib.trainers.stages import StageSpec
 
 # What pairing knows of an example: (image, structure) for a grounding request, else None.
 PairKey = tuple[str, str] | None
@@ -75,3 +81,36 @@ def _pairs_of_one_image(
         else:
             pairs.append((index, left.pop(partner)))
     return pairs, rest
+
+
+def schedule_lengths(spec: StageSpec, num_examples: int, world: int) -> tuple[int, int, int]:
+    """(global batch, steps per epoch, warm-up steps) of a stage over `num_examples`."""
+    global_batch = spec.optim.batch_size * spec.optim.grad_accum * world
+    per_epoch = math.ceil(num_examples / global_batch)
+    warmup = max(1, round(spec.optim.warmup_fraction * per_epoch))
+    return global_batch, per_epoch, warmup
+
+
+def total_steps(spec: StageSpec, num_examples: int, world: int, steps: int | None) -> int:
+    """The optimizer steps of a stage's schedule: `steps` if given, else its epochs'."""
+    _, per_epoch, _ = schedule_lengths(spec, num_examples, world)
+    return steps or max(1, round(spec.optim.epochs * per_epoch))
+
+
+def step_samples(
+    step: int,
+    num_examples: int,
+    global_batch: int,
+    per_epoch: int,
+    seed: int,
+    pair_keys: Sequence[PairKey] | None = None,
+    preferred_pairs: Sequence[tuple[str, str]] = (),
+) -> np.ndarray:
+    """Indices of the global batch of optimizer step `step`; with `pair_keys`, requests about one
+    image come in pairs (`sampling.paired_order`)."""
+    epoch, offset = divmod(step, per_epoch)
+    rng = np.random.default_rng([seed, epoch])
+    order = (
+        rng.permutation(num_examples) if pair_keys is None else paired_order(pair_keys, rng, preferred_pairs)
+    )
+    return order[offset * global_batch : (offset + 1) * global_batch]

@@ -25,8 +25,9 @@ from medplib.trainers.checkpoint import Session
 from medplib.trainers.collate import Collator, Example, ExampleStore, caption_examples
 from medplib.trainers.expert_training import plugin_examples
 from medplib.trainers.head_refit import HeadRefit
-from medplib.trainers.loop import LoopOptions, total_steps, train
+from medplib.trainers.loop import LoopOptions, train
 from medplib.trainers.restarts import Restarts, Start, choose_start
+from medplib.trainers.sampling import total_steps
 from medplib.trainers.stage_folder import StageModel, StageStart, load_source, prepare, save_stage
 from medplib.trainers.stages import StageSpec, stage_spec
 

@@ -21,8 +21,9 @@ from medplib.trainers.checkpoint import (
 )
 from medplib.trainers.collate import LOSS_ONLY_KEYS, Collator, ExampleStore
 from medplib.trainers.encoder_cache import FrozenEncoderCache
-from medplib.trainers.loop import LoopOptions, forward_losses, step_samples, train
+from medplib.trainers.loop import LoopOptions, forward_losses, train
 from medplib.trainers.metrics_log import LOG_FILE, step_record
+from medplib.trainers.sampling import step_samples
 from medplib.trainers.stage_folder import StageStart, prepare
 from medplib.trainers.stages import stage_spec
 from medplib.trainers.train import stage_examples

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from medplib.trainers.loop import step_samples
-from medplib.trainers.sampling import paired_order
+from medplib.trainers.sampling import paired_order, step_samples
 
 LEFT, RIGHT, GREY, WHITE = "left hemisphere", "right hemisphere", "grey matter", "white matter"
 

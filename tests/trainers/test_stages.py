@@ -12,7 +12,7 @@ from medplib.core.hookspecs import hookimpl
 from medplib.core.model import build_medplib
 from medplib.experts.pixel_grounding import SPEC as GROUNDING
 from medplib.experts.vision_language import SPEC as VISION_LANGUAGE
-from medplib.trainers.loop import schedule_lengths
+from medplib.trainers.sampling import schedule_lengths
 from medplib.trainers.stage_folder import StageStart, prepare
 from medplib.trainers.stages import PARAMETER_GROUPS, ROW_GROUPS, stage_spec
 
