@@ -281,7 +281,8 @@ TINY_STAGE_IV = {
 }
 # The stages that ask which hemisphere holds a region see half their brain slices mirrored.
 TINY_MIRROR = 0.5
-# The stages that train the grounding head pair requests on one image and contrast left with right.
+# The stages that train the grounding head pair requests on one image and contrast left with right
+# and grey with white.
 TINY_GROUNDING = {
     "same_image_pairs": True,
     "contrast": PairContrast(),
