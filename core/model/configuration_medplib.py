@@ -133,6 +133,12 @@ class MedPLIBConfig(PreTrainedConfig):
     # With `seg_read_request`: the reader's keys and values also carry the request tokens' input
     # embeddings (the words' identity; `StageSpec.seg_read_embeddings`). Off unless a stage sets it.
     seg_read_embeddings: bool = False
+    # The reader reads each request token's input embedding as the model's build made it (kept in the
+    # buffer `build_word_rows`), not as stage II trained it: stage II pulled " grey" and " white" to
+    # cosine 0.81-0.89 from 0.41, and on the trunk at 0.89 no stage III start split grey from white
+    # (benchmarks/results/pipeline.md, "Session 12"). Set at the build (`--option`); an option no
+    # preset sets.
+    seg_read_build_rows: bool = False
     # The `<SEG>` prompt also scales SAM's image embedding channel-wise (`grounding.ImageFiLM`), for
     # structures told apart by intensity, not place. Off unless a stage sets it (`StageSpec.seg_image_film`).
     seg_image_film: bool = False

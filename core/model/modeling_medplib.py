@@ -86,6 +86,9 @@ class MedPLIBForCausalLM(MedPLIBPreTrainedModel):
         self.trigger_experts = trigger_experts(config)  # token id -> expert
         self._module_default_init = {id(m) for head in self.expert_heads.values() for m in head.modules()}
         self.tokenizer = None  # set by the builders and by from_pretrained; saved with the weights
+        if config.seg_read_build_rows:  # filled by the build (`presets.build_medplib`), then saved
+            rows = torch.zeros(config.text_config.vocab_size, text_width)
+            self.register_buffer("build_word_rows", rows, persistent=True)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:

@@ -200,5 +200,8 @@ def build_medplib(
     if config.word_vectors is not None and str(device) != "meta":
         embedding = model.get_input_embeddings()
         init_from_word_vectors(embedding, tokenizer, config.word_vectors, config.word_vector_share)
+    if config.seg_read_build_rows and str(device) != "meta":
+        with torch.no_grad():
+            model.build_word_rows.copy_(model.get_input_embeddings().weight)
     model.tokenizer = tokenizer
     return model

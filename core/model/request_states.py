@@ -39,7 +39,12 @@ def request_embeddings(
 ) -> torch.Tensor:
     """(B, T, H) input embeddings of the `request` (B, T) columns of `token_ids`; zeros elsewhere (the
     image's and padding's slots, whose ids may be placeholders, are never read)."""
-    embeddings = model.get_input_embeddings()(torch.where(request, token_ids, 0))
+    ids = torch.where(request, token_ids, 0)
+    embeddings = model.get_input_embeddings()(ids)
+    rows = getattr(model, "build_word_rows", None) if model.config.seg_read_build_rows else None
+    if rows is not None:  # the build's rows; tokens added after the build (experts') keep their own
+        built = rows[ids.clamp(max=len(rows) - 1)].to(embeddings.dtype)
+        embeddings = torch.where((ids < len(rows))[..., None], built, embeddings)
     return embeddings * request[..., None].to(embeddings.dtype)
 
 
