@@ -27,6 +27,7 @@ from dataclasses import replace
 import numpy as np
 
 from medplib.core.model import Request, Turn
+from medplib.core.model.conversation import Part
 from medplib.trainers.collate import Example
 
 MIRRORED_PLANES = ("axial", "coronal")
@@ -40,7 +41,7 @@ def swap_sides(text: str) -> str:
     return _SIDE.sub(lambda match: _SWAP[match[1]], text)
 
 
-def _swap_parts(value):
+def _swap_parts(value: str | Sequence[Part] | None) -> str | list[Part] | None:
     if value is None:
         return None
     if isinstance(value, str):
