@@ -116,11 +116,14 @@ def corpus_lines() -> Iterator[str]:
     for words in (MODALITIES, ORGANS, STRUCTURES, FINDINGS, PLANES, ADJECTIVES, WORDS):
         yield " ".join(words)
         yield from words
-    # Twice each (the tokenizer merges only pairs seen twice), and capitalised as a question starts:
-    # ' which' and ' Which' are different words to a byte-level BPE.
+    # Twice each (the tokenizer merges only pairs seen twice), capitalised mid-sentence (' Which') and
+    # as a question starts, right after the turn's newline with no space ('Which'): to a byte-level BPE
+    # these are three different words, and a start it never saw splits into pieces no word vector
+    # reaches ('H' + 'ighlight').
     for _ in range(2):
         yield " " + " ".join(WORDS)
         yield " " + " ".join(word.capitalize() for word in WORDS)
+        yield from (word.capitalize() for word in WORDS)
     # Round-robin over the vocabularies, so every word meets every template without a full product.
     cycles = [itertools.cycle(v) for v in (MODALITIES, ORGANS, STRUCTURES, FINDINGS, PLANES, ADJECTIVES)]
     keys = ("modality", "organ", "structure", "finding", "plane", "adjective")
