@@ -134,6 +134,18 @@ def preset_tokenizer(preset: str) -> PreTrainedTokenizerFast | None:
     return tiny_tokenizer() if _spec(preset)["tokenizer"] == "trained" else None
 
 
+# The config options of the committed tiny pipeline run (benchmarks/results/pipeline.json, the README's
+# Results), which `make demo` trains too; no preset sets them (docs/model.md says what each does).
+TINY_RECIPE_OPTIONS: dict[str, Any] = {
+    "image_feature_standardize": True,
+    "word_vectors": "glove-6b-50d",
+    "word_vector_share": 0.5,
+    "region_appearance": True,
+    "region_location_norm": True,
+    "seg_read_build_rows": True,
+}
+
+
 def check_options(options: dict[str, Any]) -> None:
     """Refuse config options that name no field of `MedPLIBConfig` or give a switch a non-boolean."""
     unknown = sorted(name for name in options if not hasattr(MedPLIBConfig, name))

@@ -8,11 +8,15 @@ the linear region adapter and the 2-layer `<SEG>` head.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 from medplib.core.errors import InvalidInputError
 from medplib.core.model import MODEL_PRESETS, build_config, build_medplib, tiny_tokenizer
+from medplib.core.model.presets import TINY_RECIPE_OPTIONS, check_options
 
 CLIP_L14_336 = 303_507_456
 LLAMA_7B = 6_738_415_616
@@ -97,3 +101,12 @@ def test_tiny_is_small_enough_for_cpu_training() -> None:
     torch.manual_seed(0)
     counts = build_medplib("tiny").parameter_counts()
     assert counts["total"] < 6_000_000
+
+
+def test_the_recipe_options_are_the_committed_runs_and_real_options() -> None:
+    """`make demo` trains with `TINY_RECIPE_OPTIONS`; they must be the options the committed pipeline
+    report was trained with, and each a config option `check_options` accepts."""
+    check_options(TINY_RECIPE_OPTIONS)
+    report = Path(__file__).parents[3] / "benchmarks" / "results" / "pipeline.json"
+    seeds = json.loads(report.read_text(encoding="utf-8"))["per_seed"]
+    assert seeds and all(seed["setup"]["config_options"] == TINY_RECIPE_OPTIONS for seed in seeds.values())
