@@ -106,12 +106,15 @@ def test_the_plugin_guide_runs_as_written(guide_run: Path) -> None:
     assert "<MOD>" in {token["content"] for token in tokens}
     moe = json.loads((runs / "moe" / "stage.json").read_text())
     assert moe["experts"] == EXPERTS and moe["active"] == "moe"
+    # The guide's own environment: the plugin is importable from `site/` alone, whatever ran before.
+    site_first = os.pathsep.join([str(guide_run / "site"), *filter(None, [os.environ.get("PYTHONPATH")])])
     listed = subprocess.run(
         [sys.executable, "-m", "medplib.cli", "info", str(runs / "moe"), "--json"],
         capture_output=True,
         text=True,
         check=True,
         timeout=300,
+        env={**os.environ, "PYTHONPATH": site_first},
     )
     assert [(e["name"], e["role"]) for e in json.loads(listed.stdout)["experts"]] == [
         (name, "routed") for name in EXPERTS
