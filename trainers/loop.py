@@ -64,6 +64,7 @@ from medplib.trainers.router_fit import fit_routers
 from medplib.trainers.sampling import PairKey, schedule_lengths, step_samples, total_steps
 from medplib.trainers.stage_folder import StageModel
 from medplib.trainers.stages import StageSpec
+from medplib.trainers.zoom import as_zoomed, zoom_factors
 
 
 @dataclass(frozen=True)
@@ -282,6 +283,7 @@ def train(
             )
             flips = mirrored_images(examples, chosen, spec.mirror, options.seed, step)
             wordings = step_wordings(examples, chosen, spec.reword, options.seed, step)
+            zooms = zoom_factors(examples, chosen, spec.zoom, options.seed, step)
             mine = chosen[options.rank :: options.world]
             micro = [mine[i : i + opt.batch_size] for i in range(0, len(mine), opt.batch_size)]
             # A worker whose share of an epoch's short last batch is empty still joins DDP's all-reduce:
@@ -293,7 +295,12 @@ def train(
             tokens = 0
             statistics = RoutingStatistics(prepared.moe.expert_names) if prepared.moe is not None else None
             for number, indices in enumerate(micro, start=1):
-                drawn = [as_worded(as_drawn(examples[i], flips), wordings.get(i)) for i in indices]
+                drawn = [
+                    as_worded(
+                        as_zoomed(as_drawn(examples[i], flips), zooms.get(examples[i].image)), wordings.get(i)
+                    )
+                    for i in indices
+                ]
                 batch = to_device(collator(drawn), device)
                 with syncing(runner, number == len(micro)):  # gradients are summed once per step
                     with autocast:
