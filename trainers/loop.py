@@ -57,14 +57,12 @@ from medplib.trainers.losses import (
     routing_loss,
 )
 from medplib.trainers.metrics_log import LOG_FILE, MetricsLog, step_record
-from medplib.trainers.mirror import as_drawn, mirrored_images
 from medplib.trainers.prompt_contrast import prompt_terms
-from medplib.trainers.rewording import as_worded, step_wordings
 from medplib.trainers.router_fit import fit_routers
 from medplib.trainers.sampling import PairKey, schedule_lengths, step_samples, total_steps
 from medplib.trainers.stage_folder import StageModel
 from medplib.trainers.stages import StageSpec
-from medplib.trainers.zoom import as_zoomed, zoom_factors
+from medplib.trainers.step_draws import StepDraws
 
 
 @dataclass(frozen=True)
@@ -281,9 +279,7 @@ def train(
             chosen = step_samples(
                 step, len(examples), global_batch, per_epoch, options.seed, pair_keys, preferred
             )
-            flips = mirrored_images(examples, chosen, spec.mirror, options.seed, step)
-            wordings = step_wordings(examples, chosen, spec.reword, options.seed, step)
-            zooms = zoom_factors(examples, chosen, spec.zoom, options.seed, step)
+            draws = StepDraws.of(spec, examples, chosen, options.seed, step)
             mine = chosen[options.rank :: options.world]
             micro = [mine[i : i + opt.batch_size] for i in range(0, len(mine), opt.batch_size)]
             # A worker whose share of an epoch's short last batch is empty still joins DDP's all-reduce:
@@ -295,13 +291,7 @@ def train(
             tokens = 0
             statistics = RoutingStatistics(prepared.moe.expert_names) if prepared.moe is not None else None
             for number, indices in enumerate(micro, start=1):
-                drawn = [
-                    as_worded(
-                        as_zoomed(as_drawn(examples[i], flips), zooms.get(examples[i].image)), wordings.get(i)
-                    )
-                    for i in indices
-                ]
-                batch = to_device(collator(drawn), device)
+                batch = to_device(collator([draws.sample(examples, i) for i in indices]), device)
                 with syncing(runner, number == len(micro)):  # gradients are summed once per step
                     with autocast:
                         loss, count = runner(batch, len(chosen), statistics if weight else None)
